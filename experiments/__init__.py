@@ -1,0 +1,3 @@
+"""Named experiments. Importing this package registers every experiment module below."""
+
+from experiments import dense  # noqa: F401  (registers by import)

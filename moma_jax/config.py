@@ -1,0 +1,209 @@
+"""Typed, frozen experiment configs: one dataclass per concern, composed into `ExperimentConfig`.
+
+Experiments (in `experiments/`) return these; variants are made with `dataclasses.replace`; the
+command line changes single keys with `--set section.key=value` (see `overrides.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DTYPES = ("float32", "bfloat16", "float16")
+NORM_ORDERS = ("pre", "post")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder shape and numerics (Chameleon-style early fusion)."""
+
+    vocab_size: int = 65_536
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    head_dim: int = 0  # 0: d_model // n_heads
+    ffn_hidden: int = 0  # 0: int(2/3 * 4 * d_model), rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 1  # Chameleon's code uses 256; 1 (off) reproduces the paper's Table 1
+    # The repeating unit: one layer kind per entry; the stack is this unit scanned
+    # n_layers / len(layer_pattern) times (e.g. ("mod", "dense") alternates two kinds).
+    layer_pattern: tuple[str, ...] = ("dense",)
+    norm_order: str = "post"  # "post": Swin-style, as Chameleon-34B / MoMa; "pre": Llama
+    qk_norm: bool = True
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    z_loss_weight: float = 1e-5
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_ffn_hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(2 / 3 * 4 * self.d_model)
+        m = self.ffn_multiple_of
+        return -(-hidden // m) * m
+
+    @property
+    def n_units(self) -> int:
+        return self.n_layers // len(self.layer_pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where documents come from and how they are packed into batches."""
+
+    path: str = ""  # "": the bundled dataset, prepared on first use; else a prepared directory
+    seq_len: int = 4096
+    batch_size: int = 1536  # global rows per optimizer step
+    micro_batches: int = 1  # gradient accumulation: rows are split into this many micro-batches
+    seed: int = 0  # data order (shuffle); independent of parameter and routing seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then linear decay to end_lr_fraction * peak (Chameleon/MoMa)."""
+
+    peak_lr: float = 1e-4
+    warmup_steps: int = 4000
+    total_steps: int = 160_000  # the schedule's length; --steps only says where to stop
+    end_lr_fraction: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 fills with the remaining devices (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Seeds, logging, evaluation and checkpoint cadence."""
+
+    param_seed: int = 0
+    routing_seed: int = 0  # router noise (used by sparse layers)
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 8
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0  # 0: off; else also keep every checkpoint whose step is a multiple
+    async_checkpoint: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines a run."""
+
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    run: RunConfig = RunConfig()
+
+
+# Keys that may differ when a workdir is resumed: they change logging and bookkeeping, never the
+# numbers a step computes. Every other key is part of the run's identity.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "description",
+        "run.log_every",
+        "run.eval_every",
+        "run.eval_batches",
+        "run.checkpoint_every",
+        "run.keep_last",
+        "run.keep_every",
+        "run.async_checkpoint",
+    }
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Checks a config before anything is built; returns it unchanged."""
+    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    for key, value in (
+        ("model.vocab_size", m.vocab_size),
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("data.seq_len", d.seq_len),
+        ("data.batch_size", d.batch_size),
+        ("data.micro_batches", d.micro_batches),
+        ("optim.total_steps", o.total_steps),
+        ("run.log_every", r.log_every),
+        ("run.eval_every", r.eval_every),
+        ("run.checkpoint_every", r.checkpoint_every),
+        ("run.keep_last", r.keep_last),
+    ):
+        _require(value > 0, f"{key} must be positive, got {value}")
+    for key, value in (
+        ("model.head_dim", m.head_dim),
+        ("model.ffn_hidden", m.ffn_hidden),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("run.eval_batches", r.eval_batches),
+        ("run.keep_every", r.keep_every),
+    ):
+        _require(value >= 0, f"{key} must be >= 0, got {value}")
+    _require(m.ffn_multiple_of > 0, f"model.ffn_multiple_of must be positive: {m.ffn_multiple_of}")
+    _require(
+        m.head_dim > 0 or m.d_model % m.n_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+        "change one of them or set model.head_dim",
+    )
+    _require(m.resolved_head_dim % 2 == 0, f"head_dim {m.resolved_head_dim} must be even (RoPE)")
+    _require(
+        len(m.layer_pattern) > 0,
+        "model.layer_pattern is empty; e.g. --set model.layer_pattern=dense",
+    )
+    _require(
+        m.n_layers % len(m.layer_pattern) == 0,
+        f"model.n_layers={m.n_layers} is not a multiple of the repeating unit "
+        f"model.layer_pattern={m.layer_pattern} (length {len(m.layer_pattern)})",
+    )
+    from moma_jax.model.block import check_layer_kinds  # the layer kinds live with the layers
+
+    check_layer_kinds(m)
+    _require(m.norm_order in NORM_ORDERS, f"model.norm_order must be one of {NORM_ORDERS}")
+    _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
+    for key in ("param_dtype", "compute_dtype"):
+        value = getattr(m, key)
+        _require(value in DTYPES, f"model.{key}={value!r} is not one of {DTYPES}")
+    _require(
+        d.batch_size % d.micro_batches == 0,
+        f"data.batch_size={d.batch_size} is not divisible by data.micro_batches={d.micro_batches}",
+    )
+    _require(0 < o.peak_lr < 1, f"optim.peak_lr must be in (0, 1), got {o.peak_lr}")
+    _require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction must be in [0, 1]")
+    _require(o.warmup_steps < o.total_steps, "optim.warmup_steps must be < optim.total_steps")
+    _require(o.clip_norm > 0, f"optim.clip_norm must be positive, got {o.clip_norm}")
+    for axis in ("data", "fsdp", "expert", "tensor"):
+        size = getattr(cfg.mesh, axis)
+        _require(size == -1 or size > 0, f"mesh.{axis} must be -1 (fill) or positive, got {size}")
+    fills = [a for a in ("data", "fsdp", "expert", "tensor") if getattr(cfg.mesh, a) == -1]
+    _require(len(fills) <= 1, f"at most one mesh axis may be -1 (fill), got {fills}")
+    return cfg

@@ -1,0 +1,118 @@
+"""`--set section.key=value` overrides, config <-> dict, and the resume compatibility check."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from moma_jax.config import RESUME_SAFE_KEYS, ConfigError, ExperimentConfig
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A frozen dataclass tree as plain JSON-able dicts (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Rebuilds a dataclass tree written by `to_dict`; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown keys {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{'model.d_model': 512, ...} for every leaf key of a dataclass tree."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _parse(key: str, text: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            lowered = text.strip().lower()
+            if lowered in _TRUE | _FALSE:
+                return lowered in _TRUE
+            raise ValueError
+        if hint is int:
+            return int(text.replace("_", ""))
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        if origin is tuple:
+            (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+            return tuple(
+                _parse(key, part.strip(), item) for part in text.split(",") if part.strip()
+            )
+    except ValueError:
+        pass
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"--set {key}={text!r}: expected a value of type {name}")
+
+
+def _replace(cfg: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value)})
+
+
+def apply_overrides(cfg: ExperimentConfig, assignments: Iterable[str]) -> ExperimentConfig:
+    """Applies `key=value` strings; unknown keys name their close matches."""
+    leaves = flatten(cfg)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--set expects key=value, got {assignment!r} (e.g. model.d_model=256)"
+            )
+        if key not in leaves or key == "name":
+            close = difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {key!r}{hint} (see the printed config for all keys)"
+            )
+        owner = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            owner = getattr(owner, part)
+        hint_type = typing.get_type_hints(type(owner))[leaf]
+        cfg = _replace(cfg, key.split("."), _parse(key, text, hint_type))
+    return cfg
+
+
+def resume_conflicts(saved: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """Keys whose change would alter a resumed run, as 'key: old -> new' lines."""
+    old, cur = flatten(saved), flatten(new)
+    return [
+        f"{key}: {old.get(key)!r} -> {cur.get(key)!r}"
+        for key in sorted(set(old) | set(cur))
+        if key not in RESUME_SAFE_KEYS and old.get(key) != cur.get(key)
+    ]
