@@ -1,0 +1,83 @@
+"""Dataset preparation: manifest content, data directory resolution, atomic commit."""
+
+import math
+
+import pytest
+
+from moma_jax.data import default_data_dir, ensure_data, load_manifest, prepare
+from moma_jax.data.prepare import MANIFEST, _commit
+from moma_jax.data.vocab import Vocab
+
+
+def test_manifest_content(data_dir):
+    m = load_manifest(data_dir)
+    vocab = Vocab.from_dict(m["vocab"])
+    assert (vocab.n_text, vocab.n_image_codes, vocab.size) == (256, 512, 773)
+    assert m["image"] == {"shape": [28, 28], "channels": 1, "patch_size": 4, "codes_per_image": 49}
+    assert m["image_tokenizer"]["n_codes"] == vocab.n_image_codes
+    assert (data_dir / m["image_tokenizer"]["file"]).is_file()
+    assert m["text_tokenizer"]["name"] == "byte-utf8"
+    assert set(m["sources"]) == {"mnist", "dejavu", "shakespeare", "pydoc"}
+    assert all(s["license"] and s["documents"] > 0 for s in m["sources"].values())
+    total = 0
+    for split in ("train", "heldout"):
+        info = m["splits"][split]
+        print(split, info["records"], "records", info["tokens"], "tokens", info["modality_shares"])
+        assert math.isclose(sum(info["modality_shares"].values()), 1.0)
+        assert sum(info["modality_tokens"].values()) == info["tokens"]
+        assert sum(info["shard_records"]) == info["records"]
+        assert sum(info["documents_by_source"].values()) == info["records"]
+        assert all((data_dir / s).is_file() for s in info["shards"])
+        assert 0.15 < info["modality_shares"]["image"] < 0.5  # images are not drowned out
+        total += info["records"]
+    assert total == sum(s["documents"] for s in m["sources"].values())
+    assert 0.04 < m["splits"]["heldout"]["records"] / total < 0.06
+
+
+def test_prepare_reuses_a_matching_dataset_and_refuses_other_settings(data_dir):
+    m = load_manifest(data_dir)
+    assert prepare(data_dir, seed=m["seed"], max_text_chars=m["max_text_chars"]) == m
+    with pytest.raises(ValueError, match="--force"):
+        prepare(data_dir, seed=m["seed"] + 1, max_text_chars=m["max_text_chars"])
+
+
+def test_user_named_missing_dir_gives_the_fix(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=r"nowhere.*python scripts/prepare_data.py --out"):
+        ensure_data(str(missing))
+    with pytest.raises(ValueError, match="prepare_data.py"):
+        load_manifest(tmp_path)
+
+
+def test_prepare_refuses_a_non_dataset_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        prepare(tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_default_data_dir_respects_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOMA_JAX_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_data_dir() == tmp_path / "moma_jax" / "data" / "bundled-v1"
+    monkeypatch.setenv("MOMA_JAX_DATA_DIR", str(tmp_path / "mine"))
+    assert default_data_dir() == tmp_path / "mine"
+
+
+def _fake_dataset(path, tag):
+    path.mkdir()
+    (path / MANIFEST).write_text(tag)
+    return path
+
+
+def test_commit_is_a_rename_and_a_finished_dataset_wins(tmp_path):
+    out = tmp_path / "data"
+    _commit(_fake_dataset(tmp_path / "tmp1", "first"), out, force=False)
+    assert (out / MANIFEST).read_text() == "first" and not (tmp_path / "tmp1").exists()
+    # A concurrent prepare finishing second keeps the first dataset (same content by seed).
+    _commit(_fake_dataset(tmp_path / "tmp2", "second"), out, force=False)
+    assert (out / MANIFEST).read_text() == "first"
+    # --force replaces it and leaves no backup behind.
+    _commit(_fake_dataset(tmp_path / "tmp3", "third"), out, force=True)
+    assert (out / MANIFEST).read_text() == "third"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tmp2"]
