@@ -1,0 +1,112 @@
+"""The decoder: token embedding, a scanned stack of repeating layer units, final norm, LM head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moma_jax.config import ModelConfig
+from moma_jax.model.attention import segment_causal_mask
+from moma_jax.model.block import Block, check_layer_kinds
+from moma_jax.model.layers import RMSNorm, dtype_of, param
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def merge_aux(auxes: list[dict]) -> dict:
+    """Combines aux dicts of several layers: losses add up, metrics are averaged."""
+    losses: dict = {}
+    metrics: dict = {}
+    for aux in auxes:
+        for k, v in aux.get("losses", {}).items():
+            losses[k] = losses.get(k, 0.0) + v
+        for k, v in aux.get("metrics", {}).items():
+            metrics.setdefault(k, []).append(v)
+    return {"losses": losses, "metrics": {k: sum(v) / len(v) for k, v in metrics.items()}}
+
+
+class Unit(nnx.Module):
+    """One repeat of model.layer_pattern: a block per entry, applied in order."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.n_blocks = len(cfg.layer_pattern)
+        for i, kind in enumerate(cfg.layer_pattern):
+            setattr(self, f"block_{i}", Block(cfg, kind, rngs=rngs))
+
+    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        auxes = []
+        for i in range(self.n_blocks):
+            x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, ctx)
+            auxes.append(aux)
+        return x_BxLxD, merge_aux(auxes)
+
+
+class Transformer(nnx.Module):
+    """Chameleon-style early-fusion decoder over one stream of text and image tokens."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        check_layer_kinds(cfg)
+        self.cfg = cfg
+        self.embed_VxD = param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, cfg.param_dtype
+        )
+
+        # Stack the units along a leading "layers" axis so one scanned body serves every depth:
+        # compile time is flat in depth and the checkpoint layout is the same for any n_layers.
+        @nnx.split_rngs(splits=cfg.n_units)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_units(rngs: nnx.Rngs) -> Unit:
+            return Unit(cfg, rngs=rngs)
+
+        self.units = make_units(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg)
+        self.head_DxV = param(
+            rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, cfg.param_dtype
+        )
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        modality_BxL: jax.Array,
+        routing_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """Returns float32 logits [B, L, V] and the aux dict (losses summed, metrics averaged)."""
+        cfg = self.cfg
+        dt = dtype_of(cfg.compute_dtype)
+        ctx = {
+            "positions": positions_BxL,
+            "segment_ids": segment_ids_BxL,
+            "modality": modality_BxL,
+            "attn_mask": segment_causal_mask(segment_ids_BxL),
+        }
+        key = jax.random.key(0) if routing_key is None else routing_key
+        x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
+
+        graphdef, units_state = nnx.split(self.units)
+
+        def body(x, xs):
+            unit_state, index = xs
+            unit = nnx.merge(graphdef, unit_state)
+            return unit(x, {**ctx, "routing_key": jax.random.fold_in(key, index)})
+
+        if cfg.remat in _REMAT:
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+        x_BxLxD, aux_U = jax.lax.scan(body, x_BxLxD, (units_state, jnp.arange(cfg.n_units)))
+        aux = {
+            "losses": {k: jnp.sum(v) for k, v in aux_U["losses"].items()},
+            "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U["metrics"].items()},
+        }
+        x_BxLxD = self.final_norm(x_BxLxD)
+        logits_BxLxV = jnp.einsum(
+            "bld,dv->blv",
+            x_BxLxD,
+            self.head_DxV[...].astype(dt),
+            preferred_element_type=jnp.float32,
+        )
+        return logits_BxLxV, aux

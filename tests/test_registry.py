@@ -1,0 +1,98 @@
+"""Every registered experiment builds abstractly with the paper's parameter counts; bad names,
+keys and values fail with clear errors."""
+
+import dataclasses
+
+import pytest
+
+from moma_jax import registry
+from moma_jax.config import ConfigError, validate
+from moma_jax.flops import count_params, paper_params
+from moma_jax.overrides import apply_overrides, flatten, resume_conflicts
+from moma_jax.train.state import abstract_params
+
+# MoMa Table 1, dense column (rounded as printed in the paper).
+TABLE_1 = {"dense_90m": 90e6, "dense_435m": 435e6, "dense_1.4b": 1.4e9}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_experiment_builds_abstractly(name):
+    cfg = registry.get(name)
+    assert cfg.name == name and cfg.description
+    _, params = abstract_params(cfg)
+    n = count_params(params)
+    assert n > 0
+    if name in TABLE_1:
+        formula = paper_params(cfg.model)
+        assert abs(n - formula) / formula < 0.005, (name, n, formula)
+        assert abs(n - TABLE_1[name]) / TABLE_1[name] < 0.06, (name, n)
+
+
+def test_paper_shapes_match_design_table():
+    shapes = {n: registry.get(n).model for n in TABLE_1}
+    assert [(m.n_layers, m.d_model, m.n_heads) for m in shapes.values()] == [
+        (8, 512, 8),
+        (24, 1024, 16),
+        (24, 2048, 16),
+    ]
+    assert all(
+        m.vocab_size == 65_536 and m.resolved_ffn_hidden == int(8 * m.d_model / 3)
+        for m in shapes.values()
+    )
+    assert registry.get("dense_1.4b").data.batch_size == 2048
+    assert registry.get("dense_90m").optim.total_steps == 160_000
+
+
+def test_unknown_experiment_lists_close_matches():
+    with pytest.raises(ConfigError, match="dense_tiny"):
+        registry.get("dense_tiyn")
+
+
+def test_overrides_parse_types_and_reject_unknown_keys():
+    cfg = registry.get("dense_tiny")
+    new = apply_overrides(
+        cfg,
+        [
+            "model.d_model=64",
+            "model.qk_norm=false",
+            "optim.peak_lr=1e-3",
+            "model.layer_pattern=dense,dense",
+        ],
+    )
+    assert (new.model.d_model, new.model.qk_norm, new.optim.peak_lr) == (64, False, 1e-3)
+    assert new.model.layer_pattern == ("dense", "dense")
+    with pytest.raises(ConfigError, match="model.d_model"):
+        apply_overrides(cfg, ["model.d_modle=3"])
+    with pytest.raises(ConfigError, match="expected a value of type int"):
+        apply_overrides(cfg, ["model.d_model=wide"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["model.d_model"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_heads=3", "not divisible"),
+        ("model.n_layers=0", "model.n_layers must be positive"),
+        ("model.layer_pattern=dense,moe", "unknown layer kinds"),
+        ("model.layer_pattern=dense,dense,dense", "repeating unit"),
+        ("data.batch_size=0", "data.batch_size must be positive"),
+        ("data.micro_batches=3", "not divisible"),
+        ("model.norm_order=middle", "norm_order"),
+        ("model.compute_dtype=float8", "compute_dtype"),
+        ("optim.warmup_steps=1000", "warmup_steps"),
+        ("mesh.fsdp=-1", "at most one mesh axis"),
+    ],
+)
+def test_invalid_configs_fail_at_config_time(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(apply_overrides(registry.get("dense_tiny"), [override]))
+
+
+def test_resume_conflicts_ignore_logging_keys():
+    cfg = registry.get("dense_tiny")
+    cadence = dataclasses.replace(cfg.run, log_every=1, eval_every=7)
+    assert resume_conflicts(cfg, dataclasses.replace(cfg, run=cadence)) == []
+    changed = apply_overrides(cfg, ["optim.peak_lr=0.5"])
+    assert resume_conflicts(cfg, changed) == ["optim.peak_lr: 0.003 -> 0.5"]
+    assert "model.d_model" in flatten(cfg)
