@@ -1,0 +1,77 @@
+"""`scripts/train.py`: parse the command line, resolve the experiment, train. Importable as
+`main(argv)` so tests and notebooks run it in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moma_jax import registry
+from moma_jax.config import ConfigError, validate
+from moma_jax.overrides import apply_overrides, to_dict
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache (MOMA_JAX_COMPILE_CACHE, default ~/.cache/moma_jax)."""
+    import jax
+
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moma_jax" / "jax"
+    path = os.environ.get("MOMA_JAX_COMPILE_CACHE", str(default))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a named moma_jax experiment. Rerunning on the same workdir resumes.",
+    )
+    p.add_argument("--exp", help="experiment name (see --list)")
+    p.add_argument("--workdir", help="run directory (default: runs/EXP)")
+    p.add_argument("--steps", type=int, help="stop after this step (default: optim.total_steps)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.d_model=256 (repeatable)",
+    )
+    p.add_argument("--list", action="store_true", help="list experiments and exit")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name in registry.names():
+            print(f"{name:24s} {registry.describe(name)}")
+        return 0
+    if not args.exp:
+        print("error: --exp NAME is required (--list shows the names)", file=sys.stderr)
+        return 2
+    from moma_jax.train import TrainingDivergedError, train
+
+    try:
+        cfg = validate(apply_overrides(registry.get(args.exp), args.overrides))
+        print(json.dumps(to_dict(cfg), indent=2), flush=True)
+        if args.print_config:
+            return 0
+        enable_compilation_cache()
+        workdir = Path(args.workdir or Path("runs") / cfg.name)
+        train(cfg, workdir, args.steps)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Bad input (config, data directory, records) ends with its message, not a traceback;
+        # MOMA_JAX_TRACEBACK=1 shows the traceback when debugging the framework itself.
+        if os.environ.get("MOMA_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

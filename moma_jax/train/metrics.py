@@ -1,0 +1,92 @@
+"""Metric sinks: `metrics.jsonl` (one JSON object per logged step), TensorBoard, a progress line.
+
+metrics.jsonl is a stable format: every line has `step`, `tokens` (cumulative tokens processed,
+padding included), `flops` (cumulative training FLOPs, analytic), and the metrics logged at that
+step (`loss`, `loss_text`, `loss_image`, `loss_total`, `z_loss`, `grad_norm`, `lr`, ...; held-out
+ones prefixed `eval_`). Keys are only ever added, never renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drops lines past `last_step` (a resumed run re-logs them), atomically."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricWriter:
+    """Appends to metrics.jsonl and TensorBoard; prints a progress line to stderr."""
+
+    def __init__(self, workdir: Path, start_step: int, stop_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.path = workdir / "metrics.jsonl"
+        truncate_jsonl(self.path, start_step)
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+        self.stop_step = stop_step
+        self.tty = sys.stderr.isatty()
+        self.last = (start_step, time.perf_counter())
+        self.tokens_per_step = 0
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, float | int):
+                self.tb.add_scalar(key, value, step)
+        self._progress(step, record)
+
+    def _progress(self, step: int, r: dict) -> None:
+        last_step, last_time = self.last
+        now = time.perf_counter()
+        rate = (step - last_step) * self.tokens_per_step / max(now - last_time, 1e-9)
+        self.last = (step, now)
+        parts = [f"step {step}/{self.stop_step}"]
+        if "loss" in r:
+            parts.append(
+                f"loss {r['loss']:.3f} (text {r['loss_text']:.3f}, image {r['loss_image']:.3f})"
+            )
+        if "eval_loss" in r:
+            parts.append(
+                f"held-out {r['eval_loss']:.3f} "
+                f"(text {r['eval_loss_text']:.3f}, image {r['eval_loss_image']:.3f})"
+            )
+        if step > last_step and "loss" in r:
+            eta = (self.stop_step - step) * (now - last_time) / (step - last_step)
+            parts.append(f"{rate / 1e3:.1f}k tok/s, eta {eta:.0f}s")
+        line = " | ".join(parts)
+        end = "\n" if (not self.tty or "eval_loss" in r or step == self.stop_step) else ""
+        print(("\r" if self.tty else "") + line + " " * 4, end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _plain(value: object) -> float | int:
+    if isinstance(value, int):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf

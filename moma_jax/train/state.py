@@ -1,0 +1,87 @@
+"""Train state, optimizer, and the abstract -> sharded -> jitted initialisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from moma_jax.config import ExperimentConfig, OptimConfig
+from moma_jax.model import Transformer
+from moma_jax.sharding import tree_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: a pytree, saved whole by Orbax."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: Any
+
+
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to peak, then linear decay to end_lr_fraction * peak at total_steps."""
+    warmup = optax.linear_schedule(0.0, cfg.peak_lr, cfg.warmup_steps)
+    decay = optax.linear_schedule(
+        cfg.peak_lr, cfg.peak_lr * cfg.end_lr_fraction, cfg.total_steps - cfg.warmup_steps
+    )
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def _decay_mask(params: nnx.State) -> nnx.State:
+    """Weight decay on matrices only; norm scales and biases are not decayed."""
+    return jax.tree.map(
+        lambda v: v.replace("norm" not in (v.get_metadata().get("out_sharding") or ())),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(
+            lr_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
+        ),
+    )
+
+
+def build_model(cfg: ExperimentConfig) -> Transformer:
+    return Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.run.param_seed))
+
+
+def abstract_params(cfg: ExperimentConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and parameter shapes, without allocating anything."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+    return graphdef, params
+
+
+def init_state(cfg: ExperimentConfig, tx: optax.GradientTransformation, mesh: Mesh):
+    """Returns (graphdef, init_fn, abstract_state, state_shardings).
+
+    `init_fn()` materialises the state directly into its shardings (never unsharded on one
+    device); `abstract_state` carries the shardings and is the Orbax restore target.
+    """
+    graphdef, _ = abstract_params(cfg)
+
+    def init() -> TrainState:
+        params = nnx.state(build_model(cfg))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    shapes = jax.eval_shape(init)
+    shardings = tree_shardings(shapes, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return graphdef, jax.jit(init, out_shardings=shardings), abstract, shardings

@@ -1,0 +1,95 @@
+"""The pure train step and the evaluation step. No I/O, no branches on model family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moma_jax.config import ExperimentConfig
+from moma_jax.losses import loss_sums, means_from_sums, target_mask
+from moma_jax.train.state import TrainState, lr_schedule
+
+Batch = dict[str, jax.Array]
+
+
+def _forward(
+    graphdef: nnx.GraphDef, cfg: ExperimentConfig, params: nnx.State, batch: Batch, key: jax.Array
+) -> tuple[dict, dict]:
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(
+        batch["tokens"], batch["segment_ids"], batch["positions"], batch["modality"], key
+    )
+    return loss_sums(logits, batch, cfg.model.z_loss_weight), aux
+
+
+def _split_micro(batch: Batch, n: int) -> Batch:
+    """[B, L] -> [n, B/n, L], micro-batch i taking rows i, i+n, ... so each spans every shard."""
+    return {
+        k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()
+    }
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, cfg: ExperimentConfig, tx: optax.GradientTransformation
+) -> Callable:
+    """Builds `train_step(state, batch) -> (state, metrics)`.
+
+    Gradient accumulation: each micro-batch's cross-entropy and z-loss sums are divided by the
+    target count of the whole batch, so the summed gradient equals the full-batch gradient;
+    auxiliary losses (means per micro-batch) are averaged over micro-batches.
+    """
+    n_micro = cfg.data.micro_batches
+    schedule = lr_schedule(cfg.optim)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.key(cfg.run.routing_seed), state.step)
+        total = jnp.maximum(jnp.sum(target_mask(batch["segment_ids"])), 1).astype(jnp.float32)
+
+        def objective(params, micro, micro_key):
+            sums, aux = _forward(graphdef, cfg, params, micro, micro_key)
+            aux_loss = sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+            return (sums["ce"] + sums["z"]) / total + aux_loss / n_micro, (sums, aux)
+
+        grad_fn = jax.grad(objective, has_aux=True)
+
+        def accumulate(carry, xs):
+            grads, index = carry
+            micro = xs
+            g, (sums, aux) = grad_fn(state.params, micro, jax.random.fold_in(key, index))
+            return (jax.tree.map(jnp.add, grads, g), index + 1), (sums, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, _), (sums_M, aux_M) = jax.lax.scan(
+            accumulate, (zeros, 0), _split_micro(batch, n_micro)
+        )
+        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums_M)
+        aux_losses = {k: jnp.mean(v) for k, v in aux_M["losses"].items()}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = means_from_sums(sums)
+        metrics["loss_total"] = (
+            metrics["loss"] + metrics["z_loss"] + sum(aux_losses.values(), jnp.zeros(()))
+        )
+        metrics.update(aux_losses)
+        metrics.update({k: jnp.mean(v, axis=0) for k, v in aux_M["metrics"].items()})
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["lr"] = schedule(state.step)
+        metrics["target_tokens"] = sums["count"]
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, cfg: ExperimentConfig) -> Callable:
+    """Builds `eval_step(params, batch) -> loss sums` (combine batches, then `means_from_sums`)."""
+
+    def eval_step(params: nnx.State, batch: Batch) -> dict:
+        sums, _ = _forward(graphdef, cfg, params, batch, jax.random.key(cfg.run.routing_seed))
+        return sums
+
+    return eval_step

@@ -1,0 +1,8 @@
+"""Train a named experiment: python scripts/train.py --exp dense_tiny [--steps N] [--set k=v]."""
+
+import sys
+
+from moma_jax.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
