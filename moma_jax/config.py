@@ -18,6 +18,39 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """Routing of the sparse feed-forward (layer kind "moe"): expert groups and their routers.
+
+    Tokens go deterministically to the expert group of their modality; inside a group a learned
+    router picks experts. moe_8x: group_experts=(8,), modality_group=(0, 0); moma_4t4i: (4, 4),
+    (0, 1); moma_1t1i: (1, 1), (0, 1) (a one-expert group has no router: pure modality untying).
+    """
+
+    group_experts: tuple[int, ...] = (4, 4)  # experts in each group
+    modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
+    routing: str = "expert_choice"  # "expert_choice" (MoMa, Zhou et al.) | "token_choice"
+    router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
+    # Expert choice: average experts per token c; each expert of group M takes
+    # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor.
+    capacity: float = 1.0
+    top_k: int = 1  # token choice: experts per token (Switch 1, GShard 2)
+    buffer_slack: float = 1.25  # static slots = ceil(slack * N * share_M * capacity / E_M)
+    # Routing is done inside fixed groups of this many tokens (whole packed rows or equal parts
+    # of a row), so routing and the loss do not depend on the mesh, device count or batch size.
+    routing_group_tokens: int = 4096
+    # Token share of each modality, sizing the static expert buffers; () = from the data
+    # manifest at the start of training (then saved in the run's config).
+    modality_shares: tuple[float, ...] = ()
+    router_noise: str = "none"  # "none" | "gumbel": sigmoid(x + G' - G'') (upcycling)
+    lb_loss_weight: float = 0.01  # token choice: Switch load-balancing loss
+    router_z_loss_weight: float = 0.001  # ST-MoE router z-loss (token choice)
+
+    @property
+    def n_experts(self) -> int:
+        return sum(self.group_experts)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and numerics (Chameleon-style early fusion)."""
 
@@ -40,6 +73,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
+    scan_unroll: int = 1  # layer units per scan iteration (n_units: fully unrolled)
+    moe: SparseConfig = SparseConfig()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -185,7 +220,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"model.n_layers={m.n_layers} is not a multiple of the repeating unit "
         f"model.layer_pattern={m.layer_pattern} (length {len(m.layer_pattern)})",
     )
-    from moma_jax.model.block import check_layer_kinds  # the layer kinds live with the layers
+    from moma_jax.model.kinds import check_layer_kinds  # the layer kinds live with the layers
 
     check_layer_kinds(m)
     _require(m.norm_order in NORM_ORDERS, f"model.norm_order must be one of {NORM_ORDERS}")

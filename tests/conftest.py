@@ -1,10 +1,19 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and session setup."""
 
+import os
 from pathlib import Path
 
+import jax
 import pytest
 
 from moma_jax.data import ensure_data
+
+# JAX's persistent compilation cache: compiled steps are shared across tests, processes and runs.
+_CACHE = os.environ.get(
+    "MOMA_JAX_COMPILE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "jax")
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from flax import nnx
 
 from moma_jax.config import ModelConfig
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.block import Block, check_layer_kinds
+from moma_jax.model.kinds import build_layer, check_layer_kinds
 from moma_jax.model.layers import RMSNorm, dtype_of, param
 
 _REMAT = {
@@ -35,7 +35,7 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_blocks = len(cfg.layer_pattern)
         for i, kind in enumerate(cfg.layer_pattern):
-            setattr(self, f"block_{i}", Block(cfg, kind, rngs=rngs))
+            setattr(self, f"block_{i}", build_layer(cfg, kind, rngs))
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         auxes = []
@@ -97,7 +97,9 @@ class Transformer(nnx.Module):
 
         if cfg.remat in _REMAT:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x_BxLxD, aux_U = jax.lax.scan(body, x_BxLxD, (units_state, jnp.arange(cfg.n_units)))
+        x_BxLxD, aux_U = jax.lax.scan(
+            body, x_BxLxD, (units_state, jnp.arange(cfg.n_units)), unroll=cfg.scan_unroll
+        )
         aux = {
             "losses": {k: jnp.sum(v) for k, v in aux_U["losses"].items()},
             "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U["metrics"].items()},
