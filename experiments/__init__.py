@@ -1,3 +1,3 @@
 """Named experiments. Importing this package registers every experiment module below."""
 
-from experiments import dense  # noqa: F401  (registers by import)
+from experiments import dense, sparse  # noqa: F401  (registers by import)

@@ -236,9 +236,84 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction must be in [0, 1]")
     _require(o.warmup_steps < o.total_steps, "optim.warmup_steps must be < optim.total_steps")
     _require(o.clip_norm > 0, f"optim.clip_norm must be positive, got {o.clip_norm}")
+    if "moe" in m.layer_pattern:
+        _validate_sparse(m.moe, d)
     for axis in ("data", "fsdp", "expert", "tensor"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size > 0, f"mesh.{axis} must be -1 (fill) or positive, got {size}")
     fills = [a for a in ("data", "fsdp", "expert", "tensor") if getattr(cfg.mesh, a) == -1]
     _require(len(fills) <= 1, f"at most one mesh axis may be -1 (fill), got {fills}")
     return cfg
+
+
+def _validate_sparse(moe: SparseConfig, d: DataConfig) -> None:
+    from moma_jax.data.vocab import MODALITY_NAMES
+
+    n_modalities, n_groups = len(MODALITY_NAMES), len(moe.group_experts)
+    _require(
+        n_groups > 0, "model.moe.group_experts is empty; e.g. --set model.moe.group_experts=4,4"
+    )
+    for g, experts in enumerate(moe.group_experts):
+        _require(
+            experts > 0,
+            f"expert group {g} has {experts} experts (model.moe.group_experts="
+            f"{moe.group_experts}); every group needs at least 1",
+        )
+    _require(
+        len(moe.modality_group) == n_modalities,
+        f"model.moe.modality_group={moe.modality_group} must name a group for each of the "
+        f"{n_modalities} modalities {MODALITY_NAMES}",
+    )
+    for m, g in enumerate(moe.modality_group):
+        _require(
+            0 <= g < n_groups,
+            f"modality {MODALITY_NAMES[m]!r} has no expert group: "
+            f"model.moe.modality_group[{m}]={g}, but there are {n_groups} groups",
+        )
+    unused = sorted(set(range(n_groups)) - set(moe.modality_group))
+    _require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
+    _require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
+    _require(moe.buffer_slack > 0, f"model.moe.buffer_slack must be positive: {moe.buffer_slack}")
+    _require(
+        moe.routing in ("expert_choice", "token_choice"),
+        f"model.moe.routing={moe.routing!r}: use expert_choice or token_choice",
+    )
+    _require(
+        moe.router_score in ("sigmoid", "softmax"),
+        f"model.moe.router_score={moe.router_score!r}: use sigmoid or softmax",
+    )
+    _require(
+        moe.router_noise in ("none", "gumbel"),
+        f"model.moe.router_noise={moe.router_noise!r}: use none or gumbel",
+    )
+    _require(
+        1 <= moe.top_k <= min(moe.group_experts),
+        f"model.moe.top_k={moe.top_k} must be in 1..{min(moe.group_experts)} (experts per group)",
+    )
+    n = moe.routing_group_tokens
+    _require(
+        n >= max(moe.group_experts),
+        f"model.moe.routing_group_tokens={n} is smaller than the number of experts "
+        f"{max(moe.group_experts)} in a group; use larger routing groups",
+    )
+    _require(
+        n % d.seq_len == 0 or d.seq_len % n == 0,
+        f"model.moe.routing_group_tokens={n} must be a multiple or a divisor of "
+        f"data.seq_len={d.seq_len} (routing groups are whole rows or equal parts of a row)",
+    )
+    micro_tokens = d.batch_size // d.micro_batches * d.seq_len
+    _require(
+        micro_tokens % n == 0,
+        f"a micro-batch holds {micro_tokens} tokens, not a multiple of "
+        f"model.moe.routing_group_tokens={n}; change data.batch_size or the group size",
+    )
+    if moe.modality_shares:
+        _require(
+            len(moe.modality_shares) == n_modalities,
+            f"model.moe.modality_shares needs {n_modalities} values {MODALITY_NAMES}",
+        )
+        _require(
+            all(0 <= s <= 1 for s in moe.modality_shares)
+            and abs(sum(moe.modality_shares) - 1) < 1e-3,
+            f"model.moe.modality_shares={moe.modality_shares} must be in [0, 1] and sum to 1",
+        )

@@ -1,20 +1,28 @@
-"""Analytic FLOPs per token and parameter counts.
+"""Analytic FLOPs per token, by layer kind, "ideal" and "executed", and parameter counts.
 
 Conventions: a multiply-add is 2 FLOPs; training = 3 x forward (backward = 2 x forward; the
 recomputation of rematerialised layers is not model FLOPs). Attention scores and values use the
 causal convention by default: a token at position t attends to t+1 keys, so a row of L tokens
 averages (L+1)/2 keys; `attention="full"` counts all L keys, as XLA executes a masked L x L.
-Norms, RoPE, softmax and the embedding lookup are not counted (they are < 1% at these shapes).
+Norms, RoPE, softmax, gathers and the embedding lookup are not counted (< 1% at these shapes).
+
+"Ideal" is what the MoMa paper counts: each token's own experts only (expert choice with
+capacity c: c expert FFNs per token on average; token choice: top_k; a one-expert group: 1),
+its group's router. "Executed" is what the static buffers compute: every slot of every expert
+(wasted slots included) and the router over every token of the routing group; for MoT, each
+modality's projections and FFN over all tokens (masked compute).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 from flax import nnx
 
-from moma_jax.config import ModelConfig
+from moma_jax.config import ModelConfig, SparseConfig
+from moma_jax.data.vocab import MODALITY_NAMES
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
@@ -25,23 +33,103 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "
 
 
 def ffn_flops_per_token(cfg: ModelConfig) -> float:
-    """Dense SwiGLU: gate, up and down projections."""
+    """One SwiGLU: gate, up and down projections."""
     return 2 * 3 * cfg.d_model * cfg.resolved_ffn_hidden
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
-    """Whole-model forward FLOPs per token (dense layers; LM head included)."""
-    per_layer = attention_flops_per_token(cfg, seq_len, attention) + ffn_flops_per_token(cfg)
-    return cfg.n_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size
+def group_shares(moe: SparseConfig) -> list[float]:
+    """Token share of each expert group (equal modality shares when none are configured; the
+    executed count needs the configured shares, which size the buffers)."""
+    shares = moe.modality_shares or tuple(1 / len(MODALITY_NAMES) for _ in MODALITY_NAMES)
+    out = [0.0] * len(moe.group_experts)
+    for m, g in enumerate(moe.modality_group):
+        out[g] += shares[m]
+    return out
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 3 * forward_flops_per_token(cfg, seq_len)
+def experts_per_token(moe: SparseConfig, group: int) -> float:
+    """Expert FFNs one token of the group uses under ideal routing."""
+    if moe.group_experts[group] == 1:
+        return 1.0
+    return float(moe.top_k) if moe.routing == "token_choice" else moe.capacity
+
+
+def _sparse_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    from moma_jax.model.moe import group_slots  # the executed count is what the layer allocates
+
+    moe, d = cfg.moe, cfg.d_model
+    ffn, attn = ffn_flops_per_token(cfg), attention_flops_per_token(cfg, seq_len, attention)
+    ideal = executed = attn
+    for g, (experts, share) in enumerate(zip(moe.group_experts, group_shares(moe), strict=True)):
+        router = 2 * d * experts if experts > 1 else 0.0
+        ideal += share * (router + experts_per_token(moe, g) * ffn)
+        executed += router + experts * group_slots(moe, g) / moe.routing_group_tokens * ffn
+    return ideal, executed
+
+
+def _dense_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    flops = attention_flops_per_token(cfg, seq_len, attention) + ffn_flops_per_token(cfg)
+    return flops, flops
+
+
+def _mot_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    ideal, _ = _dense_layer(cfg, seq_len, attention)
+    d, hk = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
+    projections_and_ffn = 2 * d * 4 * hk + ffn_flops_per_token(cfg)
+    return ideal, ideal + (len(MODALITY_NAMES) - 1) * projections_and_ffn
+
+
+# Layer kind -> (ideal, executed) forward FLOPs per token.
+LAYER_FLOPS: dict[str, Callable[[ModelConfig, int, str], tuple[float, float]]] = {
+    "dense": _dense_layer,
+    "moe": _sparse_layer,
+    "mot": _mot_layer,
+}
+
+
+def forward_flops_per_token(
+    cfg: ModelConfig, seq_len: int, attention: str = "causal", executed: bool = False
+) -> float:
+    """Whole-model forward FLOPs per token (LM head included)."""
+    per_unit = sum(
+        LAYER_FLOPS[kind](cfg, seq_len, attention)[int(executed)] for kind in cfg.layer_pattern
+    )
+    return cfg.n_units * per_unit + 2 * cfg.d_model * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
+    return 3 * forward_flops_per_token(cfg, seq_len, executed=executed)
 
 
 def count_params(state: nnx.State) -> int:
     """Parameters in a (possibly abstract) state."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def active_params(cfg: ModelConfig, state: nnx.State) -> float:
+    """Parameters one token uses under ideal routing, read from the (abstract) state's shapes.
+
+    A weight with a logical "modality" axis counts one modality's slice (MoT); an expert weight
+    of group g counts experts_per_token(g) experts, weighted by the group's token share; a router
+    counts by its group's share. Everything else counts whole.
+    """
+    shares = group_shares(cfg.moe)
+    total = 0.0
+    for path, var in nnx.to_flat_state(state):
+        size = math.prod(var.shape)
+        axes = var.get_metadata().get("out_sharding") or ()
+        names = [str(p) for p in path]
+        group = next((int(n.split("_")[1]) for n in names if n.startswith("group_")), None)
+        if "modality" in axes:
+            total += size / var.shape[axes.index("modality")]
+        elif group is not None and "expert" in axes:
+            experts = var.shape[axes.index("expert")]
+            total += size * shares[group] * experts_per_token(cfg.moe, group) / experts
+        elif group is not None:
+            total += size * shares[group]
+        else:
+            total += size
+    return total
 
 
 def paper_params(cfg: ModelConfig, experts: int = 1) -> float:

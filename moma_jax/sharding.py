@@ -24,6 +24,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "head_dim": None,
     "expert": "expert",
+    "modality": None,
     "layers": None,
     "norm": None,
 }

@@ -74,7 +74,7 @@ def test_overrides_parse_types_and_reject_unknown_keys():
     [
         ("model.n_heads=3", "not divisible"),
         ("model.n_layers=0", "model.n_layers must be positive"),
-        ("model.layer_pattern=dense,moe", "unknown layer kinds"),
+        ("model.layer_pattern=dense,mod", "unknown layer kinds"),
         ("model.layer_pattern=dense,dense,dense", "repeating unit"),
         ("data.batch_size=0", "data.batch_size must be positive"),
         ("data.micro_batches=3", "not divisible"),

@@ -13,13 +13,19 @@ from flax import nnx
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model.block import Block
 from moma_jax.model.layers import SwiGLU
+from moma_jax.model.moe import SparseFFN
+from moma_jax.model.mot import MoTBlock
 
 
 def _dense(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return Block(cfg, SwiGLU(cfg, rngs=rngs), rngs=rngs)
 
 
-LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {"dense": _dense}
+LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
+    "dense": _dense,
+    "moe": lambda cfg, rngs: Block(cfg, SparseFFN(cfg, rngs=rngs), rngs=rngs),  # MoMa, MoE
+    "mot": lambda cfg, rngs: MoTBlock(cfg, rngs=rngs),  # Mixture-of-Transformers (Liang 2024)
+}
 
 
 def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:

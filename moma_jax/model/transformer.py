@@ -85,7 +85,6 @@ class Transformer(nnx.Module):
             "modality": modality_BxL,
             "attn_mask": segment_causal_mask(segment_ids_BxL),
         }
-        key = jax.random.key(0) if routing_key is None else routing_key
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
 
         graphdef, units_state = nnx.split(self.units)
@@ -93,7 +92,9 @@ class Transformer(nnx.Module):
         def body(x, xs):
             unit_state, index = xs
             unit = nnx.merge(graphdef, unit_state)
-            return unit(x, {**ctx, "routing_key": jax.random.fold_in(key, index)})
+            # No key (evaluation): routers run without noise.
+            key = None if routing_key is None else jax.random.fold_in(routing_key, index)
+            return unit(x, {**ctx, "routing_key": key})
 
         if cfg.remat in _REMAT:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)

@@ -18,6 +18,7 @@ import numpy as np
 
 from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig
+from moma_jax.data.vocab import MODALITY_NAMES
 from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
 from moma_jax.overrides import from_dict, resume_conflicts, to_dict
@@ -65,6 +66,16 @@ def prepare_workdir(cfg: ExperimentConfig, workdir: Path) -> None:
     tmp.replace(saved_path)
 
 
+def with_data_shares(cfg: ExperimentConfig, manifest: dict) -> ExperimentConfig:
+    """Fills model.moe.modality_shares from the data manifest's train split when unset."""
+    moe = cfg.model.moe
+    if moe.modality_shares or "moe" not in cfg.model.layer_pattern:
+        return cfg
+    shares = manifest["splits"]["train"]["modality_shares"]
+    moe = dataclasses.replace(moe, modality_shares=tuple(shares[n] for n in MODALITY_NAMES))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+
+
 def _host(metrics: dict) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -89,6 +100,7 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
             f"({data_vocab} ids in {data_dir}); set model.vocab_size >= {data_vocab}"
         )
+    cfg = with_data_shares(cfg, manifest)
     stop = cfg.optim.total_steps if stop_step is None else stop_step
     if not 0 < stop <= cfg.optim.total_steps:
         raise ConfigError(f"--steps must be in 1..optim.total_steps={cfg.optim.total_steps}")
@@ -154,12 +166,18 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
         return {}
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    executed_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, executed=True)
     writer = MetricWriter(workdir, start, stop)
     writer.tokens_per_step = tokens_per_step
     config_dict = dataclasses.asdict(cfg)
 
     def counters(step: int) -> dict[str, float]:
-        return {"tokens": step * tokens_per_step, "flops": step * tokens_per_step * flops_per_token}
+        tokens = step * tokens_per_step
+        return {
+            "tokens": tokens,
+            "flops": tokens * flops_per_token,
+            "flops_executed": tokens * executed_per_token,
+        }
 
     last: dict[str, float] = {}
 

@@ -17,7 +17,11 @@ Batch = dict[str, jax.Array]
 
 
 def _forward(
-    graphdef: nnx.GraphDef, cfg: ExperimentConfig, params: nnx.State, batch: Batch, key: jax.Array
+    graphdef: nnx.GraphDef,
+    cfg: ExperimentConfig,
+    params: nnx.State,
+    batch: Batch,
+    key: jax.Array | None,
 ) -> tuple[dict, dict]:
     model = nnx.merge(graphdef, params)
     logits, aux = model(
@@ -89,7 +93,7 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: ExperimentConfig) -> Callable:
     """Builds `eval_step(params, batch) -> loss sums` (combine batches, then `means_from_sums`)."""
 
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        sums, _ = _forward(graphdef, cfg, params, batch, jax.random.key(cfg.run.routing_seed))
+        sums, _ = _forward(graphdef, cfg, params, batch, None)
         return sums
 
     return eval_step

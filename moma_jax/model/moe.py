@@ -1,0 +1,186 @@
+"""The sparse SwiGLU feed-forward: modality groups of experts, each group with its own router.
+
+One layer serves MoMa (a text group and an image group), mixed-modal MoE (one group for all
+modalities) and the token-choice baselines; `model.moe` says which. Per routing group of
+N tokens and per expert group:
+
+1. eligibility: the group's tokens are those of its modalities, padding excluded (b_M of them);
+2. routing: expert choice (each expert takes its top k_e = floor(b_M * c / E_M) tokens into a
+   static buffer of C slots) or token choice (each token its top-k experts, capacity C); a
+   one-expert group has no router: gate 1 for every token of its modalities;
+3. gather the slots' tokens, a batched SwiGLU `einsum('gecd,edf->gecf')` over the stacked
+   expert weights, and a weighted scatter-add back to token positions.
+Tokens taken by no expert get 0 here and keep only the residual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moma_jax.config import ConfigError, ModelConfig, SparseConfig
+from moma_jax.data.vocab import MODALITY_NAMES
+from moma_jax.model import routing
+from moma_jax.model.layers import dtype_of, param
+
+
+def group_name(moe: SparseConfig, group: int) -> str:
+    """'text', 'image', or 'text+image' for a mixed group."""
+    return "+".join(MODALITY_NAMES[m] for m, g in enumerate(moe.modality_group) if g == group)
+
+
+def group_share(moe: SparseConfig, group: int) -> float:
+    if not moe.modality_shares:
+        raise ConfigError(
+            "model.moe.modality_shares is not set; training fills it from the data manifest, "
+            "elsewhere set it (e.g. --set model.moe.modality_shares=0.77,0.23)"
+        )
+    return sum(s for m, s in enumerate(moe.modality_shares) if moe.modality_group[m] == group)
+
+
+def group_slots(moe: SparseConfig, group: int) -> int:
+    """Static buffer slots per expert of one group (C)."""
+    n, experts, share = moe.routing_group_tokens, moe.group_experts[group], group_share(moe, group)
+    if experts == 1:
+        return routing.ec_buffer_slots(n, share, 1.0, 1, moe.buffer_slack)
+    if moe.routing == "token_choice":
+        return max(1, min(n, math.ceil(moe.capacity * n * share * moe.top_k / experts)))
+    return routing.ec_buffer_slots(n, share, moe.capacity, experts, moe.buffer_slack)
+
+
+class ExpertGroup(nnx.Module):
+    """E stacked SwiGLU experts and (for E > 1) their router."""
+
+    def __init__(self, cfg: ModelConfig, n_experts: int, *, rngs: nnx.Rngs):
+        d, f, std, dt = cfg.d_model, cfg.resolved_ffn_hidden, cfg.init_std, cfg.param_dtype
+        self.n_experts = n_experts
+        self.router_DxE = (
+            param(rngs, (d, n_experts), ("embed", None), std, dt) if n_experts > 1 else None
+        )
+        self.w_gate_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
+        self.w_up_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
+        self.w_down_ExFxD = param(rngs, (n_experts, f, d), ("expert", "mlp", "embed"), std, dt)
+
+    def experts(self, x_GxExCxD: jax.Array, dt: jnp.dtype) -> jax.Array:
+        x = x_GxExCxD.astype(dt)
+        gate = jnp.einsum("gecd,edf->gecf", x, self.w_gate_ExDxF[...].astype(dt))
+        up = jnp.einsum("gecd,edf->gecf", x, self.w_up_ExDxF[...].astype(dt))
+        h_GxExCxF = jax.nn.silu(gate) * up
+        return jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down_ExFxD[...].astype(dt))
+
+
+class SparseFFN(nnx.Module):
+    """Mixture of expert groups selected by modality (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.moe = cfg.moe
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        for g, n_experts in enumerate(cfg.moe.group_experts):
+            setattr(self, f"group_{g}", ExpertGroup(cfg, n_experts, rngs=rngs))
+
+    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        moe = self.moe
+        b, length, d = x_BxLxD.shape
+        n = moe.routing_group_tokens
+        if (b * length) % n:
+            raise ConfigError(
+                f"a micro-batch of {b} rows x {length} tokens does not split into routing groups "
+                f"of model.moe.routing_group_tokens={n}"
+            )
+        x_GxNxD = x_BxLxD.reshape(-1, n, d)
+        modality_GxN = ctx["modality"].reshape(-1, n)
+        valid_GxN = (ctx["segment_ids"] > 0).reshape(-1, n)
+        y_GxNxD = jnp.zeros(x_GxNxD.shape, jnp.float32)
+        losses: dict[str, jax.Array] = {}
+        metrics: dict[str, jax.Array] = {}
+        for g in range(len(moe.group_experts)):
+            group: ExpertGroup = getattr(self, f"group_{g}")
+            modalities = tuple(m for m, gg in enumerate(moe.modality_group) if gg == g)
+            eligible_GxN, count_G = jax.vmap(
+                lambda mod, val, ms=modalities: routing.modality_eligibility(mod, val, ms)
+            )(modality_GxN, valid_GxN)
+            key = ctx.get("routing_key")
+            key = None if key is None else jax.random.fold_in(key, g)
+            dispatch, group_losses, group_metrics = self._route(
+                group, g, x_GxNxD, eligible_GxN, count_G, key
+            )
+            x_GxExCxD = jax.vmap(routing.gather)(x_GxNxD, dispatch)
+            out_GxExCxD = group.experts(x_GxExCxD, self.compute_dtype)
+            y_GxNxD = y_GxNxD + jax.vmap(lambda o, dsp: routing.combine(o, dsp, n))(
+                out_GxExCxD, dispatch
+            )
+            name = group_name(moe, g)
+            losses.update({f"moe/{name}/{k}": v for k, v in group_losses.items()})
+            metrics.update({f"moe/{name}/{k}": v for k, v in group_metrics.items()})
+        y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
+        return y_BxLxD, {"losses": losses, "metrics": metrics}
+
+    def _route(self, group: ExpertGroup, g: int, x_GxNxD, eligible_GxN, count_G, key):
+        """Dispatch for one expert group, with its auxiliary losses and routing metrics."""
+        moe = self.moe
+        experts, slots = group.n_experts, group_slots(moe, g)
+        losses: dict[str, jax.Array] = {}
+        if experts == 1:  # pure modality untying: every eligible token, gate 1
+            scores_GxNxE = jnp.ones(eligible_GxN.shape + (1,), jnp.float32)
+            dispatch, stats = jax.vmap(lambda s, e, k: routing.expert_choice(s, e, k, slots))(
+                scores_GxNxE, eligible_GxN, count_G
+            )
+            return dispatch, losses, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+        logits_GxNxE = jnp.einsum(
+            "gnd,de->gne", x_GxNxD.astype(jnp.float32), group.router_DxE[...].astype(jnp.float32)
+        )
+        if moe.routing == "token_choice":
+            probs_GxNxE = jax.nn.softmax(logits_GxNxE, axis=-1)
+            dispatch, stats = jax.vmap(
+                lambda p, e: routing.token_choice(p, e, moe.top_k, slots, moe.top_k > 1)
+            )(probs_GxNxE, eligible_GxN)
+            # Switch's balancing loss over the whole batch: f and P averaged over all groups.
+            lb = routing.switch_load_balance_loss(
+                jnp.mean(stats["frac_tokens_E"], axis=0), jnp.mean(stats["mean_prob_E"], axis=0)
+            )
+            z = jnp.mean(jax.vmap(routing.router_z_loss)(logits_GxNxE, eligible_GxN))
+            losses = {"lb_loss": moe.lb_loss_weight * lb, "z_loss": moe.router_z_loss_weight * z}
+            scores_GxNxE = probs_GxNxE
+        else:
+            if moe.router_noise == "gumbel" and key is not None:
+                logits_GxNxE = routing.gumbel_sigmoid_logits(logits_GxNxE, key)
+            scores_GxNxE = routing.router_scores(logits_GxNxE, moe.router_score)
+            k_G = jax.vmap(lambda c: routing.ec_k(c, moe.capacity, experts))(count_G)
+            dispatch, stats = jax.vmap(lambda s, e, k: routing.expert_choice(s, e, k, slots))(
+                scores_GxNxE, eligible_GxN, k_G
+            )
+        return dispatch, losses, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+
+
+def _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats) -> dict[str, jax.Array]:
+    """Per-expert load, router score mean and entropy, dropped and wasted shares (on device)."""
+    elig = eligible_GxN.astype(jnp.float32)
+    n_elig = jnp.maximum(jnp.sum(elig), 1.0)
+    taken_GxE = jnp.sum(dispatch.valid_ExC, axis=-1).astype(jnp.float32)
+    load_E = jnp.sum(taken_GxE, axis=0) / jnp.maximum(jnp.sum(taken_GxE), 1.0)
+    p_GxNxE = scores_GxNxE / jnp.maximum(jnp.sum(scores_GxNxE, -1, keepdims=True), 1e-9)
+    entropy_GxN = -jnp.sum(p_GxNxE * jnp.log(jnp.maximum(p_GxNxE, 1e-9)), axis=-1)
+    slots = dispatch.valid_ExC.shape[-1] * dispatch.valid_ExC.shape[-2] * count_G.shape[0]
+    n_tok = eligible_GxN.shape[0] * eligible_GxN.shape[1]
+    token_hit_GxN = jax.vmap(
+        lambda dsp, n: (
+            jnp.zeros((n,), jnp.float32)
+            .at[dsp.token_index_ExC]
+            .add(dsp.valid_ExC.astype(jnp.float32))
+        ),
+        in_axes=(0, None),
+    )(dispatch, eligible_GxN.shape[1])
+    out = {
+        "score_mean": jnp.sum(jnp.mean(scores_GxNxE, -1) * elig) / n_elig,
+        "score_entropy": jnp.sum(entropy_GxN * elig) / n_elig,
+        "dropped_frac": jnp.sum(stats["dropped"])
+        / jnp.maximum(jnp.sum(taken_GxE) + jnp.sum(stats["dropped"]), 1.0),
+        "wasted_frac": jnp.sum(stats["wasted"]) / slots,
+        "untaken_frac": jnp.sum((token_hit_GxN == 0) * elig) / n_elig,
+        "tokens_share": jnp.sum(elig) / n_tok,
+    }
+    out.update({f"load_{e}": load_E[e] for e in range(load_E.shape[0])})
+    return out

@@ -1,0 +1,209 @@
+"""Routing for sparse FFN layers: small pure functions over ONE routing group of N tokens.
+
+The layer vmaps these over routing groups. Router math (scores, top-k, gates, losses, the combine
+sum) is float32. Dispatch is index based: an expert's C slots hold token indices, filled by a
+gather and emptied by a weighted scatter-add; no N x E x C one-hot tensor is ever built.
+
+Expert choice (MoMa inside a modality group; Zhou et al. 2022), `expert_choice`:
+  1. Rank tokens per expert by score; ineligible tokens (padding, other modalities) get -inf so
+     they rank below every eligible token. Ties go to the lower token index (`lax.top_k`).
+  2. Each expert takes its top C tokens into a static buffer of C slots (`ec_buffer_slots`).
+  3. Only the first k slots are valid, k = floor(b_M * c / E) (`ec_k`, may be traced), and a slot
+     is valid only if its token is eligible. Gate = the token's score where valid, else 0.
+  4. Report `dropped` = selections lost because k > C and `wasted` = slots left invalid.
+
+Token choice (Switch top-1, GShard top-2), `token_choice`:
+  1. Each eligible token picks its top K experts by router prob (ties to the lower expert index).
+  2. Gates are the chosen probs, renormalised over the K choices if asked (GShard top-2).
+  3. Buffer positions: all first choices come before any second choice, then token order; an
+     assignment is kept iff its position in that expert's buffer is < C, else it is dropped.
+  4. Kept assignments are scattered into the [E, C] dispatch; report `dropped`, `wasted` and the
+     per-expert statistics of the Switch load-balancing loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Dispatch(NamedTuple):
+    """Which token fills each of an expert's C slots, with its combine weight.
+
+    token_index_ExC: int32 token in [0, N); some in-range token where the slot is not valid.
+    gate_ExC: float32 combine weight; exactly 0.0 where the slot is not valid.
+    valid_ExC: bool, the slot holds a routed token.
+    """
+
+    token_index_ExC: jax.Array
+    gate_ExC: jax.Array
+    valid_ExC: jax.Array
+
+
+# --- Router scores -------------------------------------------------------------------------------
+
+
+def router_scores(logits_NxE: jax.Array, kind: str) -> jax.Array:
+    """float32 scores: "sigmoid" per expert (MoMa, not renormalised) or "softmax" over experts."""
+    logits = logits_NxE.astype(jnp.float32)
+    if kind == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    if kind == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    raise ValueError(f"unknown router score kind {kind!r}; expected 'sigmoid' or 'softmax'")
+
+
+def gumbel_sigmoid_logits(logits_NxE: jax.Array, key: jax.Array) -> jax.Array:
+    """x + G' - G'' with G', G'' iid Gumbel(0, 1) (upcycling noise); apply the sigmoid after."""
+    g_2xNxE = jax.random.gumbel(key, (2, *logits_NxE.shape), jnp.float32)
+    return logits_NxE.astype(jnp.float32) + g_2xNxE[0] - g_2xNxE[1]
+
+
+# --- Expert choice -------------------------------------------------------------------------------
+
+
+def modality_eligibility(
+    modality_N: jax.Array, valid_N: jax.Array, modalities: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Deterministic grouping: eligible = valid & modality in `modalities`; count (int32)."""
+    in_group_N = jnp.isin(modality_N, jnp.asarray(modalities, modality_N.dtype))
+    eligible_N = valid_N.astype(bool) & in_group_N
+    return eligible_N, jnp.sum(eligible_N, dtype=jnp.int32)
+
+
+def ec_k(count: jax.Array, capacity_per_token: float, n_experts: int) -> jax.Array:
+    """Per-expert token count k = floor(count * c / E), int32, as float32 (count * c) / E."""
+    k = jnp.asarray(count, jnp.float32) * jnp.float32(capacity_per_token) / jnp.float32(n_experts)
+    return jnp.floor(k).astype(jnp.int32)
+
+
+def ec_buffer_slots(
+    n_tokens: int, share: float, capacity_per_token: float, n_experts: int, slack: float
+) -> int:
+    """Static slots per expert: ceil(slack * N * share * c / E), clipped to [1, N]."""
+    slots = slack * n_tokens * share * capacity_per_token / n_experts
+    # Round away float noise first, so e.g. 10 * 0.3 gives 3 slots, not 4.
+    return max(1, min(n_tokens, math.ceil(round(slots, 6))))
+
+
+def expert_choice(
+    scores_NxE: jax.Array, eligible_N: jax.Array, k: jax.Array | int, capacity: int
+) -> tuple[Dispatch, dict[str, jax.Array]]:
+    """Expert-choice dispatch of one routing group into [E, capacity] slots.
+
+    1. Ranking scores: the scores, with -inf for ineligible tokens (scores must be finite).
+    2. Each expert takes its top `capacity` tokens (`lax.top_k`: ties to the lower token index).
+    3. Slot c is valid iff c < k and its token is eligible; gate = score there, else 0.
+    4. Stats: dropped = E * max(k - capacity, 0); wasted = E * capacity - valid slots.
+    """
+    n_tokens, n_experts = scores_NxE.shape
+    if not 0 <= capacity <= n_tokens:
+        raise ValueError(f"expert_choice capacity {capacity} must lie in [0, {n_tokens}]")
+    scores_ExN = scores_NxE.astype(jnp.float32).T
+    ranking_ExN = jnp.where(eligible_N[None, :], scores_ExN, -jnp.inf)
+    _, token_index_ExC = jax.lax.top_k(ranking_ExN, capacity)
+    token_index_ExC = token_index_ExC.astype(jnp.int32)
+    k = jnp.asarray(k, jnp.int32)
+    in_k_ExC = jnp.arange(capacity, dtype=jnp.int32)[None, :] < k
+    valid_ExC = in_k_ExC & eligible_N[token_index_ExC]
+    score_ExC = jnp.take_along_axis(scores_ExN, token_index_ExC, axis=1)
+    gate_ExC = jnp.where(valid_ExC, score_ExC, 0.0)
+    stats = {
+        "dropped": (n_experts * jnp.maximum(k - capacity, 0)).astype(jnp.float32),
+        "wasted": (n_experts * capacity - jnp.sum(valid_ExC)).astype(jnp.float32),
+    }
+    return Dispatch(token_index_ExC, gate_ExC, valid_ExC), stats
+
+
+# --- Token choice --------------------------------------------------------------------------------
+
+
+def token_choice(
+    probs_NxE: jax.Array, eligible_N: jax.Array, top_k: int, capacity: int, renormalize: bool
+) -> tuple[Dispatch, dict[str, jax.Array]]:
+    """Token-choice (Switch top-1 / GShard top-2) dispatch of one routing group.
+
+    1. Each token picks its top_k experts by prob (`lax.top_k`: ties to the lower expert index).
+    2. Gates: the chosen probs, divided by their sum over the top_k choices if `renormalize`.
+    3. Order the (choice rank, token) assignments rank-major; an eligible assignment's position
+       in its expert's buffer is the running count (cumsum) of earlier assignments to that expert.
+    4. Keep an assignment iff position < capacity; scatter kept ones into the [E, C] slots.
+    5. Stats: dropped, wasted, and for the Switch loss (over eligible tokens) frac_tokens_E
+       (share whose FIRST choice is e) and mean_prob_E (mean router prob).
+    """
+    n_tokens, n_experts = probs_NxE.shape
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"token_choice top_k {top_k} must lie in [1, {n_experts}]")
+    probs_NxE = probs_NxE.astype(jnp.float32)
+    top_prob_NxK, expert_NxK = jax.lax.top_k(probs_NxE, top_k)
+    if renormalize:
+        total_Nx1 = jnp.sum(top_prob_NxK, axis=-1, keepdims=True)
+        top_prob_NxK = top_prob_NxK / jnp.maximum(total_Nx1, jnp.finfo(jnp.float32).tiny)
+
+    # Rank-major flattening: every first choice precedes every second choice.
+    expert_KN = expert_NxK.T.reshape(-1)
+    gate_KN = top_prob_NxK.T.reshape(-1)
+    token_KN = jnp.tile(jnp.arange(n_tokens, dtype=jnp.int32), top_k)
+    eligible_KN = jnp.tile(eligible_N.astype(bool), top_k)
+    mask_KNxE = jax.nn.one_hot(expert_KN, n_experts, dtype=jnp.int32) * eligible_KN[:, None]
+    position_KNxE = jnp.cumsum(mask_KNxE, axis=0) - 1
+    position_KN = jnp.take_along_axis(position_KNxE, expert_KN[:, None], axis=1)[:, 0]
+    kept_KN = eligible_KN & (position_KN < capacity)
+
+    # Out-of-range slots are dropped by the scatter, so unkept assignments write nothing.
+    slot_KN = jnp.where(kept_KN, position_KN, capacity)
+    token_index_ExC = jnp.zeros((n_experts, capacity), jnp.int32)
+    token_index_ExC = token_index_ExC.at[expert_KN, slot_KN].set(token_KN, mode="drop")
+    gate_ExC = jnp.zeros((n_experts, capacity), jnp.float32)
+    gate_ExC = gate_ExC.at[expert_KN, slot_KN].set(gate_KN, mode="drop")
+    valid_ExC = jnp.zeros((n_experts, capacity), bool).at[expert_KN, slot_KN].set(True, mode="drop")
+
+    eligible_Nx1 = eligible_N.astype(jnp.float32)[:, None]
+    count = jnp.maximum(jnp.sum(eligible_Nx1), 1.0)
+    first_NxE = jax.nn.one_hot(expert_NxK[:, 0], n_experts, dtype=jnp.float32)
+    stats = {
+        "dropped": jnp.sum(eligible_KN & ~kept_KN).astype(jnp.float32),
+        "wasted": (n_experts * capacity - jnp.sum(valid_ExC)).astype(jnp.float32),
+        "frac_tokens_E": jnp.sum(first_NxE * eligible_Nx1, axis=0) / count,
+        "mean_prob_E": jnp.sum(probs_NxE * eligible_Nx1, axis=0) / count,
+    }
+    return Dispatch(token_index_ExC, gate_ExC, valid_ExC), stats
+
+
+# --- Auxiliary losses ----------------------------------------------------------------------------
+
+
+def switch_load_balance_loss(frac_tokens_E: jax.Array, mean_prob_E: jax.Array) -> jax.Array:
+    """Switch load-balancing loss E * sum_e f_e * P_e (1.0 at perfect balance)."""
+    n_experts = frac_tokens_E.shape[-1]
+    return n_experts * jnp.sum(frac_tokens_E.astype(jnp.float32) * mean_prob_E.astype(jnp.float32))
+
+
+def router_z_loss(logits_NxE: jax.Array, eligible_N: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over eligible tokens of logsumexp(logits)^2 (0 if none)."""
+    log_z_N = jax.nn.logsumexp(logits_NxE.astype(jnp.float32), axis=-1)
+    eligible = eligible_N.astype(jnp.float32)
+    return jnp.sum(jnp.square(log_z_N) * eligible) / jnp.maximum(jnp.sum(eligible), 1.0)
+
+
+# --- Dispatch and combine ------------------------------------------------------------------------
+
+
+def gather(x_NxD: jax.Array, dispatch: Dispatch) -> jax.Array:
+    """Expert inputs x_ExCxD = x[token_index] (invalid slots hold some in-range token)."""
+    return jnp.take(x_NxD, dispatch.token_index_ExC, axis=0)
+
+
+def combine(expert_out_ExCxD: jax.Array, dispatch: Dispatch, n_tokens: int) -> jax.Array:
+    """y[token_index[e, c]] += gate[e, c] * out[e, c] over valid slots; f32 sum, input dtype out."""
+    d_model = expert_out_ExCxD.shape[-1]
+    # Mask before weighting, not just by the zero gate: an inf/NaN computed in an unused slot must
+    # reach no token, in the forward pass or the gradient.
+    out_ExCxD = jnp.where(dispatch.valid_ExC[..., None], expert_out_ExCxD.astype(jnp.float32), 0.0)
+    weighted_ExCxD = dispatch.gate_ExC[..., None] * out_ExCxD
+    y_NxD = jnp.zeros((n_tokens, d_model), jnp.float32)
+    y_NxD = y_NxD.at[dispatch.token_index_ExC.reshape(-1)].add(weighted_ExCxD.reshape(-1, d_model))
+    return y_NxD.astype(expert_out_ExCxD.dtype)

@@ -1,0 +1,77 @@
+"""FLOPs accounting against XLA's own count, and the describe command."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from moma_jax import registry
+from moma_jax.describe import describe, main, resolve_shares
+from moma_jax.flops import forward_flops_per_token, paper_params
+from moma_jax.model import Transformer
+
+
+def xla_forward_flops(cfg, rows: int) -> float:
+    """XLA's cost analysis of an unrolled forward pass (a scan body would be counted once)."""
+    model_cfg = dataclasses.replace(cfg.model, scan_unroll=cfg.model.n_units)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    shape = jax.ShapeDtypeStruct((rows, cfg.data.seq_len), jnp.int32)
+
+    def forward(state, tokens, segments, positions, modality):
+        return nnx.merge(graphdef, state)(tokens, segments, positions, modality)[0]
+
+    compiled = jax.jit(forward).lower(state, shape, shape, shape, shape).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["dense_tiny", "moe_8x_tiny", "moma_4t4i_tiny", "switch_8x_tiny", "moma_1t1i_tiny", "mot_tiny"],
+)
+def test_executed_flops_match_xla_cost_analysis(name):
+    cfg = resolve_shares(registry.get(name))
+    rows = cfg.model.moe.routing_group_tokens // cfg.data.seq_len
+    ours = forward_flops_per_token(cfg.model, cfg.data.seq_len, attention="full", executed=True)
+    xla = xla_forward_flops(cfg, rows) / (rows * cfg.data.seq_len)
+    assert abs(xla - ours) / ours < 0.10, (name, xla, ours)
+
+
+@pytest.mark.parametrize(
+    "name, paper_total, experts",
+    [
+        ("moe_8x_90m", 210e6, 8),
+        ("moe_8x_435m", 1.9e9, 8),
+        ("moe_8x_1.4b", 7.1e9, 8),
+        ("moma_4t4i_1.4b", 7.1e9, 8),
+        ("moma_1t1i_90m", None, 2),
+    ],
+)
+def test_describe_reports_paper_parameter_counts(name, paper_total, experts):
+    info = describe(registry.get(name))
+    formula = paper_params(registry.get(name).model, experts)
+    assert abs(info["params_total"] - formula) / formula < 0.005
+    if paper_total:
+        assert abs(info["params_total"] - paper_total) / paper_total < 0.06
+    # One expert's worth of FFN per layer: the active count equals the dense model's.
+    dense = describe(registry.get("dense_" + name.rsplit("_", 1)[1]))
+    assert info["params_active"] == pytest.approx(dense["params_total"], rel=0.005)
+    assert info["flops_per_token_ideal"] == pytest.approx(dense["flops_per_token_ideal"], rel=0.005)
+
+
+def test_describe_json(capsys):
+    assert main(["--exp", "moma_4t4i_1.4b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in (
+        "params_total",
+        "params_active",
+        "flops_per_token_ideal",
+        "flops_per_token_executed",
+    ):
+        assert info[key] > 0
+    assert info["flops_per_token_executed"] >= info["flops_per_token_ideal"]
+    assert main(["--exp", "moma_4t4i_1.4", "--json"]) == 2

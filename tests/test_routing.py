@@ -1,0 +1,434 @@
+"""Routing functions against plain NumPy references written from the algorithms' descriptions."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moma_jax.model.routing import (
+    Dispatch,
+    combine,
+    ec_buffer_slots,
+    ec_k,
+    expert_choice,
+    gather,
+    gumbel_sigmoid_logits,
+    modality_eligibility,
+    router_scores,
+    router_z_loss,
+    switch_load_balance_loss,
+    token_choice,
+)
+
+# Jitted once per static shape: much faster on CPU than eager op-by-op dispatch, as layers run.
+expert_choice_jit = jax.jit(expert_choice, static_argnums=3)
+token_choice_jit = jax.jit(token_choice, static_argnums=(2, 3, 4))
+
+# --- NumPy references (loops over experts and tokens; no JAX) ------------------------------------
+
+
+def np_expert_choice(scores, eligible, k, capacity):
+    """Each expert: eligible tokens sorted by (score desc, index asc); first min(k, C) are kept."""
+    n_tokens, n_experts = scores.shape
+    token_index = np.zeros((n_experts, capacity), np.int64)
+    gate = np.zeros((n_experts, capacity), np.float32)
+    valid = np.zeros((n_experts, capacity), bool)
+    candidates = [n for n in range(n_tokens) if eligible[n]]
+    for e in range(n_experts):
+        ranked = sorted(candidates, key=lambda n: (-scores[n, e], n))
+        for c, n in enumerate(ranked[: min(k, capacity)]):
+            token_index[e, c], gate[e, c], valid[e, c] = n, scores[n, e], True
+    dropped = n_experts * max(k - capacity, 0)
+    wasted = n_experts * capacity - valid.sum()
+    return token_index, gate, valid, dropped, wasted
+
+
+def np_token_choice(probs, eligible, top_k, capacity, renormalize):
+    """Fill buffers choice rank by choice rank, tokens in order; full buffers drop the rest."""
+    n_tokens, n_experts = probs.shape
+    token_index = np.zeros((n_experts, capacity), np.int64)
+    gate = np.zeros((n_experts, capacity), np.float32)
+    valid = np.zeros((n_experts, capacity), bool)
+    choices = [
+        sorted(range(n_experts), key=lambda e: (-probs[n, e], e))[:top_k] for n in range(n_tokens)
+    ]
+    fill = [0] * n_experts
+    dropped = 0
+    for rank in range(top_k):
+        for n in range(n_tokens):
+            if not eligible[n]:
+                continue
+            e = choices[n][rank]
+            g = probs[n, e]
+            if renormalize:
+                g = g / sum(probs[n, x] for x in choices[n])
+            if fill[e] < capacity:
+                token_index[e, fill[e]], gate[e, fill[e]], valid[e, fill[e]] = n, g, True
+                fill[e] += 1
+            else:
+                dropped += 1
+    count = max(sum(eligible), 1)
+    frac = np.zeros(n_experts)
+    mean_prob = np.zeros(n_experts)
+    for n in range(n_tokens):
+        if eligible[n]:
+            frac[choices[n][0]] += 1 / count
+            mean_prob += probs[n] / count
+    stats = {
+        "dropped": dropped,
+        "wasted": n_experts * capacity - valid.sum(),
+        "frac_tokens_E": frac,
+        "mean_prob_E": mean_prob,
+    }
+    return token_index, gate, valid, stats
+
+
+def np_gather(x, token_index):
+    n_experts, capacity = token_index.shape
+    out = np.zeros((n_experts, capacity, x.shape[1]), x.dtype)
+    for e in range(n_experts):
+        for c in range(capacity):
+            out[e, c] = x[token_index[e, c]]
+    return out
+
+
+def np_combine(expert_out, token_index, gate, valid, n_tokens):
+    y = np.zeros((n_tokens, expert_out.shape[-1]), np.float64)
+    for e in range(token_index.shape[0]):
+        for c in range(token_index.shape[1]):
+            if valid[e, c]:
+                y[token_index[e, c]] += gate[e, c] * expert_out[e, c]
+    return y
+
+
+def np_ec_k(count, c, n_experts):
+    return int(np.floor(np.float32(count) * np.float32(c) / np.float32(n_experts)))
+
+
+def assert_dispatch_equal(dispatch, token_index, gate, valid):
+    got_valid = np.asarray(dispatch.valid_ExC)
+    np.testing.assert_array_equal(got_valid, valid)
+    np.testing.assert_array_equal(np.asarray(dispatch.token_index_ExC)[valid], token_index[valid])
+    np.testing.assert_allclose(np.asarray(dispatch.gate_ExC), gate, rtol=1e-6, atol=0)
+    assert np.all(np.asarray(dispatch.gate_ExC)[~valid] == 0.0)
+    assert dispatch.token_index_ExC.dtype == jnp.int32
+    assert dispatch.gate_ExC.dtype == jnp.float32
+
+
+def random_group(seed, n_tokens=64, n_experts=8):
+    """float32 scores, modality (0 text / 1 image) and a padding mask with a padded tail."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n_tokens, n_experts)).astype(np.float32)
+    modality = rng.integers(0, 2, size=n_tokens).astype(np.int8)
+    valid = np.arange(n_tokens) < n_tokens - rng.integers(0, n_tokens // 4)
+    return logits, modality, valid
+
+
+# --- Scores and noise ----------------------------------------------------------------------------
+
+
+def test_router_scores_against_numpy():
+    logits, _, _ = random_group(0)
+    sig = np.asarray(router_scores(jnp.asarray(logits), "sigmoid"))
+    np.testing.assert_allclose(sig, 1 / (1 + np.exp(-logits)), rtol=1e-6)
+    soft = np.asarray(router_scores(jnp.asarray(logits, jnp.bfloat16), "softmax"))
+    assert soft.dtype == np.float32
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="sigmoid"):
+        router_scores(jnp.asarray(logits), "relu")
+
+
+def test_gumbel_sigmoid_noise_is_logistic():
+    zeros = jnp.zeros((512, 256))
+    key = jax.random.key(0)
+    noisy = np.asarray(gumbel_sigmoid_logits(zeros, key))
+    np.testing.assert_array_equal(noisy, np.asarray(gumbel_sigmoid_logits(zeros, key)))
+    assert not np.array_equal(noisy, np.asarray(gumbel_sigmoid_logits(zeros, jax.random.key(1))))
+    # G' - G'' of iid Gumbel(0, 1) is Logistic(0, 1): mean 0, variance pi^2 / 3.
+    assert abs(noisy.mean()) < 0.03
+    assert abs(noisy.var() - math.pi**2 / 3) < 0.05
+    shifted = np.asarray(gumbel_sigmoid_logits(zeros + 2.0, key))
+    np.testing.assert_allclose(shifted - noisy, 2.0, atol=1e-5)
+
+
+# --- Expert choice -------------------------------------------------------------------------------
+
+
+def test_modality_eligibility():
+    modality = jnp.asarray([0, 1, 1, 0, 2, 1], jnp.int8)
+    valid = jnp.asarray([True, True, False, True, True, True])
+    eligible, count = modality_eligibility(modality, valid, (1,))
+    np.testing.assert_array_equal(eligible, [False, True, False, False, False, True])
+    assert count.dtype == jnp.int32 and int(count) == 2
+    eligible, count = modality_eligibility(modality, valid, (0, 2))
+    np.testing.assert_array_equal(eligible, [True, False, False, True, True, False])
+    assert int(count) == 3
+
+
+def test_ec_k_matches_numpy():
+    counts = np.arange(0, 300)
+    for c in [1.0, 2.0, 0.5, 1.25]:
+        for n_experts in [1, 3, 4, 6, 8]:
+            got = np.asarray(ec_k(jnp.asarray(counts, jnp.int32), c, n_experts))
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(got, [np_ec_k(n, c, n_experts) for n in counts])
+
+
+def test_ec_k_hand_values():
+    assert int(ec_k(jnp.int32(64), 1.0, 4)) == 16  # MoMa: b_M * (1 / E_M)
+    assert int(ec_k(jnp.int32(13), 2.0, 8)) == 3  # EC paper: n * c / e with c = 2
+    assert int(ec_k(jnp.int32(0), 1.0, 4)) == 0
+
+
+def test_ec_buffer_slots():
+    assert ec_buffer_slots(64, 0.5, 1.0, 4, 1.0) == 8
+    assert ec_buffer_slots(64, 0.5, 1.0, 4, 1.25) == 10
+    assert ec_buffer_slots(64, 0.55, 1.0, 4, 1.0) == 9  # 8.8 rounds up
+    assert ec_buffer_slots(10, 0.3, 1.0, 1, 1.0) == 3  # float noise (3.0000000000000004)
+    assert ec_buffer_slots(8, 1.0, 2.0, 1, 2.0) == 8  # at most N
+    assert ec_buffer_slots(64, 0.0, 1.0, 4, 1.0) == 1  # at least 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_experts", [4, 8])
+@pytest.mark.parametrize("slack", [0.8, 1.0, 1.5])
+def test_expert_choice_matches_numpy(seed, n_experts, slack):
+    logits, modality, valid = random_group(seed, n_experts=n_experts)
+    scores = np.asarray(router_scores(jnp.asarray(logits), "sigmoid"))
+    for group in [(0,), (1,), (0, 1)]:
+        eligible, count = modality_eligibility(jnp.asarray(modality), jnp.asarray(valid), group)
+        k = ec_k(count, 1.0, n_experts)
+        # Buffers sized for half the group: the mixed group (0, 1) overflows them (k > capacity).
+        capacity = ec_buffer_slots(64, 0.5, 1.0, n_experts, slack)
+        dispatch, stats = expert_choice_jit(jnp.asarray(scores), eligible, k, capacity)
+        ref_index, ref_gate, ref_valid, dropped, wasted = np_expert_choice(
+            scores, np.asarray(eligible), int(k), capacity
+        )
+        assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
+        assert float(stats["dropped"]) == dropped and float(stats["wasted"]) == wasted
+        # Padding and other modalities are never selected.
+        assert np.all(np.asarray(eligible)[np.asarray(dispatch.token_index_ExC)[ref_valid]])
+
+
+def test_expert_choice_all_text_group_leaves_image_experts_empty():
+    logits, _, valid = random_group(3, n_experts=4)
+    modality = jnp.zeros(64, jnp.int8)
+    eligible, count = modality_eligibility(modality, jnp.asarray(valid), (1,))
+    k = ec_k(count, 1.0, 4)
+    assert int(count) == 0 and int(k) == 0
+    dispatch, stats = expert_choice_jit(
+        router_scores(jnp.asarray(logits), "sigmoid"), eligible, k, 6
+    )
+    assert not np.any(dispatch.valid_ExC) and np.all(np.asarray(dispatch.gate_ExC) == 0.0)
+    assert float(stats["wasted"]) == 4 * 6 and float(stats["dropped"]) == 0.0
+
+
+def test_expert_choice_k_above_capacity_reports_drops():
+    logits, _, valid = random_group(4, n_experts=4)
+    scores = np.asarray(router_scores(jnp.asarray(logits), "softmax"))
+    eligible = jnp.asarray(valid)
+    dispatch, stats = expert_choice_jit(jnp.asarray(scores), eligible, jnp.int32(11), 7)
+    ref_index, ref_gate, ref_valid, dropped, wasted = np_expert_choice(scores, valid, 11, 7)
+    assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
+    assert np.all(ref_valid) and float(stats["wasted"]) == wasted == 0
+    assert float(stats["dropped"]) == dropped == 4 * (11 - 7)
+
+
+def test_expert_choice_ties_go_to_lower_token_index():
+    scores = np.full((8, 2), 0.5, np.float32)
+    scores[6, 0] = 0.9  # expert 0: token 6 first, then the tied tokens in index order
+    eligible = np.array([False, True, True, True, True, True, True, True])
+    dispatch, _ = expert_choice_jit(jnp.asarray(scores), jnp.asarray(eligible), 4, 4)
+    np.testing.assert_array_equal(dispatch.token_index_ExC, [[6, 1, 2, 3], [1, 2, 3, 4]])
+    assert np.all(dispatch.valid_ExC)
+
+
+def test_expert_choice_single_expert_of_ones_takes_group_in_order():
+    _, modality, valid = random_group(5)
+    eligible, count = modality_eligibility(jnp.asarray(modality), jnp.asarray(valid), (1,))
+    capacity = 48  # more slots than image tokens
+    dispatch, stats = expert_choice_jit(jnp.ones((64, 1)), eligible, count, capacity)
+    n = int(count)
+    np.testing.assert_array_equal(dispatch.token_index_ExC[0, :n], np.flatnonzero(eligible))
+    np.testing.assert_array_equal(dispatch.valid_ExC[0], np.arange(capacity) < n)
+    np.testing.assert_array_equal(dispatch.gate_ExC[0], (np.arange(capacity) < n).astype(float))
+    assert float(stats["wasted"]) == capacity - n and float(stats["dropped"]) == 0.0
+
+
+# --- Token choice --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_experts", [4, 8])
+@pytest.mark.parametrize(
+    ("top_k", "renormalize"), [(1, False), (2, True)], ids=["switch", "gshard"]
+)
+@pytest.mark.parametrize("capacity_factor", [0.5, 4.0])
+def test_token_choice_matches_numpy(seed, n_experts, top_k, renormalize, capacity_factor):
+    logits, _, valid = random_group(seed, n_experts=n_experts)
+    probs = np.asarray(router_scores(jnp.asarray(logits), "softmax"))
+    capacity = max(1, int(capacity_factor * 64 * top_k / n_experts))
+    dispatch, stats = token_choice_jit(
+        jnp.asarray(probs), jnp.asarray(valid), top_k, capacity, renormalize
+    )
+    ref_index, ref_gate, ref_valid, ref_stats = np_token_choice(
+        probs, valid, top_k, capacity, renormalize
+    )
+    assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
+    assert float(stats["dropped"]) == ref_stats["dropped"]
+    assert float(stats["wasted"]) == ref_stats["wasted"]
+    np.testing.assert_allclose(stats["frac_tokens_E"], ref_stats["frac_tokens_E"], rtol=1e-5)
+    np.testing.assert_allclose(stats["mean_prob_E"], ref_stats["mean_prob_E"], rtol=1e-5)
+    if capacity_factor == 4.0:
+        assert ref_stats["dropped"] == 0  # room for everyone: nothing dropped
+    if capacity_factor == 0.5:
+        assert ref_stats["dropped"] > 0
+
+
+def test_token_choice_first_choices_beat_second_choices():
+    # Token 0 prefers expert 1 (second choice expert 0); tokens 1-3 prefer expert 0. With 3 slots,
+    # expert 0 holds the three first choices and drops token 0's second choice despite its index.
+    probs = np.array([[0.4, 0.6], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1], [0.1, 0.9]], np.float32)
+    eligible = np.array([True, True, True, True, False])  # token 4 is padding
+    dispatch, stats = token_choice_jit(jnp.asarray(probs), jnp.asarray(eligible), 2, 3, True)
+    np.testing.assert_array_equal(dispatch.token_index_ExC[0], [1, 2, 3])
+    np.testing.assert_array_equal(dispatch.token_index_ExC[1], [0, 1, 2])
+    assert np.all(dispatch.valid_ExC)
+    np.testing.assert_allclose(dispatch.gate_ExC[1], [0.6, 0.3, 0.2], rtol=1e-6)
+    assert float(stats["dropped"]) == 2.0  # token 0 -> expert 0 and token 3 -> expert 1
+    assert float(stats["wasted"]) == 0.0
+
+
+def test_token_choice_ties_go_to_lower_expert_index():
+    probs = jnp.full((4, 4), 0.25)
+    dispatch, stats = token_choice_jit(probs, jnp.ones(4, bool), 2, 4, False)
+    np.testing.assert_array_equal(dispatch.valid_ExC.sum(-1), [4, 4, 0, 0])
+    np.testing.assert_array_equal(stats["frac_tokens_E"], [1.0, 0.0, 0.0, 0.0])
+
+
+# --- Losses --------------------------------------------------------------------------------------
+
+
+def test_switch_load_balance_loss_uniform_is_one():
+    n_experts = 4
+    probs = np.full((16, n_experts), 1 / n_experts, np.float32)
+    probs[np.arange(16), np.arange(16) % n_experts] += 1e-3  # first choices spread evenly
+    probs /= probs.sum(-1, keepdims=True)
+    _, stats = token_choice_jit(jnp.asarray(probs), jnp.ones(16, bool), 1, 4, False)
+    np.testing.assert_allclose(stats["frac_tokens_E"], 0.25)
+    loss = switch_load_balance_loss(stats["frac_tokens_E"], stats["mean_prob_E"])
+    np.testing.assert_allclose(loss, 1.0, rtol=1e-5)
+    uniform = jnp.full(n_experts, 1 / n_experts)
+    np.testing.assert_allclose(switch_load_balance_loss(uniform, uniform), 1.0, rtol=1e-6)
+
+
+def test_switch_load_balance_loss_hand_example():
+    # First choices 0, 0, 1, 0 -> f = (3/4, 1/4); P = (2.4/4, 1.6/4) = (0.6, 0.4).
+    # Loss = 2 * (0.75 * 0.6 + 0.25 * 0.4) = 1.1.
+    probs = jnp.asarray([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
+    _, stats = token_choice_jit(probs, jnp.ones(4, bool), 1, 4, False)
+    np.testing.assert_allclose(stats["frac_tokens_E"], [0.75, 0.25])
+    np.testing.assert_allclose(stats["mean_prob_E"], [0.6, 0.4], rtol=1e-6)
+    loss = switch_load_balance_loss(stats["frac_tokens_E"], stats["mean_prob_E"])
+    np.testing.assert_allclose(loss, 1.1, rtol=1e-6)
+
+
+def test_router_z_loss_against_numpy():
+    logits, _, valid = random_group(6)
+    log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    expected = np.mean(log_z[valid] ** 2)
+    got = router_z_loss(jnp.asarray(logits), jnp.asarray(valid))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert float(router_z_loss(jnp.asarray(logits), jnp.zeros(64, bool))) == 0.0
+
+
+# --- Gather and combine --------------------------------------------------------------------------
+
+
+def test_gather_and_combine_against_numpy_loops():
+    rng = np.random.default_rng(7)
+    n_tokens, d_model = 10, 6
+    x = rng.normal(size=(n_tokens, d_model)).astype(np.float32)
+    # Token 3 is taken by all three experts, token 1 by two: their contributions must add up.
+    token_index = np.array([[3, 1, 0, 9], [3, 1, 5, 2], [3, 7, 8, 0]], np.int32)
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    gate = np.where(valid, rng.uniform(size=valid.shape), 0.0).astype(np.float32)
+    dispatch = Dispatch(jnp.asarray(token_index), jnp.asarray(gate), jnp.asarray(valid))
+
+    x_ExCxD = gather(jnp.asarray(x), dispatch)
+    np.testing.assert_array_equal(x_ExCxD, np_gather(x, token_index))
+
+    out = rng.normal(size=(3, 4, d_model)).astype(np.float32)
+    out[0, 3] = np.inf  # an unused slot's output never reaches a token
+    out[2, 2] = np.nan
+    y = combine(jnp.asarray(out), dispatch, n_tokens)
+    expected = np_combine(out, token_index, gate, valid, n_tokens)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y[3], sum(gate[e, 0] * out[e, 0] for e in range(3)), rtol=1e-5, atol=1e-6
+    )
+    assert np.all(np.asarray(y)[[4, 6]] == 0.0)  # untaken tokens get nothing (residual only)
+    y_bf16 = combine(jnp.asarray(out, jnp.bfloat16), dispatch, n_tokens)
+    assert y_bf16.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y_bf16, np.float32)))
+
+
+def test_expert_choice_gates_carry_router_gradients():
+    logits, _, valid = random_group(8, n_experts=4)
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(64, 5)), jnp.float32)
+
+    def loss(logits_NxE):
+        dispatch, _ = expert_choice(router_scores(logits_NxE, "sigmoid"), jnp.asarray(valid), 8, 8)
+        return jnp.sum(combine(gather(x, dispatch), dispatch, 64))
+
+    grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(logits)))
+    assert np.all(np.isfinite(grad)) and np.count_nonzero(grad) == 4 * 8
+
+
+# --- jit and vmap over routing groups ------------------------------------------------------------
+
+
+def test_jit_vmap_over_groups_with_traced_k():
+    n_groups, n_experts, d_model = 3, 4, 5
+    groups = [random_group(10 + g, n_experts=n_experts) for g in range(n_groups)]
+    logits_GxNxE = jnp.asarray(np.stack([g[0] for g in groups]))
+    modality_GxN = jnp.asarray(np.stack([g[1] for g in groups]))
+    valid_GxN = jnp.asarray(np.stack([g[2] for g in groups]))
+    x_GxNxD = jnp.asarray(
+        np.random.default_rng(9).normal(size=(n_groups, 64, d_model)), jnp.float32
+    )
+    capacity = ec_buffer_slots(64, 0.5, 1.0, n_experts, 1.0)
+
+    def ec_layer(logits_NxE, modality_N, valid_N, x_NxD):
+        eligible_N, count = modality_eligibility(modality_N, valid_N, (1,))
+        scores_NxE = router_scores(logits_NxE, "sigmoid")
+        dispatch, stats = expert_choice(
+            scores_NxE, eligible_N, ec_k(count, 1.0, n_experts), capacity
+        )
+        return dispatch, stats, combine(2.0 * gather(x_NxD, dispatch), dispatch, 64)
+
+    def tc_layer(logits_NxE, valid_N):
+        return token_choice(router_scores(logits_NxE, "softmax"), valid_N, 2, 20, True)
+
+    ec_out = jax.jit(jax.vmap(ec_layer))(logits_GxNxE, modality_GxN, valid_GxN, x_GxNxD)
+    tc_out = jax.jit(jax.vmap(tc_layer))(logits_GxNxE, valid_GxN)
+    for g, (logits, modality, valid) in enumerate(groups):
+        eligible = valid & (modality == 1)
+        scores = np.asarray(router_scores(jnp.asarray(logits), "sigmoid"))
+        k = np_ec_k(eligible.sum(), 1.0, n_experts)
+        ref_index, ref_gate, ref_valid, dropped, wasted = np_expert_choice(
+            scores, eligible, k, capacity
+        )
+        dispatch, stats, y = jax.tree.map(lambda a, g=g: a[g], ec_out)
+        assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
+        assert float(stats["dropped"]) == dropped and float(stats["wasted"]) == wasted
+        x = np.asarray(x_GxNxD[g])
+        expected = np_combine(2.0 * np_gather(x, ref_index), ref_index, ref_gate, ref_valid, 64)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+        probs = np.asarray(router_scores(jnp.asarray(logits), "softmax"))
+        ref_index, ref_gate, ref_valid, ref_stats = np_token_choice(probs, valid, 2, 20, True)
+        dispatch, stats = jax.tree.map(lambda a, g=g: a[g], tc_out)
+        assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
+        assert float(stats["dropped"]) == ref_stats["dropped"]
