@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set model.d_model=256 (repeatable)",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="WORKDIR",
+        help="start from another run's latest checkpoint (upcycling; sets run.init_from)",
+    )
     p.add_argument("--list", action="store_true", help="list experiments and exit")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     return p
@@ -57,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from moma_jax.train import TrainingDivergedError, train
 
     try:
-        cfg = validate(apply_overrides(registry.get(args.exp), args.overrides))
+        overrides = list(args.overrides)
+        if args.init_from:
+            overrides.append(f"run.init_from={Path(args.init_from).absolute()}")
+        cfg = validate(apply_overrides(registry.get(args.exp), overrides))
         print(json.dumps(to_dict(cfg), indent=2), flush=True)
         if args.print_config:
             return 0

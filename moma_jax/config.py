@@ -142,6 +142,9 @@ class RunConfig:
     keep_last: int = 3
     keep_every: int = 0  # 0: off; else also keep every checkpoint whose step is a multiple
     async_checkpoint: bool = True
+    # Start a fresh run from another run's latest checkpoint (sparse upcycling, train/upcycle.py):
+    # parameters copied and expanded, optimizer and LR schedule reset, data position kept.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ def resolve_shares(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.model.moe.modality_shares or "moe" not in cfg.model.layer_pattern:
         return cfg
     from moma_jax import data
-    from moma_jax.train.loop import with_data_shares
+    from moma_jax.train.workdir import with_data_shares
 
     return with_data_shares(cfg, data.load_manifest(data.ensure_data(cfg.data.path or None)))
 

@@ -36,9 +36,10 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     fill = [a for a, s in sizes.items() if s == -1]
     if n_devices % fixed:
+        axes = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s not in (1, -1))
         raise ConfigError(
-            f"mesh {sizes} needs a multiple of {fixed} devices, but {n_devices} are present; "
-            f"change the axis sizes (e.g. --set mesh.data=-1 to fill)"
+            f"{axes} needs a multiple of {fixed} devices, but {n_devices} are present "
+            f"(mesh {sizes}); change the axis sizes (e.g. --set mesh.data=-1 to fill)"
         )
     if fill:
         sizes[fill[0]] = n_devices // fixed

@@ -6,6 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from routing_reference import (
+    assert_dispatch_equal,
+    expert_choice_jit,
+    np_combine,
+    np_ec_k,
+    np_expert_choice,
+    np_gather,
+    np_token_choice,
+    random_group,
+)
 
 from moma_jax.model.routing import (
     Dispatch,
@@ -17,114 +27,8 @@ from moma_jax.model.routing import (
     gumbel_sigmoid_logits,
     modality_eligibility,
     router_scores,
-    router_z_loss,
-    switch_load_balance_loss,
     token_choice,
 )
-
-# Jitted once per static shape: much faster on CPU than eager op-by-op dispatch, as layers run.
-expert_choice_jit = jax.jit(expert_choice, static_argnums=3)
-token_choice_jit = jax.jit(token_choice, static_argnums=(2, 3, 4))
-
-# --- NumPy references (loops over experts and tokens; no JAX) ------------------------------------
-
-
-def np_expert_choice(scores, eligible, k, capacity):
-    """Each expert: eligible tokens sorted by (score desc, index asc); first min(k, C) are kept."""
-    n_tokens, n_experts = scores.shape
-    token_index = np.zeros((n_experts, capacity), np.int64)
-    gate = np.zeros((n_experts, capacity), np.float32)
-    valid = np.zeros((n_experts, capacity), bool)
-    candidates = [n for n in range(n_tokens) if eligible[n]]
-    for e in range(n_experts):
-        ranked = sorted(candidates, key=lambda n: (-scores[n, e], n))
-        for c, n in enumerate(ranked[: min(k, capacity)]):
-            token_index[e, c], gate[e, c], valid[e, c] = n, scores[n, e], True
-    dropped = n_experts * max(k - capacity, 0)
-    wasted = n_experts * capacity - valid.sum()
-    return token_index, gate, valid, dropped, wasted
-
-
-def np_token_choice(probs, eligible, top_k, capacity, renormalize):
-    """Fill buffers choice rank by choice rank, tokens in order; full buffers drop the rest."""
-    n_tokens, n_experts = probs.shape
-    token_index = np.zeros((n_experts, capacity), np.int64)
-    gate = np.zeros((n_experts, capacity), np.float32)
-    valid = np.zeros((n_experts, capacity), bool)
-    choices = [
-        sorted(range(n_experts), key=lambda e: (-probs[n, e], e))[:top_k] for n in range(n_tokens)
-    ]
-    fill = [0] * n_experts
-    dropped = 0
-    for rank in range(top_k):
-        for n in range(n_tokens):
-            if not eligible[n]:
-                continue
-            e = choices[n][rank]
-            g = probs[n, e]
-            if renormalize:
-                g = g / sum(probs[n, x] for x in choices[n])
-            if fill[e] < capacity:
-                token_index[e, fill[e]], gate[e, fill[e]], valid[e, fill[e]] = n, g, True
-                fill[e] += 1
-            else:
-                dropped += 1
-    count = max(sum(eligible), 1)
-    frac = np.zeros(n_experts)
-    mean_prob = np.zeros(n_experts)
-    for n in range(n_tokens):
-        if eligible[n]:
-            frac[choices[n][0]] += 1 / count
-            mean_prob += probs[n] / count
-    stats = {
-        "dropped": dropped,
-        "wasted": n_experts * capacity - valid.sum(),
-        "frac_tokens_E": frac,
-        "mean_prob_E": mean_prob,
-    }
-    return token_index, gate, valid, stats
-
-
-def np_gather(x, token_index):
-    n_experts, capacity = token_index.shape
-    out = np.zeros((n_experts, capacity, x.shape[1]), x.dtype)
-    for e in range(n_experts):
-        for c in range(capacity):
-            out[e, c] = x[token_index[e, c]]
-    return out
-
-
-def np_combine(expert_out, token_index, gate, valid, n_tokens):
-    y = np.zeros((n_tokens, expert_out.shape[-1]), np.float64)
-    for e in range(token_index.shape[0]):
-        for c in range(token_index.shape[1]):
-            if valid[e, c]:
-                y[token_index[e, c]] += gate[e, c] * expert_out[e, c]
-    return y
-
-
-def np_ec_k(count, c, n_experts):
-    return int(np.floor(np.float32(count) * np.float32(c) / np.float32(n_experts)))
-
-
-def assert_dispatch_equal(dispatch, token_index, gate, valid):
-    got_valid = np.asarray(dispatch.valid_ExC)
-    np.testing.assert_array_equal(got_valid, valid)
-    np.testing.assert_array_equal(np.asarray(dispatch.token_index_ExC)[valid], token_index[valid])
-    np.testing.assert_allclose(np.asarray(dispatch.gate_ExC), gate, rtol=1e-6, atol=0)
-    assert np.all(np.asarray(dispatch.gate_ExC)[~valid] == 0.0)
-    assert dispatch.token_index_ExC.dtype == jnp.int32
-    assert dispatch.gate_ExC.dtype == jnp.float32
-
-
-def random_group(seed, n_tokens=64, n_experts=8):
-    """float32 scores, modality (0 text / 1 image) and a padding mask with a padded tail."""
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(n_tokens, n_experts)).astype(np.float32)
-    modality = rng.integers(0, 2, size=n_tokens).astype(np.int8)
-    valid = np.arange(n_tokens) < n_tokens - rng.integers(0, n_tokens // 4)
-    return logits, modality, valid
-
 
 # --- Scores and noise ----------------------------------------------------------------------------
 
@@ -255,93 +159,6 @@ def test_expert_choice_single_expert_of_ones_takes_group_in_order():
     np.testing.assert_array_equal(dispatch.valid_ExC[0], np.arange(capacity) < n)
     np.testing.assert_array_equal(dispatch.gate_ExC[0], (np.arange(capacity) < n).astype(float))
     assert float(stats["wasted"]) == capacity - n and float(stats["dropped"]) == 0.0
-
-
-# --- Token choice --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("n_experts", [4, 8])
-@pytest.mark.parametrize(
-    ("top_k", "renormalize"), [(1, False), (2, True)], ids=["switch", "gshard"]
-)
-@pytest.mark.parametrize("capacity_factor", [0.5, 4.0])
-def test_token_choice_matches_numpy(seed, n_experts, top_k, renormalize, capacity_factor):
-    logits, _, valid = random_group(seed, n_experts=n_experts)
-    probs = np.asarray(router_scores(jnp.asarray(logits), "softmax"))
-    capacity = max(1, int(capacity_factor * 64 * top_k / n_experts))
-    dispatch, stats = token_choice_jit(
-        jnp.asarray(probs), jnp.asarray(valid), top_k, capacity, renormalize
-    )
-    ref_index, ref_gate, ref_valid, ref_stats = np_token_choice(
-        probs, valid, top_k, capacity, renormalize
-    )
-    assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
-    assert float(stats["dropped"]) == ref_stats["dropped"]
-    assert float(stats["wasted"]) == ref_stats["wasted"]
-    np.testing.assert_allclose(stats["frac_tokens_E"], ref_stats["frac_tokens_E"], rtol=1e-5)
-    np.testing.assert_allclose(stats["mean_prob_E"], ref_stats["mean_prob_E"], rtol=1e-5)
-    if capacity_factor == 4.0:
-        assert ref_stats["dropped"] == 0  # room for everyone: nothing dropped
-    if capacity_factor == 0.5:
-        assert ref_stats["dropped"] > 0
-
-
-def test_token_choice_first_choices_beat_second_choices():
-    # Token 0 prefers expert 1 (second choice expert 0); tokens 1-3 prefer expert 0. With 3 slots,
-    # expert 0 holds the three first choices and drops token 0's second choice despite its index.
-    probs = np.array([[0.4, 0.6], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1], [0.1, 0.9]], np.float32)
-    eligible = np.array([True, True, True, True, False])  # token 4 is padding
-    dispatch, stats = token_choice_jit(jnp.asarray(probs), jnp.asarray(eligible), 2, 3, True)
-    np.testing.assert_array_equal(dispatch.token_index_ExC[0], [1, 2, 3])
-    np.testing.assert_array_equal(dispatch.token_index_ExC[1], [0, 1, 2])
-    assert np.all(dispatch.valid_ExC)
-    np.testing.assert_allclose(dispatch.gate_ExC[1], [0.6, 0.3, 0.2], rtol=1e-6)
-    assert float(stats["dropped"]) == 2.0  # token 0 -> expert 0 and token 3 -> expert 1
-    assert float(stats["wasted"]) == 0.0
-
-
-def test_token_choice_ties_go_to_lower_expert_index():
-    probs = jnp.full((4, 4), 0.25)
-    dispatch, stats = token_choice_jit(probs, jnp.ones(4, bool), 2, 4, False)
-    np.testing.assert_array_equal(dispatch.valid_ExC.sum(-1), [4, 4, 0, 0])
-    np.testing.assert_array_equal(stats["frac_tokens_E"], [1.0, 0.0, 0.0, 0.0])
-
-
-# --- Losses --------------------------------------------------------------------------------------
-
-
-def test_switch_load_balance_loss_uniform_is_one():
-    n_experts = 4
-    probs = np.full((16, n_experts), 1 / n_experts, np.float32)
-    probs[np.arange(16), np.arange(16) % n_experts] += 1e-3  # first choices spread evenly
-    probs /= probs.sum(-1, keepdims=True)
-    _, stats = token_choice_jit(jnp.asarray(probs), jnp.ones(16, bool), 1, 4, False)
-    np.testing.assert_allclose(stats["frac_tokens_E"], 0.25)
-    loss = switch_load_balance_loss(stats["frac_tokens_E"], stats["mean_prob_E"])
-    np.testing.assert_allclose(loss, 1.0, rtol=1e-5)
-    uniform = jnp.full(n_experts, 1 / n_experts)
-    np.testing.assert_allclose(switch_load_balance_loss(uniform, uniform), 1.0, rtol=1e-6)
-
-
-def test_switch_load_balance_loss_hand_example():
-    # First choices 0, 0, 1, 0 -> f = (3/4, 1/4); P = (2.4/4, 1.6/4) = (0.6, 0.4).
-    # Loss = 2 * (0.75 * 0.6 + 0.25 * 0.4) = 1.1.
-    probs = jnp.asarray([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
-    _, stats = token_choice_jit(probs, jnp.ones(4, bool), 1, 4, False)
-    np.testing.assert_allclose(stats["frac_tokens_E"], [0.75, 0.25])
-    np.testing.assert_allclose(stats["mean_prob_E"], [0.6, 0.4], rtol=1e-6)
-    loss = switch_load_balance_loss(stats["frac_tokens_E"], stats["mean_prob_E"])
-    np.testing.assert_allclose(loss, 1.1, rtol=1e-6)
-
-
-def test_router_z_loss_against_numpy():
-    logits, _, valid = random_group(6)
-    log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-    expected = np.mean(log_z[valid] ** 2)
-    got = router_z_loss(jnp.asarray(logits), jnp.asarray(valid))
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
-    assert float(router_z_loss(jnp.asarray(logits), jnp.zeros(64, bool))) == 0.0
 
 
 # --- Gather and combine --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_gradient_accumulation_equals_full_batch():
         "positions": jnp.asarray(np.tile(np.r_[np.arange(10), np.arange(4), 0, 1], (4, 1))),
     }
     batch["segment_ids"] = batch["segment_ids"].at[1, 3:].set(0)  # uneven counts per row
-    for micro in (1, 2, 4):
+    for micro in (1, 4):
         cfg = dataclasses.replace(
             base,
             model=model,

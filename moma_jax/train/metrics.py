@@ -16,15 +16,23 @@ import time
 from pathlib import Path
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a line cut short by a killed process
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drops lines past `last_step` (a resumed run re-logs them), atomically."""
+    """Drops lines past `last_step` (a resumed run re-logs them) and any line a killed process
+    left half-written, atomically."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        step = _step_of(line)
+        if step is not None and step <= last_step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -73,6 +81,7 @@ class MetricWriter:
                 f"held-out {r['eval_loss']:.3f} "
                 f"(text {r['eval_loss_text']:.3f}, image {r['eval_loss_image']:.3f})"
             )
+        parts.extend(_expert_summary(r))
         if step > last_step and "loss" in r:
             eta = (self.stop_step - step) * (now - last_time) / (step - last_step)
             parts.append(f"{rate / 1e3:.1f}k tok/s, eta {eta:.0f}s")
@@ -83,6 +92,19 @@ class MetricWriter:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+def _expert_summary(r: dict) -> list[str]:
+    """'experts image: load 0.21-0.29, drop 0%' per expert group, from moe/{group}/* metrics."""
+    groups = sorted({k.split("/")[1] for k in r if k.startswith("moe/") and "/load_" in k})
+    out = []
+    for g in groups:
+        loads = [v for k, v in r.items() if k.startswith(f"moe/{g}/load_")]
+        out.append(
+            f"experts {g}: load {min(loads):.2f}-{max(loads):.2f}, "
+            f"drop {r.get(f'moe/{g}/dropped_frac', 0.0):.0%}"
+        )
+    return out
 
 
 def _plain(value: object) -> float | int:
