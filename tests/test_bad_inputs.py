@@ -9,26 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from cli_args import small
 
 from moma_jax.cli import main
 from moma_jax.data import records
 
-SMALL = [
-    "--set",
-    "data.seq_len=128",
-    "--set",
-    "data.batch_size=8",
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.n_heads=2",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "optim.total_steps=20",
-    "--set",
-    "optim.warmup_steps=2",
-]
+SMALL = small()
 MOMA = ["--exp", "moma_4t4i_tiny", *SMALL, "--set", "model.moe.routing_group_tokens=1024"]
 
 
@@ -123,7 +109,7 @@ CASES = {
         "seq_len",
     ),
     "zero steps": (["--exp", "dense_tiny", *SMALL, "--steps", "0"], "--steps"),
-    "steps past the schedule": (["--exp", "dense_tiny", *SMALL, "--steps", "21"], "--steps"),
+    "steps past the schedule": (["--exp", "dense_tiny", *SMALL, "--steps", "41"], "--steps"),
     "missing data directory": (
         ["--exp", "dense_tiny", "--set", "data.path={tmp}/nowhere"],
         "nowhere",

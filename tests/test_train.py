@@ -7,36 +7,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cli_args import small
 
 from moma_jax import registry
 from moma_jax.cli import main
 from moma_jax.train.metrics import read_jsonl
 
 # A smaller dense_tiny so that the end-to-end tests take seconds.
-SMALL = [
-    "--set",
+SMALL = small(
     "model.d_model=64",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "model.n_heads=2",
-    "--set",
-    "data.seq_len=128",
-    "--set",
-    "data.batch_size=8",
-    "--set",
-    "optim.total_steps=40",
-    "--set",
     "optim.warmup_steps=4",
-    "--set",
     "run.log_every=1",
-    "--set",
     "run.eval_every=10",
-    "--set",
     "run.eval_batches=2",
-    "--set",
     "run.checkpoint_every=5",
-]
+)
 
 
 def run(workdir, steps, *extra):

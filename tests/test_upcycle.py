@@ -2,9 +2,9 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
+from cli_args import SMALL_KEYS, sets
 from flax import nnx
 
 from moma_jax import registry
@@ -15,15 +15,11 @@ from moma_jax.train.metrics import read_jsonl
 from moma_jax.train.state import build_model
 from moma_jax.train.upcycle import upcycle_params
 
+UPCYCLED = "upcycled_moma_4t4i_tiny"
 SMALL = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "data.seq_len=128",
-    "data.batch_size=8",
+    *SMALL_KEYS,
     "model.moe.routing_group_tokens=1024",
     "optim.total_steps=20",
-    "optim.warmup_steps=2",
     "run.eval_batches=1",
     "run.checkpoint_every=3",
 ]
@@ -35,9 +31,7 @@ def small(name):
 
 def test_upcycle_params_copies_and_expands():
     seed = nnx.state(build_model(small("moma_1t1i_tiny")))
-    fresh = nnx.state(
-        build_model(apply_overrides(small("upcycled_moma_4t4i_tiny"), ["run.param_seed=7"]))
-    )
+    fresh = nnx.state(build_model(apply_overrides(small(UPCYCLED), ["run.param_seed=7"])))
     out = dict(nnx.to_flat_state(upcycle_params(seed, fresh)))
     src, new = dict(nnx.to_flat_state(seed)), dict(nnx.to_flat_state(fresh))
     assert set(out) == set(new)
@@ -53,26 +47,14 @@ def test_upcycle_params_copies_and_expands():
             np.testing.assert_array_equal(var[...], src[path][...])
 
 
+def train(exp: str, workdir, *extra: str) -> int:
+    return main(["--exp", exp, "--workdir", str(workdir), *sets(*SMALL), *extra])
+
+
 def test_upcycled_run_continues_the_seed_runs_data(tmp_path, data_dir):
-    sets = [arg for key in SMALL for arg in ("--set", key)]
     seed_dir, up_dir = tmp_path / "seed", tmp_path / "up"
-    assert main(["--exp", "moma_1t1i_tiny", "--workdir", str(seed_dir), "--steps", "3", *sets]) == 0
-    assert (
-        main(
-            [
-                "--exp",
-                "upcycled_moma_4t4i_tiny",
-                "--workdir",
-                str(up_dir),
-                "--steps",
-                "3",
-                "--init-from",
-                str(seed_dir),
-                *sets,
-            ]
-        )
-        == 0
-    )
+    assert train("moma_1t1i_tiny", seed_dir, "--steps", "3") == 0
+    assert train(UPCYCLED, up_dir, "--steps", "3", "--init-from", str(seed_dir)) == 0
 
     def data_index(workdir):
         (state,) = (workdir / "checkpoints" / "3" / "data").glob("*.json")
@@ -80,7 +62,7 @@ def test_upcycled_run_continues_the_seed_runs_data(tmp_path, data_dir):
 
     # The upcycled run read 3 more steps' documents after the seed run's 3.
     assert data_index(up_dir) > data_index(seed_dir) > 0
-    rows = read_jsonl(up_dir / "metrics.jsonl")
+    last = read_jsonl(up_dir / "metrics.jsonl")[-1]
     for key in (
         "loss_text",
         "loss_image",
@@ -90,45 +72,22 @@ def test_upcycled_run_continues_the_seed_runs_data(tmp_path, data_dir):
         "moe/text/score_entropy",
         "flops_executed",
     ):
-        assert np.isfinite(rows[-1][key]), key
-    assert rows[-1]["flops_executed"] > rows[-1]["flops"]
+        assert np.isfinite(last[key]), key
+    assert last["flops_executed"] > last["flops"]
     saved = json.loads((up_dir / "config.json").read_text())
     assert saved["run"]["init_from"] == str(seed_dir.absolute())
     assert saved["model"]["moe"]["router_noise"] == "gumbel"
 
 
 def test_upcycling_refuses_mismatched_or_missing_sources(tmp_path, data_dir, capsys):
-    sets = [arg for key in SMALL for arg in ("--set", key)]
     seed_dir = tmp_path / "seed"
-    assert main(["--exp", "moma_1t1i_tiny", "--workdir", str(seed_dir), "--steps", "1", *sets]) == 0
-    code = main(
-        [
-            "--exp",
-            "upcycled_moma_4t4i_tiny",
-            "--workdir",
-            str(tmp_path / "a"),
-            "--init-from",
-            str(seed_dir),
-            *sets,
-            "--set",
-            "model.d_model=64",
-        ]
-    )
-    assert code == 2 and "model.d_model: 32 -> 64" in capsys.readouterr().err
-    code = main(
-        [
-            "--exp",
-            "upcycled_moma_4t4i_tiny",
-            "--workdir",
-            str(tmp_path / "b"),
-            "--init-from",
-            str(tmp_path / "nothing"),
-            *sets,
-        ]
-    )
-    assert code == 2 and "no run there" in capsys.readouterr().err
-    with pytest.raises(ConfigError):
+    assert train("moma_1t1i_tiny", seed_dir, "--steps", "1") == 0
+    wider = ["--init-from", str(seed_dir), "--set", "model.d_model=64"]
+    assert train(UPCYCLED, tmp_path / "a", *wider) == 2
+    assert "model.d_model: 32 -> 64" in capsys.readouterr().err
+    assert train(UPCYCLED, tmp_path / "b", "--init-from", str(tmp_path / "nothing")) == 2
+    assert "no run there" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="cannot upcycle"):
         src = nnx.state(build_model(small("moma_2t2i_tiny")))
         dst = nnx.state(build_model(small("moma_4t4i_tiny")))
         upcycle_params(src, dst)
-    jax.clear_caches()
