@@ -48,9 +48,9 @@ from moma_jax.flops import LAYER_FLOPS, attention_flops_per_token, train_flops_p
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
-from moma_jax.sharding import batch_sharding, make_mesh, replicated
+from moma_jax.sharding import batch_sharding, make_mesh
 from moma_jax.train.state import init_state, make_optimizer
-from moma_jax.train.step import make_train_step
+from moma_jax.train.step import jit_train_step
 
 # One dense step takes ~1 s on the 2-core CPU at this shape: 2,048 tokens per step and per
 # routing group (the tiny experiments route 4,096-token groups at d=128; the paper 4,096).
@@ -158,12 +158,7 @@ class StepBench:
         tx = make_optimizer(cfg.optim)
         graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
         batch_sh = batch_sharding(mesh)
-        step = jax.jit(
-            make_train_step(graphdef, cfg, tx),
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=0,
-        )
+        step = jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
         self.batch = {k: jax.device_put(v, batch_sh) for k, v in batch_np.items()}
         start = time.perf_counter()
         self.compiled = step.lower(abstract, self.batch).compile()

@@ -136,7 +136,7 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
         return train_step
 
     workdir = tmp_path / metric
-    monkeypatch.setattr("moma_jax.train.loop.make_train_step", faulty)
+    monkeypatch.setattr("moma_jax.train.step.make_train_step", faulty)
     assert main([*ARGS, "--workdir", str(workdir), "--steps", str(STEPS)]) == 1
     err = capsys.readouterr().err
     expected = "loss" if metric == "loss" else "grad_norm"

@@ -25,11 +25,12 @@ from moma_jax.config import ConfigError, ExperimentConfig, validate
 from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
 from moma_jax.sharding import batch_sharding, make_mesh, replicated
+from moma_jax.train import step as step_lib
 from moma_jax.train import upcycle
 from moma_jax.train.checkpoint import Checkpointer, restore_latest
 from moma_jax.train.metrics import MetricWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
-from moma_jax.train.step import make_eval_step, make_train_step
+from moma_jax.train.step import make_eval_step
 from moma_jax.train.workdir import check_workdir, with_data_shares, write_config
 
 
@@ -104,12 +105,7 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
     tx = make_optimizer(cfg.optim)
     graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
     batch_sh = batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(graphdef, cfg, tx),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+    train_step = step_lib.jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
     eval_step = jax.jit(
         make_eval_step(graphdef, cfg),
         in_shardings=(shardings.params, batch_sh),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moma_jax.config import ExperimentConfig
 from moma_jax.losses import loss_sums, means_from_sums, target_mask
@@ -97,3 +98,20 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: ExperimentConfig) -> Callable:
         return sums
 
     return eval_step
+
+
+def jit_train_step(
+    graphdef: nnx.GraphDef,
+    cfg: ExperimentConfig,
+    tx: optax.GradientTransformation,
+    shardings,
+    batch_sharding,
+    mesh,
+) -> Callable:
+    """The train step jitted with explicit in/out shardings, donating the old state."""
+    return jax.jit(
+        make_train_step(graphdef, cfg, tx),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
