@@ -27,12 +27,10 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
-import resource
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +39,29 @@ from flax import nnx
 
 from moma_jax import data as data_lib
 from moma_jax import registry
+from moma_jax.bench_measure import (
+    Sample,
+    device_memory,
+    machine,
+    measure,
+    peak_rss_mib,
+)
+from moma_jax.bench_report import (
+    DENSE,
+    FFN_ARCHS,
+    FFN_CALLS,
+    MATMUL,
+    SPARSE_ARCHS,
+    arch_report,
+    expert_name,
+    shape_of,
+    sweep_report,
+    table,
+    targets,
+)
 from moma_jax.cli import enable_compilation_cache
 from moma_jax.config import ExperimentConfig, ModelConfig, validate
 from moma_jax.describe import resolve_shares
-from moma_jax.flops import LAYER_FLOPS, attention_flops_per_token, train_flops_per_token
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
@@ -60,18 +77,6 @@ BENCH_SHAPE = (
     "model.n_heads=4",
     "data.seq_len=256",
     "data.batch_size=8",
-)
-DENSE = "dense"
-SPARSE_ARCHS = ("moe_8x", "moma_1t1i", "moma_4t4i", "mot")
-FFN_ARCHS = (DENSE, "moe_8x", "moma_1t1i", "moma_4t4i")  # MoT's FFN is not a separate module
-MATMUL = "matmul"
-FFN_CALLS = 5  # a feed-forward alone takes ~50 ms: time blocks of calls, report per call
-# Dense bf16 tensor-core peaks (no sparsity) by device-kind substring, most specific first.
-GPU_PEAK_BF16 = (
-    ("H100 PCIe", 756e12, "H100 PCIe bf16 dense 756 TFLOP/s"),
-    ("H100", 989e12, "H100 SXM bf16 dense 989 TFLOP/s"),
-    ("H200", 989e12, "H200 bf16 dense 989 TFLOP/s"),
-    ("A100", 312e12, "A100 bf16 dense 312 TFLOP/s"),
 )
 
 
@@ -117,37 +122,12 @@ def expert_config(n_experts: int, overrides: tuple[str, ...] = ()) -> Experiment
     return validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe)))
 
 
-def expert_name(n_experts: int) -> str:
-    return f"moe_{n_experts}x"
-
-
 def default_overrides() -> tuple[str, ...]:
     """bf16 matmuls on GPU (MFU is quoted against the bf16 peak); f32 on CPU."""
     return ("model.compute_dtype=bfloat16",) if jax.default_backend() == "gpu" else ()
 
 
 # --- Timed functions -------------------------------------------------------------------------
-
-
-class Sample(NamedTuple):
-    """One timed call: wall seconds, process CPU seconds (user + system), system seconds, and
-    minor page faults (fresh memory touched for the first time)."""
-
-    wall_s: float
-    cpu_s: float
-    sys_s: float
-    faults: int
-
-
-def measure(fn: Callable[[], Any]) -> Sample:
-    """Times one call, waiting for every output; CPU time and faults from getrusage."""
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    wall_s = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    user_s, sys_s = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    return Sample(wall_s, user_s + sys_s, sys_s, after.ru_minflt - before.ru_minflt)
 
 
 class StepBench:
@@ -261,146 +241,6 @@ def pipeline_tokens_per_s(cfg: ExperimentConfig, n_batches: int) -> dict[str, fl
 # --- Analysis --------------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float:
-    return float(np.median(values))
-
-
-def spread(values: list[float]) -> float:
-    """Interquartile range over median: the timing noise of one function."""
-    q1, q2, q3 = np.percentile(values, [25, 50, 75])
-    return float((q3 - q1) / q2)
-
-
-def diagnostics(samples: list[Sample], calls: int = 1) -> dict[str, float]:
-    """Medians per call (a sample may time `calls` calls): CPU seconds, cores kept busy,
-    system-time share, page faults."""
-    return {
-        "cpu_s": median([s.cpu_s for s in samples]) / calls,
-        "cores_busy": median([s.cpu_s / s.wall_s for s in samples]),
-        "sys_fraction": median([s.sys_s / max(s.cpu_s, 1e-9) for s in samples]),
-        "page_faults": median([s.faults for s in samples]) / calls,
-    }
-
-
-def ffn_side_executed_over_ideal(cfg: ModelConfig, seq_len: int) -> float:
-    """Per layer, (executed - attention) / (ideal - attention), attention at its ideal count: the
-    FFN side's buffer and masked-compute overhead (MoT's includes its untied projections)."""
-    attention = len(cfg.layer_pattern) * attention_flops_per_token(cfg, seq_len)
-    ideal, executed = (
-        sum(LAYER_FLOPS[k](cfg, seq_len, "causal")[i] for k in cfg.layer_pattern) for i in (0, 1)
-    )
-    return (executed - attention) / (ideal - attention)
-
-
-def gpu_peak() -> tuple[float, str] | None:
-    """The device's bf16 dense peak FLOP/s and where the number comes from; None off GPU."""
-    if jax.default_backend() != "gpu":
-        return None
-    kind = jax.devices()[0].device_kind
-    return next(((p, src) for key, p, src in GPU_PEAK_BF16 if key in kind), None)
-
-
-def shape_of(cfg: ExperimentConfig) -> dict[str, Any]:
-    m, d = cfg.model, cfg.data
-    return {
-        "d_model": m.d_model,
-        "n_layers": m.n_layers,
-        "n_heads": m.n_heads,
-        "ffn_hidden": m.resolved_ffn_hidden,
-        "vocab_size": m.vocab_size,
-        "seq_len": d.seq_len,
-        "batch_size": d.batch_size,
-        "tokens_per_step": d.seq_len * d.batch_size,
-        "routing_group_tokens": m.moe.routing_group_tokens,
-        "compute_dtype": m.compute_dtype,
-    }
-
-
-def arch_report(
-    configs: dict[str, ExperimentConfig], samples: dict[str, list[Sample]], matmul_n: int
-) -> dict[str, Any]:
-    """Phase 1: sparse/dense step-time ratios, FLOPs accounting, the matmul fraction, MFU."""
-    seq = configs[DENSE].data.seq_len
-    tokens = seq * configs[DENSE].data.batch_size
-    times = {name: [s.wall_s for s in v] for name, v in samples.items()}
-    step_s = {name: median(times[name]) for name in configs}
-    flops = {n: train_flops_per_token(c.model, seq) * tokens for n, c in configs.items()}
-    executed = {
-        n: train_flops_per_token(c.model, seq, executed=True) * tokens for n, c in configs.items()
-    }
-    matmul_flops_s = 2 * matmul_n**3 / median(times[MATMUL])
-    achieved = {name: flops[name] / step_s[name] for name in configs}
-    peak = gpu_peak()
-    return {
-        "step_time_s": step_s,
-        "step_time_spread": {name: spread(times[name]) for name in configs},
-        "step_time_ratio": {a: step_s[a] / step_s[DENSE] for a in SPARSE_ARCHS},
-        "step_time_per_flop_ratio": {
-            a: (step_s[a] / flops[a]) / (step_s[DENSE] / flops[DENSE]) for a in SPARSE_ARCHS
-        },
-        "ideal_flops_ratio": {a: flops[a] / flops[DENSE] for a in SPARSE_ARCHS},
-        "train_flops_per_step": flops,
-        "executed_over_ideal": {name: executed[name] / flops[name] for name in configs},
-        "ffn_side_executed_over_ideal": {
-            name: ffn_side_executed_over_ideal(c.model, seq) for name, c in configs.items()
-        },
-        "matmul_n": matmul_n,
-        "matmul_flops_per_s": matmul_flops_s,
-        "matmul_flops_per_s_best": 2 * matmul_n**3 / min(times[MATMUL]),
-        "model_flops_per_s": achieved,
-        "matmul_fraction": achieved[DENSE] / matmul_flops_s,
-        "model_matmul_fraction": {name: v / matmul_flops_s for name, v in achieved.items()},
-        "mfu": {name: v / peak[0] for name, v in achieved.items()} if peak else None,
-        "mfu_peak_flops_per_s": peak[0] if peak else None,
-        "mfu_peak_source": peak[1] if peak else None,
-        "diagnostics": {name: diagnostics(v) for name, v in samples.items()},
-    }
-
-
-def sweep_report(experts: tuple[int, ...], samples: dict[str, list[Sample]]) -> dict[str, Any]:
-    """Phase 2: FFN forward+backward (per call) and whole-step time as the expert count grows."""
-    t = {name: median([s.wall_s for s in v]) for name, v in samples.items()}
-    ffn_s = {name[4:]: v / FFN_CALLS for name, v in t.items() if name.startswith("ffn/")}
-    e0 = expert_name(experts[0])
-    return {
-        "ffn_time_s": ffn_s,
-        "ffn_time_spread": {
-            n[4:]: spread([s.wall_s for s in v]) for n, v in samples.items() if n[:4] == "ffn/"
-        },
-        "ffn_sparse_over_dense": {k: v / ffn_s[DENSE] for k, v in ffn_s.items() if k != DENSE},
-        "expert_scaling": {str(e): ffn_s[expert_name(e)] / ffn_s[e0] for e in experts},
-        "expert_scaling_step": {
-            str(e): t[f"step/{expert_name(e)}"] / t[f"step/{e0}"] for e in experts
-        },
-        "expert_scaling_step_s": {str(e): t[f"step/{expert_name(e)}"] for e in experts},
-        "sweep_diagnostics": {
-            n: diagnostics(v, FFN_CALLS if n[:4] == "ffn/" else 1) for n, v in samples.items()
-        },
-    }
-
-
-def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each benchmark target (the issue's; benchmarks, not tests) with its value and verdict."""
-    last = list(report["expert_scaling"])[-1]
-    checks = [(f"step_time_ratio/{a}", v, "<=", 1.10) for a, v in report["step_time_ratio"].items()]
-    checks += [
-        ("matmul_fraction", report["matmul_fraction"], ">=", 0.40),
-        (f"expert_scaling/{last}", report["expert_scaling"][last], "<=", 1.25),
-        ("pipeline_ratio", report["pipeline_ratio"], ">=", 10.0),
-    ]
-    return {
-        name: {
-            "value": value,
-            "target": f"{op} {bound}",
-            "met": bool(value <= bound if op == "<=" else value >= bound),
-        }
-        for name, value, op, bound in checks
-    }
-
-
-# --- The run ---------------------------------------------------------------------------------
-
-
 def first_batch(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     """The first packed batch of the real training pipeline: real modality mix and padding."""
     it = data_lib.make_train_iterator(
@@ -418,35 +258,6 @@ def batch_mix(batch_np: dict[str, np.ndarray]) -> dict[str, float]:
         "image_share": float(np.mean(batch_np["modality"][real_BxL] == data_lib.IMAGE)),
         "padding_share": float(np.mean(~real_BxL)),
     }
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return {
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": os.getloadavg()[0],  # other processes share the cores
-        "jax": jax.__version__,
-        "env": {k: os.environ.get(k, "") for k in ("GLIBC_TUNABLES", "XLA_FLAGS")},
-    }
-
-
-def device_memory() -> dict[str, int] | None:
-    stats = jax.devices()[0].memory_stats()  # None on CPU
-    if not stats:
-        return None
-    keys = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
-    return {k: int(stats[k]) for k in keys if k in stats}
 
 
 def step_info(steps: dict[str, StepBench]) -> dict[str, dict[str, Any]]:
@@ -533,56 +344,6 @@ def run(plan: Plan, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 # --- Output ----------------------------------------------------------------------------------
-
-
-def table(report: dict[str, Any]) -> str:
-    """The report as a readable table."""
-    s, diag = report["shape"], report["diagnostics"]
-    lines = [
-        f"shape: {s['n_layers']} layers x d={s['d_model']}, {s['batch_size']} x {s['seq_len']} "
-        f"tokens, {s['compute_dtype']}; {report['rounds']} interleaved rounds per phase "
-        f"({report['machine']['cpu_model']}, {report['machine']['backend']})",
-        f"{'config':<11}{'step s':>8}{'spread':>8}{'/dense':>8}{'/flop':>8}{'exec/ideal':>11}"
-        f"{'ffn-side':>9}{'matmul%':>9}{'cores':>7}{'faults':>8}",
-    ]
-    for name, step_s in report["step_time_s"].items():
-        lines.append(
-            f"{name:<11}{step_s:>8.3f}{report['step_time_spread'][name]:>8.1%}"
-            f"{_num(report['step_time_ratio'].get(name)):>8}"
-            f"{_num(report['step_time_per_flop_ratio'].get(name)):>8}"
-            f"{report['executed_over_ideal'][name]:>11.3f}"
-            f"{report['ffn_side_executed_over_ideal'][name]:>9.3f}"
-            f"{report['model_matmul_fraction'][name]:>9.1%}"
-            f"{diag[name]['cores_busy']:>7.2f}{diag[name]['page_faults']:>8.0f}"
-        )
-    lines.append(
-        f"matmul {report['matmul_n']}^3: {report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
-        f"(median; best {report['matmul_flops_per_s_best'] / 1e9:.1f})"
-    )
-    if report["mfu"]:
-        lines.append(f"MFU (dense): {report['mfu'][DENSE]:.1%} of {report['mfu_peak_source']}")
-    lines.append("experts   ffn fwd+bwd s (/E0)   whole step s (/E0)")
-    for e, ratio in report["expert_scaling"].items():
-        ffn_s = report["ffn_time_s"][expert_name(int(e))]
-        step_s, step = report["expert_scaling_step_s"][e], report["expert_scaling_step"][e]
-        lines.append(f"{e:>7}   {ffn_s:>8.4f} ({ratio:5.2f})    {step_s:>8.3f} ({step:5.2f})")
-    lines.append(
-        "ffn fwd+bwd / dense: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in report["ffn_sparse_over_dense"].items())
-    )
-    lines.append(
-        f"pipeline: {report['pipeline_tokens_per_s']:.0f} tokens/s vs step "
-        f"{report['step_tokens_per_s']:.0f} tokens/s = {report['pipeline_ratio']:.1f}x"
-    )
-    lines.append(f"peak RSS {report['memory']['peak_rss_mib']:.0f} MiB")
-    for name, t in report["targets"].items():
-        verdict = "met" if t["met"] else "MISSED"
-        lines.append(f"target {name:<28} {t['value']:>8.3f} {t['target']:<8} {verdict}")
-    return "\n".join(lines)
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
