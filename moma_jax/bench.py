@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from moma_jax import data as data_lib
-from moma_jax import registry
+from moma_jax import experiments
 from moma_jax.bench_measure import (
     Sample,
     device_memory,
@@ -59,12 +59,11 @@ from moma_jax.bench_report import (
     table,
     targets,
 )
-from moma_jax.cli import enable_compilation_cache
 from moma_jax.config import ExperimentConfig, ModelConfig, validate
-from moma_jax.describe import resolve_shares
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
+from moma_jax.runtime import enable_compilation_cache, resolve_shares
 from moma_jax.sharding import batch_sharding, make_mesh
 from moma_jax.train.state import init_state, make_optimizer
 from moma_jax.train.step import jit_train_step
@@ -104,7 +103,7 @@ def log(message: str) -> None:
 def bench_config(arch: str, overrides: tuple[str, ...] = ()) -> ExperimentConfig:
     """`{arch}_tiny` at the benchmark shape; a routing group holds the whole batch (as in the
     tiny experiments) unless an override names `model.moe.routing_group_tokens`."""
-    cfg = apply_overrides(registry.get(f"{arch}_tiny"), [*BENCH_SHAPE, *overrides])
+    cfg = apply_overrides(experiments.get(f"{arch}_tiny"), [*BENCH_SHAPE, *overrides])
     if not any(o.startswith("model.moe.routing_group_tokens") for o in overrides):
         tokens = cfg.data.batch_size * cfg.data.seq_len
         moe = dataclasses.replace(cfg.model.moe, routing_group_tokens=tokens)

@@ -9,19 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from moma_jax import registry
-from moma_jax.config import ConfigError, validate
-from moma_jax.overrides import apply_overrides, to_dict
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache (MOMA_JAX_COMPILE_CACHE, default ~/.cache/moma_jax)."""
-    import jax
-
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moma_jax" / "jax"
-    path = os.environ.get("MOMA_JAX_COMPILE_CACHE", str(default))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from moma_jax import experiments
+from moma_jax.config import ConfigError
+from moma_jax.overrides import to_dict
+from moma_jax.runtime import (
+    add_experiment_args,
+    enable_compilation_cache,
+    experiment_config,
+    load_experiment_modules,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,17 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train a named moma_jax experiment. Rerunning on the same workdir resumes.",
     )
-    p.add_argument("--exp", help="experiment name (see --list)")
+    add_experiment_args(p)
     p.add_argument("--workdir", help="run directory (default: runs/EXP)")
     p.add_argument("--steps", type=int, help="stop after this step (default: optim.total_steps)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.d_model=256 (repeatable)",
-    )
     p.add_argument(
         "--init-from",
         metavar="WORKDIR",
@@ -52,20 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.list:
-        for name in registry.names():
-            print(f"{name:24s} {registry.describe(name)}")
-        return 0
-    if not args.exp:
-        print("error: --exp NAME is required (--list shows the names)", file=sys.stderr)
-        return 2
     from moma_jax.train import TrainingDivergedError, train
 
     try:
+        load_experiment_modules(args)
+        if args.list:
+            for name in experiments.names():
+                print(f"{name:24s} {experiments.describe(name)}")
+            return 0
+        if not args.exp:
+            print("error: --exp NAME is required (--list shows the names)", file=sys.stderr)
+            return 2
         overrides = list(args.overrides)
         if args.init_from:
             overrides.append(f"run.init_from={Path(args.init_from).absolute()}")
-        cfg = validate(apply_overrides(registry.get(args.exp), overrides))
+        cfg = experiment_config(args.exp, overrides)
         print(json.dumps(to_dict(cfg), indent=2), flush=True)
         if args.print_config:
             return 0

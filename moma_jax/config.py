@@ -7,6 +7,9 @@ command line changes single keys with `--set section.key=value` (see `overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
+
+from moma_jax.modality import MODALITY_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 NORM_ORDERS = ("pre", "post")
@@ -45,9 +48,58 @@ class SparseConfig:
     lb_loss_weight: float = 0.01  # token choice: Switch load-balancing loss
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss (token choice)
 
+    # The expert-group arithmetic, in one place: used by the layer, flops and describe.
+
     @property
     def n_experts(self) -> int:
         return sum(self.group_experts)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_experts)
+
+    def modalities(self, group: int) -> tuple[int, ...]:
+        """Modality ids routed to expert group `group`."""
+        return tuple(m for m, g in enumerate(self.modality_group) if g == group)
+
+    def group_name(self, group: int) -> str:
+        """'text', 'image', or 'text+image' for a mixed group (metric prefixes)."""
+        return "+".join(MODALITY_NAMES[m] for m in self.modalities(group))
+
+    def group_share(self, group: int) -> float:
+        """Token share of one expert group: the sum of its modalities' shares."""
+        if not self.modality_shares:
+            raise ConfigError(
+                "model.moe.modality_shares is not set; training, describe and bench fill it from "
+                "the data manifest; elsewhere set it "
+                "(e.g. --set model.moe.modality_shares=0.77,0.23)"
+            )
+        return sum(self.modality_shares[m] for m in self.modalities(group))
+
+    def experts_per_token(self, group: int) -> float:
+        """Expert FFNs one token of the group uses under ideal routing (the paper's count)."""
+        if self.group_experts[group] == 1:
+            return 1.0
+        return float(self.top_k) if self.routing == "token_choice" else self.capacity
+
+    def group_slots(self, group: int) -> int:
+        """Static buffer slots per expert of one group (C)."""
+        n, experts = self.routing_group_tokens, self.group_experts[group]
+        share = self.group_share(group)
+        if experts == 1:
+            return ec_buffer_slots(n, share, 1.0, 1, self.buffer_slack)
+        if self.routing == "token_choice":
+            return max(1, min(n, math.ceil(self.capacity * n * share * self.top_k / experts)))
+        return ec_buffer_slots(n, share, self.capacity, experts, self.buffer_slack)
+
+
+def ec_buffer_slots(
+    n_tokens: int, share: float, capacity_per_token: float, n_experts: int, slack: float
+) -> int:
+    """Static slots per expert: ceil(slack * N * share * c / E), clipped to [1, N]."""
+    slots = slack * n_tokens * share * capacity_per_token / n_experts
+    # Round away float noise first, so e.g. 10 * 0.3 gives 3 slots, not 4.
+    return max(1, min(n_tokens, math.ceil(round(slots, 6))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +143,11 @@ class ModelConfig:
     @property
     def n_units(self) -> int:
         return self.n_layers // len(self.layer_pattern)
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN)."""
+        return "moe" in self.layer_pattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +239,11 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Checks a config before anything is built; returns it unchanged."""
+    """Checks a config before anything is built; returns it unchanged.
+
+    Layer kinds are checked where layers are built (`model.kinds.check_layer_kinds`; the train
+    command calls it right after this), so config depends on no model code.
+    """
     m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
     for key, value in (
         ("model.vocab_size", m.vocab_size),
@@ -223,9 +284,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"model.n_layers={m.n_layers} is not a multiple of the repeating unit "
         f"model.layer_pattern={m.layer_pattern} (length {len(m.layer_pattern)})",
     )
-    from moma_jax.model.kinds import check_layer_kinds  # the layer kinds live with the layers
-
-    check_layer_kinds(m)
     _require(m.norm_order in NORM_ORDERS, f"model.norm_order must be one of {NORM_ORDERS}")
     _require(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
     for key in ("param_dtype", "compute_dtype"):
@@ -239,7 +297,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction must be in [0, 1]")
     _require(o.warmup_steps < o.total_steps, "optim.warmup_steps must be < optim.total_steps")
     _require(o.clip_norm > 0, f"optim.clip_norm must be positive, got {o.clip_norm}")
-    if "moe" in m.layer_pattern:
+    if m.has_experts:
         _validate_sparse(m.moe, d)
     for axis in ("data", "fsdp", "expert", "tensor"):
         size = getattr(cfg.mesh, axis)
@@ -250,8 +308,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _validate_sparse(moe: SparseConfig, d: DataConfig) -> None:
-    from moma_jax.data.vocab import MODALITY_NAMES
-
     n_modalities, n_groups = len(MODALITY_NAMES), len(moe.group_experts)
     _require(
         n_groups > 0, "model.moe.group_experts is empty; e.g. --set model.moe.group_experts=4,4"

@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from moma_jax import registry
-from moma_jax.config import ConfigError, ExperimentConfig, validate
+from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.flops import (
     LAYER_FLOPS,
     active_params,
@@ -15,40 +14,45 @@ from moma_jax.flops import (
     forward_flops_per_token,
     paper_params,
 )
-from moma_jax.overrides import apply_overrides
+from moma_jax.modality import MODALITY_NAMES
+from moma_jax.runtime import (
+    add_experiment_args,
+    experiment_config,
+    load_experiment_modules,
+    resolve_shares,
+)
 from moma_jax.train.state import abstract_params
 
-
-def resolve_shares(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Modality shares from the experiment's data manifest (the bundled data by default)."""
-    if cfg.model.moe.modality_shares or "moe" not in cfg.model.layer_pattern:
-        return cfg
-    from moma_jax import data
-    from moma_jax.train.workdir import with_data_shares
-
-    return with_data_shares(cfg, data.load_manifest(data.ensure_data(cfg.data.path or None)))
+__all__ = ["describe", "main", "resolve_shares"]
 
 
 def describe(cfg: ExperimentConfig) -> dict:
-    """Numbers from the built model's abstract shapes and the analytic FLOPs model."""
+    """Numbers from the built model's abstract shapes and the analytic FLOPs model (modality
+    shares from the data manifest when the config sets none, as training does)."""
     cfg = resolve_shares(cfg)
-    m, seq = cfg.model, cfg.data.seq_len
+    m, seq, moe = cfg.model, cfg.data.seq_len, cfg.model.moe
     _, params = abstract_params(cfg)
-    moe = m.moe
     plan = []
     for kind in m.layer_pattern:
         ideal, executed = LAYER_FLOPS[kind](m, seq, "causal")
         entry = {"kind": kind, "flops_ideal": ideal, "flops_executed": executed}
         if kind == "moe":
             entry.update(
-                group_experts=list(moe.group_experts),
-                modality_group=list(moe.modality_group),
+                groups=[
+                    {
+                        "name": moe.group_name(g),
+                        "experts": moe.group_experts[g],
+                        "slots": moe.group_slots(g),
+                    }
+                    for g in range(moe.n_groups)
+                ],
                 routing=moe.routing,
                 capacity=moe.capacity,
                 routing_group_tokens=moe.routing_group_tokens,
             )
         plan.append(entry)
-    experts = max(moe.group_experts) * len(moe.group_experts) if "moe" in m.layer_pattern else 1
+    # Table 1's formula counts every expert of every group: E = sum of the groups' experts.
+    experts = moe.n_experts if m.has_experts else 1
     ideal = forward_flops_per_token(m, seq)
     executed = forward_flops_per_token(m, seq, executed=True)
     return {
@@ -64,38 +68,63 @@ def describe(cfg: ExperimentConfig) -> dict:
         "layers": m.n_layers,
         "d_model": m.d_model,
         "layer_plan": {"repeats": m.n_units, "unit": plan},
-        "modality_shares": list(moe.modality_shares) if "moe" in m.layer_pattern else None,
+        "modality_shares": list(moe.modality_shares) if m.has_experts else None,
     }
 
 
-def _human(x: float) -> str:
+def human(x: float) -> str:
+    """3 significant digits with a K/M/B/T suffix: 117456896.00000001 -> '117M'."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
 
 
+def table(info: dict) -> str:
+    """The describe report as aligned text."""
+    plan = info["layer_plan"]
+    paper = info["params_paper_formula"]
+    lines = [
+        f"{info['name']}: {info['layers']} layers x d={info['d_model']}, seq {info['seq_len']}",
+        f"  parameters      total {human(info['params_total'])}, active per token "
+        f"{human(info['params_active'])}"
+        + (f", MoMa Table 1 formula {human(paper)}" if paper else ""),
+        f"  FLOPs / token   forward ideal {human(info['flops_per_token_ideal'])}, executed "
+        f"{human(info['flops_per_token_executed'])} ({info['executed_over_ideal']:.3f}x); "
+        f"training ideal {human(info['train_flops_per_token_ideal'])}",
+    ]
+    if info["modality_shares"]:
+        shares = zip(MODALITY_NAMES, info["modality_shares"], strict=True)
+        lines.append("  token shares    " + ", ".join(f"{n} {s:.3f}" for n, s in shares))
+    lines.append(f"  layer plan: this unit repeated {plan['repeats']}x")
+    lines.append(f"    {'#':>2}  {'kind':6} {'ideal':>8} {'executed':>9}  routing")
+    for i, entry in enumerate(plan["unit"]):
+        routing = ""
+        if entry["kind"] == "moe":
+            groups = "; ".join(
+                f"{g['name']}: {g['experts']} x {g['slots']} slots" for g in entry["groups"]
+            )
+            routing = (
+                f"{entry['routing']}, c={entry['capacity']:g}, groups of "
+                f"{entry['routing_group_tokens']} tokens ({groups})"
+            )
+        lines.append(
+            f"    {i:>2}  {entry['kind']:6} {human(entry['flops_ideal']):>8} "
+            f"{human(entry['flops_executed']):>9}  {routing}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="describe.py", description=__doc__)
-    p.add_argument("--exp", required=True, help="experiment name (train.py --list)")
+    add_experiment_args(p, exp_required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     try:
-        info = describe(validate(apply_overrides(registry.get(args.exp), args.overrides)))
+        load_experiment_modules(args)
+        info = describe(experiment_config(args.exp, args.overrides))
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    print(f"{info['name']}: {info['layers']} layers x d={info['d_model']}, seq {info['seq_len']}")
-    print(
-        f"  params total   {_human(info['params_total'])}  active {_human(info['params_active'])}"
-    )
-    print(
-        f"  forward FLOPs/token  ideal {_human(info['flops_per_token_ideal'])}  executed "
-        f"{_human(info['flops_per_token_executed'])} ({info['executed_over_ideal']:.3f}x)"
-    )
-    print(f"  layer plan: {info['layer_plan']['repeats']} x {info['layer_plan']['unit']}")
+    print(json.dumps(info) if args.json else table(info))
     return 0

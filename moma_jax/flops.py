@@ -21,8 +21,8 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from moma_jax.config import ModelConfig, SparseConfig
-from moma_jax.data.vocab import MODALITY_NAMES
+from moma_jax.config import ModelConfig
+from moma_jax.modality import N_MODALITIES
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
@@ -37,33 +37,16 @@ def ffn_flops_per_token(cfg: ModelConfig) -> float:
     return 2 * 3 * cfg.d_model * cfg.resolved_ffn_hidden
 
 
-def group_shares(moe: SparseConfig) -> list[float]:
-    """Token share of each expert group (equal modality shares when none are configured; the
-    executed count needs the configured shares, which size the buffers)."""
-    shares = moe.modality_shares or tuple(1 / len(MODALITY_NAMES) for _ in MODALITY_NAMES)
-    out = [0.0] * len(moe.group_experts)
-    for m, g in enumerate(moe.modality_group):
-        out[g] += shares[m]
-    return out
-
-
-def experts_per_token(moe: SparseConfig, group: int) -> float:
-    """Expert FFNs one token of the group uses under ideal routing."""
-    if moe.group_experts[group] == 1:
-        return 1.0
-    return float(moe.top_k) if moe.routing == "token_choice" else moe.capacity
-
-
 def _sparse_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
-    from moma_jax.model.moe import group_slots  # the executed count is what the layer allocates
-
+    """Needs `model.moe.modality_shares` (ConfigError when unset): the ideal count weights each
+    group by its token share, and the executed count is what the layer's buffers hold."""
     moe, d = cfg.moe, cfg.d_model
     ffn, attn = ffn_flops_per_token(cfg), attention_flops_per_token(cfg, seq_len, attention)
     ideal = executed = attn
-    for g, (experts, share) in enumerate(zip(moe.group_experts, group_shares(moe), strict=True)):
+    for g, experts in enumerate(moe.group_experts):
         router = 2 * d * experts if experts > 1 else 0.0
-        ideal += share * (router + experts_per_token(moe, g) * ffn)
-        executed += router + experts * group_slots(moe, g) / moe.routing_group_tokens * ffn
+        ideal += moe.group_share(g) * (router + moe.experts_per_token(g) * ffn)
+        executed += router + experts * moe.group_slots(g) / moe.routing_group_tokens * ffn
     return ideal, executed
 
 
@@ -76,7 +59,7 @@ def _mot_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, f
     ideal, _ = _dense_layer(cfg, seq_len, attention)
     d, hk = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
     projections_and_ffn = 2 * d * 4 * hk + ffn_flops_per_token(cfg)
-    return ideal, ideal + (len(MODALITY_NAMES) - 1) * projections_and_ffn
+    return ideal, ideal + (N_MODALITIES - 1) * projections_and_ffn
 
 
 # Layer kind -> (ideal, executed) forward FLOPs per token.
@@ -108,12 +91,12 @@ def count_params(state: nnx.State) -> int:
 
 def active_params(cfg: ModelConfig, state: nnx.State) -> float:
     """Parameters one token uses under ideal routing, read from the (abstract) state's shapes.
+    Sparse models need `model.moe.modality_shares` (ConfigError when unset).
 
     A weight with a logical "modality" axis counts one modality's slice (MoT); an expert weight
     of group g counts experts_per_token(g) experts, weighted by the group's token share; a router
     counts by its group's share. Everything else counts whole.
     """
-    shares = group_shares(cfg.moe)
     total = 0.0
     for path, var in nnx.to_flat_state(state):
         size = math.prod(var.shape)
@@ -124,9 +107,10 @@ def active_params(cfg: ModelConfig, state: nnx.State) -> float:
             total += size / var.shape[axes.index("modality")]
         elif group is not None and "expert" in axes:
             experts = var.shape[axes.index("expert")]
-            total += size * shares[group] * experts_per_token(cfg.moe, group) / experts
+            per_token = cfg.moe.experts_per_token(group)
+            total += size * cfg.moe.group_share(group) * per_token / experts
         elif group is not None:
-            total += size * shares[group]
+            total += size * cfg.moe.group_share(group)
         else:
             total += size
     return total

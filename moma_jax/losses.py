@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moma_jax.data.vocab import MODALITY_NAMES
+from moma_jax.modality import MODALITY_NAMES
 
 
 def target_mask(segment_ids_BxL: jax.Array) -> jax.Array:

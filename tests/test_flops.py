@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moma_jax import registry
+from moma_jax import experiments
 from moma_jax.describe import describe, main, resolve_shares
 from moma_jax.flops import forward_flops_per_token, paper_params
 from moma_jax.model import Transformer
@@ -34,7 +34,7 @@ def xla_forward_flops(cfg, rows: int) -> float:
     ["dense_tiny", "moe_8x_tiny", "moma_4t4i_tiny", "switch_8x_tiny", "moma_1t1i_tiny", "mot_tiny"],
 )
 def test_executed_flops_match_xla_cost_analysis(name):
-    cfg = resolve_shares(registry.get(name))
+    cfg = resolve_shares(experiments.get(name))
     rows = cfg.model.moe.routing_group_tokens // cfg.data.seq_len
     ours = forward_flops_per_token(cfg.model, cfg.data.seq_len, attention="full", executed=True)
     xla = xla_forward_flops(cfg, rows) / (rows * cfg.data.seq_len)
@@ -52,13 +52,13 @@ def test_executed_flops_match_xla_cost_analysis(name):
     ],
 )
 def test_describe_reports_paper_parameter_counts(name, paper_total, experts):
-    info = describe(registry.get(name))
-    formula = paper_params(registry.get(name).model, experts)
+    info = describe(experiments.get(name))
+    formula = paper_params(experiments.get(name).model, experts)
     assert abs(info["params_total"] - formula) / formula < 0.005
     if paper_total:
         assert abs(info["params_total"] - paper_total) / paper_total < 0.06
     # One expert's worth of FFN per layer: the active count equals the dense model's.
-    dense = describe(registry.get("dense_" + name.rsplit("_", 1)[1]))
+    dense = describe(experiments.get("dense_" + name.rsplit("_", 1)[1]))
     assert info["params_active"] == pytest.approx(dense["params_total"], rel=0.005)
     assert info["flops_per_token_ideal"] == pytest.approx(dense["flops_per_token_ideal"], rel=0.005)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moma_jax import registry
+from moma_jax import experiments
 from moma_jax.config import ConfigError, ModelConfig, SparseConfig, validate
-from moma_jax.model.moe import SparseFFN, group_slots
+from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
 
 SHARES = (0.75, 0.25)
@@ -53,7 +53,7 @@ def oracle(layer: SparseFFN, cfg: ModelConfig, x, modality, segment, concrete=No
             eligible = np.isin(mg, [m for m, gg in enumerate(moe.modality_group) if gg == g])
             eligible &= sg > 0
             count = int(eligible.sum())
-            slots = group_slots(moe, g)
+            slots = moe.group_slots(g)
             if experts == 1:
                 scores = np.ones((len(xg), 1), np.float32)
                 k = count
@@ -142,7 +142,7 @@ def test_moma_1t1i_is_a_modality_untied_dense_ffn():
 
 @pytest.mark.parametrize("name", ["moe_8x_tiny", "moma_4t4i_tiny"])
 def test_routing_group_output_independent_of_batch(name):
-    cfg = registry.get(name)
+    cfg = experiments.get(name)
     cfg = apply_overrides(cfg, ["model.moe.modality_shares=0.77,0.23"])
     layer = SparseFFN(cfg.model, rngs=nnx.Rngs(3))
     n = cfg.model.moe.routing_group_tokens
@@ -182,12 +182,12 @@ def test_routing_group_output_independent_of_batch(name):
 )
 def test_bad_sparse_configs_fail_at_config_time(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(apply_overrides(registry.get("moma_4t4i_tiny"), [override]))
+        validate(apply_overrides(experiments.get("moma_4t4i_tiny"), [override]))
 
 
 def test_buffer_slots_follow_the_design_formula():
     moe = model_cfg(group_experts=(4, 4), buffer_slack=1.25).moe
-    assert group_slots(moe, 0) == math.ceil(1.25 * 32 * 0.75 / 4)
-    assert group_slots(moe, 1) == math.ceil(1.25 * 32 * 0.25 / 4)
+    assert moe.group_slots(0) == math.ceil(1.25 * 32 * 0.75 / 4)
+    assert moe.group_slots(1) == math.ceil(1.25 * 32 * 0.25 / 4)
     tc = dataclasses.replace(moe, routing="token_choice", capacity=1.25, top_k=2)
-    assert group_slots(tc, 0) == math.ceil(1.25 * 32 * 0.75 * 2 / 4)
+    assert tc.group_slots(0) == math.ceil(1.25 * 32 * 0.75 * 2 / 4)

@@ -12,9 +12,11 @@ from flax import nnx
 
 from moma_jax.config import ModelConfig
 from moma_jax.flops import count_params
+from moma_jax.modality import N_MODALITIES
 from moma_jax.model import LAYER_KINDS, Transformer
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.mot import N_MODALITIES, MoTBlock
+from moma_jax.model.block import Block
+from moma_jax.model.mot import UntiedAttention
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, ffn_hidden=24)
 SEG = [1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0]  # two documents and padding in one row
@@ -37,9 +39,9 @@ def _build(make: Callable[[], nnx.Module], seed: int, std: float = 0.02) -> nnx.
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def _mot(cfg: ModelConfig, seed: int = 0) -> MoTBlock:
+def _mot(cfg: ModelConfig, seed: int = 0) -> Block:
     block = _build(lambda: LAYER_KINDS["mot"](cfg, nnx.Rngs(0)), seed)
-    assert isinstance(block, MoTBlock)
+    assert isinstance(block, Block) and isinstance(block.attn, UntiedAttention)
     return block
 
 
@@ -70,23 +72,23 @@ def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: dict):
     return _apply(*nnx.split(layer), x_BxLxD, ctx)
 
 
-def _dense_copy(cfg: ModelConfig, mot: MoTBlock, m: int) -> nnx.Module:
+def _dense_copy(cfg: ModelConfig, mot: Block, m: int) -> nnx.Module:
     """A dense `Block` holding modality m's slice of the MoT weights."""
     dense = _build(lambda: LAYER_KINDS["dense"](cfg, nnx.Rngs(0)), seed=99)
     copies = [
-        (dense.attn.wq_DxHxK, mot.attn.wq_MxDxHxK),
-        (dense.attn.wk_DxHxK, mot.attn.wk_MxDxHxK),
-        (dense.attn.wv_DxHxK, mot.attn.wv_MxDxHxK),
-        (dense.attn.wo_HxKxD, mot.attn.wo_MxHxKxD),
+        (dense.attn.wq_DxHxDh, mot.attn.wq_MxDxHxDh),
+        (dense.attn.wk_DxHxDh, mot.attn.wk_MxDxHxDh),
+        (dense.attn.wv_DxHxDh, mot.attn.wv_MxDxHxDh),
+        (dense.attn.wo_HxDhxD, mot.attn.wo_MxHxDhxD),
         (dense.attn_norm.scale, mot.attn_norm.scale_MxD),
         (dense.ffn_norm.scale, mot.ffn_norm.scale_MxD),
-        (dense.ffn.w_gate_DF, mot.ffn.w_gate_MxDxF),
-        (dense.ffn.w_up_DF, mot.ffn.w_up_MxDxF),
-        (dense.ffn.w_down_FD, mot.ffn.w_down_MxFxD),
+        (dense.ffn.w_gate_DxF, mot.ffn.w_gate_MxDxF),
+        (dense.ffn.w_up_DxF, mot.ffn.w_up_MxDxF),
+        (dense.ffn.w_down_FxD, mot.ffn.w_down_MxFxD),
     ]
     if cfg.qk_norm:
         for dn, mn in ((dense.attn.q_norm, mot.attn.q_norm), (dense.attn.k_norm, mot.attn.k_norm)):
-            copies += [(dn.scale, mn.scale_MxK), (dn.bias, mn.bias_MxK)]
+            copies += [(dn.scale, mn.scale_MxDh), (dn.bias, mn.bias_MxDh)]
     for dst, src in copies:
         assert dst.shape == src.shape[1:]
         dst[...] = np.asarray(src[...])[m]
@@ -189,10 +191,10 @@ def test_mixed_sequence_matches_numpy_reference(norm_order, qk_norm):
 
     a = mot.attn
     w = {
-        "q": f64(a.wq_MxDxHxK),
-        "k": f64(a.wk_MxDxHxK),
-        "v": f64(a.wv_MxDxHxK),
-        "o": f64(a.wo_MxHxKxD),
+        "q": f64(a.wq_MxDxHxDh),
+        "k": f64(a.wk_MxDxHxDh),
+        "v": f64(a.wv_MxDxHxDh),
+        "o": f64(a.wo_MxHxDhxD),
         "attn_norm": f64(mot.attn_norm.scale_MxD),
         "ffn_norm": f64(mot.ffn_norm.scale_MxD),
         "gate": f64(mot.ffn.w_gate_MxDxF),
@@ -201,10 +203,10 @@ def test_mixed_sequence_matches_numpy_reference(norm_order, qk_norm):
     }
     if qk_norm:
         w |= {
-            "qs": f64(a.q_norm.scale_MxK),
-            "qb": f64(a.q_norm.bias_MxK),
-            "ks": f64(a.k_norm.scale_MxK),
-            "kb": f64(a.k_norm.bias_MxK),
+            "qs": f64(a.q_norm.scale_MxDh),
+            "qb": f64(a.q_norm.bias_MxDh),
+            "ks": f64(a.k_norm.scale_MxDh),
+            "kb": f64(a.k_norm.bias_MxDh),
         }
     pos = np.asarray(ctx["positions"])
     for b in range(2):

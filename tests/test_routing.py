@@ -17,10 +17,10 @@ from routing_reference import (
     random_group,
 )
 
+from moma_jax.config import ec_buffer_slots
 from moma_jax.model.routing import (
     Dispatch,
     combine,
-    ec_buffer_slots,
     ec_k,
     expert_choice,
     gather,

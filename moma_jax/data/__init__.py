@@ -11,7 +11,8 @@ from moma_jax.data.prepare import (
     prepare,
 )
 from moma_jax.data.records import Document, deserialize, serialize, validate
-from moma_jax.data.vocab import IMAGE, MODALITY_NAMES, TEXT, Vocab
+from moma_jax.data.vocab import Vocab
+from moma_jax.modality import IMAGE, MODALITY_NAMES, TEXT
 
 __all__ = [
     "IMAGE",

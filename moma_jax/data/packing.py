@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from moma_jax.data.vocab import TEXT
+from moma_jax.modality import TEXT
 
 DocumentArrays = tuple[np.ndarray, np.ndarray]  # (tokens int32 [N], modality int [N])
 ROW_KEYS = ("tokens", "modality", "segment_ids", "positions")

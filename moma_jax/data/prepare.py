@@ -30,7 +30,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from moma_jax.data import image_tokenizer, records, sources, text_tokenizer
 from moma_jax.data.image_tokenizer import ImageTokenizer
-from moma_jax.data.vocab import MODALITY_NAMES, Vocab
+from moma_jax.data.vocab import Vocab
+from moma_jax.modality import MODALITY_NAMES
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "image_tokenizer.npz"

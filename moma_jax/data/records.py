@@ -16,7 +16,8 @@ import struct
 
 import numpy as np
 
-from moma_jax.data.vocab import MODALITY_NAMES, Vocab
+from moma_jax.data.vocab import Vocab
+from moma_jax.modality import MODALITY_NAMES
 
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<BII")

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-# Modality ids index MODALITY_NAMES; new modalities (audio, ...) append here.
-TEXT = 0
-IMAGE = 1
-MODALITY_NAMES = ("text", "image")
+from moma_jax.modality import IMAGE, MODALITY_NAMES, TEXT
+
+__all__ = ["IMAGE", "MODALITY_NAMES", "TEXT", "Vocab"]
 
 _SPECIALS = ("bos", "eos", "boi", "eoi", "pad")
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ModelConfig
-from moma_jax.model.layers import LayerNorm, dtype_of, param, rope
+from moma_jax.model.layers import LayerNorm, param, rope
+
+Norm = Callable[[jax.Array, dict], jax.Array]
 
 
 def segment_causal_mask(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -22,39 +26,53 @@ def segment_causal_mask(segment_ids_BxL: jax.Array) -> jax.Array:
     return (same_BxLxL & causal_LxL)[:, None]
 
 
+def attend(
+    q_BxLxHxDh: jax.Array,
+    k_BxLxHxDh: jax.Array,
+    v_BxLxHxDh: jax.Array,
+    ctx: dict,
+    qk_norm: tuple[Norm, Norm] | None,
+    rope_theta: float,
+) -> jax.Array:
+    """The attention sequence every layer kind shares, after its own q/k/v projections:
+
+    1. QK-norm (Chameleon: LayerNorm over head_dim, shared by heads), when enabled;
+    2. RoPE at each token's position (`ctx["positions"]`);
+    3. softmax attention under `ctx["attn_mask"]` (segment-aware causal).
+    Returns the per-head outputs [B, L, H, Dh], before the output projection.
+    """
+    if qk_norm is not None:
+        q_norm, k_norm = qk_norm
+        q_BxLxHxDh, k_BxLxHxDh = q_norm(q_BxLxHxDh, ctx), k_norm(k_BxLxHxDh, ctx)
+    q_BxLxHxDh = rope(q_BxLxHxDh, ctx["positions"], rope_theta)
+    k_BxLxHxDh = rope(k_BxLxHxDh, ctx["positions"], rope_theta)
+    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=ctx["attn_mask"])
+
+
 class Attention(nnx.Module):
-    """Multi-head attention: projections, QK-norm over head_dim, RoPE, masked softmax."""
+    """Multi-head attention with one set of projections for all tokens."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, dh, std = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, cfg.init_std
-        self.wq_DxHxK = param(
-            rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, cfg.param_dtype
-        )
-        self.wk_DxHxK = param(
-            rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, cfg.param_dtype
-        )
-        self.wv_DxHxK = param(
-            rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, cfg.param_dtype
-        )
-        self.wo_HxKxD = param(
-            rngs, (h, dh, d), ("heads", "head_dim", "embed"), std, cfg.param_dtype
-        )
+        d, h, dh, std, dt = (
+            cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, cfg.init_std, cfg.param_dtype
+        )  # fmt: skip
+        in_axes = ("embed", "heads", "head_dim")
+        self.wq_DxHxDh = param(rngs, (d, h, dh), in_axes, std, dt)
+        self.wk_DxHxDh = param(rngs, (d, h, dh), in_axes, std, dt)
+        self.wv_DxHxDh = param(rngs, (d, h, dh), in_axes, std, dt)
+        self.wo_HxDhxD = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std, dt)
         self.q_norm = LayerNorm(dh, cfg) if cfg.qk_norm else None
         self.k_norm = LayerNorm(dh, cfg) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta
-        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> jax.Array:
         dt = self.compute_dtype
         x = x_BxLxD.astype(dt)
-        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxK[...].astype(dt))
-        k_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wk_DxHxK[...].astype(dt))
-        v_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wv_DxHxK[...].astype(dt))
-        if self.q_norm is not None:
-            q_BxLxHxK, k_BxLxHxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxHxK)
-        q_BxLxHxK = rope(q_BxLxHxK, ctx["positions"], self.rope_theta)
-        k_BxLxHxK = rope(k_BxLxHxK, ctx["positions"], self.rope_theta)
-        out_BxLxHxK = jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=ctx["attn_mask"]
+        q, k, v = (
+            jnp.einsum("bld,dhk->blhk", x, w[...].astype(dt))
+            for w in (self.wq_DxHxDh, self.wk_DxHxDh, self.wv_DxHxDh)
         )
-        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo_HxKxD[...].astype(dt))
+        qk_norm = None if self.q_norm is None else (self.q_norm, self.k_norm)
+        out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta)
+        return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.wo_HxDhxD[...].astype(dt))

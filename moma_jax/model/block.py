@@ -1,4 +1,4 @@
-"""One transformer layer: shared attention plus a swappable feed-forward."""
+"""One transformer layer: attention and a feed-forward, each wrapped in a normed residual."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import jax
 from flax import nnx
 
 from moma_jax.config import ModelConfig
-from moma_jax.model.attention import Attention
-from moma_jax.model.layers import RMSNorm
 
 
 class Block(nnx.Module):
@@ -16,22 +14,33 @@ class Block(nnx.Module):
     pre:  h = x + attn(norm(x));     out = h + ffn(norm(h))
     post: h = x + norm(attn(x));     out = h + norm(ffn(h))
 
-    `ffn` maps (x_BxLxD, ctx) -> (y_BxLxD, aux); aux holds on-device values: entries under
-    "losses" are added to the objective, entries under "metrics" are reported.
+    Every layer kind is this block with other parts (`model/kinds.py`): `attn` maps (x, ctx) ->
+    y; `ffn` maps (x, ctx) -> (y, aux), where aux holds on-device values (entries under
+    "losses" are added to the objective, entries under "metrics" are reported); norms map
+    (x, ctx) -> x (MoT's read each token's modality from ctx).
     """
 
-    def __init__(self, cfg: ModelConfig, ffn: nnx.Module, *, rngs: nnx.Rngs):
-        self.attn = Attention(cfg, rngs=rngs)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        attn: nnx.Module,
+        ffn: nnx.Module,
+        attn_norm: nnx.Module,
+        ffn_norm: nnx.Module,
+    ):
+        self.attn = attn
         self.ffn = ffn
-        self.attn_norm = RMSNorm(cfg.d_model, cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg)
+        self.attn_norm = attn_norm
+        self.ffn_norm = ffn_norm
         self.post_norm = cfg.norm_order == "post"
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        dt = x_BxLxD.dtype
         if self.post_norm:
-            h = x_BxLxD + self.attn_norm(self.attn(x_BxLxD, ctx)).astype(x_BxLxD.dtype)
+            h = x_BxLxD + self.attn_norm(self.attn(x_BxLxD, ctx), ctx).astype(dt)
             y, aux = self.ffn(h, ctx)
-            return h + self.ffn_norm(y).astype(h.dtype), aux
-        h = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), ctx).astype(x_BxLxD.dtype)
-        y, aux = self.ffn(self.ffn_norm(h), ctx)
-        return h + y.astype(h.dtype), aux
+            return h + self.ffn_norm(y, ctx).astype(dt), aux
+        h = x_BxLxD + self.attn(self.attn_norm(x_BxLxD, ctx), ctx).astype(dt)
+        y, aux = self.ffn(self.ffn_norm(h, ctx), ctx)
+        return h + y.astype(dt), aux

@@ -1,7 +1,8 @@
 """Layer kinds: the names `model.layer_pattern` may use, each a constructor of one layer.
 
-A layer maps (x_BxLxD, ctx) -> (x_BxLxD, aux). Layers never ask which model they belong to;
-families differ only by the kinds in their pattern and by their config.
+A layer maps (x_BxLxD, ctx) -> (x_BxLxD, aux). Every kind is the one residual `Block` with
+different parts; layers never ask which model they belong to, and families differ only by the
+kinds in their pattern and by their config.
 """
 
 from __future__ import annotations
@@ -11,30 +12,61 @@ from collections.abc import Callable
 from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
+from moma_jax.model.attention import Attention
 from moma_jax.model.block import Block
-from moma_jax.model.layers import SwiGLU
+from moma_jax.model.layers import RMSNorm, SwiGLU
 from moma_jax.model.moe import SparseFFN
-from moma_jax.model.mot import MoTBlock
+from moma_jax.model.mot import UntiedAttention, UntiedRMSNorm, UntiedSwiGLU
 
 
-def _dense(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    return Block(cfg, SwiGLU(cfg, rngs=rngs), rngs=rngs)
+def dense_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """Shared attention, one SwiGLU."""
+    return Block(
+        cfg,
+        ffn=SwiGLU(cfg, rngs=rngs),
+        attn=Attention(cfg, rngs=rngs),
+        attn_norm=RMSNorm(cfg.d_model, cfg),
+        ffn_norm=RMSNorm(cfg.d_model, cfg),
+    )
 
 
-LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
-    "dense": _dense,
-    "moe": lambda cfg, rngs: Block(cfg, SparseFFN(cfg, rngs=rngs), rngs=rngs),  # MoMa, MoE
-    "mot": lambda cfg, rngs: MoTBlock(cfg, rngs=rngs),  # Mixture-of-Transformers (Liang 2024)
+def sparse_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """Shared attention, the sparse FFN of `model.moe` (MoMa, mixed-modal MoE, token choice)."""
+    return Block(
+        cfg,
+        ffn=SparseFFN(cfg, rngs=rngs),
+        attn=Attention(cfg, rngs=rngs),
+        attn_norm=RMSNorm(cfg.d_model, cfg),
+        ffn_norm=RMSNorm(cfg.d_model, cfg),
+    )
+
+
+def mot_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """Mixture-of-Transformers (Liang et al. 2024): every weight of the layer per modality."""
+    return Block(
+        cfg,
+        attn=UntiedAttention(cfg, rngs=rngs),
+        ffn=UntiedSwiGLU(cfg, rngs=rngs),
+        attn_norm=UntiedRMSNorm(cfg.d_model, cfg),
+        ffn_norm=UntiedRMSNorm(cfg.d_model, cfg),
+    )
+
+
+LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], Block]] = {
+    "dense": dense_block,
+    "moe": sparse_block,
+    "mot": mot_block,
 }
 
 
-def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:
-    return LAYER_KINDS[kind](cfg, rngs)
-
-
 def check_layer_kinds(cfg: ModelConfig) -> None:
+    """Every entry of `model.layer_pattern` names a layer kind (ConfigError otherwise)."""
     unknown = [k for k in cfg.layer_pattern if k not in LAYER_KINDS]
     if unknown:
         raise ConfigError(
             f"model.layer_pattern has unknown layer kinds {unknown}; known: {sorted(LAYER_KINDS)}"
         )
+
+
+def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> Block:
+    return LAYER_KINDS[kind](cfg, rngs)

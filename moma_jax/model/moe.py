@@ -15,40 +15,13 @@ Tokens taken by no expert get 0 here and keep only the residual.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moma_jax.config import ConfigError, ModelConfig, SparseConfig
-from moma_jax.data.vocab import MODALITY_NAMES
+from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model import routing
-from moma_jax.model.layers import dtype_of, param
-
-
-def group_name(moe: SparseConfig, group: int) -> str:
-    """'text', 'image', or 'text+image' for a mixed group."""
-    return "+".join(MODALITY_NAMES[m] for m, g in enumerate(moe.modality_group) if g == group)
-
-
-def group_share(moe: SparseConfig, group: int) -> float:
-    if not moe.modality_shares:
-        raise ConfigError(
-            "model.moe.modality_shares is not set; training fills it from the data manifest, "
-            "elsewhere set it (e.g. --set model.moe.modality_shares=0.77,0.23)"
-        )
-    return sum(s for m, s in enumerate(moe.modality_shares) if moe.modality_group[m] == group)
-
-
-def group_slots(moe: SparseConfig, group: int) -> int:
-    """Static buffer slots per expert of one group (C)."""
-    n, experts, share = moe.routing_group_tokens, moe.group_experts[group], group_share(moe, group)
-    if experts == 1:
-        return routing.ec_buffer_slots(n, share, 1.0, 1, moe.buffer_slack)
-    if moe.routing == "token_choice":
-        return max(1, min(n, math.ceil(moe.capacity * n * share * moe.top_k / experts)))
-    return routing.ec_buffer_slots(n, share, moe.capacity, experts, moe.buffer_slack)
+from moma_jax.model.layers import param, swiglu
 
 
 class ExpertGroup(nnx.Module):
@@ -65,11 +38,10 @@ class ExpertGroup(nnx.Module):
         self.w_down_ExFxD = param(rngs, (n_experts, f, d), ("expert", "mlp", "embed"), std, dt)
 
     def experts(self, x_GxExCxD: jax.Array, dt: jnp.dtype) -> jax.Array:
-        x = x_GxExCxD.astype(dt)
-        gate = jnp.einsum("gecd,edf->gecf", x, self.w_gate_ExDxF[...].astype(dt))
-        up = jnp.einsum("gecd,edf->gecf", x, self.w_up_ExDxF[...].astype(dt))
-        h_GxExCxF = jax.nn.silu(gate) * up
-        return jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down_ExFxD[...].astype(dt))
+        """Each expert's `swiglu` over its own slots: [G, E, C, D] -> [G, E, C, D]."""
+        weights = (self.w_gate_ExDxF, self.w_up_ExDxF, self.w_down_ExFxD)
+        per_expert = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)
+        return per_expert(x_GxExCxD.astype(dt), *(w[...].astype(dt) for w in weights))
 
 
 class SparseFFN(nnx.Module):
@@ -77,7 +49,7 @@ class SparseFFN(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.moe = cfg.moe
-        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         for g, n_experts in enumerate(cfg.moe.group_experts):
             setattr(self, f"group_{g}", ExpertGroup(cfg, n_experts, rngs=rngs))
 
@@ -96,23 +68,27 @@ class SparseFFN(nnx.Module):
         y_GxNxD = jnp.zeros(x_GxNxD.shape, jnp.float32)
         losses: dict[str, jax.Array] = {}
         metrics: dict[str, jax.Array] = {}
-        for g in range(len(moe.group_experts)):
+        for g in range(moe.n_groups):
             group: ExpertGroup = getattr(self, f"group_{g}")
-            modalities = tuple(m for m, gg in enumerate(moe.modality_group) if gg == g)
-            eligible_GxN, count_G = jax.vmap(
-                lambda mod, val, ms=modalities: routing.modality_eligibility(mod, val, ms)
-            )(modality_GxN, valid_GxN)
-            key = ctx.get("routing_key")
-            key = None if key is None else jax.random.fold_in(key, g)
-            dispatch, group_losses, group_metrics = self._route(
-                group, g, x_GxNxD, eligible_GxN, count_G, key
-            )
-            x_GxExCxD = jax.vmap(routing.gather)(x_GxNxD, dispatch)
-            out_GxExCxD = group.experts(x_GxExCxD, self.compute_dtype)
-            y_GxNxD = y_GxNxD + jax.vmap(lambda o, dsp: routing.combine(o, dsp, n))(
-                out_GxExCxD, dispatch
-            )
-            name = group_name(moe, g)
+            name = moe.group_name(g)
+            with jax.named_scope(f"route_{name}"):
+                modalities = moe.modalities(g)
+                eligible_GxN, count_G = jax.vmap(
+                    lambda mod, val, ms=modalities: routing.modality_eligibility(mod, val, ms)
+                )(modality_GxN, valid_GxN)
+                key = ctx.get("routing_key")
+                key = None if key is None else jax.random.fold_in(key, g)
+                dispatch, group_losses, group_metrics = self._route(
+                    group, g, x_GxNxD, eligible_GxN, count_G, key
+                )
+            with jax.named_scope(f"dispatch_{name}"):
+                x_GxExCxD = jax.vmap(routing.gather)(x_GxNxD, dispatch)
+            with jax.named_scope(f"experts_{name}"):
+                out_GxExCxD = group.experts(x_GxExCxD, self.compute_dtype)
+            with jax.named_scope(f"combine_{name}"):
+                y_GxNxD = y_GxNxD + jax.vmap(lambda o, dsp: routing.combine(o, dsp, n))(
+                    out_GxExCxD, dispatch
+                )
             losses.update({f"moe/{name}/{k}": v for k, v in group_losses.items()})
             metrics.update({f"moe/{name}/{k}": v for k, v in group_metrics.items()})
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
@@ -121,7 +97,7 @@ class SparseFFN(nnx.Module):
     def _route(self, group: ExpertGroup, g: int, x_GxNxD, eligible_GxN, count_G, key):
         """Dispatch for one expert group, with its auxiliary losses and routing metrics."""
         moe = self.moe
-        experts, slots = group.n_experts, group_slots(moe, g)
+        experts, slots = group.n_experts, moe.group_slots(g)
         losses: dict[str, jax.Array] = {}
         if experts == 1:  # pure modality untying: every eligible token, gate 1
             scores_GxNxE = jnp.ones(eligible_GxN.shape + (1,), jnp.float32)

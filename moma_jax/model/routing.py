@@ -7,7 +7,8 @@ gather and emptied by a weighted scatter-add; no N x E x C one-hot tensor is eve
 Expert choice (MoMa inside a modality group; Zhou et al. 2022), `expert_choice`:
   1. Rank tokens per expert by score; ineligible tokens (padding, other modalities) get -inf so
      they rank below every eligible token. Ties go to the lower token index (`lax.top_k`).
-  2. Each expert takes its top C tokens into a static buffer of C slots (`ec_buffer_slots`).
+  2. Each expert takes its top C tokens into a static buffer of C slots
+     (`SparseConfig.group_slots`).
   3. Only the first k slots are valid, k = floor(b_M * c / E) (`ec_k`, may be traced), and a slot
      is valid only if its token is eligible. Gate = the token's score where valid, else 0.
   4. Report `dropped` = selections lost because k > C and `wasted` = slots left invalid.
@@ -23,7 +24,6 @@ Token choice (Switch top-1, GShard top-2), `token_choice`:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -78,15 +78,6 @@ def ec_k(count: jax.Array, capacity_per_token: float, n_experts: int) -> jax.Arr
     """Per-expert token count k = floor(count * c / E), int32, as float32 (count * c) / E."""
     k = jnp.asarray(count, jnp.float32) * jnp.float32(capacity_per_token) / jnp.float32(n_experts)
     return jnp.floor(k).astype(jnp.int32)
-
-
-def ec_buffer_slots(
-    n_tokens: int, share: float, capacity_per_token: float, n_experts: int, slack: float
-) -> int:
-    """Static slots per expert: ceil(slack * N * share * c / E), clipped to [1, N]."""
-    slots = slack * n_tokens * share * capacity_per_token / n_experts
-    # Round away float noise first, so e.g. 10 * 0.3 gives 3 slots, not 4.
-    return max(1, min(n_tokens, math.ceil(round(slots, 6))))
 
 
 def expert_choice(

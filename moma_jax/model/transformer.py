@@ -9,7 +9,7 @@ from flax import nnx
 from moma_jax.config import ModelConfig
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.kinds import build_layer, check_layer_kinds
-from moma_jax.model.layers import RMSNorm, dtype_of, param
+from moma_jax.model.layers import RMSNorm, param
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -78,7 +78,7 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, dict]:
         """Returns float32 logits [B, L, V] and the aux dict (losses summed, metrics averaged)."""
         cfg = self.cfg
-        dt = dtype_of(cfg.compute_dtype)
+        dt = jnp.dtype(cfg.compute_dtype)
         ctx = {
             "positions": positions_BxL,
             "segment_ids": segment_ids_BxL,

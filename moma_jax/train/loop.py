@@ -24,6 +24,7 @@ from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig, validate
 from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
+from moma_jax.runtime import with_data_shares
 from moma_jax.sharding import batch_sharding, make_mesh, replicated
 from moma_jax.train import step as step_lib
 from moma_jax.train import upcycle
@@ -31,7 +32,7 @@ from moma_jax.train.checkpoint import Checkpointer, restore_latest
 from moma_jax.train.metrics import MetricWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
-from moma_jax.train.workdir import check_workdir, with_data_shares, write_config
+from moma_jax.train.workdir import check_workdir, write_config
 
 
 class TrainingDivergedError(RuntimeError):

@@ -3,12 +3,10 @@ written, and the resolved config saved with the run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.data.vocab import MODALITY_NAMES
 from moma_jax.overrides import from_dict, resume_conflicts, to_dict
 
 CONFIG_FILE = "config.json"
@@ -52,13 +50,3 @@ def write_config(cfg: ExperimentConfig, workdir: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(to_dict(cfg), indent=2))
     tmp.replace(path)
-
-
-def with_data_shares(cfg: ExperimentConfig, manifest: dict) -> ExperimentConfig:
-    """Fills model.moe.modality_shares from the data manifest's train split when unset."""
-    moe = cfg.model.moe
-    if moe.modality_shares or "moe" not in cfg.model.layer_pattern:
-        return cfg
-    shares = manifest["splits"]["train"]["modality_shares"]
-    moe = dataclasses.replace(moe, modality_shares=tuple(shares[n] for n in MODALITY_NAMES))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))

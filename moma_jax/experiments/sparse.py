@@ -14,8 +14,8 @@ schedule, so the same ideal FLOPs per token) with a different layer kind or rout
 import dataclasses
 from collections.abc import Callable
 
-from experiments.dense import dense_1_4b, dense_90m, dense_435m, dense_tiny
 from moma_jax.config import ExperimentConfig, SparseConfig
+from moma_jax.experiments.dense import dense_1_4b, dense_90m, dense_435m, dense_tiny
 from moma_jax.registry import register
 
 SIZES: dict[str, Callable[[], ExperimentConfig]] = {
