@@ -76,7 +76,12 @@ def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mes
 
 def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for an abstract pytree: a Variable follows its logical `out_sharding`
-    metadata (optimizer moments inherit it from their parameter); other leaves are replicated."""
+    metadata (optimizer moments inherit it from their parameter); other leaves are replicated.
+
+    Why not `nnx.get_named_sharding`: it reads `out_sharding` as mesh axis names, while ours are
+    logical names mapped by `LOGICAL_RULES`, with a dimension its mesh axes do not divide
+    replicated (`logical_spec`); and it covers Variables only, not the optimizer's other leaves.
+    """
 
     def one(leaf: Any) -> Any:
         if isinstance(leaf, nnx.Variable):

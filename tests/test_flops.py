@@ -26,6 +26,7 @@ def xla_forward_flops(cfg, rows: int) -> float:
     compiled = jax.jit(forward).lower(state, shape, shape, shape, shape).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    assert cost is not None
     return float(cost["flops"])
 
 

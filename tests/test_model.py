@@ -59,7 +59,7 @@ def test_loss_sums_against_numpy():
         "modality": jnp.asarray(mod),
     }
     got = jax.tree.map(float, loss_sums(jnp.asarray(logits), batch, 1e-3))
-    ce = {0: [], 1: []}
+    ce: dict[int, list[float]] = {0: [], 1: []}
     zs = []
     for b in range(2):
         for t in range(4):

@@ -3,6 +3,7 @@ gradients, and the parameter count of a whole MoT model."""
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ SEG = [1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0]  # two documents and padding in one row
 MOD = [0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
 
 
-def _build(make: Callable[[], nnx.Module], seed: int, std: float = 0.02) -> nnx.Module:
+def _build(make: Callable[[], nnx.Module], seed: int, std: float = 0.02) -> Any:
     """A module built abstractly and filled from NumPy (eager NNX init compiles every small op
     and is slow on CPU): weights normal(std); norm scales 1 + 0.3 normal and biases 0.3 normal,
     so the tests see which norm parameters a token uses."""
@@ -39,7 +40,7 @@ def _build(make: Callable[[], nnx.Module], seed: int, std: float = 0.02) -> nnx.
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def _mot(cfg: ModelConfig, seed: int = 0) -> Block:
+def _mot(cfg: ModelConfig, seed: int = 0) -> Any:
     block = _build(lambda: LAYER_KINDS["mot"](cfg, nnx.Rngs(0)), seed)
     assert isinstance(block, Block) and isinstance(block.attn, UntiedAttention)
     return block
@@ -72,7 +73,7 @@ def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: dict):
     return _apply(*nnx.split(layer), x_BxLxD, ctx)
 
 
-def _dense_copy(cfg: ModelConfig, mot: Block, m: int) -> nnx.Module:
+def _dense_copy(cfg: ModelConfig, mot: Any, m: int) -> Any:
     """A dense `Block` holding modality m's slice of the MoT weights."""
     dense = _build(lambda: LAYER_KINDS["dense"](cfg, nnx.Rngs(0)), seed=99)
     copies = [

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from typing import Any
 
 import grain
 import numpy as np
@@ -39,7 +40,7 @@ def test_batch_shapes_dtypes_and_padding(data_dir):
 
 
 def test_same_seed_same_batches_other_seed_other_order(data_dir):
-    kwargs = dict(seq_len=96, batch_size=4)
+    kwargs: dict[str, Any] = dict(seq_len=96, batch_size=4)
     a = _take(make_train_iterator(data_dir, seed=0, **kwargs), 4)
     b = _take(make_train_iterator(data_dir, seed=0, **kwargs), 4)
     c = _take(make_train_iterator(data_dir, seed=1, **kwargs), 4)
@@ -48,7 +49,7 @@ def test_same_seed_same_batches_other_seed_other_order(data_dir):
 
 
 def test_orbax_checkpoint_round_trip(data_dir, tmp_path):
-    kwargs = dict(seq_len=64, batch_size=4, seed=0)
+    kwargs: dict[str, Any] = dict(seq_len=64, batch_size=4, seed=0)
     it = make_train_iterator(data_dir, **kwargs)
     _take(it, 3)
     json.dumps(it.get_state())  # the state is plain JSON
@@ -63,7 +64,7 @@ def test_orbax_checkpoint_round_trip(data_dir, tmp_path):
 
 def test_state_mid_document_restores_exactly(data_dir):
     """Long documents split across rows: the packer's offset must survive a restore."""
-    kwargs = dict(seq_len=64, batch_size=2, seed=5)
+    kwargs: dict[str, Any] = dict(seq_len=64, batch_size=2, seed=5)
     it = make_train_iterator(data_dir, **kwargs)
     for _ in range(200):
         next(it)

@@ -66,7 +66,7 @@ def test_fit_is_deterministic_and_save_load_round_trips(tmp_path):
     patches = image_to_patches(images, 4).reshape(-1, 16)
     a = ImageTokenizer.fit(patches, n_codes=32, seed=3, sample_size=5000)
     b = ImageTokenizer.fit(patches, n_codes=32, seed=3, sample_size=5000)
-    np.testing.assert_array_equal(a.codebook_KxD, b.codebook_KxD)
+    np.testing.assert_array_equal(a.codebook_QxD, b.codebook_QxD)
     a.save(tmp_path / "tok.npz")
     c = ImageTokenizer.load(tmp_path / "tok.npz")
     np.testing.assert_array_equal(c.encode(images), a.encode(images))

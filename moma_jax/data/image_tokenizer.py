@@ -42,33 +42,33 @@ def patches_to_image(patches_NxPxD: np.ndarray, image_size: int, patch_size: int
     return x.reshape(n, image_size, image_size)
 
 
-def nearest_code(x_MxD: np.ndarray, codebook_KxD: np.ndarray) -> np.ndarray:
+def nearest_code(x_PxD: np.ndarray, codebook_QxD: np.ndarray) -> np.ndarray:
     """Index of the nearest codebook row (squared Euclidean) for every row of x, in blocks."""
     # argmin_k |x - c_k|^2 = argmin_k (|c_k|^2 - 2 x.c_k): one matmul per block, no [M, K, D].
-    c_sq_K = np.einsum("kd,kd->k", codebook_KxD, codebook_KxD)
+    c_sq_Q = np.einsum("kd,kd->k", codebook_QxD, codebook_QxD)
     # Blank background patches are ~2/3 of MNIST and glyph patches; they share one answer.
-    out_M = np.full(len(x_MxD), np.argmin(c_sq_K), dtype=np.int32)
-    inked = np.flatnonzero(x_MxD.any(axis=1))
-    minus_2c_DxK = -2.0 * codebook_KxD.T
+    out_P = np.full(len(x_PxD), np.argmin(c_sq_Q), dtype=np.int32)
+    inked = np.flatnonzero(x_PxD.any(axis=1))
+    minus_2c_DxQ = -2.0 * codebook_QxD.T
     for start in range(0, len(inked), _CHUNK):
         rows = inked[start : start + _CHUNK]
-        scores = x_MxD[rows] @ minus_2c_DxK
-        scores += c_sq_K
-        out_M[rows] = np.argmin(scores, axis=1)
-    return out_M
+        scores = x_PxD[rows] @ minus_2c_DxQ
+        scores += c_sq_Q
+        out_P[rows] = np.argmin(scores, axis=1)
+    return out_P
 
 
-def _kmeans_plus_plus(x_MxD: np.ndarray, n_codes: int, rng: np.random.Generator) -> np.ndarray:
+def _kmeans_plus_plus(x_PxD: np.ndarray, n_codes: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding: each new centre is drawn with probability proportional to D(x)^2."""
-    centres = np.empty((n_codes, x_MxD.shape[1]), dtype=np.float32)
-    centres[0] = x_MxD[rng.integers(len(x_MxD))]
-    d2_M = np.sum((x_MxD - centres[0]) ** 2, axis=1)
+    centres = np.empty((n_codes, x_PxD.shape[1]), dtype=np.float32)
+    centres[0] = x_PxD[rng.integers(len(x_PxD))]
+    d2_P = np.sum((x_PxD - centres[0]) ** 2, axis=1)
     for k in range(1, n_codes):
-        total = d2_M.sum()
+        total = d2_P.sum()
         # Fewer distinct points than codes: the rest are duplicates, drawn uniformly.
-        probs = d2_M / total if total > 0 else None
-        centres[k] = x_MxD[rng.choice(len(x_MxD), p=probs)]
-        d2_M = np.minimum(d2_M, np.sum((x_MxD - centres[k]) ** 2, axis=1))
+        probs = d2_P / total if total > 0 else None
+        centres[k] = x_PxD[rng.choice(len(x_PxD), p=probs)]
+        d2_P = np.minimum(d2_P, np.sum((x_PxD - centres[k]) ** 2, axis=1))
     return centres
 
 
@@ -78,20 +78,20 @@ class ImageTokenizer:
     name = NAME
     version = VERSION
 
-    def __init__(self, codebook_KxD: np.ndarray, *, image_size: int = 28, patch_size: int = 4):
-        if codebook_KxD.shape[1] != patch_size * patch_size:
+    def __init__(self, codebook_QxD: np.ndarray, *, image_size: int = 28, patch_size: int = 4):
+        if codebook_QxD.shape[1] != patch_size * patch_size:
             raise ValueError(
-                f"Codebook rows have {codebook_KxD.shape[1]} values but patches of "
+                f"Codebook rows have {codebook_QxD.shape[1]} values but patches of "
                 f"{patch_size}x{patch_size} have {patch_size * patch_size}."
             )
-        self.codebook_KxD = np.asarray(codebook_KxD, dtype=np.float32)
+        self.codebook_QxD = np.asarray(codebook_QxD, dtype=np.float32)
         self.image_size = image_size
         self.patch_size = patch_size
 
     @property
     def n_codes(self) -> int:
         """Codebook size K."""
-        return len(self.codebook_KxD)
+        return len(self.codebook_QxD)
 
     @property
     def codes_per_image(self) -> int:
@@ -101,7 +101,7 @@ class ImageTokenizer:
     @classmethod
     def fit(
         cls,
-        patches_MxD: np.ndarray,
+        patches_PxD: np.ndarray,
         *,
         n_codes: int = 512,
         image_size: int = 28,
@@ -121,37 +121,37 @@ class ImageTokenizer:
              patch that is worst served, so no code is wasted. Stops early when nothing moves.
         """
         rng = np.random.default_rng(seed)
-        x_MxD = np.asarray(patches_MxD, dtype=np.float32)
-        if len(x_MxD) < n_codes:
-            raise ValueError(f"Need at least n_codes={n_codes} patches to fit, got {len(x_MxD)}.")
-        if len(x_MxD) > sample_size:
-            x_MxD = x_MxD[rng.choice(len(x_MxD), sample_size, replace=False)]
-        init_idx = rng.choice(len(x_MxD), min(init_size, len(x_MxD)), replace=False)
-        centres_KxD = _kmeans_plus_plus(x_MxD[init_idx], n_codes, rng)
-        inked = np.flatnonzero(x_MxD.any(axis=1))
-        inked_x = x_MxD[inked].astype(np.float64)
-        assign_M = None
+        x_PxD = np.asarray(patches_PxD, dtype=np.float32)
+        if len(x_PxD) < n_codes:
+            raise ValueError(f"Need at least n_codes={n_codes} patches to fit, got {len(x_PxD)}.")
+        if len(x_PxD) > sample_size:
+            x_PxD = x_PxD[rng.choice(len(x_PxD), sample_size, replace=False)]
+        init_idx = rng.choice(len(x_PxD), min(init_size, len(x_PxD)), replace=False)
+        centres_QxD = _kmeans_plus_plus(x_PxD[init_idx], n_codes, rng)
+        inked = np.flatnonzero(x_PxD.any(axis=1))
+        inked_x = x_PxD[inked].astype(np.float64)
+        assign_P = None
         for _ in range(iters):
-            new_assign_M = nearest_code(x_MxD, centres_KxD)
-            if assign_M is not None and np.array_equal(new_assign_M, assign_M):
+            new_assign_P = nearest_code(x_PxD, centres_QxD)
+            if assign_P is not None and np.array_equal(new_assign_P, assign_P):
                 break
-            assign_M = new_assign_M
-            counts_K = np.bincount(assign_M, minlength=n_codes)
+            assign_P = new_assign_P
+            counts_Q = np.bincount(assign_P, minlength=n_codes)
             # Blank patches add nothing to the sums; skipping them saves ~2/3 of the work.
-            sums_KxD = np.stack(
+            sums_QxD = np.stack(
                 [
-                    np.bincount(assign_M[inked], weights=inked_x[:, d], minlength=n_codes)
-                    for d in range(x_MxD.shape[1])
+                    np.bincount(assign_P[inked], weights=inked_x[:, d], minlength=n_codes)
+                    for d in range(x_PxD.shape[1])
                 ],
                 axis=1,
             )
-            filled = counts_K > 0
-            centres_KxD[filled] = (sums_KxD[filled] / counts_K[filled, None]).astype(np.float32)
+            filled = counts_Q > 0
+            centres_QxD[filled] = (sums_QxD[filled] / counts_Q[filled, None]).astype(np.float32)
             empty = np.flatnonzero(~filled)
             if len(empty):
-                err_M = np.sum((x_MxD - centres_KxD[assign_M]) ** 2, axis=1)
-                centres_KxD[empty] = x_MxD[np.argsort(-err_M, kind="stable")[: len(empty)]]
-        return cls(centres_KxD, image_size=image_size, patch_size=patch_size)
+                err_P = np.sum((x_PxD - centres_QxD[assign_P]) ** 2, axis=1)
+                centres_QxD[empty] = x_PxD[np.argsort(-err_P, kind="stable")[: len(empty)]]
+        return cls(centres_QxD, image_size=image_size, patch_size=patch_size)
 
     def encode(self, images_NxHxW: np.ndarray) -> np.ndarray:
         """Images in [0, 1] -> codes int32 [N, P] in [0, n_codes)."""
@@ -164,7 +164,7 @@ class ImageTokenizer:
             )
         patches_NxPxD = image_to_patches(images_NxHxW, self.patch_size)
         n, p, d = patches_NxPxD.shape
-        return nearest_code(patches_NxPxD.reshape(n * p, d), self.codebook_KxD).reshape(n, p)
+        return nearest_code(patches_NxPxD.reshape(n * p, d), self.codebook_QxD).reshape(n, p)
 
     def decode(self, codes_NxP: np.ndarray) -> np.ndarray:
         """Codes [N, P] -> images float32 [N, H, W] (lookup, then patches back in place)."""
@@ -174,7 +174,7 @@ class ImageTokenizer:
                 f"Codes must lie in [0, {self.n_codes}), got [{codes_NxP.min()}, "
                 f"{codes_NxP.max()}]. Subtract Vocab.image_offset from token ids first."
             )
-        patches_NxPxD = self.codebook_KxD[codes_NxP]
+        patches_NxPxD = self.codebook_QxD[codes_NxP]
         return patches_to_image(patches_NxPxD, self.image_size, self.patch_size)
 
     def save(self, path: str | Path) -> None:
@@ -182,7 +182,7 @@ class ImageTokenizer:
         with open(path, "wb") as f:
             np.savez(
                 f,
-                codebook_KxD=self.codebook_KxD,
+                codebook_KxD=self.codebook_QxD,  # the file's key predates the Q spelling; kept
                 image_size=self.image_size,
                 patch_size=self.patch_size,
                 name=self.name,

@@ -220,7 +220,7 @@ def eval_batches(
     mine = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
     batches: list[Batch] = []
     while len(batches) < num_batches:
-        rows = []
+        rows: list[dict[str, np.ndarray]] = []
         while len(rows) < batch_size and (row := packer.next_row(fetch)) is not None:
             rows.append(row)
         if not rows:

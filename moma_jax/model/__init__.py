@@ -1,4 +1,23 @@
-"""Flax NNX model code. Model code names logical axes only; `moma_jax.sharding` maps them."""
+"""Flax NNX model code. Model code names logical axes only; `moma_jax.sharding` maps them.
+
+Shape suffixes: a name ends with its axes, joined by "x" (`x_BxLxD`, `w_gate_ExDxF`); a
+parameter's suffix is its full shape. One letter (or letter pair), one meaning, in the whole
+package:
+
+    B  batch rows                      L  sequence length (tokens per row)
+    D  model width (d_model)           F  feed-forward hidden width
+    H  attention heads                 Dh head dim (d_model / H unless set)
+    R  rotary frequencies (Dh / 2)     V  vocabulary
+    M  modalities (text, image)        E  experts in one expert group
+    G  routing groups in a batch       N  tokens in one routing group
+    C  buffer slots per expert         K  top-k choices per token (token choice)
+    U  layer units (the scanned repeat of model.layer_pattern)
+    A  micro-batches of one step (gradient accumulation)
+    P  image patches, Q codebook entries (data/image_tokenizer.py)
+
+Norm scales and biases are vectors over the normalised axis: `scale`, `bias` when shared,
+`scale_MxD` / `scale_MxDh` when untied per modality (MoT).
+"""
 
 from moma_jax.model.block import Block
 from moma_jax.model.kinds import LAYER_KINDS

@@ -73,6 +73,6 @@ class Attention(nnx.Module):
             jnp.einsum("bld,dhk->blhk", x, w[...].astype(dt))
             for w in (self.wq_DxHxDh, self.wk_DxHxDh, self.wv_DxHxDh)
         )
-        qk_norm = None if self.q_norm is None else (self.q_norm, self.k_norm)
+        qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
         out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta)
         return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.wo_HxDhxD[...].astype(dt))

@@ -105,6 +105,7 @@ class SparseFFN(nnx.Module):
                 scores_GxNxE, eligible_GxN, count_G
             )
             return dispatch, losses, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+        assert group.router_DxE is not None  # every group of more than one expert has a router
         logits_GxNxE = jnp.einsum(
             "gnd,de->gne", x_GxNxD.astype(jnp.float32), group.router_DxE[...].astype(jnp.float32)
         )

@@ -115,7 +115,7 @@ class UntiedAttention(nnx.Module):
             return per_modality(lambda m: jnp.einsum("bld,dhk->blhk", x, w[m]), modality_BxL)
 
         q, k, v = (project_in(w) for w in (self.wq_MxDxHxDh, self.wk_MxDxHxDh, self.wv_MxDxHxDh))
-        qk_norm = None if self.q_norm is None else (self.q_norm, self.k_norm)
+        qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
         out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta)
         wo = self.wo_MxHxDhxD[...].astype(dt)
 

@@ -72,6 +72,10 @@ def init_state(cfg: ExperimentConfig, tx: optax.GradientTransformation, mesh: Me
 
     `init_fn()` materialises the state directly into its shardings (never unsharded on one
     device); `abstract_state` carries the shardings and is the Orbax restore target.
+
+    Why not `nnx.get_abstract_model`: it abstracts the model alone, with `out_sharding` read as
+    mesh axes; the restore target and the jitted init need the whole TrainState (optimizer
+    moments included) under the logical-axis table of `sharding.tree_shardings`.
     """
     graphdef, _ = abstract_params(cfg)
 

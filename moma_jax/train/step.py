@@ -68,11 +68,11 @@ def make_train_step(
             return (jax.tree.map(jnp.add, grads, g), index + 1), (sums, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, _), (sums_M, aux_M) = jax.lax.scan(
+        (grads, _), (sums_A, aux_A) = jax.lax.scan(
             accumulate, (zeros, 0), _split_micro(batch, n_micro)
         )
-        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums_M)
-        aux_losses = {k: jnp.mean(v) for k, v in aux_M["losses"].items()}
+        sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums_A)
+        aux_losses = {k: jnp.mean(v) for k, v in aux_A["losses"].items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = means_from_sums(sums)
@@ -80,7 +80,7 @@ def make_train_step(
             metrics["loss"] + metrics["z_loss"] + sum(aux_losses.values(), jnp.zeros(()))
         )
         metrics.update(aux_losses)
-        metrics.update({k: jnp.mean(v, axis=0) for k, v in aux_M["metrics"].items()})
+        metrics.update({k: jnp.mean(v, axis=0) for k, v in aux_A["metrics"].items()})
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         metrics["target_tokens"] = sums["count"]

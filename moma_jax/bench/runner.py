@@ -1,4 +1,4 @@
-"""The benchmark instrument: sparse vs dense step time, matmul fraction, expert scaling, pipeline.
+"""The benchmark runner: configurations, timed functions, the two phases, `run` and `main`.
 
 `python scripts/bench.py [--quick] [--set key=value ...]` prints one JSON object on stdout and a
 table on stderr (docs/benchmarks.md explains the numbers). Everything runs in ONE process on ONE
@@ -39,14 +39,14 @@ from flax import nnx
 
 from moma_jax import data as data_lib
 from moma_jax import experiments
-from moma_jax.bench_measure import (
+from moma_jax.bench.measure import (
     Sample,
     device_memory,
     machine,
     measure,
     peak_rss_mib,
 )
-from moma_jax.bench_report import (
+from moma_jax.bench.report import (
     DENSE,
     FFN_ARCHS,
     FFN_CALLS,
@@ -59,11 +59,11 @@ from moma_jax.bench_report import (
     table,
     targets,
 )
-from moma_jax.config import ExperimentConfig, ModelConfig, validate
+from moma_jax.config import ConfigError, ExperimentConfig, ModelConfig, validate
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
-from moma_jax.runtime import enable_compilation_cache, resolve_shares
+from moma_jax.runtime import enable_compilation_cache, load_experiment_modules, resolve_shares
 from moma_jax.sharding import batch_sharding, make_mesh
 from moma_jax.train.state import init_state, make_optimizer
 from moma_jax.train.step import jit_train_step
@@ -137,7 +137,7 @@ class StepBench:
         tx = make_optimizer(cfg.optim)
         graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
         batch_sh = batch_sharding(mesh)
-        step = jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
+        step: Any = jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
         self.batch = {k: jax.device_put(v, batch_sh) for k, v in batch_np.items()}
         start = time.perf_counter()
         self.compiled = step.lower(abstract, self.batch).compile()
@@ -183,8 +183,7 @@ def ffn_fn(model_cfg: ModelConfig, batch_np: dict[str, np.ndarray]) -> Callable[
     """FFN_CALLS forward+backward passes of one feed-forward alone (SparseFFN if the config has
     experts, else SwiGLU): the gradient of sum(outputs) w.r.t. its parameters and its input."""
     rngs = nnx.Rngs(params=0)
-    sparse = "moe" in model_cfg.layer_pattern
-    ffn = SparseFFN(model_cfg, rngs=rngs) if sparse else SwiGLU(model_cfg, rngs=rngs)
+    ffn = SparseFFN(model_cfg, rngs=rngs) if model_cfg.has_experts else SwiGLU(model_cfg, rngs=rngs)
     graphdef, params = nnx.split(ffn)
     modality_BxL = jnp.asarray(batch_np["modality"])
     segment_ids_BxL = jnp.asarray(batch_np["segment_ids"])
@@ -277,7 +276,8 @@ def phase_archs(
     """Phase 1: dense, the sparse architectures and the reference matmul, interleaved."""
     steps = build_steps(archs, batch_np)
     matmul_n = 8192 if jax.default_backend() == "gpu" else 2048
-    fns = {**steps, MATMUL: matmul_fn(matmul_n, archs[DENSE].model.compute_dtype)}
+    fns: dict[str, Callable[[], Any]] = {**steps}
+    fns[MATMUL] = matmul_fn(matmul_n, archs[DENSE].model.compute_dtype)
     log(f"phase 1, {plan.rounds} rounds of: {', '.join(fns)}")
     return arch_report(archs, interleave(fns, plan.rounds, plan.warmup), matmul_n), steps
 
@@ -296,18 +296,21 @@ def phase_sweep(
     steps.update({name: moe_8x for name in reuse})
     ffn_models = {name: archs[name].model for name in FFN_ARCHS}
     ffn_models.update({name: cfg.model for name, cfg in sweep.items()})
-    fns = {f"step/{name}": s for name, s in steps.items()}
+    fns: dict[str, Callable[[], Any]] = {f"step/{name}": s for name, s in steps.items()}
     fns.update({f"ffn/{name}": ffn_fn(m, batch_np) for name, m in ffn_models.items()})
     log(f"phase 2, {plan.rounds} rounds of: {', '.join(fns)}")
     samples = interleave(fns, plan.rounds, plan.warmup, seed=1)
     return sweep_report(plan.experts, samples), steps
 
 
-def run(plan: Plan, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def run(
+    plan: Plan, overrides: tuple[str, ...] = (), extra_archs: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Builds, compiles and times everything; returns the report (see the module docstring)."""
     wall, load_start = time.perf_counter(), os.getloadavg()[0]
     overrides = (*default_overrides(), *overrides)
-    archs = {arch: bench_config(arch, overrides) for arch in (DENSE, *SPARSE_ARCHS)}
+    names = (DENSE, *SPARSE_ARCHS, *(a for a in extra_archs if a not in SPARSE_ARCHS))
+    archs = {arch: bench_config(arch, overrides) for arch in names}
     batch_np = first_batch(archs[DENSE])
     report, steps = phase_archs(archs, batch_np, plan)
     info, moe_8x, rss_phase1 = step_info(steps), steps["moe_8x"], peak_rss_mib()
@@ -361,13 +364,36 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="change every config (e.g. model.d_model=512 for a larger benchmark shape)",
     )
+    p.add_argument(
+        "--experiments",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module (dotted name or .py path) that registers more experiments "
+        "with @moma_jax.registry.register (repeatable)",
+    )
+    p.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="ARCH",
+        help="also time the experiment ARCH_tiny against dense (e.g. one registered by "
+        "--experiments; repeatable)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    enable_compilation_cache()
     plan = QUICK if args.quick else FULL
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
-    report = run(plan, tuple(args.overrides))
+    try:
+        load_experiment_modules(args)
+        for arch in args.arch:
+            bench_config(arch, tuple(args.overrides))  # a bad name fails here, before any work
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    enable_compilation_cache()
+    report = run(plan, tuple(args.overrides), tuple(args.arch))
     report["command"] = " ".join(["python scripts/bench.py", *argv])
     print(table(report), file=sys.stderr)
     print(json.dumps(report))

@@ -1,0 +1,71 @@
+"""The benchmark's cheap parts: its configurations, its target verdicts, its imports (no timing)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from moma_jax import bench
+from moma_jax.bench.report import targets
+from moma_jax.bench.runner import bench_config, expert_config
+from moma_jax.flops import train_flops_per_token
+
+
+def _report(ratio: float, matmul: float, scaling: float, pipeline: float) -> dict:
+    return {
+        "step_time_ratio": {"moe_8x": ratio, "mot": 1.0},
+        "matmul_fraction": matmul,
+        "expert_scaling": {"4": 1.0, "64": scaling},
+        "pipeline_ratio": pipeline,
+    }
+
+
+def test_targets_verdicts_and_bounds():
+    met = targets(_report(ratio=1.10, matmul=0.40, scaling=1.25, pipeline=10.0))
+    assert all(t["met"] for t in met.values()), met  # every bound is inclusive
+    assert set(met) == {
+        "step_time_ratio/moe_8x",
+        "step_time_ratio/mot",
+        "matmul_fraction",
+        "expert_scaling/64",  # the sweep's largest expert count
+        "pipeline_ratio",
+    }
+    missed = targets(_report(ratio=1.11, matmul=0.39, scaling=1.26, pipeline=9.9))
+    assert [n for n, t in missed.items() if not t["met"]] == [
+        "step_time_ratio/moe_8x",
+        "matmul_fraction",
+        "expert_scaling/64",
+        "pipeline_ratio",
+    ]
+    assert missed["matmul_fraction"]["target"] == ">= 0.4"
+
+
+def test_bench_config_routes_the_whole_batch(data_dir):
+    cfg = bench_config("moe_8x")
+    assert cfg.model.has_experts
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len) == (256, 4, 256)
+    assert cfg.model.moe.routing_group_tokens == cfg.data.batch_size * cfg.data.seq_len
+    assert cfg.model.moe.modality_shares  # filled from the data manifest, as training does
+    named = bench_config("moe_8x", ("model.moe.routing_group_tokens=512",))
+    assert named.model.moe.routing_group_tokens == 512
+    assert not bench_config("dense").model.has_experts
+
+
+def test_expert_sweep_keeps_active_flops(data_dir):
+    """Capacity 1 in one mixed group: more experts, smaller ones; only the router grows."""
+    seq = 256
+    few, many = (expert_config(e) for e in (4, 64))
+    assert many.model.moe.group_experts == (64,) and many.model.moe.capacity == 1.0
+    flops_few, flops_many = (train_flops_per_token(c.model, seq) for c in (few, many))
+    assert flops_many == pytest.approx(flops_few, rel=0.02)
+
+
+def test_bench_imports_no_entry_point():
+    """The benchmark is a library: it imports neither the CLI nor describe."""
+    code = (
+        "import sys, moma_jax.bench; "
+        "print(sorted(m for m in sys.modules if m in ('moma_jax.cli', 'moma_jax.describe')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert callable(bench.run) and callable(bench.main) and bench.QUICK.rounds < bench.FULL.rounds
