@@ -23,8 +23,6 @@ from moma_jax.runtime import (
 )
 from moma_jax.train.state import abstract_params
 
-__all__ = ["describe", "main", "resolve_shares"]
-
 
 def describe(cfg: ExperimentConfig) -> dict:
     """Numbers from the built model's abstract shapes and the analytic FLOPs model (modality

@@ -1,11 +1,12 @@
-"""`--set section.key=value` overrides, config <-> dict, and the resume compatibility check."""
+"""`--set section.key=value` overrides, config <-> dict, and the config diff behind the resume and
+upcycling checks."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from moma_jax.config import RESUME_SAFE_KEYS, ConfigError, ExperimentConfig
@@ -29,7 +30,7 @@ def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value)
         elif typing.get_origin(hint) is tuple:
             kwargs[name] = tuple(value)
@@ -108,11 +109,22 @@ def apply_overrides(cfg: ExperimentConfig, assignments: Iterable[str]) -> Experi
     return cfg
 
 
-def resume_conflicts(saved: ExperimentConfig, new: ExperimentConfig) -> list[str]:
-    """Keys whose change would alter a resumed run, as 'key: old -> new' lines."""
-    old, cur = flatten(saved), flatten(new)
+def config_diff(
+    old: ExperimentConfig, new: ExperimentConfig, allowed: Callable[[str], bool]
+) -> list[str]:
+    """'key: old -> new' lines, sorted by key, for the leaf keys that differ and may not.
+
+    The one diff behind both workdir checks (resume, upcycling source); each passes its own
+    `allowed` predicate.
+    """
+    a, b = flatten(old), flatten(new)
     return [
-        f"{key}: {old.get(key)!r} -> {cur.get(key)!r}"
-        for key in sorted(set(old) | set(cur))
-        if key not in RESUME_SAFE_KEYS and old.get(key) != cur.get(key)
+        f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if not allowed(key) and a.get(key) != b.get(key)
     ]
+
+
+def resume_conflicts(saved: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """Keys whose change would alter a resumed run (any outside `RESUME_SAFE_KEYS`)."""
+    return config_diff(saved, new, RESUME_SAFE_KEYS.__contains__)

@@ -5,6 +5,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def unknown_modality(_):
     return [raw(i, t, m) for i in range(64)]
 
 
-CASES = {
+CASES: dict[str, tuple[Any, str]] = {
     "unknown experiment": (["--exp", "dense_tniy"], "unknown experiment 'dense_tniy'"),
     "bad --set key": (["--exp", "dense_tiny", "--set", "model.dmodel=3"], "model.d_model"),
     "bad --set type": (["--exp", "dense_tiny", "--set", "model.d_model=wide"], "type int"),

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from moma_jax import experiments
-from moma_jax.describe import describe, main, resolve_shares
+from moma_jax.describe import describe, main
 from moma_jax.flops import forward_flops_per_token, paper_params
 from moma_jax.model import Transformer
+from moma_jax.runtime import resolve_shares
 
 
 def xla_forward_flops(cfg, rows: int) -> float:
@@ -76,3 +77,38 @@ def test_describe_json(capsys):
         assert info[key] > 0
     assert info["flops_per_token_executed"] >= info["flops_per_token_ideal"]
     assert main(["--exp", "moma_4t4i_1.4", "--json"]) == 2
+
+
+@pytest.mark.parametrize("name", ["moma_6t2i_1.4b", "moma_7t1i_90m", "moma_2t2i_435m"])
+def test_paper_formula_counts_every_expert_of_asymmetric_splits(name):
+    """Table 1's formula with E = all experts of all groups (6t2i: 8, not max * groups = 12)."""
+    cfg = experiments.get(name)
+    info = describe(cfg)
+    assert info["params_paper_formula"] == paper_params(cfg.model, cfg.model.moe.n_experts)
+    assert abs(info["params_total"] - info["params_paper_formula"]) / info["params_total"] < 0.005
+
+
+def test_unset_modality_shares_is_one_config_error_everywhere():
+    from moma_jax.config import ConfigError
+    from moma_jax.flops import active_params
+    from moma_jax.train.state import abstract_params
+
+    cfg = experiments.get("moma_4t4i_tiny")
+    assert not cfg.model.moe.modality_shares
+    _, params = abstract_params(cfg)
+    for count in (
+        lambda: forward_flops_per_token(cfg.model, cfg.data.seq_len),
+        lambda: active_params(cfg.model, params),
+        lambda: cfg.model.moe.group_slots(0),
+    ):
+        with pytest.raises(ConfigError, match="model.moe.modality_shares is not set"):
+            count()
+    # describe (and bench, training) take them from the data manifest first.
+    assert describe(cfg)["modality_shares"] == list(resolve_shares(cfg).model.moe.modality_shares)
+
+
+def test_describe_table_is_readable(capsys):
+    assert main(["--exp", "moma_6t2i_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "text: 6 x" in out and "image: 2 x" in out and "token shares" in out
+    assert "{" not in out and "0000000" not in out  # no raw dicts, no float noise

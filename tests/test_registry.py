@@ -99,3 +99,41 @@ def test_resume_conflicts_ignore_logging_keys():
     changed = apply_overrides(cfg, ["optim.peak_lr=0.5"])
     assert resume_conflicts(cfg, changed) == ["optim.peak_lr: 0.003 -> 0.5"]
     assert "model.d_model" in flatten(cfg)
+
+
+USER_MODULE = '''
+import dataclasses
+from moma_jax.experiments.dense import dense_tiny
+from moma_jax.registry import register
+
+
+@register("{name}")
+def wide():
+    """dense_tiny at width 64 (a user's experiment)."""
+    cfg = dense_tiny()
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=64))
+'''
+
+
+def test_user_experiments_register_from_a_file_or_a_module(tmp_path, monkeypatch, capsys):
+    from moma_jax.cli import main as train_main
+    from moma_jax.describe import main as describe_main
+
+    path = tmp_path / "lab_file_exps.py"
+    path.write_text(USER_MODULE.format(name="user_file_tiny"))
+    argv = ["--experiments", str(path), "--exp", "user_file_tiny"]
+    assert train_main([*argv, "--print-config"]) == 0
+    assert '"d_model": 64' in capsys.readouterr().out
+    # Loading the same file again (a second command in one process) is a no-op, not a clash.
+    assert describe_main([*argv, "--json"]) == 0
+    assert '"d_model": 64' in capsys.readouterr().out
+
+    (tmp_path / "lab_module_exps.py").write_text(USER_MODULE.format(name="user_module_tiny"))
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--experiments", "lab_module_exps", "--list"]) == 0
+    assert "user_module_tiny" in capsys.readouterr().out
+
+    assert train_main(["--experiments", "no_such_module_xyz", "--list"]) == 2
+    assert "cannot import" in capsys.readouterr().err
+    assert train_main(["--exp", "user_missing_tiny"]) == 2
+    assert "--experiments MODULE" in capsys.readouterr().err

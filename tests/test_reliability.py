@@ -1,10 +1,14 @@
 """A run that dies loses nothing: SIGKILL at random points, damaged checkpoints, NaN/Inf."""
 
 import os
+import queue
 import random
+import re
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from moma_jax.train import step as step_lib
 from moma_jax.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = str(jax.config.values["jax_compilation_cache_dir"])  # set by conftest.py
 STEPS = 12
 ARGS = [
     "--exp",
@@ -51,10 +56,38 @@ def straight(tmp_path_factory, data_dir):
     return workdir
 
 
+def _logged_steps(proc: subprocess.Popen, steps: queue.Queue, err: list[str]) -> None:
+    """Puts (step, arrival time) for each progress line the child prints, None at its end.
+
+    The child's own stderr, not metrics.jsonl: a resumed child's file still holds the killed
+    run's later lines until it truncates them, and a pipe wakes the reader at once.
+    """
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        err.append(line)
+        if match := re.match(r"step (\d+)/", line):
+            steps.put((int(match[1]), time.monotonic()))
+    steps.put(None)
+
+
+def _next_step(steps: queue.Queue, timeout: float) -> tuple[int, float] | None:
+    """The next logged (step, time); None if the child ended or `timeout` passed first."""
+    try:
+        return steps.get(timeout=max(timeout, 0.0))
+    except queue.Empty:
+        return None
+
+
 def test_sigkill_at_random_points_resumes_bitwise(straight, tmp_path):
-    """Kill the training process 3 times, each after a logged step plus a random delay: two
-    random steps (kills inside steps) and checkpoint step 6 (a kill while its async save is in
-    flight); the restarted run matches the uninterrupted one."""
+    """Kill the training process 3 times, each a random fraction of a step after a logged step:
+    two random steps (kills inside steps) and checkpoint step 6 (a kill while its async save is
+    in flight); the restarted run matches the uninterrupted one.
+
+    The delay is drawn in units of the step time measured from the children's own progress
+    lines, and the kill comes early if the next step is logged first, so a kill always lands
+    inside the run, before step 12, however fast the machine (with a warm compile cache a CPU
+    runs the last steps in tens of milliseconds).
+    """
     workdir = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -65,20 +98,29 @@ def test_sigkill_at_random_points_resumes_bitwise(straight, tmp_path):
         "--steps",
         str(STEPS),
     ]
-    env = {**os.environ, "MOMA_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir}
+    env = {**os.environ, "MOMA_JAX_COMPILE_CACHE": CACHE_DIR}
     rng = random.Random(0)
     targets = sorted([6, *rng.sample([2, 4, 5, 7, 8, 10], 2)])
+    step_s: list[float] = []  # seconds between consecutive logged steps, every child
     for target in targets:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 240
-        while proc.poll() is None and time.time() < deadline:
-            done = losses(workdir) if (workdir / "metrics.jsonl").exists() else {}
-            if done and max(done) >= target:
-                time.sleep(rng.uniform(0.0, 0.3))
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        steps: queue.Queue = queue.Queue()
+        err: list[str] = []
+        threading.Thread(target=_logged_steps, args=(proc, steps, err), daemon=True).start()
+        deadline, previous = time.monotonic() + 240, None
+        while (seen := _next_step(steps, deadline - time.monotonic())) is not None:
+            if previous and previous[0] >= 1 and seen[0] == previous[0] + 1:  # not compile
+                step_s.append(seen[1] - previous[1])
+            previous = seen
+            if seen[0] >= target:
                 break
-            time.sleep(0.02)
+        assert seen is not None, f"step {target} never logged:\n" + "".join(err)[-2000:]
+        # The first child starts fresh and targets are >= 2: there is a step time by now.
+        _next_step(steps, rng.uniform(0.0, statistics.median(step_s)))
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]  # killed mid-run
+        assert proc.wait() == -signal.SIGKILL, "".join(err)[-2000:]  # killed mid-run
     assert max(losses(workdir)) < STEPS
     assert main([*ARGS, "--workdir", str(workdir), "--steps", str(STEPS)]) == 0
     assert_same_run(straight, workdir)

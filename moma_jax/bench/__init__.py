@@ -6,7 +6,8 @@ numbers. From a notebook, `bench.run(bench.QUICK)` returns the report as a dict.
 
 - `measure`: timed samples (wall, CPU, page faults), robust summaries, the machine.
 - `report`: ratios, FLOPs accounting, targets and the table, from the samples.
-- `runner`: configurations, timed functions, the two interleaved phases, `run` and `main`.
+- `timed`: the timed functions (train step, feed-forward, matmul, pipeline) and the sampler.
+- `runner`: configurations, the two interleaved phases, `run` and `main`.
 """
 
 from moma_jax.bench.runner import FULL, QUICK, Plan, main, run

@@ -1,6 +1,6 @@
 """Sparse families at the paper's sizes (90m, 435m, 1.4b) and a CPU-sized tiny size.
 
-Each architecture is its dense base (experiments/dense.py: same layers, width, data and
+Each architecture is its dense base (dense.py: same layers, width, data and
 schedule, so the same ideal FLOPs per token) with a different layer kind or routing:
 
 - moe_8x: 8 mixed-modal expert-choice experts, sigmoid router, c = 1 (k = N/8 per expert).
@@ -44,9 +44,9 @@ ARCHITECTURES: dict[str, tuple[str, SparseConfig | None, str]] = {
 
 
 def sparse_variant(base: ExperimentConfig, kind: str, moe: SparseConfig | None) -> ExperimentConfig:
-    """The dense base with every layer of `kind`. A routing group is one packed row at the
-    paper's sizes (4096 tokens); at the tiny size, whose rows are short, the whole batch
-    (16 rows x 256), as the paper's "batch on one GPU"."""
+    """The dense base with every layer of `kind`. Routing groups hold max(seq_len, 4096)
+    tokens: one packed row at the paper's sizes (seq_len 4096), and 16 rows of 256 at the tiny
+    size, which is its whole batch (the paper's "batch on one GPU")."""
     model = dataclasses.replace(base.model, layer_pattern=(kind,))
     if moe is not None:
         group_tokens = max(base.data.seq_len, 4096)

@@ -55,9 +55,6 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 

@@ -13,8 +13,11 @@ checkpoint; a state is checkpointed only after its own metrics passed the NaN ch
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,45 +35,54 @@ from moma_jax.train.checkpoint import Checkpointer, restore_latest
 from moma_jax.train.metrics import MetricWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
-from moma_jax.train.workdir import check_workdir, write_config
+from moma_jax.train.workdir import Workdir
 
 
 class TrainingDivergedError(RuntimeError):
     """A non-finite metric; the message names the step and the metric."""
 
 
-def _host(metrics: dict) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-
-
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    for key in ("loss", "loss_total", "grad_norm"):
-        if key in metrics and not math.isfinite(metrics[key]):
-            raise TrainingDivergedError(
-                f"step {step}: {key} is {metrics[key]}; the run stopped before saving this state. "
-                "The last checkpoint is intact; lower optim.peak_lr or check the data."
-            )
-
-
-def _upcycle(cfg: ExperimentConfig, fresh: TrainState, tx, mesh, shardings, data_iter):
-    """A fresh state whose parameters and data position come from the run in run.init_from."""
-    source_cfg, source_dir = upcycle.load_source(Path(cfg.run.init_from), cfg)
-    _, _, source_abstract, _ = init_state(source_cfg, make_optimizer(source_cfg.optim), mesh)
-    step, source_state = restore_latest(source_dir, source_cfg.run, source_abstract, data_iter)
-    if source_state is None:
-        raise ConfigError(f"--init-from {cfg.run.init_from}: the run has no checkpoint yet")
-    params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params)
-    print(f"initialised from {cfg.run.init_from} at its step {step} (upcycled)", flush=True)
-    reset = jax.jit(
-        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-        out_shardings=shardings,
-    )
-    return reset(params)
-
-
 def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) -> dict[str, float]:
     """Trains until `stop_step` (default: the schedule's end); returns the last logged metrics."""
-    # --- Inputs: checked before anything is written ---------------------------------------
+    run_dir = Workdir(Path(workdir))
+    # --- Inputs: every one checked before anything is written -----------------------------
+    data_dir, manifest, cfg, stop = _check_inputs(cfg, run_dir, stop_step)
+    mesh = make_mesh(cfg.mesh)
+    data_iter, eval_data = _make_iterators(cfg, data_dir)
+
+    # --- State and steps --------------------------------------------------------------------
+    tx = make_optimizer(cfg.optim)
+    graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
+    steps = _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data)
+    start, state = _initial_state(cfg, run_dir, init_fn, abstract, tx, mesh, shardings, data_iter)
+    if start >= stop:
+        print(f"nothing to do: the workdir is at step {start} >= --steps {stop}", flush=True)
+        return {}
+    first_batch = next(data_iter)  # a bad record stops the run here, before any write
+
+    # --- Outputs ----------------------------------------------------------------------------
+    run_dir.write_config(cfg)
+    ckpt = Checkpointer(run_dir.checkpoints, cfg.run)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    writer = MetricWriter(run_dir.metrics_file, run_dir.tensorboard, start, stop, tokens_per_step)
+
+    # --- Loop -------------------------------------------------------------------------------
+    try:
+        return _run_loop(
+            cfg, steps, state, start, stop, first_batch, data_iter, manifest, ckpt, writer
+        )
+    finally:
+        writer.close()
+        ckpt.close()
+
+
+def _check_inputs(
+    cfg: ExperimentConfig, workdir: Workdir, stop_step: int | None
+) -> tuple[Path, dict, ExperimentConfig, int]:
+    """(data dir, manifest, resolved config, stop step); raises, naming the fix, on bad input.
+
+    Writes nothing to the workdir, so that bad input never creates or changes one.
+    """
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     manifest = data_lib.load_manifest(data_dir)
     data_vocab = manifest["vocab"]["size"]
@@ -83,9 +95,12 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
     stop = cfg.optim.total_steps if stop_step is None else stop_step
     if not 0 < stop <= cfg.optim.total_steps:
         raise ConfigError(f"--steps must be in 1..optim.total_steps={cfg.optim.total_steps}")
-    workdir = Path(workdir)
-    check_workdir(cfg, workdir)
-    mesh = make_mesh(cfg.mesh)
+    workdir.check(cfg)
+    return data_dir, manifest, cfg, stop
+
+
+def _make_iterators(cfg: ExperimentConfig, data_dir: Path) -> tuple[Iterator[dict], list[dict]]:
+    """This process's endless, checkpointable training iterator and its held-out batches."""
     process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     data_iter = data_lib.make_train_iterator(
         data_dir,
@@ -101,10 +116,21 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
         num_batches=cfg.run.eval_batches,
         **process,
     )
+    return data_iter, eval_data
 
-    # --- State and steps --------------------------------------------------------------------
-    tx = make_optimizer(cfg.optim)
-    graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The jitted train step and the held-out evaluation, placing batches the same way."""
+
+    train: Callable  # (state, device batch) -> (state, device metrics)
+    evaluate: Callable[[Any], dict[str, float]]  # params -> host eval_* means ({} if no data)
+    to_device: Callable[[dict], dict]
+    has_eval: bool
+
+
+def _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data: list[dict]) -> _Steps:
+    """The train step (jitted once with shardings and donation) and the held-out evaluation."""
     batch_sh = batch_sharding(mesh)
     train_step = step_lib.jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
     eval_step = jax.jit(
@@ -119,69 +145,121 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
     def evaluate(params) -> dict[str, float]:
         if not eval_data:
             return {}
-        total = None
-        for batch in eval_data:
-            sums = eval_step(params, to_device(batch))
-            total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+        sums = [eval_step(params, to_device(batch)) for batch in eval_data]
+        total = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *sums)
         return _host(means_from_sums(total, prefix="eval_"))
 
-    ckpt_dir = workdir / "checkpoints"
-    start, state = restore_latest(ckpt_dir, cfg.run, abstract, data_iter)
+    return _Steps(train_step, evaluate, to_device, has_eval=bool(eval_data))
+
+
+def _initial_state(
+    cfg: ExperimentConfig, workdir: Workdir, init_fn, abstract, tx, mesh, shardings, data_iter
+) -> tuple[int, TrainState]:
+    """(start step, state): the workdir's latest intact checkpoint (iterator restored in place),
+    else upcycled from `run.init_from`, else fresh."""
+    start, state = restore_latest(workdir.checkpoints, cfg.run, abstract, data_iter)
     if state is not None:
         print(f"resumed {cfg.name} from {workdir} at step {start}", flush=True)
     elif cfg.run.init_from:
         state = _upcycle(cfg, init_fn(), tx, mesh, shardings, data_iter)
     else:
         state = init_fn()
-    if start >= stop:
-        print(f"nothing to do: the workdir is at step {start} >= --steps {stop}", flush=True)
-        return {}
-    first_batch = next(data_iter)  # a bad record stops the run here, before any write
+    return start, state
 
-    # --- Outputs ----------------------------------------------------------------------------
-    write_config(cfg, workdir)
-    ckpt = Checkpointer(ckpt_dir, cfg.run)
-    writer = MetricWriter(workdir, start, stop)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    writer.tokens_per_step = tokens_per_step
-    per_token = {
-        "flops": train_flops_per_token(cfg.model, cfg.data.seq_len),
-        "flops_executed": train_flops_per_token(cfg.model, cfg.data.seq_len, executed=True),
-    }
+
+def _upcycle(cfg: ExperimentConfig, fresh: TrainState, tx, mesh, shardings, data_iter):
+    """A fresh state whose parameters and data position come from the run in run.init_from."""
+    source = Workdir(Path(cfg.run.init_from))
+    source_cfg = upcycle.load_source(source, cfg)
+    _, _, source_abstract, _ = init_state(source_cfg, make_optimizer(source_cfg.optim), mesh)
+    step, source_state = restore_latest(
+        source.checkpoints, source_cfg.run, source_abstract, data_iter
+    )
+    if source_state is None:
+        raise ConfigError(f"--init-from {cfg.run.init_from}: the run has no checkpoint yet")
+    params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params)
+    print(f"initialised from {cfg.run.init_from} at its step {step} (upcycled)", flush=True)
+    reset = jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+        out_shardings=shardings,
+    )
+    return reset(params)
+
+
+def _run_loop(
+    cfg: ExperimentConfig,
+    steps: _Steps,
+    state: TrainState,
+    start: int,
+    stop: int,
+    first_batch: dict,
+    data_iter: Iterator[dict],
+    manifest: dict,
+    ckpt: Checkpointer,
+    writer: MetricWriter,
+) -> dict[str, float]:
+    """Steps `start + 1 .. stop`; returns the last logged metrics.
+
+    A step's metrics are fetched while the next step runs (one step late, so the host never
+    waits on the device), except on eval and checkpoint steps: those are checked at once, so a
+    state is saved only after its own metrics passed the NaN check. `first_batch` was taken
+    from `data_iter` already; the iterator is saved with each checkpoint.
+    """
+    batches = itertools.chain([first_batch], data_iter)
+    log = _MetricLog(cfg, writer, stop)
+    if start == 0 and steps.has_eval:
+        writer.write(0, {"tokens": 0, "flops": 0.0, **steps.evaluate(state.params)})
     config_dict = dataclasses.asdict(cfg)
-    last: dict[str, float] = {}
+    pending = None
+    for step in range(start + 1, stop + 1):
+        state, metrics = steps.train(state, steps.to_device(next(batches)))
+        if pending is not None:
+            log.finish(*pending, {})
+        pending = (step, metrics)
+        is_eval = step % cfg.run.eval_every == 0 or step == stop
+        is_ckpt = step % cfg.run.checkpoint_every == 0 or step == stop
+        if is_eval or is_ckpt:
+            log.finish(step, metrics, steps.evaluate(state.params) if is_eval else {})
+            pending = None
+            if is_ckpt:
+                ckpt.save(step, state, data_iter, config_dict, manifest)
+    ckpt.wait()
+    return log.last
 
-    def finish(step: int, metrics: dict, extra: dict[str, float]) -> None:
-        """Checks one step's metrics (fetched a step late) and logs them on logging steps."""
-        nonlocal last
+
+class _MetricLog:
+    """Checks each step's metrics for NaN and writes those of logging steps, with the
+    cumulative tokens and FLOPs; `last` is the latest record written."""
+
+    def __init__(self, cfg: ExperimentConfig, writer: MetricWriter, stop: int):
+        self.writer, self.stop, self.log_every = writer, stop, cfg.run.log_every
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.per_token = {
+            "flops": train_flops_per_token(cfg.model, cfg.data.seq_len),
+            "flops_executed": train_flops_per_token(cfg.model, cfg.data.seq_len, executed=True),
+        }
+        self.last: dict[str, float] = {}
+
+    def finish(self, step: int, metrics: dict, extra: dict[str, float]) -> None:
+        """Fetches one step's metrics (raising on NaN) and logs them on logging steps."""
         host = _host(metrics)
         _check_finite(step, host)
-        if step % cfg.run.log_every == 0 or extra or step == stop:
-            tokens = step * tokens_per_step
-            last = {"tokens": tokens, **{k: tokens * v for k, v in per_token.items()}}
+        if step % self.log_every == 0 or extra or step == self.stop:
+            tokens = step * self.tokens_per_step
+            last = {"tokens": tokens, **{k: tokens * v for k, v in self.per_token.items()}}
             last.update({**host, **extra})
-            writer.write(step, last)
+            self.writer.write(step, last)
+            self.last = last
 
-    # --- Loop -------------------------------------------------------------------------------
-    try:
-        if start == 0 and eval_data:
-            writer.write(0, {"tokens": 0, "flops": 0.0, **evaluate(state.params)})
-        pending = None
-        for step in range(start + 1, stop + 1):
-            batch = first_batch if step == start + 1 else next(data_iter)
-            state, metrics = train_step(state, to_device(batch))
-            if pending is not None:
-                finish(*pending, {})
-            pending = (step, metrics)
-            is_eval = step % cfg.run.eval_every == 0 or step == stop
-            is_ckpt = step % cfg.run.checkpoint_every == 0 or step == stop
-            if is_eval or is_ckpt:
-                finish(step, metrics, evaluate(state.params) if is_eval else {})
-                pending = None
-                if is_ckpt:
-                    ckpt.save(step, state, data_iter, config_dict, manifest)
-        ckpt.wait()
-    finally:
-        writer.close()
-        ckpt.close()
-    return last
+
+def _host(metrics: dict) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+    for key in ("loss", "loss_total", "grad_norm"):
+        if key in metrics and not math.isfinite(metrics[key]):
+            raise TrainingDivergedError(
+                f"step {step}: {key} is {metrics[key]}; the run stopped before saving this state. "
+                "The last checkpoint is intact; lower optim.peak_lr or check the data."
+            )

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import SupportsFloat
 
 
 def _step_of(line: str) -> int | None:
@@ -43,19 +44,30 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class MetricWriter:
-    """Appends to metrics.jsonl and TensorBoard; prints a progress line to stderr."""
+    """Appends to metrics.jsonl and TensorBoard; prints a progress line to stderr.
 
-    def __init__(self, workdir: Path, start_step: int, stop_step: int):
+    Lines past `start_step` (left by a run killed after its last checkpoint) are dropped first,
+    so a resumed run logs each step once.
+    """
+
+    def __init__(
+        self,
+        metrics_file: Path,
+        tensorboard_dir: Path,
+        start_step: int,
+        stop_step: int,
+        tokens_per_step: int,
+    ):
         from tensorboardX import SummaryWriter
 
-        self.path = workdir / "metrics.jsonl"
+        self.path = metrics_file
         truncate_jsonl(self.path, start_step)
         self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+        self.tb = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
         self.stop_step = stop_step
         self.tty = sys.stderr.isatty()
         self.last = (start_step, time.perf_counter())
-        self.tokens_per_step = 0
+        self.tokens_per_step = tokens_per_step  # for the tokens/s in the progress line
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
@@ -107,8 +119,10 @@ def _expert_summary(r: dict) -> list[str]:
     return out
 
 
-def _plain(value: object) -> float | int:
+def _plain(value: SupportsFloat) -> float | int | str:
+    """A JSON value: ints stay ints; floats as floats, non-finite ones as "nan" / "inf" / "-inf"
+    (JSON has no NaN/Inf)."""
     if isinstance(value, int):
         return value
-    value = float(value)
-    return value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf
+    number = float(value)
+    return number if math.isfinite(number) else str(number)

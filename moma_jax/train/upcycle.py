@@ -9,15 +9,13 @@ iterator continues from the source run's position.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.overrides import flatten, from_dict
+from moma_jax.overrides import config_diff
+from moma_jax.train.workdir import Workdir
 
 # Keys the target may change relative to the source: the expert layout, the router and the
 # schedule; everything else (shapes, data) must match for the copy and the data position to
@@ -25,24 +23,20 @@ from moma_jax.overrides import flatten, from_dict
 _MAY_DIFFER = ("name", "description", "model.moe.", "optim.", "run.", "mesh.")
 
 
-def load_source(workdir: Path, cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path]:
-    """The source run's config, checked against the target's."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"--init-from {workdir}: no run there (no config.json); train it first")
-    source = from_dict(ExperimentConfig, json.loads(path.read_text()))
-    old, new = flatten(source), flatten(cfg)
-    differ = [
-        f"{k}: {old[k]!r} -> {new[k]!r}"
-        for k in sorted(old)
-        if old[k] != new.get(k) and not k.startswith(_MAY_DIFFER)
-    ]
+def load_source(source: Workdir, cfg: ExperimentConfig) -> ExperimentConfig:
+    """The source run's config, checked against the target's (keys outside `_MAY_DIFFER`)."""
+    saved = source.read_config()
+    if saved is None:
+        raise ConfigError(
+            f"--init-from {source}: no run there (no {source.config_file.name}); train it first"
+        )
+    differ = config_diff(saved, cfg, lambda key: key.startswith(_MAY_DIFFER))
     if differ:
         raise ConfigError(
-            f"--init-from {workdir}: the source run differs in keys that must match:\n  "
+            f"--init-from {source}: the source run differs in keys that must match:\n  "
             + "\n  ".join(differ)
         )
-    return source, Path(workdir) / "checkpoints"
+    return saved
 
 
 def upcycle_params(source: nnx.State, target: nnx.State) -> nnx.State:
