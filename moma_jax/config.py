@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from moma_jax.modality import MODALITY_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,7 +39,11 @@ class SparseConfig:
     # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor.
     capacity: float = 1.0
     top_k: int = 1  # token choice: experts per token (Switch 1, GShard 2)
-    buffer_slack: float = 1.25  # static slots = ceil(slack * N * share_M * capacity / E_M)
+    # Grouped expert compute (model/grouped.py): rows per tile. Each expert's routed rows are
+    # padded to whole tiles, so executed FFN rows exceed routed ones by < tile_rows per expert
+    # and routing group (64 keeps the tiny and paper layouts within 1.1x of the ideal FLOPs;
+    # larger tiles run matmul units better, smaller ones waste less).
+    tile_rows: int = 64
     # Routing is done inside fixed groups of this many tokens (whole packed rows or equal parts
     # of a row), so routing and the loss do not depend on the mesh, device count or batch size.
     routing_group_tokens: int = 4096
@@ -45,6 +51,9 @@ class SparseConfig:
     # manifest at the start of training (then saved in the run's config).
     modality_shares: tuple[float, ...] = ()
     router_noise: str = "none"  # "none" | "gumbel": sigmoid(x + G' - G'') (upcycling)
+    # Benchmarking only: routers still run, but tokens go round-robin to experts (each
+    # group's eligible tokens in order), so kernel cost can be told from routing imbalance.
+    force_balanced: bool = False
     lb_loss_weight: float = 0.01  # token choice: Switch load-balancing loss
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss (token choice)
 
@@ -83,23 +92,59 @@ class SparseConfig:
         return float(self.top_k) if self.routing == "token_choice" else self.capacity
 
     def group_slots(self, group: int) -> int:
-        """Static buffer slots per expert of one group (C)."""
+        """Slots per expert of one group (C) in the routing result, per routing group of N.
+
+        Expert choice never drops: C is the most an expert can take, floor(N * c / E) (every
+        token of the group's modalities); a one-expert group holds all N tokens. Token choice
+        keeps the method's capacity, ceil(capacity * N * share * top_k / E): its drops are
+        part of the algorithm (Switch, GShard), counted in `dropped_frac`.
+        """
         n, experts = self.routing_group_tokens, self.group_experts[group]
-        share = self.group_share(group)
         if experts == 1:
-            return ec_buffer_slots(n, share, 1.0, 1, self.buffer_slack)
+            return n
         if self.routing == "token_choice":
+            share = self.group_share(group)
             return max(1, min(n, math.ceil(self.capacity * n * share * self.top_k / experts)))
-        return ec_buffer_slots(n, share, self.capacity, experts, self.buffer_slack)
+        # float32, as routing computes k_e (`routing.ec_k`), so that k_e <= C always holds.
+        per_expert = np.float32(n) * np.float32(self.capacity) / np.float32(experts)
+        return max(1, min(n, int(np.floor(per_expert))))
 
+    @property
+    def max_routed_slots(self) -> int:
+        """The most slots one routing group can fill: N * the largest experts-per-token rate,
+        since the modalities partition its tokens (and never more than all groups' slots)."""
+        rate = max(self.experts_per_token(g) for g in range(self.n_groups))
+        total_slots = sum(e * self.group_slots(g) for g, e in enumerate(self.group_experts))
+        return min(math.ceil(round(self.routing_group_tokens * rate, 6)), total_slots)
 
-def ec_buffer_slots(
-    n_tokens: int, share: float, capacity_per_token: float, n_experts: int, slack: float
-) -> int:
-    """Static slots per expert: ceil(slack * N * share * c / E), clipped to [1, N]."""
-    slots = slack * n_tokens * share * capacity_per_token / n_experts
-    # Round away float noise first, so e.g. 10 * 0.3 gives 3 slots, not 4.
-    return max(1, min(n_tokens, math.ceil(round(slots, 6))))
+    def routed_slots(self, group: int, tokens: int) -> int:
+        """Slots each expert of the group fills when `tokens` tokens of its modalities are
+        routed: k_e for expert choice (float32, as `routing.ec_k`), all of them for a
+        one-expert group, up to the capacity for token choice (balanced)."""
+        experts = self.group_experts[group]
+        if experts == 1:
+            return tokens
+        per_expert = np.float32(tokens) * np.float32(self.experts_per_token(group))
+        return min(int(np.floor(per_expert / np.float32(experts))), self.group_slots(group))
+
+    @property
+    def executed_rows(self) -> int:
+        """Expert FFN rows the packed tiles execute for a routing group whose modality mix is
+        the configured shares (no padding tokens): each expert's routed slots rounded up to
+        whole tiles. The layer reports the measured value (`moe/rows_used_frac`)."""
+        rows = 0
+        for g, experts in enumerate(self.group_experts):
+            tokens = round(self.routing_group_tokens * self.group_share(g))
+            slots = self.routed_slots(g, tokens)
+            rows += experts * -(-slots // self.tile_rows) * self.tile_rows
+        return min(rows, self.packed_rows)
+
+    @property
+    def packed_rows(self) -> int:
+        """Static rows of the packed expert buffer per routing group (`grouped.packed_rows`):
+        the routed slots plus tile_rows - 1 padding per expert, in whole tiles."""
+        rows = self.max_routed_slots + self.n_experts * (self.tile_rows - 1)
+        return -(-rows // self.tile_rows) * self.tile_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +377,7 @@ def _validate_sparse(moe: SparseConfig, d: DataConfig) -> None:
     unused = sorted(set(range(n_groups)) - set(moe.modality_group))
     _require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
     _require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
-    _require(moe.buffer_slack > 0, f"model.moe.buffer_slack must be positive: {moe.buffer_slack}")
+    _require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     _require(
         moe.routing in ("expert_choice", "token_choice"),
         f"model.moe.routing={moe.routing!r}: use expert_choice or token_choice",

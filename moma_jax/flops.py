@@ -8,9 +8,11 @@ Norms, RoPE, softmax, gathers and the embedding lookup are not counted (< 1% at 
 
 "Ideal" is what the MoMa paper counts: each token's own experts only (expert choice with
 capacity c: c expert FFNs per token on average; token choice: top_k; a one-expert group: 1),
-its group's router. "Executed" is what the static buffers compute: every slot of every expert
-(wasted slots included) and the router over every token of the routing group; for MoT, each
-modality's projections and FFN over all tokens (masked compute).
+its group's router. "Executed" is what the layers run: for the sparse FFN, the expert rows of
+the packed tiles (`model/grouped.py`: the routed slots at the configured modality shares plus
+each expert's padding to whole tiles, counted at its worst) and every group's router over every
+token of the routing group; for MoT, each modality's projections and FFN over all tokens
+(masked compute). The grouped backward recomputes each tile's SwiGLU (not counted, like remat).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def _sparse_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float
     for g, experts in enumerate(moe.group_experts):
         router = 2 * d * experts if experts > 1 else 0.0
         ideal += moe.group_share(g) * (router + moe.experts_per_token(g) * ffn)
-        executed += router + experts * moe.group_slots(g) / moe.routing_group_tokens * ffn
+        executed += router  # every group's router scores every token of the routing group
+    executed += moe.executed_rows / moe.routing_group_tokens * ffn
     return ideal, executed
 
 

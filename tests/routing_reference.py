@@ -12,15 +12,17 @@ expert_choice_jit = jax.jit(expert_choice, static_argnums=3)
 token_choice_jit = jax.jit(token_choice, static_argnums=(2, 3, 4))
 
 
-def np_expert_choice(scores, eligible, k, capacity):
-    """Each expert: eligible tokens sorted by (score desc, index asc); first min(k, C) are kept."""
+def np_expert_choice(scores, eligible, k, capacity, ranking=None):
+    """Each expert: eligible tokens sorted by (ranking desc, index asc), the ranking being the
+    scores unless given; the first min(k, C) are kept, with their scores as gates."""
     n_tokens, n_experts = scores.shape
+    ranking = scores if ranking is None else ranking
     token_index = np.zeros((n_experts, capacity), np.int64)
     gate = np.zeros((n_experts, capacity), np.float32)
     valid = np.zeros((n_experts, capacity), bool)
     candidates = [n for n in range(n_tokens) if eligible[n]]
     for e in range(n_experts):
-        ranked = sorted(candidates, key=lambda n: (-scores[n, e], n))
+        ranked = sorted(candidates, key=lambda n: (-ranking[n, e], n))
         for c, n in enumerate(ranked[: min(k, capacity)]):
             token_index[e, c], gate[e, c], valid[e, c] = n, scores[n, e], True
     dropped = n_experts * max(k - capacity, 0)
@@ -66,6 +68,11 @@ def np_token_choice(probs, eligible, top_k, capacity, renormalize):
         "mean_prob_E": mean_prob,
     }
     return token_index, gate, valid, stats
+
+
+def np_slot_capacity(n_tokens, share, c, n_experts, slack):
+    """A slot count below or above k: ceil(slack * N * share * c / E), clipped to [1, N]."""
+    return max(1, min(n_tokens, int(np.ceil(round(slack * n_tokens * share * c / n_experts, 6)))))
 
 
 def np_gather(x, token_index):

@@ -20,14 +20,15 @@ SHARES = (0.75, 0.25)
 
 
 def model_cfg(**moe) -> ModelConfig:
+    moe = {"tile_rows": 4, **moe}  # several tiles per expert, with padding
     sparse = SparseConfig(routing_group_tokens=32, modality_shares=SHARES, **moe)
     return ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, moe=sparse)
 
 
-def inputs(seed=0, groups=2, n=32):
+def inputs(seed=0, groups=2, n=32, image_share=0.3):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(groups, n, 16)).astype(np.float32)
-    modality = (rng.random((groups, n)) < 0.3).astype(np.int32)
+    modality = (rng.random((groups, n)) < image_share).astype(np.int32)
     segment = np.ones((groups, n), np.int32)
     segment[:, -3:] = 0  # padding at the end of each group
     return x, modality, segment
@@ -39,7 +40,8 @@ def swiglu(x, wg, wu, wd):
 
 def oracle(layer: SparseFFN, cfg: ModelConfig, x, modality, segment, concrete=None):
     """Loop over routing groups, expert groups and experts: each expert runs densely on all
-    tokens; a [N, E] gate matrix from a NumPy expert-choice selection weights its output.
+    tokens; a [N, E] gate matrix from a NumPy expert-choice selection (the paper's: each expert
+    its top k_e = floor(b_M * c / E_M) eligible tokens, no buffer) weights its output.
 
     The selection is made in NumPy from `concrete` (the layer itself by default); the gate
     values come from `layer`, which may be traced for a gradient.
@@ -54,7 +56,6 @@ def oracle(layer: SparseFFN, cfg: ModelConfig, x, modality, segment, concrete=No
             eligible = np.isin(mg, [m for m, gg in enumerate(moe.modality_group) if gg == g])
             eligible &= sg > 0
             count = int(eligible.sum())
-            slots = moe.group_slots(g)
             if experts == 1:
                 scores = np.ones((len(xg), 1), np.float32)
                 k = count
@@ -66,7 +67,7 @@ def oracle(layer: SparseFFN, cfg: ModelConfig, x, modality, segment, concrete=No
             selected = np.zeros((len(xg), experts), np.float32)
             for e in range(experts):
                 ranked = [t for t in np.argsort(-scores[:, e], kind="stable") if eligible[t]]
-                selected[ranked[: min(k, slots)], e] = 1.0
+                selected[ranked[:k], e] = 1.0
             gates = selected if experts == 1 else traced_scores * selected
             for e in range(experts):
                 w = [
@@ -83,18 +84,22 @@ def run_layer(layer, x, modality, segment):
 
 
 @pytest.mark.parametrize(
-    "moe",
+    "moe, image_share",
     [
-        dict(group_experts=(4, 4)),
-        dict(group_experts=(8,), modality_group=(0, 0)),
-        dict(group_experts=(2, 1)),
-        dict(group_experts=(4, 2), capacity=2.0, buffer_slack=0.6),  # overflowing buffers
+        (dict(group_experts=(4, 4)), 0.3),
+        (dict(group_experts=(8,), modality_group=(0, 0)), 0.3),
+        (dict(group_experts=(2, 1)), 0.3),
+        (dict(group_experts=(4, 2), capacity=2.0), 0.3),
+        (dict(group_experts=(4, 4)), 0.9),  # image-heavy: far above the manifest share
+        (dict(group_experts=(4, 4)), 1.0),  # only image tokens
+        (dict(group_experts=(4, 4)), 0.0),  # only text tokens
+        (dict(group_experts=(6, 2), tile_rows=128), 0.5),  # one tile per expert
     ],
 )
-def test_sparse_ffn_matches_loop_over_experts_oracle(moe):
+def test_sparse_ffn_matches_loop_over_experts_oracle(moe, image_share):
     cfg = model_cfg(**moe)
     layer = SparseFFN(cfg, rngs=nnx.Rngs(0))
-    x, modality, segment = inputs()
+    x, modality, segment = inputs(image_share=image_share)
     got = jax.jit(lambda x: run_layer(layer, x, modality, segment))(x)
     np.testing.assert_allclose(got, oracle(layer, cfg, x, modality, segment), rtol=1e-5, atol=1e-5)
 
@@ -118,9 +123,9 @@ def test_sparse_ffn_gradient_matches_oracle():
 
 
 def test_moma_1t1i_is_a_modality_untied_dense_ffn():
-    cfg = model_cfg(group_experts=(1, 1), buffer_slack=4.0)  # buffers hold every token
+    cfg = model_cfg(group_experts=(1, 1))
     layer: Any = SparseFFN(cfg, rngs=nnx.Rngs(2))  # expert groups are attributes set by name
-    x, modality, segment = inputs(seed=2)
+    x, modality, segment = inputs(seed=2, image_share=0.8)  # far above the 0.25 share
     got = jax.jit(lambda x: run_layer(layer, x, modality, segment))(x)
     w = [
         [
@@ -186,9 +191,30 @@ def test_bad_sparse_configs_fail_at_config_time(override, message):
         validate(apply_overrides(experiments.get("moma_4t4i_tiny"), [override]))
 
 
-def test_buffer_slots_follow_the_design_formula():
-    moe = model_cfg(group_experts=(4, 4), buffer_slack=1.25).moe
-    assert moe.group_slots(0) == math.ceil(1.25 * 32 * 0.75 / 4)
-    assert moe.group_slots(1) == math.ceil(1.25 * 32 * 0.25 / 4)
-    tc = dataclasses.replace(moe, routing="token_choice", capacity=1.25, top_k=2)
+def test_slots_hold_every_selection_the_paper_makes():
+    """Expert choice: C = floor(N * c / E), the most k_e can be; one-expert groups: N; token
+    choice keeps the method's capacity (its drops are the algorithm's)."""
+    moe = model_cfg(group_experts=(4, 1), capacity=1.0).moe
+    assert moe.group_slots(0) == 32 // 4 and moe.group_slots(1) == 32
+    assert dataclasses.replace(moe, capacity=2.0).group_slots(0) == 16
+    tc = dataclasses.replace(model_cfg(group_experts=(4, 4)).moe, routing="token_choice")
+    tc = dataclasses.replace(tc, capacity=1.25, top_k=2)
     assert tc.group_slots(0) == math.ceil(1.25 * 32 * 0.75 * 2 / 4)
+
+
+@pytest.mark.parametrize("group_experts", [(4, 4), (7, 1), (1, 1), (2, 6)])
+@pytest.mark.parametrize("capacity", [1.0, 2.0])
+def test_no_modality_mix_overflows_the_packed_buffer(group_experts, capacity):
+    """For every count of image tokens b in 0..N (text N - b), the slots expert choice fills,
+    padded per expert to whole tiles, fit the static packed rows: nothing is ever dropped."""
+    moe = model_cfg(group_experts=group_experts, capacity=capacity, tile_rows=4).moe
+    n = moe.routing_group_tokens
+    for b_image in range(n + 1):
+        filled = []
+        for g, experts in enumerate(moe.group_experts):
+            b = b_image if g == 1 else n - b_image
+            k = b if experts == 1 else int(np.floor(np.float32(b) * np.float32(capacity / experts)))
+            assert k <= moe.group_slots(g)
+            filled += [k] * experts
+        assert sum(filled) <= moe.max_routed_slots
+        assert sum(-(-k // moe.tile_rows) * moe.tile_rows for k in filled) <= moe.packed_rows

@@ -13,22 +13,35 @@ from routing_reference import (
     np_ec_k,
     np_expert_choice,
     np_gather,
+    np_slot_capacity,
     np_token_choice,
     random_group,
 )
 
-from moma_jax.config import ec_buffer_slots
+from moma_jax.model import grouped
 from moma_jax.model.routing import (
     Dispatch,
-    combine,
     ec_k,
     expert_choice,
-    gather,
     gumbel_sigmoid_logits,
     modality_eligibility,
+    ranking_scores,
+    round_robin,
     router_scores,
     token_choice,
 )
+
+
+def gather_combine(x_NxD, dispatch, scale_E=None, tile_rows=4):
+    """The layer's path for one expert group: pack the slots into tiles, gather their tokens,
+    (each expert e's output = scale_E[e] * its input), combine."""
+    n_experts, capacity = dispatch.valid_ExC.shape
+    rows = -(-(n_experts * capacity + n_experts * (tile_rows - 1)) // tile_rows) * tile_rows
+    packing = grouped.pack((dispatch,), rows, tile_rows)
+    scale_E = jnp.ones((n_experts,)) if scale_E is None else scale_E
+    scale_R = jnp.repeat(scale_E[jnp.maximum(packing.tile_expert_Rt, 0)], tile_rows)
+    return grouped.combine(scale_R[:, None] * x_NxD[packing.token_R], packing, x_NxD.shape[0])
+
 
 # --- Scores and noise ----------------------------------------------------------------------------
 
@@ -86,30 +99,36 @@ def test_ec_k_hand_values():
     assert int(ec_k(jnp.int32(0), 1.0, 4)) == 0
 
 
-def test_ec_buffer_slots():
-    assert ec_buffer_slots(64, 0.5, 1.0, 4, 1.0) == 8
-    assert ec_buffer_slots(64, 0.5, 1.0, 4, 1.25) == 10
-    assert ec_buffer_slots(64, 0.55, 1.0, 4, 1.0) == 9  # 8.8 rounds up
-    assert ec_buffer_slots(10, 0.3, 1.0, 1, 1.0) == 3  # float noise (3.0000000000000004)
-    assert ec_buffer_slots(8, 1.0, 2.0, 1, 2.0) == 8  # at most N
-    assert ec_buffer_slots(64, 0.0, 1.0, 4, 1.0) == 1  # at least 1
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("n_experts", [4, 8])
-@pytest.mark.parametrize("slack", [0.8, 1.0, 1.5])
-def test_expert_choice_matches_numpy(seed, n_experts, slack):
+@pytest.mark.parametrize("slack", [0.8, 1.0, 1.5, "dropless"])
+@pytest.mark.parametrize("mix", ["random", "image_heavy", "text_only", "image_only"])
+def test_expert_choice_matches_numpy(seed, n_experts, slack, mix):
     logits, modality, valid = random_group(seed, n_experts=n_experts)
+    rng = np.random.default_rng(seed)
+    modality = {
+        "random": modality,
+        "image_heavy": (rng.random(64) < 0.9).astype(np.int8),
+        "text_only": np.zeros(64, np.int8),
+        "image_only": np.ones(64, np.int8),
+    }[mix]
     scores = np.asarray(router_scores(jnp.asarray(logits), "sigmoid"))
     for group in [(0,), (1,), (0, 1)]:
         eligible, count = modality_eligibility(jnp.asarray(modality), jnp.asarray(valid), group)
         k = ec_k(count, 1.0, n_experts)
-        # Buffers sized for half the group: the mixed group (0, 1) overflows them (k > capacity).
-        capacity = ec_buffer_slots(64, 0.5, 1.0, n_experts, slack)
+        # Slots sized for half the group (the mixed group overflows them: k > capacity), or
+        # for the whole routing group (the layer's dropless size: never below k).
+        capacity = (
+            64 // n_experts
+            if slack == "dropless"
+            else np_slot_capacity(64, 0.5, 1.0, n_experts, slack)
+        )
         dispatch, stats = expert_choice_jit(jnp.asarray(scores), eligible, k, capacity)
         ref_index, ref_gate, ref_valid, dropped, wasted = np_expert_choice(
             scores, np.asarray(eligible), int(k), capacity
         )
+        if slack == "dropless":
+            assert dropped == 0
         assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
         assert float(stats["dropped"]) == dropped and float(stats["wasted"]) == wasted
         # Padding and other modalities are never selected.
@@ -140,6 +159,27 @@ def test_expert_choice_k_above_capacity_reports_drops():
     assert float(stats["dropped"]) == dropped == 4 * (11 - 7)
 
 
+def test_expert_choice_ranks_on_logits_where_sigmoid_saturates():
+    """sigmoid(17) == sigmoid(30) == 1.0 in float32: ranking on the scores ties them (lower
+    index wins), ranking on the logits keeps their order; the gates are the scores either way."""
+    logits = np.zeros((8, 2), np.float32)
+    logits[[1, 2, 5], 0] = [17.0, 30.0, 25.0]
+    logits[[3, 4], 1] = [-40.0, 20.0]
+    scores = np.asarray(router_scores(jnp.asarray(logits), "sigmoid"))
+    assert scores[1, 0] == scores[2, 0] == scores[5, 0] == 1.0
+    eligible = np.ones(8, bool)
+    ranking = np.asarray(ranking_scores(jnp.asarray(logits), "sigmoid"))
+    dispatch, _ = expert_choice_jit(jnp.asarray(scores), jnp.asarray(eligible), 2, 2, ranking)
+    ref = np_expert_choice(scores, eligible, 2, 2, ranking=logits)
+    assert_dispatch_equal(dispatch, *ref[:3])
+    np.testing.assert_array_equal(dispatch.token_index_ExC[0], [2, 5])  # not [1, 2]
+    by_scores, _ = expert_choice_jit(jnp.asarray(scores), jnp.asarray(eligible), 2, 2)
+    np.testing.assert_array_equal(by_scores.token_index_ExC[0], [1, 2])
+    # Softmax ranks by log-probs: the same order as the probabilities where they do not tie.
+    soft = np.asarray(ranking_scores(jnp.asarray(logits), "softmax"))
+    np.testing.assert_allclose(soft, logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+
+
 def test_expert_choice_ties_go_to_lower_token_index():
     scores = np.full((8, 2), 0.5, np.float32)
     scores[6, 0] = 0.9  # expert 0: token 6 first, then the tied tokens in index order
@@ -161,10 +201,10 @@ def test_expert_choice_single_expert_of_ones_takes_group_in_order():
     assert float(stats["wasted"]) == capacity - n and float(stats["dropped"]) == 0.0
 
 
-# --- Gather and combine --------------------------------------------------------------------------
+# --- Pack, gather and combine ---------------------------------------------------------------------
 
 
-def test_gather_and_combine_against_numpy_loops():
+def test_pack_gather_and_combine_against_numpy_loops():
     rng = np.random.default_rng(7)
     n_tokens, d_model = 10, 6
     x = rng.normal(size=(n_tokens, d_model)).astype(np.float32)
@@ -174,21 +214,31 @@ def test_gather_and_combine_against_numpy_loops():
     gate = np.where(valid, rng.uniform(size=valid.shape), 0.0).astype(np.float32)
     dispatch = Dispatch(jnp.asarray(token_index), jnp.asarray(gate), jnp.asarray(valid))
 
-    x_ExCxD = gather(jnp.asarray(x), dispatch)
-    np.testing.assert_array_equal(x_ExCxD, np_gather(x, token_index))
+    # Rows sorted by expert, each run padded to whole tiles of 2: 3 + 4 + 2 valid slots.
+    packing = grouped.pack((dispatch,), 16, 2)
+    np.testing.assert_array_equal(packing.tile_expert_Rt, [0, 0, 1, 1, 2, -1, -1, -1])
+    np.testing.assert_array_equal(
+        np.asarray(packing.token_R)[np.asarray(packing.valid_R)],
+        token_index[valid],  # expert-major, slot order kept
+    )
+    np.testing.assert_array_equal(np.flatnonzero(packing.valid_R), [0, 1, 2, 4, 5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(
+        np.asarray(jnp.asarray(x)[packing.token_R])[np.asarray(packing.valid_R)],
+        np_gather(x, token_index)[valid],
+    )
 
     out = rng.normal(size=(3, 4, d_model)).astype(np.float32)
-    out[0, 3] = np.inf  # an unused slot's output never reaches a token
-    out[2, 2] = np.nan
-    y = combine(jnp.asarray(out), dispatch, n_tokens)
+    out_R = np.full((16, d_model), np.nan, np.float32)  # unused rows' outputs reach no token
+    out_R[3] = np.inf
+    out_R[np.flatnonzero(packing.valid_R)] = out[valid]
+    y = grouped.combine(jnp.asarray(out_R), packing, n_tokens)
     expected = np_combine(out, token_index, gate, valid, n_tokens)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         y[3], sum(gate[e, 0] * out[e, 0] for e in range(3)), rtol=1e-5, atol=1e-6
     )
     assert np.all(np.asarray(y)[[4, 6]] == 0.0)  # untaken tokens get nothing (residual only)
-    y_bf16 = combine(jnp.asarray(out, jnp.bfloat16), dispatch, n_tokens)
-    assert y_bf16.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y_bf16, np.float32)))
+    assert y.dtype == jnp.float32
 
 
 def test_expert_choice_gates_carry_router_gradients():
@@ -197,7 +247,7 @@ def test_expert_choice_gates_carry_router_gradients():
 
     def loss(logits_NxE):
         dispatch, _ = expert_choice(router_scores(logits_NxE, "sigmoid"), jnp.asarray(valid), 8, 8)
-        return jnp.sum(combine(gather(x, dispatch), dispatch, 64))
+        return jnp.sum(gather_combine(x, dispatch))
 
     grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(logits)))
     assert np.all(np.isfinite(grad)) and np.count_nonzero(grad) == 4 * 8
@@ -215,7 +265,7 @@ def test_jit_vmap_over_groups_with_traced_k():
     x_GxNxD = jnp.asarray(
         np.random.default_rng(9).normal(size=(n_groups, 64, d_model)), jnp.float32
     )
-    capacity = ec_buffer_slots(64, 0.5, 1.0, n_experts, 1.0)
+    capacity = np_slot_capacity(64, 0.5, 1.0, n_experts, 1.0)
 
     def ec_layer(logits_NxE, modality_N, valid_N, x_NxD):
         eligible_N, count = modality_eligibility(modality_N, valid_N, (1,))
@@ -223,7 +273,7 @@ def test_jit_vmap_over_groups_with_traced_k():
         dispatch, stats = expert_choice(
             scores_NxE, eligible_N, ec_k(count, 1.0, n_experts), capacity
         )
-        return dispatch, stats, combine(2.0 * gather(x_NxD, dispatch), dispatch, 64)
+        return dispatch, stats, gather_combine(x_NxD, dispatch, jnp.full((n_experts,), 2.0))
 
     def tc_layer(logits_NxE, valid_N):
         return token_choice(router_scores(logits_NxE, "softmax"), valid_N, 2, 20, True)
@@ -249,3 +299,17 @@ def test_jit_vmap_over_groups_with_traced_k():
         dispatch, stats = jax.tree.map(lambda a, g=g: a[g], tc_out)
         assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
         assert float(stats["dropped"]) == ref_stats["dropped"]
+
+
+def test_round_robin_deals_eligible_tokens_out_in_turn():
+    eligible = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1], bool)  # 8 eligible tokens
+    pref = round_robin(jnp.asarray(eligible), 4)
+    scores = jnp.full((10, 4), 0.5)
+    dispatch, stats = expert_choice_jit(scores, jnp.asarray(eligible), 2, 2, pref)
+    turns = np.flatnonzero(eligible)
+    for e in range(4):  # expert e takes the eligible tokens of turns e and e + 4
+        np.testing.assert_array_equal(dispatch.token_index_ExC[e], turns[[e, e + 4]])
+    assert float(stats["dropped"]) == 0.0
+    probs = np.asarray(pref / jnp.sum(pref, -1, keepdims=True))
+    _, _, valid, ref_stats = np_token_choice(probs, eligible, 2, 4, True)
+    assert np.all(valid) and ref_stats["dropped"] == 0  # top-2: turns i and i + 1 mod 4

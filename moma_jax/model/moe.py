@@ -5,11 +5,13 @@ modalities) and the token-choice baselines; `model.moe` says which. Per routing 
 N tokens and per expert group:
 
 1. eligibility: the group's tokens are those of its modalities, padding excluded (b_M of them);
-2. routing: expert choice (each expert takes its top k_e = floor(b_M * c / E_M) tokens into a
-   static buffer of C slots) or token choice (each token its top-k experts, capacity C); a
-   one-expert group has no router: gate 1 for every token of its modalities;
-3. gather the slots' tokens, a batched SwiGLU `einsum('gecd,edf->gecf')` over the stacked
-   expert weights, and a weighted scatter-add back to token positions.
+2. routing: expert choice (each expert takes its top k_e = floor(b_M * c / E_M) tokens; its
+   slot buffer holds floor(N * c / E_M), the most k_e can be, so nothing is ever dropped) or
+   token choice (each token its top-k experts, capacity C: drops are the method's, counted);
+   a one-expert group has no router: gate 1 for every token of its modalities, N slots;
+3. `grouped.py`: the routed slots of all groups packed into one buffer sorted by expert and
+   tiled, one scan of SwiGLU tiles with each tile's expert weights, and a weighted
+   scatter-add back to token positions.
 Tokens taken by no expert get 0 here and keep only the residual.
 """
 
@@ -20,12 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
-from moma_jax.model import routing
-from moma_jax.model.layers import param, swiglu
+from moma_jax.model import grouped, routing
+from moma_jax.model.layers import param
 
 
 class ExpertGroup(nnx.Module):
-    """E stacked SwiGLU experts and (for E > 1) their router."""
+    """E stacked SwiGLU experts (run by `grouped.grouped_swiglu`) and, for E > 1, their router."""
 
     def __init__(self, cfg: ModelConfig, n_experts: int, *, rngs: nnx.Rngs):
         d, f, std, dt = cfg.d_model, cfg.resolved_ffn_hidden, cfg.init_std, cfg.param_dtype
@@ -36,12 +38,6 @@ class ExpertGroup(nnx.Module):
         self.w_gate_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_up_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_down_ExFxD = param(rngs, (n_experts, f, d), ("expert", "mlp", "embed"), std, dt)
-
-    def experts(self, x_GxExCxD: jax.Array, dt: jnp.dtype) -> jax.Array:
-        """Each expert's `swiglu` over its own slots: [G, E, C, D] -> [G, E, C, D]."""
-        weights = (self.w_gate_ExDxF, self.w_up_ExDxF, self.w_down_ExFxD)
-        per_expert = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)
-        return per_expert(x_GxExCxD.astype(dt), *(w[...].astype(dt) for w in weights))
 
 
 class SparseFFN(nnx.Module):
@@ -65,9 +61,9 @@ class SparseFFN(nnx.Module):
         x_GxNxD = x_BxLxD.reshape(-1, n, d)
         modality_GxN = ctx["modality"].reshape(-1, n)
         valid_GxN = (ctx["segment_ids"] > 0).reshape(-1, n)
-        y_GxNxD = jnp.zeros(x_GxNxD.shape, jnp.float32)
         losses: dict[str, jax.Array] = {}
         metrics: dict[str, jax.Array] = {}
+        dispatches = []
         for g in range(moe.n_groups):
             group: ExpertGroup = getattr(self, f"group_{g}")
             name = moe.group_name(g)
@@ -81,16 +77,32 @@ class SparseFFN(nnx.Module):
                 dispatch, group_losses, group_metrics = self._route(
                     group, g, x_GxNxD, eligible_GxN, count_G, key
                 )
-            with jax.named_scope(f"dispatch_{name}"):
-                x_GxExCxD = jax.vmap(routing.gather)(x_GxNxD, dispatch)
-            with jax.named_scope(f"experts_{name}"):
-                out_GxExCxD = group.experts(x_GxExCxD, self.compute_dtype)
-            with jax.named_scope(f"combine_{name}"):
-                y_GxNxD = y_GxNxD + jax.vmap(lambda o, dsp: routing.combine(o, dsp, n))(
-                    out_GxExCxD, dispatch
-                )
+            dispatches.append(dispatch)
             losses.update({f"moe/{name}/{k}": v for k, v in group_losses.items()})
             metrics.update({f"moe/{name}/{k}": v for k, v in group_metrics.items()})
+        tile, rows = moe.tile_rows, moe.packed_rows
+        with jax.named_scope("dispatch"):
+            packing = jax.vmap(lambda *dsp: grouped.pack(dsp, rows, tile))(*dispatches)
+            x_GxRxD = jax.vmap(lambda x, p: x[p.token_R])(x_GxNxD, packing)
+        with jax.named_scope("experts"):
+            dt = self.compute_dtype
+            groups = [getattr(self, f"group_{g}") for g in range(moe.n_groups)]
+            w_gate, w_up, w_down = (
+                jnp.concatenate([getattr(grp, name)[...].astype(dt) for grp in groups], axis=0)
+                for name in ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")
+            )
+            out_GRxD = grouped.grouped_swiglu(
+                x_GxRxD.reshape(-1, d).astype(dt),
+                packing.tile_expert_Rt.reshape(-1),
+                w_gate,
+                w_up,
+                w_down,
+                tile,
+            )
+        with jax.named_scope("combine"):
+            out_GxRxD = out_GRxD.reshape(x_GxRxD.shape)
+            y_GxNxD = jax.vmap(lambda o, p: grouped.combine(o, p, n))(out_GxRxD, packing)
+        metrics.update(_packing_metrics(packing, tile))
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
         return y_BxLxD, {"losses": losses, "metrics": metrics}
 
@@ -111,6 +123,9 @@ class SparseFFN(nnx.Module):
         )
         if moe.routing == "token_choice":
             probs_GxNxE = jax.nn.softmax(logits_GxNxE, axis=-1)
+            if moe.force_balanced:
+                turns_GxNxE = jax.vmap(lambda e: routing.round_robin(e, experts))(eligible_GxN)
+                probs_GxNxE = turns_GxNxE / jnp.sum(turns_GxNxE, -1, keepdims=True)
             dispatch, stats = jax.vmap(
                 lambda p, e: routing.token_choice(p, e, moe.top_k, slots, moe.top_k > 1)
             )(probs_GxNxE, eligible_GxN)
@@ -125,10 +140,15 @@ class SparseFFN(nnx.Module):
             if moe.router_noise == "gumbel" and key is not None:
                 logits_GxNxE = routing.gumbel_sigmoid_logits(logits_GxNxE, key)
             scores_GxNxE = routing.router_scores(logits_GxNxE, moe.router_score)
+            # Rank on logits (sigmoid) or log-probs (softmax): the float32 scores saturate
+            # (sigmoid is exactly 1.0 from logit 16.6) and would tie; gates stay the scores.
+            ranking_GxNxE = routing.ranking_scores(logits_GxNxE, moe.router_score)
+            if moe.force_balanced:
+                ranking_GxNxE = jax.vmap(lambda e: routing.round_robin(e, experts))(eligible_GxN)
             k_G = jax.vmap(lambda c: routing.ec_k(c, moe.capacity, experts))(count_G)
-            dispatch, stats = jax.vmap(lambda s, e, k: routing.expert_choice(s, e, k, slots))(
-                scores_GxNxE, eligible_GxN, k_G
-            )
+            dispatch, stats = jax.vmap(
+                lambda s, e, k, r: routing.expert_choice(s, e, k, slots, ranking_NxE=r)
+            )(scores_GxNxE, eligible_GxN, k_G, ranking_GxNxE)
         return dispatch, losses, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
 
 
@@ -161,3 +181,15 @@ def _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats) -> dict[str, 
     }
     out.update({f"load_{e}": load_E[e] for e in range(load_E.shape[0])})
     return out
+
+
+def _packing_metrics(packing: grouped.Packing, tile_rows: int) -> dict[str, jax.Array]:
+    """How full the packed buffer is: `moe/rows_used_frac` (rows of used tiles / static rows)
+    and `moe/padding_frac` (padding rows / rows of used tiles: executed over routed - 1)."""
+    used_tiles = jnp.sum(packing.tile_expert_Rt >= 0).astype(jnp.float32)
+    routed = jnp.sum(packing.valid_R).astype(jnp.float32)
+    executed = used_tiles * tile_rows
+    return {
+        "moe/rows_used_frac": executed / packing.valid_R.size,
+        "moe/padding_frac": (executed - routed) / jnp.maximum(executed, 1.0),
+    }

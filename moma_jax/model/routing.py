@@ -1,8 +1,9 @@
 """Routing for sparse FFN layers: small pure functions over ONE routing group of N tokens.
 
-The layer vmaps these over routing groups. Router math (scores, top-k, gates, losses, the combine
-sum) is float32. Dispatch is index based: an expert's C slots hold token indices, filled by a
-gather and emptied by a weighted scatter-add; no N x E x C one-hot tensor is ever built.
+The layer vmaps these over routing groups. Router math (scores, top-k, gates, losses) is
+float32. Dispatch is index based: an expert's C slots hold token indices (`grouped.py` packs
+them, gathers the tokens and scatter-adds the weighted outputs); no N x E x C one-hot tensor is
+ever built.
 
 Expert choice (MoMa inside a modality group; Zhou et al. 2022), `expert_choice`:
   1. Rank tokens per expert by score; ineligible tokens (padding, other modalities) get -inf so
@@ -56,6 +57,25 @@ def router_scores(logits_NxE: jax.Array, kind: str) -> jax.Array:
     raise ValueError(f"unknown router score kind {kind!r}; expected 'sigmoid' or 'softmax'")
 
 
+def ranking_scores(logits_NxE: jax.Array, kind: str) -> jax.Array:
+    """What expert choice ranks tokens by: the logits for "sigmoid", log-softmax for "softmax".
+
+    Both are monotone in the score of the same (token, expert) but do not saturate in float32.
+    """
+    logits = logits_NxE.astype(jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1) if kind == "softmax" else logits
+
+
+def round_robin(eligible_N: jax.Array, n_experts: int) -> jax.Array:
+    """[N, E] float32 preferences that deal the eligible tokens out in turn: the i-th eligible
+    token prefers expert i mod E, then i + 1 mod E, ... (a balanced assignment, for
+    `model.moe.force_balanced`). As an expert-choice ranking, each expert's top tokens are its
+    own turns in token order; as token-choice probabilities, its top-k are the next k experts."""
+    turn_N = jnp.cumsum(eligible_N, dtype=jnp.int32) - 1
+    offset_NxE = (jnp.arange(n_experts)[None, :] - turn_N[:, None]) % n_experts
+    return (n_experts - offset_NxE).astype(jnp.float32) / n_experts - turn_N[:, None] * 1e-6
+
+
 def gumbel_sigmoid_logits(logits_NxE: jax.Array, key: jax.Array) -> jax.Array:
     """x + G' - G'' with G', G'' iid Gumbel(0, 1) (upcycling noise); apply the sigmoid after."""
     g_2xNxE = jax.random.gumbel(key, (2, *logits_NxE.shape), jnp.float32)
@@ -81,11 +101,16 @@ def ec_k(count: jax.Array, capacity_per_token: float, n_experts: int) -> jax.Arr
 
 
 def expert_choice(
-    scores_NxE: jax.Array, eligible_N: jax.Array, k: jax.Array | int, capacity: int
+    scores_NxE: jax.Array,
+    eligible_N: jax.Array,
+    k: jax.Array | int,
+    capacity: int,
+    ranking_NxE: jax.Array | None = None,
 ) -> tuple[Dispatch, dict[str, jax.Array]]:
     """Expert-choice dispatch of one routing group into [E, capacity] slots.
 
-    1. Ranking scores: the scores, with -inf for ineligible tokens (scores must be finite).
+    1. Ranking: `ranking_NxE` (default: the scores; must be finite and order tokens as the
+       scores do), with -inf for ineligible tokens.
     2. Each expert takes its top `capacity` tokens (`lax.top_k`: ties to the lower token index).
     3. Slot c is valid iff c < k and its token is eligible; gate = score there, else 0.
     4. Stats: dropped = E * max(k - capacity, 0); wasted = E * capacity - valid slots.
@@ -94,7 +119,8 @@ def expert_choice(
     if not 0 <= capacity <= n_tokens:
         raise ValueError(f"expert_choice capacity {capacity} must lie in [0, {n_tokens}]")
     scores_ExN = scores_NxE.astype(jnp.float32).T
-    ranking_ExN = jnp.where(eligible_N[None, :], scores_ExN, -jnp.inf)
+    rank_by_ExN = scores_ExN if ranking_NxE is None else ranking_NxE.astype(jnp.float32).T
+    ranking_ExN = jnp.where(eligible_N[None, :], rank_by_ExN, -jnp.inf)
     _, token_index_ExC = jax.lax.top_k(ranking_ExN, capacity)
     token_index_ExC = token_index_ExC.astype(jnp.int32)
     k = jnp.asarray(k, jnp.int32)
@@ -178,23 +204,3 @@ def router_z_loss(logits_NxE: jax.Array, eligible_N: jax.Array) -> jax.Array:
     log_z_N = jax.nn.logsumexp(logits_NxE.astype(jnp.float32), axis=-1)
     eligible = eligible_N.astype(jnp.float32)
     return jnp.sum(jnp.square(log_z_N) * eligible) / jnp.maximum(jnp.sum(eligible), 1.0)
-
-
-# --- Dispatch and combine ------------------------------------------------------------------------
-
-
-def gather(x_NxD: jax.Array, dispatch: Dispatch) -> jax.Array:
-    """Expert inputs x_ExCxD = x[token_index] (invalid slots hold some in-range token)."""
-    return jnp.take(x_NxD, dispatch.token_index_ExC, axis=0)
-
-
-def combine(expert_out_ExCxD: jax.Array, dispatch: Dispatch, n_tokens: int) -> jax.Array:
-    """y[token_index[e, c]] += gate[e, c] * out[e, c] over valid slots; f32 sum, input dtype out."""
-    d_model = expert_out_ExCxD.shape[-1]
-    # Mask before weighting, not just by the zero gate: an inf/NaN computed in an unused slot must
-    # reach no token, in the forward pass or the gradient.
-    out_ExCxD = jnp.where(dispatch.valid_ExC[..., None], expert_out_ExCxD.astype(jnp.float32), 0.0)
-    weighted_ExCxD = dispatch.gate_ExC[..., None] * out_ExCxD
-    y_NxD = jnp.zeros((n_tokens, d_model), jnp.float32)
-    y_NxD = y_NxD.at[dispatch.token_index_ExC.reshape(-1)].add(weighted_ExCxD.reshape(-1, d_model))
-    return y_NxD.astype(expert_out_ExCxD.dtype)

@@ -107,14 +107,19 @@ class MetricWriter:
 
 
 def _expert_summary(r: dict) -> list[str]:
-    """'experts image: load 0.21-0.29, drop 0%' per expert group, from moe/{group}/* metrics."""
-    groups = sorted({k.split("/")[1] for k in r if k.startswith("moe/") and "/load_" in k})
+    """'image: untaken 12.5%, dropped 0' per expert group, from moe/{group}/* metrics.
+
+    Untaken: eligible tokens no expert took (expert choice leaves some, by design); dropped:
+    selections that found no slot (zero for expert choice and one-expert groups; token choice's
+    capacity drops). Per-expert load is in metrics.jsonl: expert choice makes it uniform.
+    """
+    groups = sorted({k.split("/")[1] for k in r if k.startswith("moe/") and "/untaken_frac" in k})
     out = []
     for g in groups:
-        loads = [v for k, v in r.items() if k.startswith(f"moe/{g}/load_")]
+        dropped = r.get(f"moe/{g}/dropped_frac", 0.0)
         out.append(
-            f"experts {g}: load {min(loads):.2f}-{max(loads):.2f}, "
-            f"drop {r.get(f'moe/{g}/dropped_frac', 0.0):.0%}"
+            f"{g}: untaken {r[f'moe/{g}/untaken_frac']:.1%}, "
+            f"dropped {'0' if dropped == 0 else f'{dropped:.2%}'}"
         )
     return out
 
