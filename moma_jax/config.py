@@ -44,6 +44,9 @@ class SparseConfig:
     # and routing group (64 keeps the tiny and paper layouts within 1.1x of the ideal FLOPs;
     # larger tiles run matmul units better, smaller ones waste less).
     tile_rows: int = 64
+    # How the packed expert rows run: "tiles" (a scan of tiles with each tile's expert weights,
+    # the CPU default) or "ragged_dot" (jax.lax.ragged_dot grouped GEMMs, for GPUs).
+    expert_compute: str = "tiles"
     # Routing is done inside fixed groups of this many tokens (whole packed rows or equal parts
     # of a row), so routing and the loss do not depend on the mesh, device count or batch size.
     routing_group_tokens: int = 4096
@@ -378,6 +381,10 @@ def _validate_sparse(moe: SparseConfig, d: DataConfig) -> None:
     _require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
     _require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
     _require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
+    _require(
+        moe.expert_compute in ("tiles", "ragged_dot"),
+        f"model.moe.expert_compute={moe.expert_compute!r}: use tiles or ragged_dot",
+    )
     _require(
         moe.routing in ("expert_choice", "token_choice"),
         f"model.moe.routing={moe.routing!r}: use expert_choice or token_choice",

@@ -2,7 +2,7 @@
 
 import sys
 
-from moma_jax.bench import main
+from moma_jax.bench.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

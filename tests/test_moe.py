@@ -218,3 +218,29 @@ def test_no_modality_mix_overflows_the_packed_buffer(group_experts, capacity):
             filled += [k] * experts
         assert sum(filled) <= moe.max_routed_slots
         assert sum(-(-k // moe.tile_rows) * moe.tile_rows for k in filled) <= moe.packed_rows
+
+
+@pytest.mark.parametrize("image_share", [0.3, 1.0])
+def test_ragged_dot_path_equals_the_tile_path(image_share):
+    """The GPU path (one ragged_dot per projection, no padding) computes the same layer,
+    forward and gradient."""
+    cfg = model_cfg(group_experts=(4, 2))
+    ragged = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_compute="ragged_dot"))
+    x, modality, segment = inputs(seed=5, image_share=image_share)
+    tiles_layer, ragged_layer = (
+        SparseFFN(cfg, rngs=nnx.Rngs(5)),
+        SparseFFN(ragged, rngs=nnx.Rngs(5)),
+    )
+    out = {}
+    for name, layer in (("tiles", tiles_layer), ("ragged", ragged_layer)):
+        graphdef, params = nnx.split(layer)
+
+        def loss(p, x, graphdef=graphdef):
+            return jnp.sum(jnp.sin(run_layer(nnx.merge(graphdef, p), x, modality, segment)))
+
+        out[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        out["tiles"],
+        out["ragged"],
+    )

@@ -91,14 +91,13 @@ class SparseFFN(nnx.Module):
                 jnp.concatenate([getattr(grp, name)[...].astype(dt) for grp in groups], axis=0)
                 for name in ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")
             )
-            out_GRxD = grouped.grouped_swiglu(
-                x_GxRxD.reshape(-1, d).astype(dt),
-                packing.tile_expert_Rt.reshape(-1),
-                w_gate,
-                w_up,
-                w_down,
-                tile,
-            )
+            x_GRxD = x_GxRxD.reshape(-1, d).astype(dt)
+            if moe.expert_compute == "ragged_dot":
+                expert_GR = jax.vmap(lambda p: grouped.row_experts(p, tile))(packing).reshape(-1)
+                out_GRxD = grouped.ragged_swiglu(x_GRxD, expert_GR, w_gate, w_up, w_down)
+            else:
+                tiles_GRt = packing.tile_expert_Rt.reshape(-1)
+                out_GRxD = grouped.grouped_swiglu(x_GRxD, tiles_GRt, w_gate, w_up, w_down, tile)
         with jax.named_scope("combine"):
             out_GxRxD = out_GRxD.reshape(x_GxRxD.shape)
             y_GxNxD = jax.vmap(lambda o, p: grouped.combine(o, p, n))(out_GxRxD, packing)
