@@ -29,7 +29,7 @@ from moma_jax.config import ModelConfig, SparseConfig
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
 
-LAYOUTS = {
+LAYOUTS: dict[str, dict[str, Any]] = {
     "moe_8x": dict(group_experts=(8,), modality_group=(0, 0)),
     "moma_4t4i": dict(group_experts=(4, 4)),
     "moma_1t1i": dict(group_experts=(1, 1)),
