@@ -39,14 +39,14 @@ class SparseConfig:
     # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor.
     capacity: float = 1.0
     top_k: int = 1  # token choice: experts per token (Switch 1, GShard 2)
-    # Grouped expert compute (model/grouped.py): rows per tile. Each expert's routed rows are
-    # padded to whole tiles, so executed FFN rows exceed routed ones by < tile_rows per expert
-    # and routing group (64 keeps the tiny and paper layouts within 1.1x of the ideal FLOPs;
-    # larger tiles run matmul units better, smaller ones waste less).
-    tile_rows: int = 64
-    # How the packed expert rows run: "tiles" (a scan of tiles with each tile's expert weights,
-    # the CPU default) or "ragged_dot" (jax.lax.ragged_dot grouped GEMMs, for GPUs).
-    expert_compute: str = "tiles"
+    # Expert compute (model/grouped.py): rows per slab, shared by a group's experts. Slabs past
+    # the longest expert's slots are skipped, so executed FFN rows exceed the routed ones by
+    # under tile_rows per expert group (256 keeps the tiny and paper layouts within 1.07x of
+    # the ideal FLOPs; larger slabs feed matmul units better, smaller ones waste less).
+    tile_rows: int = 256
+    # How the expert slots run: "slabs" (batched SwiGLU per slab; the default) or "ragged_dot"
+    # (sorted rows and jax.lax.ragged_dot grouped GEMMs, no padding; measured slower).
+    expert_compute: str = "slabs"
     # Routing is done inside fixed groups of this many tokens (whole packed rows or equal parts
     # of a row), so routing and the loss do not depend on the mesh, device count or batch size.
     routing_group_tokens: int = 4096
@@ -112,14 +112,6 @@ class SparseConfig:
         per_expert = np.float32(n) * np.float32(self.capacity) / np.float32(experts)
         return max(1, min(n, int(np.floor(per_expert))))
 
-    @property
-    def max_routed_slots(self) -> int:
-        """The most slots one routing group can fill: N * the largest experts-per-token rate,
-        since the modalities partition its tokens (and never more than all groups' slots)."""
-        rate = max(self.experts_per_token(g) for g in range(self.n_groups))
-        total_slots = sum(e * self.group_slots(g) for g, e in enumerate(self.group_experts))
-        return min(math.ceil(round(self.routing_group_tokens * rate, 6)), total_slots)
-
     def routed_slots(self, group: int, tokens: int) -> int:
         """Slots each expert of the group fills when `tokens` tokens of its modalities are
         routed: k_e for expert choice (float32, as `routing.ec_k`), all of them for a
@@ -130,24 +122,45 @@ class SparseConfig:
         per_expert = np.float32(tokens) * np.float32(self.experts_per_token(group))
         return min(int(np.floor(per_expert / np.float32(experts))), self.group_slots(group))
 
+    def slab_slots(self, group: int) -> int:
+        """Slots per expert in one slab of the expert compute (`grouped.slab_swiglu`): the
+        group's experts share `tile_rows` rows, so padding is under tile_rows per group."""
+        rest = self.group_slots(group) - self.first_slots(group)
+        return max(1, min(self.tile_rows // self.group_experts[group], rest))
+
+    def first_slots(self, group: int) -> int:
+        """Slots per expert that always run (`grouped.slab_swiglu`): k_e of a routing group
+        with the configured modality shares, rounded up to 8, at most C."""
+        tokens = round(self.routing_group_tokens * self.group_share(group))
+        return min(-(-self.routed_slots(group, tokens) // 8) * 8, self.group_slots(group))
+
+    def padded_slots(self, group: int) -> int:
+        """The static slots per expert the expert compute holds: the first slots, then C
+        rounded up to whole slabs."""
+        first, t = self.first_slots(group), self.slab_slots(group)
+        return first + -(-(self.group_slots(group) - first) // t) * t
+
+    @property
+    def static_rows(self) -> int:
+        """Expert FFN rows per routing group if every slab ran (the worst case, never run)."""
+        return sum(e * self.padded_slots(g) for g, e in enumerate(self.group_experts))
+
+    def executed_slots(self, group: int, k: int) -> int:
+        """Slots per expert that run when the longest expert holds k: the first slots, plus
+        whole slabs for the rest."""
+        first, t = self.first_slots(group), self.slab_slots(group)
+        return first + -(-max(k - first, 0) // t) * t
+
     @property
     def executed_rows(self) -> int:
-        """Expert FFN rows the packed tiles execute for a routing group whose modality mix is
-        the configured shares (no padding tokens): each expert's routed slots rounded up to
-        whole tiles. The layer reports the measured value (`moe/rows_used_frac`)."""
+        """Expert FFN rows run per routing group whose modality mix is the configured shares
+        (no padding tokens). The layer reports the measured value (`moe/rows_used_frac` x
+        `static_rows`)."""
         rows = 0
         for g, experts in enumerate(self.group_experts):
             tokens = round(self.routing_group_tokens * self.group_share(g))
-            slots = self.routed_slots(g, tokens)
-            rows += experts * -(-slots // self.tile_rows) * self.tile_rows
-        return min(rows, self.packed_rows)
-
-    @property
-    def packed_rows(self) -> int:
-        """Static rows of the packed expert buffer per routing group (`grouped.packed_rows`):
-        the routed slots plus tile_rows - 1 padding per expert, in whole tiles."""
-        rows = self.max_routed_slots + self.n_experts * (self.tile_rows - 1)
-        return -(-rows // self.tile_rows) * self.tile_rows
+            rows += experts * self.executed_slots(g, self.routed_slots(g, tokens))
+        return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,8 +395,8 @@ def _validate_sparse(moe: SparseConfig, d: DataConfig) -> None:
     _require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
     _require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     _require(
-        moe.expert_compute in ("tiles", "ragged_dot"),
-        f"model.moe.expert_compute={moe.expert_compute!r}: use tiles or ragged_dot",
+        moe.expert_compute in ("slabs", "ragged_dot"),
+        f"model.moe.expert_compute={moe.expert_compute!r}: use slabs or ragged_dot",
     )
     _require(
         moe.routing in ("expert_choice", "token_choice"),

@@ -134,5 +134,5 @@ def test_executed_expert_rows_match_what_the_tiles_run(name):
         "segment_ids": jnp.ones_like(x[..., 0], jnp.int32),
     }
     metrics = jax.jit(lambda x: layer(x, ctx)[1]["metrics"])(x)
-    assert round(float(metrics["moe/rows_used_frac"]) * moe.packed_rows) == moe.executed_rows
+    assert round(float(metrics["moe/rows_used_frac"]) * moe.static_rows) == moe.executed_rows
     assert moe.executed_rows / (n * 1.0) <= 1.1

@@ -1,73 +1,111 @@
-"""Grouped expert compute (model/grouped.py): the tile scan and its hand-written VJP against a
-per-row NumPy-style oracle, unused tiles, and bf16."""
+"""Expert compute (model/grouped.py): slabs and the ragged path against a per-slot oracle,
+skipped slabs, gradients, and bf16."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moma_jax.model.grouped import grouped_swiglu
+from moma_jax.model.grouped import combine_slots, ragged_swiglu, slab_swiglu
 from moma_jax.model.layers import swiglu
+from moma_jax.model.routing import Dispatch
 
-TILE, D, F, E = 4, 6, 10, 4  # expert 3 gets no tile
+G, N, D, F, E, C = 2, 12, 6, 10, 3, 7
 
 
-def case(seed=0, dtype=jnp.float32):
+def case(seed=0, dtype=jnp.float32, lengths=((5, 2, 0), (3, 7, 1))):
+    """Routing groups whose experts hold valid prefixes of the given lengths."""
     rng = np.random.default_rng(seed)
-    tile_expert = np.array([2, 2, 0, -1, 1, -1], np.int32)  # unused tiles between used ones
-    x = rng.normal(size=(len(tile_expert) * TILE, D)).astype(np.float32)
-    w = [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((E, D, F), (E, D, F), (E, F, D))]
-    return jnp.asarray(x, dtype), jnp.asarray(tile_expert), [jnp.asarray(a, dtype) for a in w]
+    x = jnp.asarray(rng.normal(size=(G, N, D)), dtype)
+    token = rng.integers(0, N, size=(G, E, C)).astype(np.int32)
+    valid = np.arange(C)[None, None, :] < np.asarray(lengths)[:, :, None]
+    gate = np.where(valid, rng.uniform(0.2, 1.0, size=(G, E, C)), 0.0).astype(np.float32)
+    dispatch = Dispatch(jnp.asarray(token), jnp.asarray(gate), jnp.asarray(valid))
+    shapes = ((E, D, F), (E, D, F), (E, F, D))
+    w = [jnp.asarray(rng.normal(size=s) * 0.3, dtype) for s in shapes]
+    return x, dispatch, w
 
 
-def oracle(x, tile_expert, w):
-    """Row by row: the SwiGLU of the row's tile's expert; 0 for rows of unused tiles."""
-    rows = []
-    for r in range(x.shape[0]):
-        e = int(tile_expert[r // TILE])
-        rows.append(jnp.zeros(D) if e < 0 else swiglu(x[r], w[0][e], w[1][e], w[2][e]))
-    return jnp.stack(rows)
+def oracle(x, dispatch, w):
+    """Slot by slot: y[g, token] += gate * SwiGLU_e(x[g, token]) over valid slots."""
+    y = np.zeros((G, N, D))
+    for g in range(G):
+        for e in range(E):
+            for c in range(C):
+                if dispatch.valid_ExC[g, e, c]:
+                    t = int(dispatch.token_index_ExC[g, e, c])
+                    out = swiglu(
+                        x[g, t].astype(jnp.float32), *(a[e].astype(jnp.float32) for a in w)
+                    )
+                    y[g, t] += float(dispatch.gate_ExC[g, e, c]) * np.asarray(out)
+    return y
 
 
-def test_forward_matches_per_row_oracle():
-    x, tile_expert, w = case()
-    got = jax.jit(grouped_swiglu, static_argnums=5)(x, tile_expert, *w, TILE)
-    np.testing.assert_allclose(got, oracle(x, tile_expert, w), rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(got)[3 * TILE : 4 * TILE] == 0.0)
+def run_slabs(x, dispatch, w, slab, first=0):
+    w_gate, w_up, w_down = w
+    return slab_swiglu(x, dispatch, w_gate, w_up, w_down, first, slab)
 
 
-def test_gradient_matches_autodiff_of_oracle():
-    x, tile_expert, w = case(1)
-    probe = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
+@pytest.mark.parametrize("first", [0, 2, 7, 9])
+@pytest.mark.parametrize("slab", [1, 2, 3, 16])
+def test_slabs_match_the_per_slot_oracle(slab, first):
+    x, dispatch, w = case()
+    y, used = jax.jit(run_slabs, static_argnums=(3, 4))(x, dispatch, w, slab, first)
+    np.testing.assert_allclose(y, oracle(x, dispatch, w), rtol=1e-5, atol=1e-6)
+    # The first slots always run; the longest prefix (7) decides how many slabs follow.
+    first = min(first, C)
+    assert int(used) == first + -(-max(7 - first, 0) // slab) * slab
+
+
+def test_slabs_past_every_prefix_are_skipped():
+    x, dispatch, w = case(lengths=((2, 1, 0), (0, 2, 1)))
+    y, used = jax.jit(run_slabs, static_argnums=(3, 4))(x, dispatch, w, 2, 1)
+    assert int(used) == 1 + 2  # the first slot, then one slab of 2 (of 3)
+    np.testing.assert_allclose(y, oracle(x, dispatch, w), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_autodiff_of_the_oracle_path():
+    x, dispatch, w = case(1)
+    probe = jnp.asarray(np.random.default_rng(2).normal(size=(G, N, D)), jnp.float32)
+
+    def dense_path(x, *w):  # every slot computed, no slabs, no skipping
+        outs = jax.vmap(lambda xg, idx: jax.vmap(swiglu)(xg[idx], *w))(x, dispatch.token_index_ExC)
+        return jax.vmap(lambda o, d: combine_slots(o, d, N))(outs, dispatch)
 
     def loss(fn, x, *w):
         return jnp.sum(jnp.sin(fn(x, *w)) * probe)
 
-    def grouped(x, *w):
-        return grouped_swiglu(x, tile_expert, *w, TILE)
-
-    def reference(x, *w):
-        return oracle(x, tile_expert, w)
-
     argnums = (0, 1, 2, 3)
-    got = jax.jit(jax.grad(lambda x, *w: loss(grouped, x, *w), argnums=argnums))(x, *w)
-    want = jax.grad(lambda x, *w: loss(reference, x, *w), argnums=argnums)(x, *w)
+    got = jax.jit(
+        jax.grad(
+            lambda x, *w: loss(lambda *a: run_slabs(a[0], dispatch, a[1:], 3)[0], x, *w), argnums
+        )
+    )(x, *w)
+    want = jax.grad(lambda x, *w: loss(dense_path, x, *w), argnums)(x, *w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    # An expert no tile uses gets exactly zero gradient; rows of unused tiles too.
-    for g in got[1:]:
-        np.testing.assert_array_equal(np.asarray(g)[3], 0.0)
-    np.testing.assert_array_equal(np.asarray(got[0])[3 * TILE : 4 * TILE], 0.0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16])
-def test_low_precision_inputs_keep_their_dtype(dtype):
-    x, tile_expert, w = case(3, dtype)
-    y = grouped_swiglu(x, tile_expert, *w, TILE)
-    assert y.dtype == dtype
-    grads = jax.grad(
-        lambda *w: jnp.sum(grouped_swiglu(x, tile_expert, *w, TILE)), argnums=(0, 1, 2)
-    )(*w)
-    assert all(g.dtype == dtype for g in grads)
-    want = oracle(x.astype(jnp.float32), tile_expert, [a.astype(jnp.float32) for a in w])
-    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=0.05, atol=0.05)
+def test_ragged_path_matches_the_oracle_and_its_gradient():
+    x, dispatch, w = case(3)
+
+    def ragged(x, *w):
+        rows = jax.vmap(lambda xg, idx: xg[idx])(x, dispatch.token_index_ExC).reshape(-1, D)
+        expert = jnp.where(dispatch.valid_ExC, jnp.arange(E)[None, :, None], -1).reshape(-1)
+        out = ragged_swiglu(rows, expert, *w).reshape(G, E, C, D)
+        return jax.vmap(lambda o, d: combine_slots(o, d, N))(out, dispatch)
+
+    np.testing.assert_allclose(ragged(x, *w), oracle(x, dispatch, w), rtol=1e-5, atol=1e-6)
+    got = jax.grad(lambda *a: jnp.sum(ragged(*a) ** 2), argnums=(0, 1))(x, *w)
+    want = jax.grad(
+        lambda *a: jnp.sum(run_slabs(a[0], dispatch, a[1:], 2)[0] ** 2), argnums=(0, 1)
+    )(x, *w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_with_float32_combine():
+    x, dispatch, w = case(4, jnp.bfloat16)
+    y, _ = run_slabs(x, dispatch, w, 2)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, oracle(x, dispatch, w), rtol=0.05, atol=0.05)

@@ -20,7 +20,7 @@ SHARES = (0.75, 0.25)
 
 
 def model_cfg(**moe) -> ModelConfig:
-    moe = {"tile_rows": 4, **moe}  # several tiles per expert, with padding
+    moe = {"tile_rows": 8, **moe}  # several slabs per expert, with padding
     sparse = SparseConfig(routing_group_tokens=32, modality_shares=SHARES, **moe)
     return ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, moe=sparse)
 
@@ -93,7 +93,7 @@ def run_layer(layer, x, modality, segment):
         (dict(group_experts=(4, 4)), 0.9),  # image-heavy: far above the manifest share
         (dict(group_experts=(4, 4)), 1.0),  # only image tokens
         (dict(group_experts=(4, 4)), 0.0),  # only text tokens
-        (dict(group_experts=(6, 2), tile_rows=128), 0.5),  # one tile per expert
+        (dict(group_experts=(6, 2), tile_rows=256), 0.5),  # one slab per expert
     ],
 )
 def test_sparse_ffn_matches_loop_over_experts_oracle(moe, image_share):
@@ -204,35 +204,35 @@ def test_slots_hold_every_selection_the_paper_makes():
 
 @pytest.mark.parametrize("group_experts", [(4, 4), (7, 1), (1, 1), (2, 6)])
 @pytest.mark.parametrize("capacity", [1.0, 2.0])
-def test_no_modality_mix_overflows_the_packed_buffer(group_experts, capacity):
-    """For every count of image tokens b in 0..N (text N - b), the slots expert choice fills,
-    padded per expert to whole tiles, fit the static packed rows: nothing is ever dropped."""
-    moe = model_cfg(group_experts=group_experts, capacity=capacity, tile_rows=4).moe
+def test_no_modality_mix_overflows_the_slots(group_experts, capacity):
+    """For every count of image tokens b in 0..N (text N - b), k_e of every expert fits its
+    slots (nothing is ever dropped), and the rows run stay within the static rows."""
+    moe = model_cfg(group_experts=group_experts, capacity=capacity, tile_rows=8).moe
     n = moe.routing_group_tokens
     for b_image in range(n + 1):
-        filled = []
+        rows = 0
         for g, experts in enumerate(moe.group_experts):
             b = b_image if g == 1 else n - b_image
             k = b if experts == 1 else int(np.floor(np.float32(b) * np.float32(capacity / experts)))
-            assert k <= moe.group_slots(g)
-            filled += [k] * experts
-        assert sum(filled) <= moe.max_routed_slots
-        assert sum(-(-k // moe.tile_rows) * moe.tile_rows for k in filled) <= moe.packed_rows
+            assert k <= moe.group_slots(g) and k == moe.routed_slots(g, b)
+            t = moe.slab_slots(g)
+            rows += experts * -(-k // t) * t
+        assert rows <= moe.static_rows
 
 
 @pytest.mark.parametrize("image_share", [0.3, 1.0])
 def test_ragged_dot_path_equals_the_tile_path(image_share):
-    """The GPU path (one ragged_dot per projection, no padding) computes the same layer,
-    forward and gradient."""
+    """The ragged path (one ragged_dot per projection, no padding) computes the same layer as
+    the slabs, forward and gradient."""
     cfg = model_cfg(group_experts=(4, 2))
     ragged = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_compute="ragged_dot"))
     x, modality, segment = inputs(seed=5, image_share=image_share)
-    tiles_layer, ragged_layer = (
+    slabs_layer, ragged_layer = (
         SparseFFN(cfg, rngs=nnx.Rngs(5)),
         SparseFFN(ragged, rngs=nnx.Rngs(5)),
     )
     out = {}
-    for name, layer in (("tiles", tiles_layer), ("ragged", ragged_layer)):
+    for name, layer in (("slabs", slabs_layer), ("ragged", ragged_layer)):
         graphdef, params = nnx.split(layer)
 
         def loss(p, x, graphdef=graphdef):
@@ -241,6 +241,6 @@ def test_ragged_dot_path_equals_the_tile_path(image_share):
         out[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        out["tiles"],
+        out["slabs"],
         out["ragged"],
     )

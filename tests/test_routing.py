@@ -32,15 +32,13 @@ from moma_jax.model.routing import (
 )
 
 
-def gather_combine(x_NxD, dispatch, scale_E=None, tile_rows=4):
-    """The layer's path for one expert group: pack the slots into tiles, gather their tokens,
-    (each expert e's output = scale_E[e] * its input), combine."""
-    n_experts, capacity = dispatch.valid_ExC.shape
-    rows = -(-(n_experts * capacity + n_experts * (tile_rows - 1)) // tile_rows) * tile_rows
-    packing = grouped.pack((dispatch,), rows, tile_rows)
+def gather_combine(x_NxD, dispatch, scale_E=None):
+    """The layer's gather and combine for one expert group, each expert e's output being
+    scale_E[e] * its input."""
+    n_experts = dispatch.valid_ExC.shape[0]
     scale_E = jnp.ones((n_experts,)) if scale_E is None else scale_E
-    scale_R = jnp.repeat(scale_E[jnp.maximum(packing.tile_expert_Rt, 0)], tile_rows)
-    return grouped.combine(scale_R[:, None] * x_NxD[packing.token_R], packing, x_NxD.shape[0])
+    out_ExCxD = scale_E[:, None, None] * x_NxD[dispatch.token_index_ExC]
+    return grouped.combine_slots(out_ExCxD, dispatch, x_NxD.shape[0])
 
 
 # --- Scores and noise ----------------------------------------------------------------------------
@@ -204,7 +202,7 @@ def test_expert_choice_single_expert_of_ones_takes_group_in_order():
 # --- Pack, gather and combine ---------------------------------------------------------------------
 
 
-def test_pack_gather_and_combine_against_numpy_loops():
+def test_gather_and_combine_against_numpy_loops():
     rng = np.random.default_rng(7)
     n_tokens, d_model = 10, 6
     x = rng.normal(size=(n_tokens, d_model)).astype(np.float32)
@@ -214,24 +212,13 @@ def test_pack_gather_and_combine_against_numpy_loops():
     gate = np.where(valid, rng.uniform(size=valid.shape), 0.0).astype(np.float32)
     dispatch = Dispatch(jnp.asarray(token_index), jnp.asarray(gate), jnp.asarray(valid))
 
-    # Rows sorted by expert, each run padded to whole tiles of 2: 3 + 4 + 2 valid slots.
-    packing = grouped.pack((dispatch,), 16, 2)
-    np.testing.assert_array_equal(packing.tile_expert_Rt, [0, 0, 1, 1, 2, -1, -1, -1])
     np.testing.assert_array_equal(
-        np.asarray(packing.token_R)[np.asarray(packing.valid_R)],
-        token_index[valid],  # expert-major, slot order kept
+        jnp.asarray(x)[dispatch.token_index_ExC], np_gather(x, token_index)
     )
-    np.testing.assert_array_equal(np.flatnonzero(packing.valid_R), [0, 1, 2, 4, 5, 6, 7, 8, 9])
-    np.testing.assert_array_equal(
-        np.asarray(jnp.asarray(x)[packing.token_R])[np.asarray(packing.valid_R)],
-        np_gather(x, token_index)[valid],
-    )
-
     out = rng.normal(size=(3, 4, d_model)).astype(np.float32)
-    out_R = np.full((16, d_model), np.nan, np.float32)  # unused rows' outputs reach no token
-    out_R[3] = np.inf
-    out_R[np.flatnonzero(packing.valid_R)] = out[valid]
-    y = grouped.combine(jnp.asarray(out_R), packing, n_tokens)
+    out[0, 3] = np.inf  # an unused slot's output never reaches a token
+    out[2, 2] = np.nan
+    y = grouped.combine_slots(jnp.asarray(out), dispatch, n_tokens)
     expected = np_combine(out, token_index, gate, valid, n_tokens)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(

@@ -109,13 +109,13 @@ def layout_names(seconds: dict[str, float]) -> list[str]:
 
 
 def check_paths_agree(shape: Shape) -> dict[str, float]:
-    """Max |tiles - ragged_dot| of each layout's output, in float32 on this device (a check that
+    """Max |slabs - ragged_dot| of each layout's output, in float32 on this device (a check that
     the two expert-compute paths compute one layer, where the tests cannot run)."""
     small = dataclasses.replace(shape, dtype="float32", groups=1)
     out = {}
     for name, layout in LAYOUTS.items():
         ys = []
-        for compute in ("tiles", "ragged_dot"):
+        for compute in ("slabs", "ragged_dot"):
             cfg = model_config(small, layout, expert_compute=compute)
             layer = SparseFFN(cfg, rngs=nnx.Rngs(0))
             rng = np.random.default_rng(0)
@@ -150,7 +150,7 @@ def run(shape: Shape) -> dict[str, Any]:
     dense_cfg = model_config(shape, None)
     fns = {"dense": layer_step(dense_cfg, shape)}
     for name, layout in LAYOUTS.items():
-        for compute in ("tiles", "ragged_dot"):
+        for compute in ("slabs", "ragged_dot"):
             cfg = model_config(shape, layout, expert_compute=compute)
             fns[f"{name}/{compute}"] = layer_step(cfg, shape)
     fns.update(gemm_pair(shape, 8))
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         shape = dataclasses.replace(shape, rounds=args.rounds)
     report = run(shape)
-    report["tiles_vs_ragged_max_abs_diff"] = check_paths_agree(shape)
+    report["slabs_vs_ragged_max_abs_diff"] = check_paths_agree(shape)
     for name, seconds in report["seconds"].items():
         ratio = report["ratio_to_dense"].get(name)
         print(

@@ -1,32 +1,29 @@
-"""Grouped expert compute with static shapes: every routed slot runs, nothing is dropped, and
-the executed FLOPs stay near the ideal ones (MegaBlocks' idea, in plain JAX).
+"""Expert compute with static shapes that drops nothing and runs close to the ideal FLOPs.
 
 Routing (`routing.py`) leaves, per routing group and expert group, a fixed slot buffer per
-expert (`Dispatch`, [E, C]) whose valid slots are a prefix of dynamic length. Those fixed
-buffers are the unit that expert parallelism will move between devices. Here, per routing
-group of N tokens:
+expert (`Dispatch`, [E, C]) whose valid slots are a prefix: k_e slots for expert choice, with C
+the most k_e can ever be (`SparseConfig.group_slots`). These fixed buffers are the unit that
+expert parallelism moves between devices. Running all C slots would cost the worst case (every
+token of the routing group in this modality); `slab_swiglu` runs only the slots in use:
 
-1. `pack`: the valid slots of every expert of every expert group are laid out in ONE buffer of
-   R rows, sorted by global expert id; each expert's run is padded to a multiple of T rows
-   (`model.moe.tile_rows`), so every tile of T rows belongs to one expert (or to none: the
-   unused tail). R is static (`SparseConfig.packed_rows`): the most slots routing can fill
-   (N * experts per token, since the modalities partition the tokens) plus T - 1 padding rows
-   per expert, rounded up to tiles.
-2. `grouped_swiglu`: one scan over all tiles; a tile runs `layers.swiglu` with its expert's
-   weights and an unused tile is skipped (`lax.cond`), so executed work is the used tiles only.
-   Its VJP is written by hand: the weight gradients accumulate in place per expert instead of
-   as full-size zeros per tile.
-3. `combine`: y[token] += gate * out over valid rows, in float32.
+1. The first F slots of every expert (`SparseConfig.first_slots`: k_e at the configured modality
+   shares, rounded up to 8) run as one batched SwiGLU over [G, E, F] rows with the group's
+   stacked expert weights: a routing group with the usual mix runs only this.
+2. The other C - F slots are cut into slabs of T (`SparseConfig.slab_slots`: `tile_rows` shared
+   by the group's experts), run by a loop whose trip count is dynamic: the slabs the longest
+   valid prefix of any (routing group, expert) reaches (`_slab_loop`, with a hand-written VJP
+   that recomputes each slab). So an image-heavy group runs its extra slabs, and
+   nothing is dropped; executed rows are max(F, k rounded up to slabs) per expert, at the
+   largest k among the routing groups of the micro-batch.
+3. `combine_slots`: y[token] += gate * out over valid slots, in float32, per slab.
 
-`ragged_swiglu` is the other way to run step 2 (`model.moe.expert_compute="ragged_dot"`): one
-grouped GEMM per projection over the rows sorted by expert, no tile padding. It is the path for
-GPUs; on CPU XLA runs ragged_dot ~8x slower than a dense matmul of the same rows.
+`ragged_swiglu` is the other way to run the experts (`model.moe.expert_compute="ragged_dot"`):
+the valid slots of all groups sorted by expert, one `jax.lax.ragged_dot` per projection, no
+padding at all. On this CPU and on an H100 with JAX 0.11 it measured slower than the slabs
+(docs/benchmarks.md), so it is an option, kept exact by the tests.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,140 +32,133 @@ from moma_jax.model.layers import swiglu
 from moma_jax.model.routing import Dispatch
 
 
-class Packing(NamedTuple):
-    """One routing group's routed slots as R rows sorted by expert, runs padded to tiles.
-
-    token_R: int32 source token in [0, N) (0 on unused rows); gate_R: float32 combine weight
-    (0 on unused rows); valid_R: bool; tile_expert_Rt: int32 global expert of each of the R / T
-    tiles, -1 for a tile no expert uses.
-    """
-
-    token_R: jax.Array
-    gate_R: jax.Array
-    valid_R: jax.Array
-    tile_expert_Rt: jax.Array
+def _pad_slots(dispatch: Dispatch, slots: int) -> Dispatch:
+    """[..., E, C] -> [..., E, slots] with invalid slots (token 0, gate 0) appended."""
+    extra = slots - dispatch.valid_ExC.shape[-1]
+    if extra == 0:
+        return dispatch
+    widths = [(0, 0)] * (dispatch.valid_ExC.ndim - 1) + [(0, extra)]
+    return Dispatch(*(jnp.pad(a, widths) for a in dispatch))
 
 
-def pack(dispatches: tuple[Dispatch, ...], n_rows: int, tile_rows: int) -> Packing:
-    """Lays out the valid slots of all expert groups' dispatches (one routing group) in
-    `n_rows` rows, expert-major (group 0's experts first), each expert's run tile-aligned.
-
-    1. Count each expert's valid slots; pad each count up to a multiple of T; the exclusive
-       cumulative sum of the padded counts is each expert's first row.
-    2. A valid slot's row = its expert's first row + its rank among the expert's valid slots;
-       invalid slots go to row `n_rows` and are dropped by the scatter (they hold no token).
-    3. A tile belongs to the expert whose padded run covers its first row, else to none (-1).
-    """
-    count_S = jnp.concatenate([jnp.sum(d.valid_ExC, axis=1, dtype=jnp.int32) for d in dispatches])
-    padded_S = -(-count_S // tile_rows) * tile_rows
-    end_S = jnp.cumsum(padded_S)
-    start_S = end_S - padded_S
-    rows, tokens, gates, first = [], [], [], 0
-    for d in dispatches:  # expert groups differ in C: flatten each, then concatenate
-        n_experts = d.valid_ExC.shape[0]
-        rank_ExC = jnp.cumsum(d.valid_ExC, axis=1, dtype=jnp.int32) - 1
-        start_Ex1 = start_S[first : first + n_experts, None]
-        rows.append(jnp.where(d.valid_ExC, start_Ex1 + rank_ExC, n_rows).reshape(-1))
-        tokens.append(d.token_index_ExC.reshape(-1))
-        gates.append(d.gate_ExC.reshape(-1))
-        first += n_experts
-    row_X = jnp.concatenate(rows)
-    token_R = jnp.zeros((n_rows,), jnp.int32).at[row_X].set(jnp.concatenate(tokens), mode="drop")
-    gate_R = jnp.zeros((n_rows,), jnp.float32).at[row_X].set(jnp.concatenate(gates), mode="drop")
-    valid_R = jnp.zeros((n_rows,), bool).at[row_X].set(True, mode="drop")
-    tile_start_Rt = jnp.arange(0, n_rows, tile_rows, dtype=jnp.int32)
-    expert_Rt = jnp.searchsorted(end_S, tile_start_Rt, side="right").astype(jnp.int32)
-    tile_expert_Rt = jnp.where(expert_Rt < count_S.shape[0], expert_Rt, -1)
-    return Packing(token_R, gate_R, valid_R, tile_expert_Rt)
-
-
-def combine(out_RxD: jax.Array, packing: Packing, n_tokens: int) -> jax.Array:
-    """y[token] += gate * out over valid rows; float32 sum, returned in float32.
-
-    Rows are masked before weighting, not just by their zero gate: an inf/NaN computed in an
-    unused row must reach no token, in the forward pass or the gradient.
-    """
-    out_RxD = jnp.where(packing.valid_R[:, None], out_RxD.astype(jnp.float32), 0.0)
-    weighted_RxD = packing.gate_R[:, None] * out_RxD
-    y_NxD = jnp.zeros((n_tokens, out_RxD.shape[-1]), jnp.float32)
-    return y_NxD.at[packing.token_R].add(weighted_RxD)
-
-
-# --- The tile scan ---------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def grouped_swiglu(
-    x_RxD: jax.Array,
-    tile_expert_Rt: jax.Array,
+def slab_swiglu(
+    x_GxNxD: jax.Array,
+    dispatch: Dispatch,
     w_gate_ExDxF: jax.Array,
     w_up_ExDxF: jax.Array,
     w_down_ExFxD: jax.Array,
-    tile_rows: int,
-) -> jax.Array:
-    """Each tile of `tile_rows` rows through its expert's SwiGLU; unused tiles (-1) give 0."""
-    return _forward(x_RxD, tile_expert_Rt, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile_rows)[0]
+    first: int,
+    slab: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Every valid slot of `dispatch` ([G, E, C]) through its expert's SwiGLU, combined.
 
-
-def _tiles(x_RxD: jax.Array, tile_rows: int) -> jax.Array:
-    return x_RxD.reshape(-1, tile_rows, x_RxD.shape[-1])
-
-
-def _forward(x_RxD, tile_expert_Rt, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile_rows):
-    def body(_, xs):
-        x_TxD, e = xs
-        i = jnp.maximum(e, 0)
-
-        def run() -> jax.Array:
-            return swiglu(x_TxD, w_gate_ExDxF[i], w_up_ExDxF[i], w_down_ExFxD[i])
-
-        return None, jax.lax.cond(e >= 0, run, lambda: jnp.zeros_like(x_TxD))
-
-    _, y_RtxTxD = jax.lax.scan(body, None, (_tiles(x_RxD, tile_rows), tile_expert_Rt))
-    residuals = (x_RxD, tile_expert_Rt, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    return y_RtxTxD.reshape(x_RxD.shape), residuals
-
-
-def _backward(tile_rows, residuals, dy_RxD):
-    """Per used tile: recompute the tile's SwiGLU, then dx and the weight gradients of its
-    expert, added in place into the carried [E, ...] accumulators."""
-    x_RxD, tile_expert_Rt, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD = residuals
-
-    def body(grads, xs):
-        x_TxD, dy_TxD, e = xs
-        i = jnp.maximum(e, 0)
-        w_gate, w_up, w_down = w_gate_ExDxF[i], w_up_ExDxF[i], w_down_ExFxD[i]
-
-        def run():
-            _, vjp = jax.vjp(swiglu, x_TxD, w_gate, w_up, w_down)
-            return vjp(dy_TxD.astype(x_TxD.dtype))
-
-        def skip():
-            return tuple(jnp.zeros_like(a) for a in (x_TxD, w_gate, w_up, w_down))
-
-        dx_TxD, *dw = jax.lax.cond(e >= 0, run, skip)
-        grads = tuple(g.at[i].add(d.astype(g.dtype)) for g, d in zip(grads, dw, strict=True))
-        return grads, dx_TxD
-
-    # Accumulated in float32 whatever the compute dtype: a weight sums many tiles' gradients.
+    1. The first `first` slots of every expert run as one batched SwiGLU (sized to the k_e of
+       a routing group with the configured modality mix: the usual case runs only this).
+    2. The remaining slots, in slabs of `slab`, run in a loop whose trip count is the number of
+       slabs the longest valid prefix of any (routing group, expert) reaches.
+    Returns y [G, N, D] (float32: sum of gate * output per token) and the slots per expert
+    that ran (int32), for the metrics.
+    """
+    n_tokens, capacity = x_GxNxD.shape[1], dispatch.valid_ExC.shape[-1]
+    first = min(first, capacity)
+    n_slabs = -(-(capacity - first) // slab)
+    dispatch = _pad_slots(dispatch, first + n_slabs * slab)
     weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights)
-    xs = (_tiles(x_RxD, tile_rows), _tiles(dy_RxD, tile_rows), tile_expert_Rt)
-    grads, dx_RtxTxD = jax.lax.scan(body, zeros, xs)
-    grads = tuple(g.astype(w.dtype) for g, w in zip(grads, weights, strict=True))
-    return (dx_RtxTxD.reshape(x_RxD.shape), None, *grads)
+
+    def run(part: Dispatch) -> jax.Array:  # [G, E, T] slots -> [G, N, D] contributions
+        x_GxExTxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, part.token_index_ExC)
+        out_GxExTxD = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)(x_GxExTxD, *weights)
+        return jax.vmap(lambda o, d: combine_slots(o, d, n_tokens))(out_GxExTxD, part)
+
+    y_GxNxD = run(Dispatch(*(a[..., :first] for a in dispatch)))
+    if n_slabs == 0:
+        return y_GxNxD, jnp.asarray(first, jnp.int32)
+    longest = jnp.max(jnp.sum(dispatch.valid_ExC, axis=-1, dtype=jnp.int32))
+    used = -(-jnp.maximum(longest - first, 0) // slab)
+
+    def slabs(a: jax.Array) -> jax.Array:  # [G, E, C'] -> [S, G, E, T]
+        return jnp.moveaxis(a[..., first:].reshape(*a.shape[:2], n_slabs, slab), 2, 0)
+
+    rest = Dispatch(*(slabs(a) for a in dispatch))
+    y_GxNxD = y_GxNxD + _slab_loop(
+        x_GxNxD, rest.gate_ExC, rest.token_index_ExC, rest.valid_ExC, used, *weights
+    )
+    return y_GxNxD, first + used * slab
 
 
-grouped_swiglu.defvjp(_forward, _backward)
+def _slab_out(x_GxNxD, gate_GxExT, token_GxExT, valid_GxExT, weights):
+    """One slab: gather, each expert's SwiGLU, and the combine ([G, N, D] float32)."""
+    x_GxExTxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, token_GxExT)
+    out_GxExTxD = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)(x_GxExTxD, *weights)
+    part = Dispatch(token_GxExT, gate_GxExT, valid_GxExT)
+    return jax.vmap(lambda o, d: combine_slots(o, d, x_GxNxD.shape[1]))(out_GxExTxD, part)
 
 
-# --- The ragged path (GPU) --------------------------------------------------------------------
+@jax.custom_vjp
+def _slab_loop(x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
+    """The overflow slabs: a loop of `used` iterations (a dynamic trip count, so slabs past the
+    longest prefix cost nothing), with a hand-written VJP: autodiff cannot reverse a loop of
+    dynamic length, and a scan with `lax.cond` would store zero residuals for every slab."""
+    return _slab_loop_fwd(x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights)[0]
 
 
-def row_experts(packing: Packing, tile_rows: int) -> jax.Array:
-    """[R] int32 global expert of each valid row, -1 for padding and unused rows."""
-    expert_R = jnp.repeat(packing.tile_expert_Rt, tile_rows)
-    return jnp.where(packing.valid_R, expert_R, -1)
+def _slab_loop_fwd(x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
+    def body(s, y):
+        return y + _slab_out(x_GxNxD, gate_SxGxExT[s], token_SxGxExT[s], valid_SxGxExT[s], weights)
+
+    y = jax.lax.fori_loop(0, used, body, jnp.zeros(x_GxNxD.shape, jnp.float32))
+    return y, (x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, weights)
+
+
+def _slab_loop_bwd(residuals, dy_GxNxD):
+    """Per slab that ran: recompute its SwiGLU; the gate gets sum(dy * out), the expert input
+    gate * dy through the SwiGLU's VJP (scatter-added back to tokens), the weights their
+    gradients, accumulated in float32."""
+    x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, weights = residuals
+    per_expert = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)
+    gather = jax.vmap(lambda a_NxD, idx: a_NxD[idx])
+
+    def body(s, carry):
+        dx_GxNxD, dgate_SxGxExT, dweights = carry
+        token, gate, valid = token_SxGxExT[s], gate_SxGxExT[s], valid_SxGxExT[s]
+        out, vjp = jax.vjp(per_expert, gather(x_GxNxD, token), *weights)
+        dy_GxExTxD = jnp.where(valid[..., None], gather(dy_GxNxD, token), 0.0)
+        dgate = jnp.sum(dy_GxExTxD * out.astype(jnp.float32), axis=-1)
+        dx_slots, *dw = vjp((gate[..., None] * dy_GxExTxD).astype(out.dtype))
+        dx_GxNxD = jax.vmap(lambda d, idx, v: d.at[idx].add(v.astype(d.dtype)))(
+            dx_GxNxD, token, dx_slots
+        )
+        dweights = tuple(a + b.astype(jnp.float32) for a, b in zip(dweights, dw, strict=True))
+        return dx_GxNxD, dgate_SxGxExT.at[s].set(dgate), dweights
+
+    init = (
+        jnp.zeros(x_GxNxD.shape, jnp.float32),
+        jnp.zeros(gate_SxGxExT.shape, jnp.float32),
+        tuple(jnp.zeros(w.shape, jnp.float32) for w in weights),
+    )
+    dx, dgate, dweights = jax.lax.fori_loop(0, used, body, init)
+    dweights = tuple(d.astype(w.dtype) for d, w in zip(dweights, weights, strict=True))
+    return (dx.astype(x_GxNxD.dtype), dgate.astype(gate_SxGxExT.dtype), None, None, None, *dweights)
+
+
+_slab_loop.defvjp(_slab_loop_fwd, _slab_loop_bwd)
+
+
+def combine_slots(out_ExCxD: jax.Array, dispatch: Dispatch, n_tokens: int) -> jax.Array:
+    """y[token_index[e, c]] += gate[e, c] * out[e, c] over valid slots; float32 [N, D].
+
+    Slots are masked before weighting, not just by their zero gate: an inf/NaN computed in an
+    unused slot must reach no token, in the forward pass or the gradient.
+    """
+    dispatch = _pad_slots(dispatch, out_ExCxD.shape[-2])
+    out = jnp.where(dispatch.valid_ExC[..., None], out_ExCxD.astype(jnp.float32), 0.0)
+    weighted_ExCxD = dispatch.gate_ExC[..., None] * out
+    d_model = out_ExCxD.shape[-1]
+    y_NxD = jnp.zeros((n_tokens, d_model), jnp.float32)
+    return y_NxD.at[dispatch.token_index_ExC.reshape(-1)].add(weighted_ExCxD.reshape(-1, d_model))
+
+
+# --- The ragged path ---------------------------------------------------------------------------
 
 
 def ragged_swiglu(
@@ -178,8 +168,8 @@ def ragged_swiglu(
     w_up_ExDxF: jax.Array,
     w_down_ExFxD: jax.Array,
 ) -> jax.Array:
-    """Each row through its expert's SwiGLU with `jax.lax.ragged_dot` (a grouped GEMM; rows of
-    expert -1 give 0 and cost nothing): `model.moe.expert_compute="ragged_dot"`.
+    """Each row through its expert's SwiGLU with `jax.lax.ragged_dot` (a grouped GEMM); rows of
+    expert -1 give 0 and cost nothing.
 
     1. Stable-sort the rows by expert (-1 last), so each expert's rows are one contiguous run;
        the group sizes count each expert's rows, and rows past their sum are not computed.

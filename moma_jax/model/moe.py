@@ -9,9 +9,9 @@ N tokens and per expert group:
    slot buffer holds floor(N * c / E_M), the most k_e can be, so nothing is ever dropped) or
    token choice (each token its top-k experts, capacity C: drops are the method's, counted);
    a one-expert group has no router: gate 1 for every token of its modalities, N slots;
-3. `grouped.py`: the routed slots of all groups packed into one buffer sorted by expert and
-   tiled, one scan of SwiGLU tiles with each tile's expert weights, and a weighted
-   scatter-add back to token positions.
+3. `grouped.py`: each group's experts run their valid slots slab by slab (a batched SwiGLU
+   over the stacked expert weights; slabs past the longest expert's slots are skipped), and a
+   weighted scatter-add brings the outputs back to token positions.
 Tokens taken by no expert get 0 here and keep only the residual.
 """
 
@@ -25,9 +25,11 @@ from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model import grouped, routing
 from moma_jax.model.layers import param
 
+W = ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")  # an expert group's stacked weights
+
 
 class ExpertGroup(nnx.Module):
-    """E stacked SwiGLU experts (run by `grouped.grouped_swiglu`) and, for E > 1, their router."""
+    """E stacked SwiGLU experts (run by `grouped.slab_swiglu`) and, for E > 1, their router."""
 
     def __init__(self, cfg: ModelConfig, n_experts: int, *, rngs: nnx.Rngs):
         d, f, std, dt = cfg.d_model, cfg.resolved_ffn_hidden, cfg.init_std, cfg.param_dtype
@@ -80,28 +82,36 @@ class SparseFFN(nnx.Module):
             dispatches.append(dispatch)
             losses.update({f"moe/{name}/{k}": v for k, v in group_losses.items()})
             metrics.update({f"moe/{name}/{k}": v for k, v in group_metrics.items()})
-        tile, rows = moe.tile_rows, moe.packed_rows
-        with jax.named_scope("dispatch"):
-            packing = jax.vmap(lambda *dsp: grouped.pack(dsp, rows, tile))(*dispatches)
-            x_GxRxD = jax.vmap(lambda x, p: x[p.token_R])(x_GxNxD, packing)
         with jax.named_scope("experts"):
             dt = self.compute_dtype
-            groups = [getattr(self, f"group_{g}") for g in range(moe.n_groups)]
-            w_gate, w_up, w_down = (
-                jnp.concatenate([getattr(grp, name)[...].astype(dt) for grp in groups], axis=0)
-                for name in ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")
-            )
-            x_GRxD = x_GxRxD.reshape(-1, d).astype(dt)
+            weights = [
+                tuple(getattr(getattr(self, f"group_{g}"), name)[...].astype(dt) for name in W)
+                for g in range(moe.n_groups)
+            ]
+            x_dt = x_GxNxD.astype(dt)
             if moe.expert_compute == "ragged_dot":
-                expert_GR = jax.vmap(lambda p: grouped.row_experts(p, tile))(packing).reshape(-1)
-                out_GRxD = grouped.ragged_swiglu(x_GRxD, expert_GR, w_gate, w_up, w_down)
+                outs, used_rows = _ragged_experts(x_dt, dispatches, weights)
+                with jax.named_scope("combine"):
+                    y_GxNxD = sum(
+                        (
+                            jax.vmap(lambda o, dsp: grouped.combine_slots(o, dsp, n))(out, dsp)
+                            for out, dsp in zip(outs, dispatches, strict=True)
+                        ),
+                        start=jnp.zeros(x_GxNxD.shape, jnp.float32),
+                    )
             else:
-                tiles_GRt = packing.tile_expert_Rt.reshape(-1)
-                out_GRxD = grouped.grouped_swiglu(x_GRxD, tiles_GRt, w_gate, w_up, w_down, tile)
-        with jax.named_scope("combine"):
-            out_GxRxD = out_GRxD.reshape(x_GxRxD.shape)
-            y_GxNxD = jax.vmap(lambda o, p: grouped.combine(o, p, n))(out_GxRxD, packing)
-        metrics.update(_packing_metrics(packing, tile))
+                y_GxNxD, used_rows = jnp.zeros(x_GxNxD.shape, jnp.float32), jnp.zeros(())
+                for g, (dispatch, (w_gate, w_up, w_down)) in enumerate(
+                    zip(dispatches, weights, strict=True)
+                ):
+                    first, slab = moe.first_slots(g), moe.slab_slots(g)
+                    y, used = grouped.slab_swiglu(x_dt, dispatch, w_gate, w_up, w_down, first, slab)
+                    y_GxNxD = y_GxNxD + y
+                    slots = used * moe.group_experts[g] * x_GxNxD.shape[0]
+                    used_rows = used_rows + slots.astype(jnp.float32)
+        routed = sum((jnp.sum(dsp.valid_ExC) for dsp in dispatches), start=jnp.zeros(()))
+        metrics["moe/rows_used_frac"] = used_rows / (moe.static_rows * x_GxNxD.shape[0])
+        metrics["moe/padding_frac"] = (used_rows - routed) / jnp.maximum(used_rows, 1.0)
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
         return y_BxLxD, {"losses": losses, "metrics": metrics}
 
@@ -182,13 +192,26 @@ def _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats) -> dict[str, 
     return out
 
 
-def _packing_metrics(packing: grouped.Packing, tile_rows: int) -> dict[str, jax.Array]:
-    """How full the packed buffer is: `moe/rows_used_frac` (rows of used tiles / static rows)
-    and `moe/padding_frac` (padding rows / rows of used tiles: executed over routed - 1)."""
-    used_tiles = jnp.sum(packing.tile_expert_Rt >= 0).astype(jnp.float32)
-    routed = jnp.sum(packing.valid_R).astype(jnp.float32)
-    executed = used_tiles * tile_rows
-    return {
-        "moe/rows_used_frac": executed / packing.valid_R.size,
-        "moe/padding_frac": (executed - routed) / jnp.maximum(executed, 1.0),
-    }
+def _ragged_experts(x_GxNxD, dispatches, weights):
+    """`model.moe.expert_compute="ragged_dot"`: every valid slot of every group as one row,
+    sorted by global expert inside `grouped.ragged_swiglu`; outputs back in [G, E, C, D] per
+    group. Rows run = routed slots (no padding)."""
+    rows, experts, first = [], [], 0
+    for dsp in dispatches:
+        n_experts = dsp.valid_ExC.shape[1]
+        rows.append(jax.vmap(lambda x, idx: x[idx])(x_GxNxD, dsp.token_index_ExC))
+        expert_GxExC = jnp.broadcast_to(
+            first + jnp.arange(n_experts)[None, :, None], dsp.valid_ExC.shape
+        )
+        experts.append(jnp.where(dsp.valid_ExC, expert_GxExC, -1))
+        first += n_experts
+    d = x_GxNxD.shape[-1]
+    x_RxD = jnp.concatenate([r.reshape(-1, d) for r in rows])
+    expert_R = jnp.concatenate([e.reshape(-1) for e in experts])
+    stacked = [jnp.concatenate(ws, axis=0) for ws in zip(*weights, strict=True)]
+    out_RxD = grouped.ragged_swiglu(x_RxD, expert_R, *stacked)
+    outs, start = [], 0
+    for r in rows:
+        outs.append(out_RxD[start : start + r.size // d].reshape(r.shape))
+        start += r.size // d
+    return outs, jnp.sum(expert_R >= 0).astype(jnp.float32)
