@@ -28,6 +28,7 @@ from moma_jax.model.routing import (
     ranking_scores,
     round_robin,
     router_scores,
+    take_all,
     token_choice,
 )
 
@@ -300,3 +301,26 @@ def test_round_robin_deals_eligible_tokens_out_in_turn():
     probs = np.asarray(pref / jnp.sum(pref, -1, keepdims=True))
     _, _, valid, ref_stats = np_token_choice(probs, eligible, 2, 4, True)
     assert np.all(valid) and ref_stats["dropped"] == 0  # top-2: turns i and i + 1 mod 4
+
+
+@pytest.mark.parametrize("mix", ["random", "image_only", "text_only"])
+def test_take_all_equals_expert_choice_on_equal_scores(mix):
+    _, modality, valid = random_group(6)
+    modality = {
+        "random": modality,
+        "image_only": np.ones(64, np.int8),
+        "text_only": np.zeros(64, np.int8),
+    }[mix]
+    eligible, count = modality_eligibility(jnp.asarray(modality), jnp.asarray(valid), (1,))
+    for capacity in (64, 40):
+        got, got_stats = take_all(eligible, capacity)
+        want, want_stats = expert_choice_jit(jnp.ones((64, 1)), eligible, count, capacity)
+        np.testing.assert_array_equal(got.valid_ExC, want.valid_ExC)
+        valid_slots = np.asarray(got.valid_ExC)
+        np.testing.assert_array_equal(
+            np.asarray(got.token_index_ExC)[valid_slots],
+            np.asarray(want.token_index_ExC)[valid_slots],
+        )
+        np.testing.assert_array_equal(got.gate_ExC, want.gate_ExC)
+        assert float(got_stats["dropped"]) == float(want_stats["dropped"])
+        assert float(got_stats["wasted"]) == float(want_stats["wasted"])

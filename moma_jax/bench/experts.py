@@ -73,20 +73,18 @@ def layer_step(cfg: ModelConfig, shape: Shape) -> Callable[[], Any]:
     batch whose image tokens are 23% of each group, placed at random."""
     layer = SparseFFN(cfg, rngs=nnx.Rngs(0)) if cfg.has_experts else SwiGLU(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
-    n = shape.groups * shape.group_tokens
     rng = np.random.default_rng(0)
     modality = jnp.asarray((rng.random((shape.groups, shape.group_tokens)) < SHARES[1]), jnp.int32)
-    ctx = {"modality": modality, "segment_ids": jnp.ones_like(modality)}
     x = jax.random.normal(jax.random.key(1), (shape.groups, shape.group_tokens, shape.d_model))
     x = x.astype(cfg.compute_dtype)
-    del n
 
-    def loss(params, x):
+    def loss(params, x, modality):  # the batch is an argument: nothing constant-folds
+        ctx = {"modality": modality, "segment_ids": jnp.ones_like(modality)}
         y, _ = nnx.merge(graphdef, params)(x, ctx)
         return jnp.sum(y.astype(jnp.float32))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return lambda: grad(params, x)
+    return lambda: grad(params, x, modality)
 
 
 def gemm_pair(shape: Shape, n_experts: int) -> dict[str, Callable[[], Any]]:

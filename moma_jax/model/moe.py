@@ -122,9 +122,7 @@ class SparseFFN(nnx.Module):
         losses: dict[str, jax.Array] = {}
         if experts == 1:  # pure modality untying: every eligible token, gate 1
             scores_GxNxE = jnp.ones(eligible_GxN.shape + (1,), jnp.float32)
-            dispatch, stats = jax.vmap(lambda s, e, k: routing.expert_choice(s, e, k, slots))(
-                scores_GxNxE, eligible_GxN, count_G
-            )
+            dispatch, stats = jax.vmap(lambda e: routing.take_all(e, slots))(eligible_GxN)
             return dispatch, losses, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
         assert group.router_DxE is not None  # every group of more than one expert has a router
         logits_GxNxE = jnp.einsum(

@@ -135,6 +135,29 @@ def expert_choice(
     return Dispatch(token_index_ExC, gate_ExC, valid_ExC), stats
 
 
+def take_all(eligible_N: jax.Array, capacity: int) -> tuple[Dispatch, dict[str, jax.Array]]:
+    """A one-expert group (modality untying): its one expert takes every eligible token, in
+    token order, gate 1 -- `expert_choice` on all-equal scores, without its top-k (a sort).
+
+    Slot i holds the i-th eligible token (positions from a cumulative sum, one scatter).
+    """
+    n_tokens = eligible_N.shape[0]
+    if not 0 <= capacity <= n_tokens:
+        raise ValueError(f"take_all capacity {capacity} must lie in [0, {n_tokens}]")
+    eligible_N = eligible_N.astype(bool)
+    slot_N = jnp.where(eligible_N, jnp.cumsum(eligible_N, dtype=jnp.int32) - 1, capacity)
+    tokens_N = jnp.arange(n_tokens, dtype=jnp.int32)
+    token_index_C = jnp.zeros((capacity,), jnp.int32).at[slot_N].set(tokens_N, mode="drop")
+    count = jnp.sum(eligible_N, dtype=jnp.int32)
+    valid_C = jnp.arange(capacity, dtype=jnp.int32) < count
+    stats = {
+        "dropped": jnp.maximum(count - capacity, 0).astype(jnp.float32),
+        "wasted": (capacity - jnp.sum(valid_C)).astype(jnp.float32),
+    }
+    dispatch = Dispatch(token_index_C[None], valid_C[None].astype(jnp.float32), valid_C[None])
+    return dispatch, stats
+
+
 # --- Token choice --------------------------------------------------------------------------------
 
 
