@@ -41,6 +41,8 @@ def describe(cfg: ExperimentConfig) -> dict:
                         "name": moe.group_name(g),
                         "experts": moe.group_experts[g],
                         "slots": moe.group_slots(g),
+                        "first_slots": moe.first_slots(g),
+                        "slab_slots": moe.slab_slots(g),
                     }
                     for g in range(moe.n_groups)
                 ],
@@ -100,7 +102,9 @@ def table(info: dict) -> str:
         routing = ""
         if entry["kind"] == "moe":
             groups = "; ".join(
-                f"{g['name']}: {g['experts']} x {g['slots']} slots" for g in entry["groups"]
+                f"{g['name']}: {g['experts']} experts x {g['slots']} slots, "
+                f"{g['first_slots']} always run, then slabs of {g['slab_slots']}"
+                for g in entry["groups"]
             )
             routing = (
                 f"{entry['routing']}, c={entry['capacity']:g}, groups of "

@@ -8,11 +8,11 @@ Norms, RoPE, softmax, gathers and the embedding lookup are not counted (< 1% at 
 
 "Ideal" is what the MoMa paper counts: each token's own experts only (expert choice with
 capacity c: c expert FFNs per token on average; token choice: top_k; a one-expert group: 1),
-its group's router. "Executed" is what the layers run: for the sparse FFN, the expert rows of
-the packed tiles (`model/grouped.py`: the routed slots at the configured modality shares plus
-each expert's padding to whole tiles, counted at its worst) and every group's router over every
+its group's router. "Executed" is what the layers run: for the sparse FFN, the expert slots in
+use (`model/grouped.py`: each expert's routed slots at the configured modality shares, rounded
+up as the slabs run them, `SparseConfig.executed_rows`) and every group's router over every
 token of the routing group; for MoT, each modality's projections and FFN over all tokens
-(masked compute). The grouped backward recomputes each tile's SwiGLU (not counted, like remat).
+(masked compute). The overflow slabs' backward recomputes their SwiGLU (not counted, like remat).
 """
 
 from __future__ import annotations

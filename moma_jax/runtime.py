@@ -19,6 +19,19 @@ from moma_jax.overrides import apply_overrides
 def add_experiment_args(p: argparse.ArgumentParser, exp_required: bool = False) -> None:
     """--exp, --experiments and --set, spelled the same on every entry point."""
     p.add_argument("--exp", required=exp_required, help="experiment name (train.py --list)")
+    add_experiments_module_arg(p)
+    add_set_arg(p, "override a config key, e.g. --set model.d_model=256 (repeatable)")
+
+
+def add_set_arg(p: argparse.ArgumentParser, text: str) -> None:
+    """--set KEY=VALUE (repeatable), collected in `args.overrides`."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text
+    )
+
+
+def add_experiments_module_arg(p: argparse.ArgumentParser) -> None:
+    """--experiments MODULE (repeatable): user modules that register experiments."""
     p.add_argument(
         "--experiments",
         action="append",
@@ -26,14 +39,6 @@ def add_experiment_args(p: argparse.ArgumentParser, exp_required: bool = False) 
         metavar="MODULE",
         help="import a module (dotted name or .py path) that registers more experiments "
         "with @moma_jax.registry.register (repeatable)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.d_model=256 (repeatable)",
     )
 
 

@@ -109,7 +109,7 @@ def test_unset_modality_shares_is_one_config_error_everywhere():
 def test_describe_table_is_readable(capsys):
     assert main(["--exp", "moma_6t2i_tiny"]) == 0
     out = capsys.readouterr().out
-    assert "text: 6 x" in out and "image: 2 x" in out and "token shares" in out
+    assert "text: 6 experts" in out and "image: 2 experts" in out and "token shares" in out
     assert "{" not in out and "0000000" not in out  # no raw dicts, no float noise
 
 

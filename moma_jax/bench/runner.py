@@ -65,7 +65,13 @@ from moma_jax.bench.timed import (
 )
 from moma_jax.config import ConfigError, ExperimentConfig, validate
 from moma_jax.overrides import apply_overrides
-from moma_jax.runtime import enable_compilation_cache, load_experiment_modules, resolve_shares
+from moma_jax.runtime import (
+    add_experiments_module_arg,
+    add_set_arg,
+    enable_compilation_cache,
+    load_experiment_modules,
+    resolve_shares,
+)
 
 # One dense step takes ~1 s on the 2-core CPU at this shape: 2,048 tokens per step and per
 # routing group (the tiny experiments route 4,096-token groups at d=128; the paper 4,096).
@@ -241,22 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="fewer rounds and expert counts")
     p.add_argument("--rounds", type=int, help="timed rounds per phase (default 20, --quick 5)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change every config (e.g. model.d_model=512 for a larger benchmark shape)",
-    )
-    p.add_argument(
-        "--experiments",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module (dotted name or .py path) that registers more experiments "
-        "with @moma_jax.registry.register (repeatable)",
-    )
+    add_set_arg(p, "change every config (e.g. model.d_model=512 for a larger benchmark shape)")
+    add_experiments_module_arg(p)
     p.add_argument(
         "--arch",
         action="append",

@@ -19,26 +19,25 @@ from moma_jax.model.moe import SparseFFN
 from moma_jax.model.mot import UntiedAttention, UntiedRMSNorm, UntiedSwiGLU
 
 
-def dense_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """Shared attention, one SwiGLU."""
+def _shared_attention_block(cfg: ModelConfig, ffn: nnx.Module, rngs: nnx.Rngs) -> Block:
+    """One attention for all modalities around `ffn` (built first: the RNG stream's order)."""
     return Block(
         cfg,
-        ffn=SwiGLU(cfg, rngs=rngs),
+        ffn=ffn,
         attn=Attention(cfg, rngs=rngs),
         attn_norm=RMSNorm(cfg.d_model, cfg),
         ffn_norm=RMSNorm(cfg.d_model, cfg),
     )
+
+
+def dense_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """Shared attention, one SwiGLU."""
+    return _shared_attention_block(cfg, SwiGLU(cfg, rngs=rngs), rngs)
 
 
 def sparse_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """Shared attention, the sparse FFN of `model.moe` (MoMa, mixed-modal MoE, token choice)."""
-    return Block(
-        cfg,
-        ffn=SparseFFN(cfg, rngs=rngs),
-        attn=Attention(cfg, rngs=rngs),
-        attn_norm=RMSNorm(cfg.d_model, cfg),
-        ffn_norm=RMSNorm(cfg.d_model, cfg),
-    )
+    return _shared_attention_block(cfg, SparseFFN(cfg, rngs=rngs), rngs)
 
 
 def mot_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
