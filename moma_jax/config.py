@@ -72,6 +72,11 @@ class ModelConfig:
         return self.n_layers // len(self.layer_pattern)
 
     @property
+    def uses_modality_shares(self) -> bool:
+        """Whether a layer kind sizes its work by `model.moe.modality_shares` (sparse FFN, MoT)."""
+        return self.has_experts or "mot" in self.layer_pattern
+
+    @property
     def has_experts(self) -> bool:
         """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN)."""
         return "moe" in self.layer_pattern

@@ -24,7 +24,6 @@ import jax
 from flax import nnx
 
 from moma_jax.config import ModelConfig
-from moma_jax.modality import N_MODALITIES
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
@@ -59,10 +58,11 @@ def _dense_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float,
 
 
 def _mot_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    """MoT runs each token's projections and FFN with its own modality's weights only
+    (`mot.by_modality`): executed = ideal, up to the rounding of each modality's rows (to 8,
+    or to a slab of `model.moe.tile_rows` rows where a batch exceeds its share)."""
     ideal, _ = _dense_layer(cfg, seq_len, attention)
-    d, hk = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
-    projections_and_ffn = 2 * d * 4 * hk + ffn_flops_per_token(cfg)
-    return ideal, ideal + (N_MODALITIES - 1) * projections_and_ffn
+    return ideal, ideal
 
 
 # Layer kind -> (ideal, executed) forward FLOPs per token.

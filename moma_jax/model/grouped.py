@@ -25,6 +25,9 @@ padding at all. On this CPU and on an H100 with JAX 0.11 it measured slower than
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +44,9 @@ def _pad_slots(dispatch: Dispatch, slots: int) -> Dispatch:
     return Dispatch(*(jnp.pad(a, widths) for a in dispatch))
 
 
+ExpertFn = Callable[..., jax.Array]  # (x_TxDin, *one expert's weights) -> y_TxDout
+
+
 def slab_swiglu(
     x_GxNxD: jax.Array,
     dispatch: Dispatch,
@@ -50,27 +56,34 @@ def slab_swiglu(
     first: int,
     slab: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Every valid slot of `dispatch` ([G, E, C]) through its expert's SwiGLU, combined.
+    """`slab_apply` of the SwiGLU: the sparse FFN's expert compute."""
+    weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    return slab_apply(swiglu, x_GxNxD, dispatch, weights, first, slab)
 
-    1. The first `first` slots of every expert run as one batched SwiGLU (sized to the k_e of
+
+def slab_apply(
+    fn: ExpertFn,
+    x_GxNxD: jax.Array,
+    dispatch: Dispatch,
+    weights: tuple[jax.Array, ...],
+    first: int,
+    slab: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Every valid slot of `dispatch` ([G, E, C]) through `fn` with its expert's weights (each
+    of `weights` stacked on a leading E axis), combined back to the tokens.
+
+    1. The first `first` slots of every expert run as one batched call (sized to the k_e of
        a routing group with the configured modality mix: the usual case runs only this).
     2. The remaining slots, in slabs of `slab`, run in a loop whose trip count is the number of
        slabs the longest valid prefix of any (routing group, expert) reaches.
-    Returns y [G, N, D] (float32: sum of gate * output per token) and the slots per expert
+    Returns y [G, N, Dout] (float32: sum of gate * output per token) and the slots per expert
     that ran (int32), for the metrics.
     """
-    n_tokens, capacity = x_GxNxD.shape[1], dispatch.valid_ExC.shape[-1]
+    capacity = dispatch.valid_ExC.shape[-1]
     first = min(first, capacity)
     n_slabs = -(-(capacity - first) // slab)
     dispatch = _pad_slots(dispatch, first + n_slabs * slab)
-    weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-
-    def run(part: Dispatch) -> jax.Array:  # [G, E, T] slots -> [G, N, D] contributions
-        x_GxExTxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, part.token_index_ExC)
-        out_GxExTxD = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)(x_GxExTxD, *weights)
-        return jax.vmap(lambda o, d: combine_slots(o, d, n_tokens))(out_GxExTxD, part)
-
-    y_GxNxD = run(Dispatch(*(a[..., :first] for a in dispatch)))
+    y_GxNxD = _slots_out(fn, x_GxNxD, Dispatch(*(a[..., :first] for a in dispatch)), weights)
     if n_slabs == 0:
         return y_GxNxD, jnp.asarray(first, jnp.int32)
     longest = jnp.max(jnp.sum(dispatch.valid_ExC, axis=-1, dtype=jnp.int32))
@@ -81,41 +94,50 @@ def slab_swiglu(
 
     rest = Dispatch(*(slabs(a) for a in dispatch))
     y_GxNxD = y_GxNxD + _slab_loop(
-        x_GxNxD, rest.gate_ExC, rest.token_index_ExC, rest.valid_ExC, used, *weights
+        fn, x_GxNxD, rest.gate_ExC, rest.token_index_ExC, rest.valid_ExC, used, *weights
     )
     return y_GxNxD, first + used * slab
 
 
-def _slab_out(x_GxNxD, gate_GxExT, token_GxExT, valid_GxExT, weights):
-    """One slab: gather, each expert's SwiGLU, and the combine ([G, N, D] float32)."""
-    x_GxExTxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, token_GxExT)
-    out_GxExTxD = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)(x_GxExTxD, *weights)
-    part = Dispatch(token_GxExT, gate_GxExT, valid_GxExT)
+def _per_expert(fn: ExpertFn, n_weights: int) -> ExpertFn:
+    """fn over [G, E, T, D] slots with weights stacked [E, ...]."""
+    return jax.vmap(fn, in_axes=(1, *([0] * n_weights)), out_axes=1)
+
+
+def _slots_out(fn, x_GxNxD, part: Dispatch, weights) -> jax.Array:
+    """Gather the slots' tokens, each expert's `fn`, combine ([G, N, Dout] float32)."""
+    x_GxExTxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, part.token_index_ExC)
+    out_GxExTxD = _per_expert(fn, len(weights))(x_GxExTxD, *weights)
     return jax.vmap(lambda o, d: combine_slots(o, d, x_GxNxD.shape[1]))(out_GxExTxD, part)
 
 
-@jax.custom_vjp
-def _slab_loop(x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _slab_loop(fn, x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
     """The overflow slabs: a loop of `used` iterations (a dynamic trip count, so slabs past the
     longest prefix cost nothing), with a hand-written VJP: autodiff cannot reverse a loop of
     dynamic length, and a scan with `lax.cond` would store zero residuals for every slab."""
-    return _slab_loop_fwd(x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights)[0]
+    return _slab_loop_fwd(fn, x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights)[
+        0
+    ]
 
 
-def _slab_loop_fwd(x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
+def _slab_loop_fwd(fn, x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
     def body(s, y):
-        return y + _slab_out(x_GxNxD, gate_SxGxExT[s], token_SxGxExT[s], valid_SxGxExT[s], weights)
+        part = Dispatch(token_SxGxExT[s], gate_SxGxExT[s], valid_SxGxExT[s])
+        return y + _slots_out(fn, x_GxNxD, part, weights)
 
-    y = jax.lax.fori_loop(0, used, body, jnp.zeros(x_GxNxD.shape, jnp.float32))
+    probe = Dispatch(token_SxGxExT[0], gate_SxGxExT[0], valid_SxGxExT[0])
+    shape = jax.eval_shape(lambda: _slots_out(fn, x_GxNxD, probe, weights))
+    y = jax.lax.fori_loop(0, used, body, jnp.zeros(shape.shape, jnp.float32))
     return y, (x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, weights)
 
 
-def _slab_loop_bwd(residuals, dy_GxNxD):
-    """Per slab that ran: recompute its SwiGLU; the gate gets sum(dy * out), the expert input
-    gate * dy through the SwiGLU's VJP (scatter-added back to tokens), the weights their
-    gradients, accumulated in float32."""
+def _slab_loop_bwd(fn, residuals, dy_GxNxD):
+    """Per slab that ran: recompute its `fn`; the gate gets sum(dy * out), the expert input
+    gate * dy through fn's VJP (scatter-added back to tokens), the weights their gradients,
+    accumulated in float32."""
     x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, weights = residuals
-    per_expert = jax.vmap(swiglu, in_axes=(1, 0, 0, 0), out_axes=1)
+    per_expert = _per_expert(fn, len(weights))
     gather = jax.vmap(lambda a_NxD, idx: a_NxD[idx])
 
     def body(s, carry):

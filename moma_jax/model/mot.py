@@ -8,17 +8,14 @@ self-attention runs over the whole mixed sequence. Per-modality weights are stac
 `Block` with the untied parts below, and they call the same math as the dense layer
 (`layers.rms_norm`, `layers.layer_norm`, `layers.swiglu`, `attention.attend`).
 
-Execution is masked compute: every projection (and the whole FFN) runs once per modality on all
-tokens, and each token keeps the result of its own modality (`jnp.where`). Shapes stay static and
-each per-modality product is exactly the dense layer's einsum, but the executed FLOPs of the
-projections and the FFN are M x the ideal (M = 2: 2x); the attention scores and weighted values
-run once (1x). Per layer, executed / ideal = (M (P + F) + S) / (P + F + S) with P the Q/K/V/O
-projections, F the FFN and S the scores and values: 1.6 at d=512, 1.86 at d=2048 (L=4096, causal).
-Gradients are exact: a modality with no tokens gets exactly zero gradient.
-
-Why not sort tokens by modality and run `jax.lax.ragged_dot` (ideal FLOPs)? On CPU it measured no
-faster than masked compute (it executes like M dense products); whether it wins on GPU/TPU is
-unmeasured, so the one path here is the simple exact one.
+Execution is by sorting, not masking (`by_modality`): each projection (Q/K/V fused, O) and the
+FFN runs once per modality on that modality's tokens only, taken in order and run in one call
+sized by the configured modality share plus slabs for the rest (`grouped.slab_apply`, the
+machinery of the sparse FFN), then scattered back around the one global attention. Executed
+FLOPs are the ideal ones plus the rounding of each modality's rows; gradients are exact, and a
+modality with no tokens gets exactly zero gradient. (The masked form, every modality on every
+token then `jnp.where`, ran M x the ideal projection and FFN FLOPs; it is the reference in
+tests/test_mot.py.)
 """
 
 from __future__ import annotations
@@ -31,23 +28,47 @@ from flax import nnx
 
 from moma_jax.config import ModelConfig
 from moma_jax.modality import N_MODALITIES
+from moma_jax.model import grouped, routing
 from moma_jax.model.attention import attend
 from moma_jax.model.layers import layer_norm, ones_param, param, rms_norm, swiglu, zeros_param
+from moma_jax.model.routing import Dispatch
 
 
-def per_modality(fn: Callable[[int], jax.Array], modality_BxL: jax.Array) -> jax.Array:
-    """Masked compute: each token [b, l] of the result is fn(modality[b, l])[b, l].
+def by_modality(
+    fn: Callable[..., jax.Array],
+    x_BxLxX: jax.Array,
+    modality_BxL: jax.Array,
+    weights_M: tuple[jax.Array, ...],
+    cfg: ModelConfig,
+) -> jax.Array:
+    """Each token through `fn` with its own modality's weights (`weights_M`: each stacked on a
+    leading modality axis), computing only that modality's rows; float32 [B, L, Y].
 
-    `fn(m)` computes modality m's output for all tokens ([B, L, ...]); the other modalities'
-    rows are discarded with `jnp.where`, so their gradient is exactly zero.
+    The tokens of modality m are taken in order (`routing.take_all`, every token of the batch,
+    padding included, as the layer is defined on all positions) and run by `grouped.slab_apply`:
+    the first ceil(share_m * B * L / 8) * 8 rows in one call (0 when no shares are configured),
+    the rest in slabs of `model.moe.tile_rows`, only as many as the batch needs. Nothing is
+    computed for the other modality's rows, so executed FLOPs stay near the ideal.
     """
-    out = None
+    b, length = modality_BxL.shape
+    n = b * length
+    x_1xNxX = x_BxLxX.reshape(1, n, -1)
+    modality_N = modality_BxL.reshape(-1)
+    shares = cfg.moe.modality_shares
+    y_1xNxY = None
     for m in range(N_MODALITIES):
-        y = fn(m)
-        keep = (modality_BxL == m).reshape(modality_BxL.shape + (1,) * (y.ndim - 2))
-        out = jnp.where(keep, y, jnp.zeros_like(y) if out is None else out)
-    assert out is not None
-    return out
+        dispatch, _ = routing.take_all(modality_N == m, n)
+        dispatch = Dispatch(*(a[None] for a in dispatch))  # one routing group: [1, 1, N]
+        first = min(n, -(-round(n * shares[m]) // 8) * 8) if shares else 0
+        weights = tuple(w[m : m + 1] for w in weights_M)
+        y, _ = grouped.slab_apply(fn, x_1xNxX, dispatch, weights, first, cfg.moe.tile_rows)
+        y_1xNxY = y if y_1xNxY is None else y_1xNxY + y
+    assert y_1xNxY is not None
+    return y_1xNxY.reshape(b, length, -1)
+
+
+def _linear(x_TxD: jax.Array, w_DxK: jax.Array) -> jax.Array:
+    return jnp.dot(x_TxD, w_DxK)
 
 
 def gather_modality(w_MxX: jax.Array, modality_BxL: jax.Array, ndim: int) -> jax.Array:
@@ -105,24 +126,26 @@ class UntiedAttention(nnx.Module):
         self.k_norm = UntiedLayerNorm(dh, cfg) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.cfg = cfg
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> jax.Array:
-        dt, modality_BxL = self.compute_dtype, ctx["modality"]
-        x = x_BxLxD.astype(dt)
-
-        def project_in(w_MxDxHxDh: nnx.Param) -> jax.Array:
-            w = w_MxDxHxDh[...].astype(dt)
-            return per_modality(lambda m: jnp.einsum("bld,dhk->blhk", x, w[m]), modality_BxL)
-
-        q, k, v = (project_in(w) for w in (self.wq_MxDxHxDh, self.wk_MxDxHxDh, self.wv_MxDxHxDh))
+        dt, modality_BxL, cfg = self.compute_dtype, ctx["modality"], self.cfg
+        b, length, d = x_BxLxD.shape
+        h, dh = self.wq_MxDxHxDh.shape[2:]
+        w_qkv = jnp.concatenate(
+            [
+                w[...].reshape(-1, d, h * dh)
+                for w in (self.wq_MxDxHxDh, self.wk_MxDxHxDh, self.wv_MxDxHxDh)
+            ],
+            axis=-1,
+        ).astype(dt)
+        qkv = by_modality(_linear, x_BxLxD.astype(dt), modality_BxL, (w_qkv,), cfg).astype(dt)
+        q, k, v = (a.reshape(b, length, h, dh) for a in jnp.split(qkv, 3, axis=-1))
         qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
         out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta)
-        wo = self.wo_MxHxDhxD[...].astype(dt)
-
-        def project_out(m: int) -> jax.Array:
-            return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, wo[m])
-
-        return per_modality(project_out, modality_BxL)
+        wo = self.wo_MxHxDhxD[...].reshape(-1, h * dh, d).astype(dt)
+        out = out_BxLxHxDh.reshape(b, length, h * dh)
+        return by_modality(_linear, out, modality_BxL, (wo,), cfg).astype(dt)
 
 
 class UntiedSwiGLU(nnx.Module):
@@ -135,12 +158,12 @@ class UntiedSwiGLU(nnx.Module):
         self.w_up_MxDxF = param(rngs, (m, d, f), ("modality", "embed", "mlp"), std, pdt)
         self.w_down_MxFxD = param(rngs, (m, f, d), ("modality", "mlp", "embed"), std, pdt)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.cfg = cfg
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         dt = self.compute_dtype
-        x = x_BxLxD.astype(dt)
-        w_gate, w_up, w_down = (
+        weights = tuple(
             w[...].astype(dt) for w in (self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD)
         )
-        y = per_modality(lambda m: swiglu(x, w_gate[m], w_up[m], w_down[m]), ctx["modality"])
-        return y, {}
+        y = by_modality(swiglu, x_BxLxD.astype(dt), ctx["modality"], weights, self.cfg)
+        return y.astype(dt), {}
