@@ -181,22 +181,13 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
     require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
     require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
-    require(
-        moe.expert_compute in ("slabs", "ragged_dot"),
-        f"model.moe.expert_compute={moe.expert_compute!r}: use slabs or ragged_dot",
-    )
-    require(
-        moe.routing in ("expert_choice", "token_choice"),
-        f"model.moe.routing={moe.routing!r}: use expert_choice or token_choice",
-    )
-    require(
-        moe.router_score in ("sigmoid", "softmax"),
-        f"model.moe.router_score={moe.router_score!r}: use sigmoid or softmax",
-    )
-    require(
-        moe.router_noise in ("none", "gumbel"),
-        f"model.moe.router_noise={moe.router_noise!r}: use none or gumbel",
-    )
+    for key, value, choices in (
+        ("expert_compute", moe.expert_compute, ("slabs", "ragged_dot")),
+        ("routing", moe.routing, ("expert_choice", "token_choice")),
+        ("router_score", moe.router_score, ("sigmoid", "softmax")),
+        ("router_noise", moe.router_noise, ("none", "gumbel")),
+    ):
+        require(value in choices, f"model.moe.{key}={value!r}: use {' or '.join(choices)}")
     require(
         1 <= moe.top_k <= min(moe.group_experts),
         f"model.moe.top_k={moe.top_k} must be in 1..{min(moe.group_experts)} (experts per group)",
