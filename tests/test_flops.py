@@ -34,18 +34,24 @@ def xla_forward_flops(cfg, rows: int) -> float:
 
 @pytest.mark.parametrize("name", ["dense_tiny", "mot_tiny"])
 def test_executed_flops_match_xla_cost_analysis(name):
-    """XLA counts a loop body once: for MoT that is one overflow slab per modality and per
-    projection set (never run on a batch at the configured shares), added to ours here. The
-    sparse FFN's slabs are checked against the layer's own count below."""
+    """XLA counts a loop body once: for MoT, the static program is each modality's first rows
+    plus one overflow slab, accounted for here. The sparse FFN's slabs are checked against the
+    layer's own count below."""
     cfg = resolve_shares(experiments.get(name))
     m = cfg.model
     rows = m.moe.routing_group_tokens // cfg.data.seq_len
     tokens = rows * cfg.data.seq_len
     ours = forward_flops_per_token(m, cfg.data.seq_len, attention="full", executed=True)
     if "mot" in m.layer_pattern:
+        # XLA counts the static program: each modality's first rows and one slab, against our
+        # ideal count of every token once.
         hk = m.n_heads * m.resolved_head_dim
         per_row = 2 * m.d_model * 4 * hk + 6 * m.d_model * m.resolved_ffn_hidden
-        ours += m.n_layers * 2 * m.moe.tile_rows / tokens * per_row  # 2 modalities
+        static_rows = sum(
+            -(-round(tokens * share * m.moe.first_fraction) // 8) * 8 + m.moe.tile_rows
+            for share in m.moe.modality_shares
+        )
+        ours += m.n_layers * (static_rows - tokens) / tokens * per_row
     xla = xla_forward_flops(cfg, rows) / tokens
     assert abs(xla - ours) / ours < 0.05, (name, xla, ours)
 

@@ -46,7 +46,8 @@ def by_modality(
 
     The tokens of modality m are taken in order (`routing.take_all`, every token of the batch,
     padding included, as the layer is defined on all positions) and run by `grouped.slab_apply`:
-    the first ceil(share_m * B * L / 8) * 8 rows in one call (0 when no shares are configured),
+    the first ceil(first_fraction * share_m * B * L / 8) * 8 rows in one call (0 when no shares
+    are configured),
     the rest in slabs of `model.moe.tile_rows`, only as many as the batch needs. Nothing is
     computed for the other modality's rows, so executed FLOPs stay near the ideal.
     """
@@ -59,7 +60,8 @@ def by_modality(
     for m in range(N_MODALITIES):
         dispatch, _ = routing.take_all(modality_N == m, n)
         dispatch = Dispatch(*(a[None] for a in dispatch))  # one routing group: [1, 1, N]
-        first = min(n, -(-round(n * shares[m]) // 8) * 8) if shares else 0
+        first_rows = round(n * shares[m] * cfg.moe.first_fraction) if shares else 0
+        first = min(n, -(-first_rows // 8) * 8)
         weights = tuple(w[m : m + 1] for w in weights_M)
         y, _ = grouped.slab_apply(fn, x_1xNxX, dispatch, weights, first, cfg.moe.tile_rows)
         y_1xNxY = y if y_1xNxY is None else y_1xNxY + y
