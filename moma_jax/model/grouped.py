@@ -6,9 +6,9 @@ the most k_e can ever be (`SparseConfig.group_slots`). These fixed buffers are t
 expert parallelism moves between devices. Running all C slots would cost the worst case (every
 token of the routing group in this modality); `slab_swiglu` runs only the slots in use:
 
-1. The first F slots of every expert (`SparseConfig.first_slots`: k_e at the configured modality
-   shares, rounded up to 8) run as one batched SwiGLU over [G, E, F] rows with the group's
-   stacked expert weights: a routing group with the usual mix runs only this.
+1. The first F slots of every expert (`SparseConfig.first_slots`: `first_fraction` of k_e at
+   the configured modality shares, rounded up to 8) run as one batched SwiGLU over [G, E, F]
+   rows with the group's stacked expert weights.
 2. The other C - F slots are cut into slabs of T (`SparseConfig.slab_slots`: `tile_rows` shared
    by the group's experts), run by a loop whose trip count is dynamic: the slabs the longest
    valid prefix of any (routing group, expert) reaches (`_slab_loop`, with a hand-written VJP
