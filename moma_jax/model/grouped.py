@@ -116,9 +116,9 @@ def _slab_loop(fn, x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *w
     """The overflow slabs: a loop of `used` iterations (a dynamic trip count, so slabs past the
     longest prefix cost nothing), with a hand-written VJP: autodiff cannot reverse a loop of
     dynamic length, and a scan with `lax.cond` would store zero residuals for every slab."""
-    return _slab_loop_fwd(fn, x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights)[
-        0
-    ]
+    slabs = (gate_SxGxExT, token_SxGxExT, valid_SxGxExT)
+    y_GxNxD, _ = _slab_loop_fwd(fn, x_GxNxD, *slabs, used, *weights)
+    return y_GxNxD
 
 
 def _slab_loop_fwd(fn, x_GxNxD, gate_SxGxExT, token_SxGxExT, valid_SxGxExT, used, *weights):
@@ -195,15 +195,18 @@ def ragged_swiglu(
 
     1. Stable-sort the rows by expert (-1 last), so each expert's rows are one contiguous run;
        the group sizes count each expert's rows, and rows past their sum are not computed.
-    2. Three ragged dots and the SwiGLU between them, on the sorted rows.
+    2. `layers.swiglu` on the sorted rows, its three matmuls as ragged dots.
     3. Unsort. Autodiff goes through ragged_dot's own rules.
     """
     n_experts = w_gate_ExDxF.shape[0]
     key_R = jnp.where(expert_R < 0, n_experts, expert_R)
     order_R = jnp.argsort(key_R, stable=True)
     sizes_E = jnp.bincount(key_R, length=n_experts + 1)[:n_experts].astype(jnp.int32)
-    x_sorted = x_RxD[order_R]
-    gate = jax.lax.ragged_dot(x_sorted, w_gate_ExDxF, sizes_E)
-    up = jax.lax.ragged_dot(x_sorted, w_up_ExDxF, sizes_E)
-    y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_ExFxD, sizes_E)
+    y_sorted = swiglu(
+        x_RxD[order_R],
+        w_gate_ExDxF,
+        w_up_ExDxF,
+        w_down_ExFxD,
+        matmul=lambda x, w_E: jax.lax.ragged_dot(x, w_E, sizes_E),
+    )
     return jnp.zeros_like(y_sorted).at[order_R].set(y_sorted)

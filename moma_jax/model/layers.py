@@ -6,6 +6,8 @@ weights are laid out (tied, per modality, per expert), never in the math.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -92,16 +94,24 @@ def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.A
     return out.astype(x_BxLxHxDh.dtype)
 
 
+def _matmul(x_XxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,df->...f", x_XxD, w_DxF)
+
+
 def swiglu(
-    x_XxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array, w_down_FxD: jax.Array
+    x_XxD: jax.Array,
+    w_gate_DxF: jax.Array,
+    w_up_DxF: jax.Array,
+    w_down_FxD: jax.Array,
+    matmul: Callable[[jax.Array, jax.Array], jax.Array] = _matmul,
 ) -> jax.Array:
     """down(silu(x W_gate) * (x W_up)) over any leading axes X, in the inputs' dtype.
 
-    Experts vmap it over their stacked weights; MoT calls it with one modality's slice.
+    Experts vmap it over their stacked weights; MoT calls it with one modality's slice; the
+    ragged expert path passes a grouped `matmul` (rows sorted by expert, weights [E, ...]).
     """
-    gate_XxF = jnp.einsum("...d,df->...f", x_XxD, w_gate_DxF)
-    up_XxF = jnp.einsum("...d,df->...f", x_XxD, w_up_DxF)
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate_XxF) * up_XxF, w_down_FxD)
+    gate_XxF, up_XxF = matmul(x_XxD, w_gate_DxF), matmul(x_XxD, w_up_DxF)
+    return matmul(jax.nn.silu(gate_XxF) * up_XxF, w_down_FxD)
 
 
 class SwiGLU(nnx.Module):
@@ -116,5 +126,7 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         dt = self.compute_dtype
-        weights = (self.w_gate_DxF, self.w_up_DxF, self.w_down_FxD)
-        return swiglu(x_BxLxD.astype(dt), *(w[...].astype(dt) for w in weights)), {}
+        w_gate, w_up, w_down = (
+            w[...].astype(dt) for w in (self.w_gate_DxF, self.w_up_DxF, self.w_down_FxD)
+        )
+        return swiglu(x_BxLxD.astype(dt), w_gate, w_up, w_down), {}
