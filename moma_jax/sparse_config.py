@@ -118,28 +118,35 @@ class SparseConfig:
         per_expert = np.float32(tokens) * np.float32(self.experts_per_token(group))
         return min(int(np.floor(per_expert / np.float32(experts))), self.group_slots(group))
 
-    def slab_slots(self, group: int) -> int:
-        """Slots per expert in one slab of the expert compute (`grouped.slab_swiglu`): the
-        group's experts share `tile_rows` rows, so padding is under tile_rows per group; at
-        least 32 per expert, since every slab reads all the group's expert weights (with 64
-        experts, slabs of 4 slots ran the FFN 5x slower than one of 32)."""
-        rest = self.group_slots(group) - self.first_slots(group)
-        per_expert = max(self.tile_rows // self.group_experts[group], MIN_SLAB_SLOTS)
-        return max(1, min(per_expert, rest))
+    def slab_plan(self, expected: int, capacity: int, experts: int) -> tuple[int, int]:
+        """(first, slab): slots per expert for `grouped.slab_apply`, when an expert expects
+        `expected` of its `capacity` slots filled and `experts` share the weights read.
+
+        first: `first_fraction` of `expected`, rounded up to 8 (real batches route fewer
+        tokens than N x share: padding is never routed); all of `capacity` when less than
+        one slab would be left, since an overflow slab reads (and its backward accumulates)
+        every expert's weights, which with many experts cost more than the rows it saves
+        (64 experts: 4.9x the FFN vs 2.6x). slab: the experts share `tile_rows` rows, at
+        least `MIN_SLAB_SLOTS` each (slabs of 4 slots ran 64 experts 5x slower than 32).
+        """
+        first = min(math.ceil(round(self.first_fraction * expected, 6) / 8) * 8, capacity)
+        if capacity - first < MIN_SLAB_SLOTS:
+            first = capacity
+        per_expert = max(self.tile_rows // experts, MIN_SLAB_SLOTS)
+        return first, max(1, min(per_expert, capacity - first))
+
+    def _group_plan(self, group: int) -> tuple[int, int]:
+        tokens = round(self.routing_group_tokens * self.group_share(group))
+        expected = self.routed_slots(group, tokens)
+        return self.slab_plan(expected, self.group_slots(group), self.group_experts[group])
 
     def first_slots(self, group: int) -> int:
-        """Slots per expert that always run (`grouped.slab_swiglu`): `first_fraction` of the
-        k_e of a routing group with the configured modality shares, rounded up to 8, at most C
-        (all C when less than a slab would be left)."""
-        tokens = round(self.routing_group_tokens * self.group_share(group))
-        first = self.first_fraction * self.routed_slots(group, tokens)
-        first_slots = min(math.ceil(round(first, 6) / 8) * 8, self.group_slots(group))
-        # A remainder shorter than one slab runs with the first part: an overflow slab reads
-        # (and its backward accumulates) every expert's weights, which with many experts and
-        # few slots each cost more than the rows it saves (64 experts: 4.9x the FFN vs 2.6x).
-        if self.group_slots(group) - first_slots < MIN_SLAB_SLOTS:
-            return self.group_slots(group)
-        return first_slots
+        """Slots per expert that always run (`slab_plan` at the configured modality shares)."""
+        return self._group_plan(group)[0]
+
+    def slab_slots(self, group: int) -> int:
+        """Slots per expert in one overflow slab (`slab_plan`)."""
+        return self._group_plan(group)[1]
 
     def padded_slots(self, group: int) -> int:
         """The static slots per expert the expert compute holds: the first slots, then C

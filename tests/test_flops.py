@@ -48,7 +48,7 @@ def test_executed_flops_match_xla_cost_analysis(name):
         hk = m.n_heads * m.resolved_head_dim
         per_row = 2 * m.d_model * 4 * hk + 6 * m.d_model * m.resolved_ffn_hidden
         static_rows = sum(
-            -(-round(tokens * share * m.moe.first_fraction) // 8) * 8 + m.moe.tile_rows
+            sum(m.moe.slab_plan(round(tokens * share), tokens, 1))  # first part + one slab
             for share in m.moe.modality_shares
         )
         ours += m.n_layers * (static_rows - tokens) / tokens * per_row

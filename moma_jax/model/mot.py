@@ -45,11 +45,10 @@ def by_modality(
     leading modality axis), computing only that modality's rows; float32 [B, L, Y].
 
     The tokens of modality m are taken in order (`routing.take_all`, every token of the batch,
-    padding included, as the layer is defined on all positions) and run by `grouped.slab_apply`:
-    the first ceil(first_fraction * share_m * B * L / 8) * 8 rows in one call (0 when no shares
-    are configured),
-    the rest in slabs of `model.moe.tile_rows`, only as many as the batch needs. Nothing is
-    computed for the other modality's rows, so executed FLOPs stay near the ideal.
+    padding included, as the layer is defined on all positions) and run by `grouped.slab_apply`
+    with the sparse FFN's `SparseConfig.slab_plan` for share_m * B * L expected rows (none when
+    no shares are configured): a first part in one call, the rest in slabs, only as many as the
+    batch needs. Nothing is computed for the other modality's rows.
     """
     b, length = modality_BxL.shape
     n = b * length
@@ -60,10 +59,10 @@ def by_modality(
     for m in range(N_MODALITIES):
         dispatch, _ = routing.take_all(modality_N == m, n)
         dispatch = Dispatch(*(a[None] for a in dispatch))  # one routing group: [1, 1, N]
-        first_rows = round(n * shares[m] * cfg.moe.first_fraction) if shares else 0
-        first = min(n, -(-first_rows // 8) * 8)
+        expected = round(n * shares[m]) if shares else 0
+        first, slab = cfg.moe.slab_plan(expected, n, 1)
         weights = tuple(w[m : m + 1] for w in weights_M)
-        y, _ = grouped.slab_apply(fn, x_1xNxX, dispatch, weights, first, cfg.moe.tile_rows)
+        y, _ = grouped.slab_apply(fn, x_1xNxX, dispatch, weights, first, slab)
         y_1xNxY = y if y_1xNxY is None else y_1xNxY + y
     assert y_1xNxY is not None
     return y_1xNxY.reshape(b, length, -1)
