@@ -68,23 +68,30 @@ def model_config(shape: Shape, layout: dict | None, **moe: Any) -> ModelConfig:
     )
 
 
-def layer_step(cfg: ModelConfig, shape: Shape) -> Callable[[], Any]:
-    """Forward+backward of one feed-forward (gradient w.r.t. its parameters and its input) on a
-    batch whose image tokens are 23% of each group, placed at random."""
+def ffn_grad_fn(
+    cfg: ModelConfig, x_BxLxD: jax.Array, modality_BxL: jax.Array, segment_ids_BxL: jax.Array
+) -> Callable[[], Any]:
+    """Forward+backward of one feed-forward alone (SparseFFN if the config has experts, else
+    SwiGLU): the gradient of sum(outputs) w.r.t. its parameters and its input. The batch is an
+    argument of the jitted function, so nothing about it constant-folds."""
     layer = SparseFFN(cfg, rngs=nnx.Rngs(0)) if cfg.has_experts else SwiGLU(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
+
+    def total(params, x_BxLxD, modality_BxL, segment_ids_BxL):
+        ctx = {"modality": modality_BxL, "segment_ids": segment_ids_BxL}
+        y_BxLxD, _ = nnx.merge(graphdef, params)(x_BxLxD, ctx)
+        return jnp.sum(y_BxLxD.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(total, argnums=(0, 1)))
+    return lambda: grad(params, x_BxLxD, modality_BxL, segment_ids_BxL)
+
+
+def layer_step(cfg: ModelConfig, shape: Shape) -> Callable[[], Any]:
+    """`ffn_grad_fn` on a batch whose image tokens are 23% of each group, placed at random."""
     rng = np.random.default_rng(0)
     modality = jnp.asarray((rng.random((shape.groups, shape.group_tokens)) < SHARES[1]), jnp.int32)
     x = jax.random.normal(jax.random.key(1), (shape.groups, shape.group_tokens, shape.d_model))
-    x = x.astype(cfg.compute_dtype)
-
-    def loss(params, x, modality):  # the batch is an argument: nothing constant-folds
-        ctx = {"modality": modality, "segment_ids": jnp.ones_like(modality)}
-        y, _ = nnx.merge(graphdef, params)(x, ctx)
-        return jnp.sum(y.astype(jnp.float32))
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return lambda: grad(params, x, modality)
+    return ffn_grad_fn(cfg, x.astype(cfg.compute_dtype), modality, jnp.ones_like(modality))
 
 
 def gemm_pair(shape: Shape, n_experts: int) -> dict[str, Callable[[], Any]]:

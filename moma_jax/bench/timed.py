@@ -11,14 +11,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moma_jax import data as data_lib
+from moma_jax.bench.experts import ffn_grad_fn
 from moma_jax.bench.measure import Sample, measure
 from moma_jax.bench.report import FFN_CALLS
 from moma_jax.config import ExperimentConfig, ModelConfig
-from moma_jax.model.layers import SwiGLU
-from moma_jax.model.moe import SparseFFN
 from moma_jax.sharding import batch_sharding, make_mesh
 from moma_jax.train.state import init_state, make_optimizer
 from moma_jax.train.step import jit_train_step
@@ -81,20 +79,10 @@ def matmul_fn(n: int, dtype: str) -> Callable[[], jax.Array]:
 def ffn_fn(model_cfg: ModelConfig, batch_np: dict[str, np.ndarray]) -> Callable[[], Any]:
     """FFN_CALLS forward+backward passes of one feed-forward alone (SparseFFN if the config has
     experts, else SwiGLU): the gradient of sum(outputs) w.r.t. its parameters and its input."""
-    rngs = nnx.Rngs(params=0)
-    ffn = SparseFFN(model_cfg, rngs=rngs) if model_cfg.has_experts else SwiGLU(model_cfg, rngs=rngs)
-    graphdef, params = nnx.split(ffn)
     modality_BxL = jnp.asarray(batch_np["modality"])
-    segment_ids_BxL = jnp.asarray(batch_np["segment_ids"])
     x_BxLxD = jax.random.normal(jax.random.key(2), (*modality_BxL.shape, model_cfg.d_model))
-
-    def total(params, x_BxLxD, modality_BxL, segment_ids_BxL):
-        ctx = {"modality": modality_BxL, "segment_ids": segment_ids_BxL}
-        y_BxLxD, _ = nnx.merge(graphdef, params)(x_BxLxD, ctx)
-        return jnp.sum(y_BxLxD.astype(jnp.float32))
-
-    grad = jax.jit(jax.grad(total, argnums=(0, 1)))
-    return lambda: [grad(params, x_BxLxD, modality_BxL, segment_ids_BxL) for _ in range(FFN_CALLS)]
+    step = ffn_grad_fn(model_cfg, x_BxLxD, modality_BxL, jnp.asarray(batch_np["segment_ids"]))
+    return lambda: [step() for _ in range(FFN_CALLS)]
 
 
 def interleave(
