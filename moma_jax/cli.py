@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from moma_jax import experiments
+from moma_jax import experiments, host_memory
 from moma_jax.config import ConfigError
 from moma_jax.overrides import to_dict
 from moma_jax.runtime import (
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     args = build_parser().parse_args(argv)
     from moma_jax.train import TrainingDivergedError, train
 

@@ -3,10 +3,14 @@
 import os
 from pathlib import Path
 
-import jax
-import pytest
+from moma_jax import host_memory
 
-from moma_jax.data import ensure_data
+host_memory.keep_freed_memory()  # as train.py does, before JAX starts its threads
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from moma_jax.data import ensure_data  # noqa: E402
 
 # JAX's persistent compilation cache: compiled steps are shared across tests, processes and runs.
 _CACHE = os.environ.get(

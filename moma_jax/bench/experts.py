@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moma_jax import host_memory
 from moma_jax.bench.measure import machine, median
 from moma_jax.bench.report import gpu_peak
 from moma_jax.config import ModelConfig, SparseConfig
@@ -189,6 +190,7 @@ def run(shape: Shape) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     p = argparse.ArgumentParser(prog="bench_experts.py", description=__doc__)
     p.add_argument("--device", action="store_true", help="the GPU shape (default on a GPU)")
     p.add_argument("--rounds", type=int, help="timed rounds (default 10 GPU, 5 CPU)")

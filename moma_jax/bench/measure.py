@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from moma_jax import host_memory
+
 
 class Sample(NamedTuple):
     """One timed call: wall seconds, process CPU seconds (user + system), system seconds, and
@@ -73,7 +75,8 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],  # other processes share the cores
         "jax": jax.__version__,
-        "env": {k: os.environ.get(k, "") for k in ("GLIBC_TUNABLES", "XLA_FLAGS")},
+        "env": {k: os.environ.get(k, "") for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD")},
+        "host_malloc": host_memory.applied,
     }
 
 

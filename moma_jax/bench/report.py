@@ -29,12 +29,22 @@ def expert_name(n_experts: int) -> str:
     return f"moe_{n_experts}x"
 
 
+# Issue 8's targets: step time over dense per architecture (run-to-run noise here is ~0.04).
+STEP_TARGETS = {"moe_8x": 1.08, "moma_4t4i": 1.10, "moma_1t1i": 1.05, "mot": 1.10}
+EXPERT_CHOICE = ("moe_8x", "moma_4t4i")
+
+
 def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each benchmark target (the issue's; benchmarks, not tests) with its value and verdict."""
     last = list(report["expert_scaling"])[-1]
-    checks = [(f"step_time_ratio/{a}", v, "<=", 1.10) for a, v in report["step_time_ratio"].items()]
+    ratios = report["step_time_ratio"]
+    checks = [(f"step_time_ratio/{a}", ratios[a], "<=", b) for a, b in STEP_TARGETS.items()]
     checks += [
-        ("matmul_fraction", report["matmul_fraction"], ">=", 0.40),
+        (f"executed_over_ideal/{a}", report["executed_over_ideal"][a], "<=", 1.10)
+        for a in EXPERT_CHOICE
+    ]
+    checks += [
+        ("matmul_fraction", report["matmul_fraction"], ">=", 0.55),
         (f"expert_scaling/{last}", report["expert_scaling"][last], "<=", 1.25),
         ("pipeline_ratio", report["pipeline_ratio"], ">=", 10.0),
     ]

@@ -36,7 +36,8 @@ import jax
 import numpy as np
 
 from moma_jax import data as data_lib
-from moma_jax import experiments
+from moma_jax import experiments, host_memory
+from moma_jax.bench import experts as experts_bench
 from moma_jax.bench.measure import (
     device_memory,
     machine,
@@ -96,6 +97,17 @@ class Plan:
 
 FULL = Plan(rounds=20, warmup=2, experts=(4, 8, 16, 32, 64), pipeline_batches=200)
 QUICK = Plan(rounds=5, warmup=1, experts=(4, 16, 64), pipeline_batches=50)
+DEVICE = Plan(rounds=10, warmup=2, experts=(4, 16, 32), pipeline_batches=50)  # 64: OOM on 80 GB
+
+# `--device`: a shape that keeps an H100 busy (16,384 tokens per step, the paper's 4,096-token
+# routing groups) while every model still compiles in seconds; bf16 matmuls (default_overrides).
+DEVICE_SHAPE = (
+    "model.d_model=1024",
+    "model.n_heads=8",
+    "data.seq_len=1024",
+    "data.batch_size=16",
+    "model.moe.routing_group_tokens=4096",
+)
 
 
 # --- Configurations --------------------------------------------------------------------------
@@ -240,12 +252,19 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     p = argparse.ArgumentParser(
         prog="bench.py",
         description="Benchmark sparse vs dense step time, matmul fraction, expert scaling and "
         "the input pipeline. JSON on stdout, a table on stderr.",
     )
     p.add_argument("--quick", action="store_true", help="fewer rounds and expert counts")
+    p.add_argument(
+        "--device",
+        action="store_true",
+        help="the accelerator run: a larger shape (DEVICE_SHAPE), bf16, MFU, and the expert "
+        "layer alone at the 1.4b shape (scripts/bench_experts.py); needs a GPU",
+    )
     p.add_argument("--rounds", type=int, help="timed rounds per phase (default 20, --quick 5)")
     add_set_arg(p, "change every config (e.g. model.d_model=512 for a larger benchmark shape)")
     add_experiments_module_arg(p)
@@ -259,18 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = DEVICE if args.device else QUICK if args.quick else FULL
+    overrides = (*DEVICE_SHAPE, *args.overrides) if args.device else tuple(args.overrides)
+    if args.device and jax.default_backend() != "gpu":
+        print(
+            f"error: --device needs a GPU; the JAX backend is {jax.default_backend()}",
+            file=sys.stderr,
+        )
+        return 2
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     try:
         load_experiment_modules(args)
         for arch in args.arch:
-            bench_config(arch, tuple(args.overrides))  # a bad name fails here, before any work
+            bench_config(arch, overrides)  # a bad name fails here, before any work
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     enable_compilation_cache()
-    report = run(plan, tuple(args.overrides), tuple(args.arch))
+    report = run(plan, overrides, tuple(args.arch))
+    if args.device:
+        log("the expert layer alone at the 1.4b shape (bench_experts)")
+        report["expert_layer"] = experts_bench.run(experts_bench.GPU)
     report["command"] = " ".join(["python scripts/bench.py", *argv])
     print(table(report), file=sys.stderr)
     print(json.dumps(report))
