@@ -24,22 +24,27 @@ VERSION = "1"
 _CHUNK = 16384  # rows per distance block: 16384 x 512 float32 = 32 MiB
 
 
-def image_to_patches(images_NxHxW: np.ndarray, patch_size: int) -> np.ndarray:
-    """Non-overlapping patches, row-major over the patch grid: [N, (H/p)*(W/p), p*p]."""
-    n, h, w = images_NxHxW.shape
+def image_to_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """Non-overlapping patches, row-major over the patch grid: [N, (H/p)*(W/p), p*p*C] from
+    grey [N, H, W] (C = 1) or colour [N, H, W, C] images."""
+    x = images if images.ndim == 4 else images[..., None]
+    n, h, w, c = x.shape
     p = patch_size
     if h % p or w % p:
         raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {p}.")
-    x = images_NxHxW.reshape(n, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4)
-    return np.ascontiguousarray(x.reshape(n, (h // p) * (w // p), p * p), dtype=np.float32)
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return np.ascontiguousarray(x.reshape(n, (h // p) * (w // p), p * p * c), dtype=np.float32)
 
 
-def patches_to_image(patches_NxPxD: np.ndarray, image_size: int, patch_size: int) -> np.ndarray:
-    """Inverse of ``image_to_patches`` for square images."""
+def patches_to_image(
+    patches_NxPxD: np.ndarray, image_size: int, patch_size: int, channels: int = 1
+) -> np.ndarray:
+    """Inverse of ``image_to_patches`` for square images ([N, S, S], or [N, S, S, C] if C > 1)."""
     n = patches_NxPxD.shape[0]
-    g, p = image_size // patch_size, patch_size
-    x = patches_NxPxD.reshape(n, g, g, p, p).transpose(0, 1, 3, 2, 4)
-    return x.reshape(n, image_size, image_size)
+    g, p, c = image_size // patch_size, patch_size, channels
+    x = patches_NxPxD.reshape(n, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, image_size, image_size, c)
+    return x[..., 0] if c == 1 else x
 
 
 def nearest_code(x_PxD: np.ndarray, codebook_QxD: np.ndarray) -> np.ndarray:
@@ -78,15 +83,27 @@ class ImageTokenizer:
     name = NAME
     version = VERSION
 
-    def __init__(self, codebook_QxD: np.ndarray, *, image_size: int = 28, patch_size: int = 4):
-        if codebook_QxD.shape[1] != patch_size * patch_size:
+    def __init__(
+        self,
+        codebook_QxD: np.ndarray,
+        *,
+        image_size: int = 28,
+        patch_size: int = 4,
+        channels: int = 1,
+    ):
+        if codebook_QxD.shape[1] != patch_size * patch_size * channels:
             raise ValueError(
                 f"Codebook rows have {codebook_QxD.shape[1]} values but patches of "
-                f"{patch_size}x{patch_size} have {patch_size * patch_size}."
+                f"{patch_size}x{patch_size}x{channels} have {patch_size * patch_size * channels}."
+            )
+        if image_size % patch_size:
+            raise ValueError(
+                f"Image size {image_size} is not a multiple of the patch size {patch_size}."
             )
         self.codebook_QxD = np.asarray(codebook_QxD, dtype=np.float32)
         self.image_size = image_size
         self.patch_size = patch_size
+        self.channels = channels
 
     @property
     def n_codes(self) -> int:
@@ -106,6 +123,7 @@ class ImageTokenizer:
         n_codes: int = 512,
         image_size: int = 28,
         patch_size: int = 4,
+        channels: int = 1,
         seed: int = 0,
         iters: int = 10,
         sample_size: int = 200_000,
@@ -151,18 +169,18 @@ class ImageTokenizer:
             if len(empty):
                 err_P = np.sum((x_PxD - centres_QxD[assign_P]) ** 2, axis=1)
                 centres_QxD[empty] = x_PxD[np.argsort(-err_P, kind="stable")[: len(empty)]]
-        return cls(centres_QxD, image_size=image_size, patch_size=patch_size)
+        return cls(centres_QxD, image_size=image_size, patch_size=patch_size, channels=channels)
 
-    def encode(self, images_NxHxW: np.ndarray) -> np.ndarray:
-        """Images in [0, 1] -> codes int32 [N, P] in [0, n_codes)."""
-        images_NxHxW = np.asarray(images_NxHxW, dtype=np.float32)
-        expected = (self.image_size, self.image_size)
-        if images_NxHxW.ndim != 3 or images_NxHxW.shape[1:] != expected:
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Images in [0, 1] ([N, S, S] grey, [N, S, S, C] colour) -> codes int32 [N, P]."""
+        images = np.asarray(images, dtype=np.float32)
+        s, c = self.image_size, self.channels
+        expected = (s, s) if c == 1 else (s, s, c)
+        if images.shape[1:] != expected:
             raise ValueError(
-                f"Expected images [N, {expected[0]}, {expected[1]}], "
-                f"got shape {images_NxHxW.shape}."
+                f"Expected images [N, {', '.join(map(str, expected))}], got shape {images.shape}."
             )
-        patches_NxPxD = image_to_patches(images_NxHxW, self.patch_size)
+        patches_NxPxD = image_to_patches(images, self.patch_size)
         n, p, d = patches_NxPxD.shape
         return nearest_code(patches_NxPxD.reshape(n * p, d), self.codebook_QxD).reshape(n, p)
 
@@ -175,7 +193,7 @@ class ImageTokenizer:
                 f"{codes_NxP.max()}]. Subtract Vocab.image_offset from token ids first."
             )
         patches_NxPxD = self.codebook_QxD[codes_NxP]
-        return patches_to_image(patches_NxPxD, self.image_size, self.patch_size)
+        return patches_to_image(patches_NxPxD, self.image_size, self.patch_size, self.channels)
 
     def save(self, path: str | Path) -> None:
         """Write the codebook and geometry to an .npz file."""
@@ -185,6 +203,7 @@ class ImageTokenizer:
                 codebook_KxD=self.codebook_QxD,  # the file's key predates the Q spelling; kept
                 image_size=self.image_size,
                 patch_size=self.patch_size,
+                channels=self.channels,
                 name=self.name,
                 version=self.version,
             )
@@ -199,5 +218,8 @@ class ImageTokenizer:
                     f"{NAME} v{VERSION}. Re-run `python scripts/prepare_data.py --out DIR --force`."
                 )
             return cls(
-                z["codebook_KxD"], image_size=int(z["image_size"]), patch_size=int(z["patch_size"])
+                z["codebook_KxD"],
+                image_size=int(z["image_size"]),
+                patch_size=int(z["patch_size"]),
+                channels=int(z["channels"]) if "channels" in z else 1,  # grey before colour
             )

@@ -1,0 +1,182 @@
+"""`scripts/prepare_data.py`: the bundled dataset, or a user's corpus with `--input`.
+
+    python scripts/prepare_data.py [--out DIR] [--force]                  # the bundled dataset
+    python scripts/prepare_data.py --input PATH... --out DIR [options]    # your own data
+
+Inputs: JSONL documents (`{"text"}` or `{"items": [{"text"}, {"image"}, {"image_codes"}]}`),
+folders of images with `name.txt` captions, CSV files of `path,caption`, plain text files
+(docs/data.md). Importable as `main(argv)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+from moma_jax.data import corpus, default_data_dir, prepare
+from moma_jax.data.inputs import BadRecordError
+from moma_jax.data.prepare import DEFAULT_MAX_TEXT_CHARS
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def byte_size(text: str) -> int:
+    """'4MB', '64MiB', '1GB' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4MB, 64MiB or 1GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = corpus.Options(inputs=())
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py",
+        description="Prepare the bundled dataset, or your own corpus with --input, into "
+        "ArrayRecord shards with a manifest.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="JSONL files, image folders, CSV (path,caption) or text files",
+    )
+    p.add_argument("--out", help="dataset directory (default: the bundled dataset's cache)")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset")
+    p.add_argument("--seed", type=int, default=0, help="split, sample and tokenizer seed")
+    g = p.add_argument_group("bundled dataset")
+    g.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=DEFAULT_MAX_TEXT_CHARS,
+        help="cap on text characters so images are not drowned out",
+    )
+    g = p.add_argument_group("your corpus (--input)")
+    g.add_argument(
+        "--text-tokenizer",
+        default=d.text_tokenizer,
+        help="bytes | bpe:SIZE (SIZE text ids, trained here) | a tokenizer.json or "
+        "SentencePiece .model",
+    )
+    g.add_argument(
+        "--image-codes",
+        metavar="CODEBOOK:HxW",
+        help="images come as image_codes from an external tokenizer with this "
+        "codebook size and grid (Chameleon: 8192:32x32)",
+    )
+    g.add_argument(
+        "--image-codebook",
+        type=int,
+        default=d.image_codebook,
+        help="k-means codebook size for image files",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=d.image_size,
+        help="every image is centre-cropped and resized to this square size",
+    )
+    g.add_argument("--image-channels", type=int, choices=(1, 3), default=d.image_channels)
+    g.add_argument("--patch-size", type=int, default=d.patch_size)
+    g.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    g.add_argument(
+        "--shard-size",
+        type=byte_size,
+        default=d.shard_bytes,
+        help="most record bytes per shard (default 64MiB)",
+    )
+    g.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=d.max_doc_bytes,
+        help="plain text files are cut into documents of at most this many bytes",
+    )
+    g.add_argument(
+        "--max-memory",
+        type=byte_size,
+        default=d.max_memory,
+        help="bound on the data held in memory at once (default 512MiB)",
+    )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad records (counted and listed in the manifest) instead of "
+        "stopping at the first",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes (the output is the same for any number)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if not args.input:
+            out = args.out or str(default_data_dir())
+            manifest = prepare(
+                out, seed=args.seed, max_text_chars=args.max_text_chars, force=args.force
+            )
+        else:
+            if not args.out:
+                raise ValueError("--out DIR is required with --input.")
+            out = args.out
+            opts = corpus.Options(
+                inputs=tuple(args.input),
+                text_tokenizer=args.text_tokenizer,
+                image_codes=args.image_codes,
+                image_codebook=args.image_codebook,
+                image_size=args.image_size,
+                image_channels=args.image_channels,
+                patch_size=args.patch_size,
+                heldout_fraction=args.heldout_fraction,
+                seed=args.seed,
+                shard_bytes=args.shard_size,
+                max_doc_bytes=args.max_doc_bytes,
+                max_memory=args.max_memory,
+                skip_bad=args.skip_bad,
+            )
+            manifest = corpus.prepare_corpus(
+                opts, out, workers=args.workers, force=args.force, quiet=args.quiet
+            )
+    except BadRecordError as e:
+        print(
+            f"error: bad record {e}\n(--skip-bad skips bad records and lists them in the manifest)",
+            file=sys.stderr,
+        )
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {
+        split: {k: info[k] for k in ("records", "tokens", "modality_shares")}
+        for split, info in manifest["splits"].items()
+    }
+    print(json.dumps(summary, indent=2))
+    if "bad_records" in manifest and manifest["bad_records"]["count"]:
+        print(f"skipped {manifest['bad_records']['count']} bad records (listed in the manifest)")
+    print(
+        f"dataset in {out} ({time.perf_counter() - start:.1f} s); train on it with "
+        f"--set data.path={out}"
+    )
+    return 0
