@@ -84,7 +84,14 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
 def load_image_tokenizer(data_dir: str | Path) -> ImageTokenizer:
     """The image tokenizer that a prepared dataset was encoded with."""
     manifest = load_manifest(data_dir)
-    return ImageTokenizer.load(Path(data_dir).expanduser() / manifest["image_tokenizer"]["file"])
+    entry = manifest["image_tokenizer"]
+    if "file" not in entry:
+        raise ValueError(
+            f"{data_dir} has no image decoder: its images are {entry['name']} codes "
+            "(an external tokenizer's codes cannot be turned back into pixels here; save them "
+            "as .npy and decode them with that tokenizer)."
+        )
+    return ImageTokenizer.load(Path(data_dir).expanduser() / entry["file"])
 
 
 def ensure_data(data_dir: str | None) -> Path:
