@@ -16,9 +16,12 @@ before JAX starts its backend and its threads:
 - `M_TOP_PAD` 256 MiB: grow the heap in large steps.
 
 The process keeps its peak host memory for its life (what a training run holds anyway).
-`MOMA_JAX_HOST_MALLOC=default` leaves the allocator as it is; the call is a no-op where the C
-library has no `mallopt` (macOS, musl) and under a preloaded allocator (`LD_PRELOAD` naming
-tcmalloc or jemalloc), which already keep their memory.
+It is applied only on CPU-only hosts: where a JAX accelerator plugin is installed (CUDA, ROCm,
+TPU) the host allocator serves the runtime's many threads and pinned buffers, and these settings
+were never measured there (one GPU benchmark with them did not finish in its time limit; the
+cause was not isolated). `MOMA_JAX_HOST_MALLOC=keep` applies them anyway, `=default` never. The
+call is a no-op where the C library has no `mallopt` (macOS, musl) and under a preloaded
+allocator (`LD_PRELOAD` naming tcmalloc or jemalloc), which already keep their memory.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import pkgutil
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -43,9 +47,30 @@ def keep_freed_memory() -> str:
     return applied
 
 
+def accelerator_plugins() -> list[str]:
+    """Installed JAX accelerator plugins (jax_cuda*, jax_rocm*, libtpu, jax_plugins.*)."""
+    names = [
+        m.name
+        for m in pkgutil.iter_modules()
+        if m.name.startswith(("jax_cuda", "jax_rocm", "libtpu"))
+    ]
+    try:
+        import jax_plugins  # type: ignore[import-not-found]
+
+        names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    return sorted(set(names))
+
+
 def _apply() -> str:
-    if os.environ.get("MOMA_JAX_HOST_MALLOC", "keep") == "default":
+    mode = os.environ.get("MOMA_JAX_HOST_MALLOC", "auto")
+    if mode == "default":
         return "default: MOMA_JAX_HOST_MALLOC=default"
+    cpu_only = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+    plugins = [] if cpu_only else accelerator_plugins()
+    if mode != "keep" and plugins:
+        return f"default: accelerator plugins {plugins} (MOMA_JAX_HOST_MALLOC=keep to apply)"
     preload = os.environ.get("LD_PRELOAD", "")
     if "tcmalloc" in preload or "jemalloc" in preload:
         return f"default: LD_PRELOAD={preload}"

@@ -52,3 +52,12 @@ def test_opt_out_leaves_the_allocator(monkeypatch):
     monkeypatch.setenv("MOMA_JAX_HOST_MALLOC", "default")
     assert host_memory.keep_freed_memory().startswith("default: MOMA_JAX_HOST_MALLOC")
     assert host_memory.applied.startswith("default")
+
+
+def test_hosts_with_an_accelerator_plugin_keep_their_allocator(monkeypatch):
+    monkeypatch.delenv("MOMA_JAX_HOST_MALLOC", raising=False)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: ["jax_cuda12_plugin"])
+    assert "accelerator plugins ['jax_cuda12_plugin']" in host_memory.keep_freed_memory()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # a CPU run on a GPU host applies them
+    assert host_memory.keep_freed_memory().startswith(("kept", "default: no mallopt"))
