@@ -161,6 +161,12 @@ RESUME_SAFE_KEYS = frozenset(
         "run.keep_last",
         "run.keep_every",
         "run.async_checkpoint",
+        # The mesh changes where the step runs, not what it computes (up to float rounding of
+        # reductions split differently): a checkpoint restores onto any mesh (resharded).
+        "mesh.data",
+        "mesh.fsdp",
+        "mesh.expert",
+        "mesh.tensor",
     }
 )
 

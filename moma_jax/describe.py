@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from moma_jax import aot
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.flops import (
     LAYER_FLOPS,
@@ -22,6 +23,7 @@ from moma_jax.runtime import (
     resolve_shares,
 )
 from moma_jax.train.state import abstract_params
+from moma_jax.units import byte_size
 
 
 def describe(cfg: ExperimentConfig) -> dict:
@@ -121,12 +123,65 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="describe.py", description=__doc__)
     add_experiment_args(p, exp_required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--mesh", help="with --aot: the mesh to compile for, e.g. data=8,fsdp=8,expert=1,tensor=1"
+    )
+    p.add_argument(
+        "--aot",
+        action="store_true",
+        help="compile the train step for --mesh on simulated CPU devices (in a subprocess) and "
+        "report per-device memory and collectives, without running it",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=byte_size,
+        help="with --aot: a device's memory (e.g. 80GB); micro_batches doubles until it fits",
+    )
     args = p.parse_args(argv)
     try:
         load_experiment_modules(args)
         info = describe(experiment_config(args.exp, args.overrides))
+        if args.aot:
+            if not args.mesh:
+                raise ConfigError("--aot needs --mesh, e.g. --mesh data=8,fsdp=8")
+            info["aot"] = aot.run_in_subprocess(
+                args.exp,
+                list(args.overrides),
+                aot.parse_mesh(args.mesh),
+                args.device_memory,
+                list(getattr(args, "experiments", None) or []),
+            )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(info) if args.json else table(info))
+    print(json.dumps(info) if args.json else table(info) + aot_table(info.get("aot")))
     return 0
+
+
+def aot_table(report: dict | None) -> str:
+    """The --aot report as text lines ('' without one)."""
+    if not report:
+        return ""
+    gib = 2**30
+    mesh = ",".join(f"{k}={v}" for k, v in report["mesh"].items())
+    lines = [
+        f"\n  AOT on a simulated mesh {mesh} ({report['note']}):",
+        f"    per device: {report['memory_per_device_bytes'] / gib:.2f} GiB peak = params "
+        f"{report['params_per_device_bytes'] / gib:.2f} + optimizer "
+        f"{report['optimizer_per_device_bytes'] / gib:.2f} + activations/temporaries "
+        f"{report['temp_per_device_bytes'] / gib:.2f} (+ batch and outputs)",
+        f"    micro_batches {report['micro_batches']}, remat {report['remat']}; compiled in "
+        f"{report['compile_s']} s, peak RSS {report['peak_rss_bytes'] / gib:.1f} GiB",
+        "    collectives: " + ", ".join(f"{k} {v}" for k, v in report["collectives"].items()),
+    ]
+    if "fits" in report:
+        tried = ", ".join(
+            f"{t['micro_batches']}: {t['memory_per_device_bytes'] / gib:.1f} GiB"
+            for t in report["trials"]
+        )
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        lines.append(
+            f"    {verdict} in {report['device_memory_bytes'] / gib:.1f} GiB (micro_batches "
+            f"tried: {tried})"
+        )
+    return "\n".join(lines)

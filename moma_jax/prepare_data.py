@@ -13,32 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
 from moma_jax.data import corpus, default_data_dir, prepare
 from moma_jax.data.inputs import BadRecordError
 from moma_jax.data.prepare import DEFAULT_MAX_TEXT_CHARS
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
-
-def byte_size(text: str) -> int:
-    """'4MB', '64MiB', '1GB' or a plain number of bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4MB, 64MiB or 1GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+from moma_jax.units import byte_size
 
 
 def build_parser() -> argparse.ArgumentParser:

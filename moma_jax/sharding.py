@@ -10,13 +10,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moma_jax.config import ConfigError, MeshConfig
+from moma_jax.config import ConfigError, ExperimentConfig, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis (named in model code) -> mesh axis or axes. Model code never names mesh axes.
+# Outside the expert layers the expert axis shards the batch too; inside them a routing group
+# stays on its batch shard and its expert slots travel to the expert's shard (model/exchange.py).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "vocab": "tensor",
     "embed": "fsdp",
@@ -99,3 +101,73 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def mesh_axes(logical: str, mesh: Any) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that a logical axis maps to on `mesh` (concrete or abstract)."""
+    target = LOGICAL_RULES.get(logical)
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    return tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`with_sharding_constraint` by logical names under the mesh of the trace
+    (`jax.set_mesh`); a no-op without one, so model code runs the same on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = []
+    for name in axes:
+        names = mesh_axes(name, mesh) if name else ()
+        spec.append(names[0] if len(names) == 1 else (names or None))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def check_mesh(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
+    """Refuses, before anything compiles, a mesh the experiment cannot use evenly: the
+    ConfigError names the config key, the mesh axis and both numbers."""
+    d, f, e, t = (sizes[a] for a in MESH_AXES)
+    m, data = cfg.model, cfg.data
+    shards = d * f * e
+    rows = data.batch_size // data.micro_batches
+    if m.has_experts:
+        if e > 1 and m.moe.expert_compute == "ragged_dot":
+            raise ConfigError(
+                f"model.moe.expert_compute=ragged_dot has no expert-parallel path; with "
+                f"mesh.expert={e} use expert_compute=slabs"
+            )
+        for g, n_experts in enumerate(m.moe.group_experts):
+            if n_experts > 1 and n_experts % e:  # one-expert groups are replicated
+                raise ConfigError(
+                    f"expert group {m.moe.group_name(g)} has {n_experts} experts "
+                    f"(model.moe.group_experts={m.moe.group_experts}), not divisible by "
+                    f"mesh.expert={e}; use an expert axis that divides every group"
+                )
+    if rows % shards:
+        raise ConfigError(
+            f"a micro-batch of {rows} rows (data.batch_size={data.batch_size} / "
+            f"data.micro_batches={data.micro_batches}) does not split over the batch shards "
+            f"mesh.data x mesh.fsdp x mesh.expert = {d}x{f}x{e} = {shards}; make "
+            f"data.batch_size a multiple of {shards * data.micro_batches}"
+        )
+    if m.has_experts:
+        per_shard = rows // shards * data.seq_len
+        group = m.moe.routing_group_tokens
+        if per_shard % group:
+            raise ConfigError(
+                f"the mesh would split a routing group: each of the {shards} batch shards holds "
+                f"{per_shard} tokens per micro-batch, not a multiple of "
+                f"model.moe.routing_group_tokens={group}; use fewer batch shards or a larger "
+                "data.batch_size, or smaller routing groups"
+            )
+    for key, value, axis, size in (
+        ("model.n_heads", m.n_heads, "tensor", t),
+        ("model.ffn_hidden (resolved)", m.resolved_ffn_hidden, "tensor", t),
+        ("model.vocab_size", m.vocab_size, "tensor", t),
+        ("model.d_model", m.d_model, "fsdp", f),
+    ):
+        if value % size:
+            raise ConfigError(
+                f"{key}={value} is not divisible by mesh.{axis}={size}; change one of them "
+                "(model.ffn_multiple_of rounds the FFN hidden size)"
+            )

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moma_jax"
-ENTRY_POINTS = ("moma_jax.cli", "moma_jax.describe", "moma_jax.bench", "moma_jax.prepare_data")
+ENTRY_POINTS = (
+    "moma_jax.cli",
+    "moma_jax.describe",
+    "moma_jax.bench",
+    "moma_jax.prepare_data",
+    "moma_jax.aot",
+)
 # What config may import: the bottom of the graph, which imports no other project module.
 BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config")
 

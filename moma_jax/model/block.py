@@ -6,6 +6,9 @@ import jax
 from flax import nnx
 
 from moma_jax.config import ModelConfig
+from moma_jax.sharding import constrain
+
+ACTIVATION = ("batch", "length", None)  # rows over the batch axes; D whole (FSDP shards weights)
 
 
 class Block(nnx.Module):
@@ -36,11 +39,14 @@ class Block(nnx.Module):
         self.post_norm = cfg.norm_order == "post"
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        """The residual stream enters and leaves sharded by rows (`sharding.constrain`: a
+        no-op on one device)."""
         dt = x_BxLxD.dtype
+        x_BxLxD = constrain(x_BxLxD, ACTIVATION)
         if self.post_norm:
             h = x_BxLxD + self.attn_norm(self.attn(x_BxLxD, ctx), ctx).astype(dt)
             y, aux = self.ffn(h, ctx)
-            return h + self.ffn_norm(y, ctx).astype(dt), aux
+            return constrain(h + self.ffn_norm(y, ctx).astype(dt), ACTIVATION), aux
         h = x_BxLxD + self.attn(self.attn_norm(x_BxLxD, ctx), ctx).astype(dt)
         y, aux = self.ffn(self.ffn_norm(h, ctx), ctx)
-        return h + y.astype(dt), aux
+        return constrain(h + y.astype(dt), ACTIVATION), aux

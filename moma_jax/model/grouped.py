@@ -31,6 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moma_jax.model.exchange import from_experts, to_experts
 from moma_jax.model.layers import swiglu
 from moma_jax.model.routing import Dispatch
 
@@ -100,8 +101,11 @@ def slab_apply(
 
 
 def _per_expert(fn: ExpertFn, n_weights: int) -> ExpertFn:
-    """fn over [G, E, T, D] slots with weights stacked [E, ...]."""
-    return jax.vmap(fn, in_axes=(1, *([0] * n_weights)), out_axes=1)
+    """fn over [G, E, T, D] slots with weights stacked [E, ...], run where the experts live:
+    the slots go to their expert's shard and come back (`exchange.py`; the identity on one
+    device)."""
+    batched = jax.vmap(fn, in_axes=(1, *([0] * n_weights)), out_axes=1)
+    return lambda x_GxExTxD, *weights: from_experts(batched(to_experts(x_GxExTxD), *weights))
 
 
 def _slots_out(fn, x_GxNxD, part: Dispatch, weights) -> jax.Array:

@@ -28,7 +28,7 @@ from moma_jax.config import ConfigError, ExperimentConfig, validate
 from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
 from moma_jax.runtime import with_data_shares
-from moma_jax.sharding import batch_sharding, make_mesh, replicated
+from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
 from moma_jax.train import step as step_lib
 from moma_jax.train import upcycle
 from moma_jax.train.checkpoint import Checkpointer, restore_latest
@@ -48,6 +48,7 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
     # --- Inputs: every one checked before anything is written -----------------------------
     data_dir, manifest, cfg, stop = _check_inputs(cfg, run_dir, stop_step)
     mesh = make_mesh(cfg.mesh)
+    check_mesh(cfg, dict(mesh.shape))
     data_iter, eval_data = _make_iterators(cfg, data_dir)
 
     # --- State and steps --------------------------------------------------------------------
@@ -134,7 +135,7 @@ def _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data: list[dict]) -> _S
     batch_sh = batch_sharding(mesh)
     train_step = step_lib.jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
     eval_step = jax.jit(
-        make_eval_step(graphdef, cfg),
+        step_lib.with_mesh(make_eval_step(graphdef, cfg), mesh),
         in_shardings=(shardings.params, batch_sh),
         out_shardings=replicated(mesh),
     )

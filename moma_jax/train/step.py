@@ -100,6 +100,16 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: ExperimentConfig) -> Callable:
     return eval_step
 
 
+def with_mesh(fn: Callable, mesh) -> Callable:
+    """`fn` traced with `mesh` as the abstract mesh (`sharding.constrain`, `model/exchange.py`)."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def jit_train_step(
     graphdef: nnx.GraphDef,
     cfg: ExperimentConfig,
@@ -108,9 +118,10 @@ def jit_train_step(
     batch_sharding,
     mesh,
 ) -> Callable:
-    """The train step jitted with explicit in/out shardings, donating the old state."""
+    """The train step jitted with explicit in/out shardings, donating the old state; traced
+    under the mesh, so model code can constrain and exchange by logical axis names."""
     return jax.jit(
-        make_train_step(graphdef, cfg, tx),
+        with_mesh(make_train_step(graphdef, cfg, tx), mesh),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
