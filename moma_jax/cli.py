@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from moma_jax import experiments, host_memory
+from moma_jax import distributed, experiments, host_memory
 from moma_jax.config import ConfigError
 from moma_jax.overrides import to_dict
 from moma_jax.runtime import (
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a named moma_jax experiment. Rerunning on the same workdir resumes.",
     )
     add_experiment_args(p)
+    distributed.add_args(p)
     p.add_argument("--workdir", help="run directory (default: runs/EXP)")
     p.add_argument("--steps", type=int, help="stop after this step (default: optim.total_steps)")
     p.add_argument(
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             return 0
         enable_compilation_cache()
+        distributed.initialize(args)
         workdir = Path(args.workdir or Path("runs") / cfg.name)
         train(cfg, workdir, args.steps)
     except (ConfigError, ValueError, FileNotFoundError) as e:

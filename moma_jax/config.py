@@ -91,6 +91,10 @@ class DataConfig:
     batch_size: int = 1536  # global rows per optimizer step
     micro_batches: int = 1  # gradient accumulation: rows are split into this many micro-batches
     seed: int = 0  # data order (shuffle); independent of parameter and routing seeds
+    # Document streams a batch is packed from (stream s takes documents s, s+S, ...; each packs
+    # batch_size / S rows). 0: one per process, as the process count makes it. A fixed S (a
+    # multiple of the process count) gives the same batches on any number of processes.
+    streams: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +229,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     require(
         d.batch_size % d.micro_batches == 0,
         f"data.batch_size={d.batch_size} is not divisible by data.micro_batches={d.micro_batches}",
+    )
+    require(
+        d.streams >= 0 and (d.streams == 0 or d.batch_size % d.streams == 0),
+        f"data.streams={d.streams} must be 0 (one per process) or divide "
+        f"data.batch_size={d.batch_size}",
     )
     require(0 < o.peak_lr < 1, f"optim.peak_lr must be in (0, 1), got {o.peak_lr}")
     require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction must be in [0, 1]")

@@ -197,3 +197,41 @@ def test_aot_fit_check_compiles_for_a_simulated_mesh(capsys, data_dir):
     assert [t["micro_batches"] for t in report["trials"]][:2] == [1, 2]
     assert describe_main(["--exp", "moe_8x_tiny", "--aot", "--mesh", "expert=3"]) == 2
     assert "not divisible by mesh.expert=3" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, data_dir):
+    """2 processes x 4 devices (gloo collectives, each process reading its own stream of
+    documents) give the losses of 1 process x 8 devices; data.streams=2 fixes the batches."""
+    mesh = ("mesh.data=2", "mesh.expert=4", "data.streams=2")
+    one = tmp_path / "one"
+    train(one, 3, 8, *mesh)
+    two = tmp_path / "two"
+    base = [sys.executable, str(ROOT / "scripts" / "train.py"), "--exp", "moe_8x_tiny"]
+    base += ["--workdir", str(two), "--steps", "3", *SMALL, *sets(*mesh)]
+    base += ["--coordinator", f"localhost:{_free_port()}", "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(
+            [*base, "--process-id", str(i)],
+            env=devices_env(4),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    a = [r["loss"] for r in read_jsonl(one / "metrics.jsonl") if "loss" in r]
+    b = [r["loss"] for r in read_jsonl(two / "metrics.jsonl") if "loss" in r]
+    assert len(a) == 3 and b == pytest.approx(a, rel=RTOL)
+    assert (two / "checkpoints" / "3").is_dir()  # written by both processes together

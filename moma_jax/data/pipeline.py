@@ -151,7 +151,8 @@ def train_documents(
     process_index: int,
     process_count: int,
 ) -> grain.MapDataset:
-    """This process's endless document stream: shuffle, slice by process, repeat (reshuffled)."""
+    """One endless document stream: shuffle, take every `process_count`-th document from
+    `process_index` (a stream's slice), repeat (reshuffled)."""
     # Hash the seed: Grain reshuffles epoch e with seed + e, so seeds s and s + 1 would replay
     # each other's epochs one epoch apart.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -172,20 +173,57 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     split: str = "train",
+    streams: int = 0,
 ) -> grain.DatasetIterator:
-    """Endless checkpointable iterator of this process's batches (int32 [B/process_count, L])."""
+    """Endless checkpointable iterator of this process's batches (int32 [B/process_count, L]).
+
+    The global batch is packed from `streams` document streams (0: one per process), each
+    giving batch_size / streams consecutive rows; this process runs its streams only. With a
+    fixed `streams`, any process count that divides it yields the same global batches.
+    """
     path = ensure_data(None if data_dir is None else str(data_dir))
     manifest = load_manifest(path)
-    _check_args(manifest, split, seq_len, batch_size, process_index, process_count)
-    docs = train_documents(
-        path, split=split, seed=seed, process_index=process_index, process_count=process_count
-    )
-    rows = _PackedIterDataset(
-        docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)),
-        seq_len,
-        Vocab.from_dict(manifest["vocab"]).pad,
-    )
-    return iter(rows.batch(batch_size // process_count, drop_remainder=True))
+    n = streams or process_count
+    if n % process_count or batch_size % n:
+        raise ValueError(
+            f"data.streams={n} must be a multiple of the process count {process_count} and "
+            f"divide batch_size={batch_size}"
+        )
+    _check_args(manifest, split, seq_len, batch_size, process_index, n)
+    pad = Vocab.from_dict(manifest["vocab"]).pad
+    per_process = n // process_count
+    mine = range(process_index * per_process, (process_index + 1) * per_process)
+    batches = []
+    for stream in mine:
+        docs = train_documents(path, split=split, seed=seed, process_index=stream, process_count=n)
+        rows = _PackedIterDataset(
+            docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)),
+            seq_len,
+            pad,
+        )
+        batches.append(rows.batch(batch_size // n, drop_remainder=True))
+    if len(batches) == 1:
+        return iter(batches[0])  # the state format of a single stream, as before streams
+    return _StreamsIterator([iter(b) for b in batches])
+
+
+class _StreamsIterator(grain.DatasetIterator):
+    """Several streams' batches side by side (rows of stream 0, then 1, ...); state: theirs."""
+
+    def __init__(self, streams: list[grain.DatasetIterator]):
+        super().__init__()
+        self._streams = streams
+
+    def __next__(self) -> Batch:
+        parts = [next(s) for s in self._streams]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [s.get_state() for s in self._streams]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for s, st in zip(self._streams, state["streams"], strict=True):
+            s.set_state(st)
 
 
 def eval_batches(

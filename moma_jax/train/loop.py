@@ -32,7 +32,7 @@ from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
 from moma_jax.train import step as step_lib
 from moma_jax.train import upcycle
 from moma_jax.train.checkpoint import Checkpointer, restore_latest
-from moma_jax.train.metrics import MetricWriter
+from moma_jax.train.metrics import MetricWriter, NullWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
 from moma_jax.train.workdir import Workdir
@@ -61,11 +61,17 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
         return {}
     first_batch = next(data_iter)  # a bad record stops the run here, before any write
 
-    # --- Outputs ----------------------------------------------------------------------------
-    run_dir.write_config(cfg)
+    # --- Outputs (the workdir's shared files by process 0; checkpoints by all) ---------------
+    primary = jax.process_index() == 0
+    if primary:
+        run_dir.write_config(cfg)
     ckpt = Checkpointer(run_dir.checkpoints, cfg.run)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    writer = MetricWriter(run_dir.metrics_file, run_dir.tensorboard, start, stop, tokens_per_step)
+    writer: MetricWriter | NullWriter = (
+        MetricWriter(run_dir.metrics_file, run_dir.tensorboard, start, stop, tokens_per_step)
+        if primary
+        else NullWriter()
+    )
 
     # --- Loop -------------------------------------------------------------------------------
     try:
@@ -108,6 +114,7 @@ def _make_iterators(cfg: ExperimentConfig, data_dir: Path) -> tuple[Iterator[dic
         seq_len=cfg.data.seq_len,
         batch_size=cfg.data.batch_size,
         seed=cfg.data.seed,
+        streams=cfg.data.streams,
         **process,
     )
     eval_data = data_lib.eval_batches(
@@ -197,7 +204,7 @@ def _run_loop(
     data_iter: Iterator[dict],
     manifest: dict,
     ckpt: Checkpointer,
-    writer: MetricWriter,
+    writer: MetricWriter | NullWriter,
 ) -> dict[str, float]:
     """Steps `start + 1 .. stop`; returns the last logged metrics.
 
@@ -232,7 +239,7 @@ class _MetricLog:
     """Checks each step's metrics for NaN and writes those of logging steps, with the
     cumulative tokens and FLOPs; `last` is the latest record written."""
 
-    def __init__(self, cfg: ExperimentConfig, writer: MetricWriter, stop: int):
+    def __init__(self, cfg: ExperimentConfig, writer: MetricWriter | NullWriter, stop: int):
         self.writer, self.stop, self.log_every = writer, stop, cfg.run.log_every
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.per_token = {

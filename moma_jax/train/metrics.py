@@ -106,6 +106,16 @@ class MetricWriter:
         self.tb.close()
 
 
+class NullWriter:
+    """The writer of processes other than 0 in a multi-process run: they log nothing."""
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        del step, values
+
+    def close(self) -> None:
+        pass
+
+
 def _expert_summary(r: dict) -> list[str]:
     """'image: untaken 12.5%, dropped 0' per expert group, from moe/{group}/* metrics.
 
