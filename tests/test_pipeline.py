@@ -189,7 +189,7 @@ def test_fixed_streams_give_the_same_global_batches_on_any_process_count(data_di
     """data.streams=2: one process packs both streams; two processes one each; the global
     batch is the same rows in the same order, and a restored state continues identically."""
 
-    kw = dict(seq_len=128, batch_size=8, seed=3, streams=2)
+    kw: dict[str, Any] = dict(seq_len=128, batch_size=8, seed=3, streams=2)
     one = make_train_iterator(None, **kw)
     parts = [make_train_iterator(None, process_index=i, process_count=2, **kw) for i in (0, 1)]
     for _ in range(3):
