@@ -29,8 +29,10 @@ def log(message: str) -> None:
 class StepBench:
     """One configuration's train step, compiled ahead of time, with its own donated state."""
 
-    def __init__(self, cfg: ExperimentConfig, batch_np: dict[str, np.ndarray]):
-        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    def __init__(
+        self, cfg: ExperimentConfig, batch_np: dict[str, np.ndarray], devices: list | None = None
+    ):
+        mesh = make_mesh(cfg.mesh, devices or jax.devices()[:1])
         tx = make_optimizer(cfg.optim)
         graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
         batch_sh = batch_sharding(mesh)
