@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()  # before JAX starts its threads
     args = build_parser().parse_args(argv)
     from moma_jax.train import TrainingDivergedError, train
+    from moma_jax.train.faults import DiskFullError, Preempted, WorkdirBusyError
 
     try:
         load_experiment_modules(args)
@@ -71,7 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDivergedError as e:
+    except (TrainingDivergedError, WorkdirBusyError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(
+            f"stopped: {e}; its checkpoint is committed in {workdir / 'checkpoints' / str(e.step)}."
+            f" Resume with the same command (exit status {e.exit_code}).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return e.exit_code
     return 0

@@ -54,10 +54,54 @@ def document_dataset(data_dir: str | Path | None, split: str) -> grain.MapDatase
         raise ValueError(f"Split {split!r} is not in {path}; it has {list(manifest['splits'])}.")
     info = manifest["splits"][split]
     shard_paths = tuple(str(path / s) for s in info["shards"])
-    source = grain.sources.ArrayRecordDataSource(list(shard_paths))
     starts = tuple(int(s) for s in np.cumsum([0, *info["shard_records"][:-1]]))
+    source = _NamedSource(shard_paths, starts)
     decode = _DecodeRecord(Vocab.from_dict(manifest["vocab"]), shard_paths, starts)
     return grain.MapDataset.source(source).map_with_index(decode)
+
+
+_DATA_FIX = (
+    "Restore the file, or prepare the data again (python scripts/prepare_data.py ... --force); "
+    "the run stopped before training on it, so its checkpoints are all good."
+)
+
+
+class _NamedSource:
+    """The shards' ArrayRecord source; a shard or record that cannot be read raises ValueError
+    naming the file and the record index (a damaged file must stop the run, not train it)."""
+
+    def __init__(self, shard_paths: tuple[str, ...], starts: tuple[int, ...]):
+        self.shard_paths, self.starts = shard_paths, starts
+        try:
+            self.source = grain.sources.ArrayRecordDataSource(list(shard_paths))
+        except Exception as e:  # the C++ reader names no file: find the one that fails
+            raise ValueError(f"{self._unreadable_shard()} is unreadable ({e}). {_DATA_FIX}") from e
+
+    def _unreadable_shard(self) -> str:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        for shard in self.shard_paths:
+            try:
+                ArrayRecordReader(shard).close()
+            except Exception:
+                return f"data shard {shard}"
+        return f"one of the data shards {list(self.shard_paths)}"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self.source[index]
+        except Exception as e:
+            shard = bisect.bisect_right(self.starts, index) - 1
+            raise ValueError(
+                f"{self.shard_paths[shard]} record {index - self.starts[shard]} is unreadable "
+                f"({type(e).__name__}: {str(e)[:200]}). {_DATA_FIX}"
+            ) from e
+
+    def __repr__(self) -> str:
+        return f"_NamedSource({len(self.shard_paths)} shards)"
 
 
 class _PackedIterator(grain.DatasetIterator):

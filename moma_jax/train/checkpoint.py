@@ -88,6 +88,18 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def check_for_errors(self) -> None:
+        """Raises the error of a finished async save (e.g. a full disk), at the next step."""
+        self.manager.check_for_errors()
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose checkpoint finished writing (Orbax renames a step into place last)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()
+        )
+
     def close(self) -> None:
         self.manager.close()
 

@@ -12,6 +12,7 @@ checkpoint; a state is checkpointed only after its own metrics passed the NaN ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -29,8 +30,8 @@ from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
 from moma_jax.runtime import with_data_shares
 from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
+from moma_jax.train import faults, upcycle
 from moma_jax.train import step as step_lib
-from moma_jax.train import upcycle
 from moma_jax.train.checkpoint import Checkpointer, restore_latest
 from moma_jax.train.metrics import MetricWriter, NullWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
@@ -51,6 +52,16 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
     check_mesh(cfg, dict(mesh.shape))
     data_iter, eval_data = _make_iterators(cfg, data_dir)
 
+    # --- One run per workdir: held from here (after the input checks) to the end -----------
+    primary = jax.process_index() == 0
+    with (
+        faults.WorkdirLock(run_dir.path) if primary else contextlib.nullcontext(),
+        faults.PreemptionWatch() as watch,
+    ):
+        return _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch)
+
+
+def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch):
     # --- State and steps --------------------------------------------------------------------
     tx = make_optimizer(cfg.optim)
     graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
@@ -76,11 +87,20 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
     # --- Loop -------------------------------------------------------------------------------
     try:
         return _run_loop(
-            cfg, steps, state, start, stop, first_batch, data_iter, manifest, ckpt, writer
+            cfg, steps, state, start, stop, first_batch, data_iter, manifest, ckpt, writer, watch
         )
+    except Exception as e:  # Orbax wraps a failed async write in its own errors
+        if faults.is_disk_full(e):
+            committed = ckpt.committed_steps()
+            raise faults.disk_full_error(
+                Path(getattr(e, "filename", None) or run_dir.path), e, max(committed, default=None)
+            ) from e
+        raise
     finally:
-        writer.close()
-        ckpt.close()
+        with contextlib.suppress(OSError):
+            writer.close()
+        with contextlib.suppress(Exception):
+            ckpt.close()
 
 
 def _check_inputs(
@@ -205,6 +225,7 @@ def _run_loop(
     manifest: dict,
     ckpt: Checkpointer,
     writer: MetricWriter | NullWriter,
+    watch: faults.PreemptionWatch,
 ) -> dict[str, float]:
     """Steps `start + 1 .. stop`; returns the last logged metrics.
 
@@ -224,13 +245,18 @@ def _run_loop(
         if pending is not None:
             log.finish(*pending, {})
         pending = (step, metrics)
+        ckpt.check_for_errors()  # an async save that failed (full disk) stops the run now
         is_eval = step % cfg.run.eval_every == 0 or step == stop
         is_ckpt = step % cfg.run.checkpoint_every == 0 or step == stop
-        if is_eval or is_ckpt:
+        signum = watch.requested(step)
+        if is_eval or is_ckpt or signum:
             log.finish(step, metrics, steps.evaluate(state.params) if is_eval else {})
             pending = None
-            if is_ckpt:
+            if is_ckpt or signum:  # saved only after this step's metrics passed the NaN check
                 ckpt.save(step, state, data_iter, config_dict, manifest)
+        if signum:
+            ckpt.wait()
+            raise faults.Preempted(step, signum)
     ckpt.wait()
     return log.last
 
