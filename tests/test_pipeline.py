@@ -204,3 +204,10 @@ def test_fixed_streams_give_the_same_global_batches_on_any_process_count(data_di
     got = next(fresh)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_streams_that_do_not_fit_the_processes_are_refused(data_dir):
+    with pytest.raises(
+        ValueError, match=r"data.streams=3 must be a multiple of the process count 2"
+    ):
+        make_train_iterator(data_dir, seq_len=64, batch_size=6, seed=0, process_count=2, streams=3)

@@ -228,7 +228,7 @@ def make_train_iterator(
     path = ensure_data(None if data_dir is None else str(data_dir))
     manifest = load_manifest(path)
     n = streams or process_count
-    if n % process_count or batch_size % n:
+    if streams and (n % process_count or batch_size % n):
         raise ValueError(
             f"data.streams={n} must be a multiple of the process count {process_count} and "
             f"divide batch_size={batch_size}"
