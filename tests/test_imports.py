@@ -16,6 +16,7 @@ ENTRY_POINTS = (
     "moma_jax.bench",
     "moma_jax.prepare_data",
     "moma_jax.aot",
+    "moma_jax.compare",
 )
 # What config may import: the bottom of the graph, which imports no other project module.
 BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config")

@@ -8,7 +8,7 @@ Your own experiments live in your own module (see README "Adding an experiment")
 `train.py --experiments my_module --exp my_exp` imports it before the lookup.
 """
 
-from moma_jax.experiments import dense, sparse
+from moma_jax.experiments import dense, sparse, suites
 from moma_jax.registry import describe, get, load_module, names, register
 
-__all__ = ["dense", "describe", "get", "load_module", "names", "register", "sparse"]
+__all__ = ["dense", "describe", "get", "load_module", "names", "register", "sparse", "suites"]

@@ -1,0 +1,61 @@
+"""Named comparison suites: experiments trained on the same data, tokens, schedule and seeds,
+then compared at equal FLOPs (`python scripts/compare.py --suite NAME`, docs/comparison.md).
+
+Seed s of a suite sets `run.param_seed`, `run.routing_seed` and `data.seed` to s for every
+experiment, so each sparse run is compared with the dense run of the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from moma_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    experiments: tuple[str, ...]  # the first is the dense reference
+    seeds: int
+    overrides: tuple[str, ...] = ()  # applied to every run of the suite
+    description: str = ""
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite) -> Suite:
+    SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        close = difflib.get_close_matches(name, list(SUITES), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown suite {name!r}{hint} Suites: {', '.join(sorted(SUITES))}")
+    return SUITES[name]
+
+
+_ARCHS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "mot")
+
+register_suite(
+    Suite(
+        "paper_tiny",
+        tuple(f"{a}_tiny" for a in _ARCHS),
+        seeds=2,
+        description="The MoMa paper's comparison at the tiny size on the bundled data: dense, "
+        "moe_8x, moma_1t1i, moma_4t4i and mot, 2 seeds (~25 min on a 2-core CPU). "
+        "mod_moma_4t4i joins when Mixture-of-Depths lands.",
+    )
+)
+for size in ("90m", "435m", "1.4b"):
+    register_suite(
+        Suite(
+            f"paper_{size}",
+            tuple(f"{a}_{size}" for a in _ARCHS),
+            seeds=1,
+            description=f"The paper's comparison at {size} (real hardware; set data.path).",
+        )
+    )

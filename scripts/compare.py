@@ -1,0 +1,8 @@
+"""Train and compare a suite at equal FLOPs: python scripts/compare.py --suite paper_tiny."""
+
+import sys
+
+from moma_jax.compare import main
+
+if __name__ == "__main__":
+    sys.exit(main())

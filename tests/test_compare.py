@@ -1,0 +1,65 @@
+"""compare.py end to end: a 2-experiment, 1-seed suite at the test shape trains, a killed suite
+resumes where it stopped, and the report holds eta for every modality."""
+
+import json
+
+import pytest
+from cli_args import SMALL_KEYS
+
+import moma_jax.train
+from moma_jax.compare import main
+from moma_jax.experiments.suites import SUITES, Suite, get_suite, register_suite
+
+KEYS = (
+    *SMALL_KEYS,
+    "optim.total_steps=20",
+    "model.moe.routing_group_tokens=1024",
+    "run.log_every=1",
+    "run.eval_every=5",
+    "run.eval_batches=1",
+    "run.checkpoint_every=10",
+)
+
+
+@pytest.fixture
+def pair():
+    suite = register_suite(Suite("test_pair", ("dense_tiny", "moma_1t1i_tiny"), 1, KEYS))
+    yield suite
+    SUITES.pop(suite.name)
+
+
+def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys):
+    calls = []
+    real_train = moma_jax.train.train
+
+    def train_then_die(cfg, workdir, *a):
+        calls.append(cfg.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the suite is killed during its second run
+        return real_train(cfg, workdir, *a)
+
+    monkeypatch.setattr(moma_jax.train, "train", train_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--suite", "test_pair", "--root", str(tmp_path)])
+    dense_metrics = tmp_path / "test_pair" / "dense_tiny" / "seed0" / "metrics.jsonl"
+    finished = dense_metrics.read_text()
+    monkeypatch.setattr(moma_jax.train, "train", real_train)
+    assert main(["--suite", "test_pair", "--root", str(tmp_path)]) == 0
+    assert dense_metrics.read_text() == finished  # the finished run was not trained again
+    rep = json.loads((tmp_path / "test_pair" / "report.json").read_text())
+    dense = rep["experiments"]["dense_tiny"]
+    for m in ("overall", "text", "image"):
+        assert dense[m]["eta_heldout"]["mean"] == pytest.approx(1.0)  # dense against itself
+        other = rep["experiments"]["moma_1t1i_tiny"][m]
+        assert other["eta_heldout"]["n"] == 1
+        assert other["final_heldout_loss"]["mean"] > 0
+    text = (tmp_path / "test_pair" / "report.md").read_text()
+    assert "| moma_1t1i_tiny | image |" in text
+    assert (tmp_path / "test_pair" / "loss_vs_flops.png").stat().st_size > 1000
+    assert (tmp_path / "test_pair" / "eta.png").stat().st_size > 1000
+    assert "report: " in capsys.readouterr().out
+
+
+def test_unknown_suite_lists_the_close_ones():
+    with pytest.raises(Exception, match="did you mean paper_tiny"):
+        get_suite("paper_tin")
