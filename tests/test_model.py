@@ -160,3 +160,26 @@ def test_compute_dtype_bf16_runs_with_f32_logits():
     tokens = jnp.zeros((1, 4), jnp.int32)
     logits, _ = model(tokens, jnp.ones_like(tokens), jnp.arange(4)[None], tokens)
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_per_layer_routing_metrics_average_to_the_logged_means():
+    """Each layer's routing metrics are logged as layer_{i}/...; their mean over layers is the
+    layer-averaged metric, and the layers differ (they route differently)."""
+    from moma_jax.config import SparseConfig
+
+    moe = SparseConfig(routing_group_tokens=64, group_experts=(2, 2), modality_shares=(0.7, 0.3))
+    cfg = ModelConfig(
+        vocab_size=64, d_model=16, n_layers=3, n_heads=2, layer_pattern=("moe",), moe=moe
+    )
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    modality = jnp.asarray(rng.random((2, 32)) < 0.3, jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 32)), jnp.int32)
+    seg = jnp.ones((2, 32), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
+    _, aux = jitted(model)(tokens, seg, pos, modality)
+    metrics = aux["metrics"]
+    for key in ("moe/text/score_mean", "moe/image/untaken_frac"):
+        layers = [float(metrics[f"layer_{i}/{key}"]) for i in range(3)]
+        assert np.mean(layers) == pytest.approx(float(metrics[key]), rel=1e-5)
+    assert len({float(metrics[f"layer_{i}/moe/text/score_mean"]) for i in range(3)}) == 3

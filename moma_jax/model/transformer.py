@@ -38,11 +38,15 @@ class Unit(nnx.Module):
             setattr(self, f"block_{i}", build_layer(cfg, kind, rngs))
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        """Returns the output and the blocks' aux merged, plus each block's own metrics under
+        "per_block" ({j: metrics}) for the per-layer report."""
         auxes = []
         for i in range(self.n_blocks):
             x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, ctx)
             auxes.append(aux)
-        return x_BxLxD, merge_aux(auxes)
+        merged = merge_aux(auxes)
+        merged["per_block"] = {j: aux.get("metrics", {}) for j, aux in enumerate(auxes)}
+        return x_BxLxD, merged
 
 
 class Transformer(nnx.Module):
@@ -105,6 +109,12 @@ class Transformer(nnx.Module):
             "losses": {k: jnp.sum(v) for k, v in aux_U["losses"].items()},
             "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U["metrics"].items()},
         }
+        # Each layer's own routing metrics beside the averages: layer u * blocks + j.
+        blocks = len(cfg.layer_pattern)
+        for j, metrics in aux_U["per_block"].items():
+            for k, v_U in metrics.items():
+                for u in range(cfg.n_units):
+                    aux["metrics"][f"layer_{u * blocks + j}/{k}"] = v_U[u]
         x_BxLxD = self.final_norm(x_BxLxD)
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv",
