@@ -17,6 +17,8 @@ Tokens taken by no expert get 0 here and keep only the residual.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -113,7 +115,13 @@ class SparseFFN(nnx.Module):
         metrics["moe/rows_used_frac"] = used_rows / (moe.static_rows * x_GxNxD.shape[0])
         metrics["moe/padding_frac"] = (used_rows - routed) / jnp.maximum(used_rows, 1.0)
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
-        return y_BxLxD, {"losses": losses, "metrics": metrics}
+        aux: dict[str, Any] = {"losses": losses, "metrics": metrics}
+        if ctx.get("capture"):  # routing decisions for analysis (moma_jax.analysis.route)
+            aux["capture"] = {
+                moe.group_name(g): _token_view(dsp, n, b, length)
+                for g, dsp in enumerate(dispatches)
+            }
+        return y_BxLxD, aux
 
     def _route(self, group: ExpertGroup, g: int, x_GxNxD, eligible_GxN, count_G, key):
         """Dispatch for one expert group, with its auxiliary losses and routing metrics."""
@@ -188,6 +196,27 @@ def _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats) -> dict[str, 
     }
     out.update({f"load_{e}": load_E[e] for e in range(load_E.shape[0])})
     return out
+
+
+def _token_view(dispatch, n: int, b: int, length: int) -> dict[str, jax.Array]:
+    """A dispatch seen from the tokens: taken [B, L, E] (which experts took each token) and
+    gate [B, L, E] (its combine weight from each)."""
+
+    def one(dsp):
+        experts = dsp.valid_ExC.shape[0]
+        e_ExC = jnp.broadcast_to(jnp.arange(experts)[:, None], dsp.valid_ExC.shape)
+        taken = jnp.zeros((n, experts), jnp.float32)
+        taken = taken.at[dsp.token_index_ExC, e_ExC].add(dsp.valid_ExC.astype(jnp.float32))
+        gate = jnp.zeros((n, experts), jnp.float32)
+        gate = gate.at[dsp.token_index_ExC, e_ExC].add(jnp.where(dsp.valid_ExC, dsp.gate_ExC, 0))
+        return taken > 0, gate
+
+    taken_GxNxE, gate_GxNxE = jax.vmap(one)(dispatch)
+    experts = taken_GxNxE.shape[-1]
+    return {
+        "taken": taken_GxNxE.reshape(b, length, experts),
+        "gate": gate_GxNxE.reshape(b, length, experts),
+    }
 
 
 def _ragged_experts(x_GxNxD, dispatches, weights):

@@ -46,6 +46,7 @@ class Unit(nnx.Module):
             auxes.append(aux)
         merged = merge_aux(auxes)
         merged["per_block"] = {j: aux.get("metrics", {}) for j, aux in enumerate(auxes)}
+        merged["capture"] = {j: aux["capture"] for j, aux in enumerate(auxes) if "capture" in aux}
         return x_BxLxD, merged
 
 
@@ -79,8 +80,11 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array,
         modality_BxL: jax.Array,
         routing_key: jax.Array | None = None,
+        capture: bool = False,
     ) -> tuple[jax.Array, dict]:
-        """Returns float32 logits [B, L, V] and the aux dict (losses summed, metrics averaged)."""
+        """Returns float32 logits [B, L, V] and the aux dict (losses summed, metrics averaged;
+        with `capture`, aux["capture"][layer][group] holds each expert layer's routing seen
+        from the tokens: taken and gate, [B, L, E])."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
         ctx = {
@@ -88,6 +92,7 @@ class Transformer(nnx.Module):
             "segment_ids": segment_ids_BxL,
             "modality": modality_BxL,
             "attn_mask": segment_causal_mask(segment_ids_BxL),
+            "capture": capture,
         }
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
 
@@ -115,6 +120,12 @@ class Transformer(nnx.Module):
             for k, v_U in metrics.items():
                 for u in range(cfg.n_units):
                     aux["metrics"][f"layer_{u * blocks + j}/{k}"] = v_U[u]
+        if capture:
+            aux["capture"] = {
+                u * blocks + j: jax.tree.map(lambda a, u=u: a[u], groups)
+                for j, groups in aux_U["capture"].items()
+                for u in range(cfg.n_units)
+            }
         x_BxLxD = self.final_norm(x_BxLxD)
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv",

@@ -1,0 +1,164 @@
+"""Look at a run in a notebook: its config, metrics history, checkpoints and routing.
+
+    from moma_jax import analysis
+    run = analysis.load_run("runs/moma_4t4i_tiny")
+    run.history("loss", "eval_loss_image")          # {"step": [...], "loss": [...], ...}
+    batch = analysis.heldout_batch(run)
+    routes = analysis.route(run, batch)             # {layer: {group: {"taken", "gate"}}}
+    analysis.load_by_modality(routes, batch)        # {layer: {group: [E, modalities] counts}}
+    analysis.image_positions(routes, batch, run)    # {layer: [E, H, W] share of each position}
+
+Works on any checkpoint of any architecture without model code: the model is rebuilt from the
+run's saved config and its parameters restored on one device. Dense layers and MoT have no
+router, so they have no entry in `route`'s result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moma_jax import data as data_lib
+from moma_jax.config import ExperimentConfig, MeshConfig
+from moma_jax.modality import IMAGE, MODALITY_NAMES
+from moma_jax.sharding import make_mesh
+from moma_jax.train.checkpoint import Checkpointer
+from moma_jax.train.state import abstract_params, init_state, make_optimizer
+from moma_jax.train.workdir import Workdir
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run's directory: config, metrics records, checkpoint steps, parameters."""
+
+    workdir: Path
+    config: ExperimentConfig
+    records: list[dict[str, Any]]
+
+    @property
+    def steps(self) -> list[int]:
+        """Committed checkpoint steps."""
+        return Checkpointer(self.workdir / "checkpoints", self.config.run).committed_steps()
+
+    def history(self, *keys: str) -> dict[str, np.ndarray]:
+        """The logged values of `keys` (all keys if none) at the steps that logged them."""
+        keys = keys or tuple(sorted({k for r in self.records for k in r} - {"step"}))
+        rows = [r for r in self.records if all(k in r for k in keys)]
+        out = {"step": np.asarray([r["step"] for r in rows])}
+        out.update({k: np.asarray([float(r[k]) for r in rows]) for k in keys})
+        return out
+
+    def params(self, step: int | None = None) -> nnx.State:
+        """The parameters of checkpoint `step` (default: the latest), on one device."""
+        step = max(self.steps) if step is None else step
+        cfg = dataclasses.replace(self.config, mesh=MeshConfig(data=1))
+        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+        tx = make_optimizer(cfg.optim)
+        _, _, abstract, _ = init_state(cfg, tx, mesh)
+        ckpt = Checkpointer(self.workdir / "checkpoints", cfg.run)
+        try:
+            import orbax.checkpoint as ocp
+
+            restored = ckpt.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        finally:
+            ckpt.close()
+        return restored.state.params
+
+    def model(self, step: int | None = None) -> nnx.Module:
+        """The model with the parameters of checkpoint `step` (default: the latest)."""
+        graphdef, _ = abstract_params(self.config)
+        return nnx.merge(graphdef, self.params(step))
+
+
+def load_run(workdir: str | Path) -> Run:
+    """The run in `workdir` (ValueError if no run was started there)."""
+    path = Path(workdir)
+    config = Workdir(path).read_config()
+    if config is None:
+        raise ValueError(f"{path} holds no run (no config.json)")
+    metrics = path / "metrics.jsonl"
+    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    return Run(path, config, records)
+
+
+def heldout_batch(run: Run, rows: int | None = None) -> dict[str, np.ndarray]:
+    """The first held-out batch of the run's data (rows: default the run's batch size)."""
+    cfg = run.config
+    batches = data_lib.eval_batches(
+        data_lib.ensure_data(cfg.data.path or None),
+        seq_len=cfg.data.seq_len,
+        batch_size=rows or cfg.data.batch_size,
+        num_batches=1,
+    )
+    return batches[0]
+
+
+def route(run: Run, batch: dict[str, np.ndarray], step: int | None = None) -> dict[int, Any]:
+    """Runs `batch` through checkpoint `step` and returns every expert layer's routing:
+    {layer: {group: {"taken": bool [B, L, E], "gate": float [B, L, E]}}} (numpy), with the
+    routers as in training (no noise). Rows must form whole routing groups."""
+    model = run.model(step)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens, seg, pos, modality):
+        _, aux = nnx.merge(graphdef, state)(tokens, seg, pos, modality, None, True)
+        return aux.get("capture", {})
+
+    args = (jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions", "modality"))
+    return jax.tree.map(np.asarray, forward(state, *args))
+
+
+def load_by_modality(routes: dict[int, Any], batch: dict[str, np.ndarray]) -> dict[int, Any]:
+    """{layer: {group: int [E, modalities]}}: how many tokens of each modality each expert
+    took (padding excluded)."""
+    real = batch["segment_ids"] > 0
+    out: dict[int, Any] = {}
+    for layer, groups in routes.items():
+        out[layer] = {}
+        for name, r in groups.items():
+            counts = np.zeros((r["taken"].shape[-1], len(MODALITY_NAMES)), np.int64)
+            for m in range(len(MODALITY_NAMES)):
+                mask = real & (batch["modality"] == m)
+                counts[:, m] = r["taken"][mask].sum(axis=0)
+            out[layer][name] = counts
+    return out
+
+
+def image_positions(
+    routes: dict[int, Any], batch: dict[str, np.ndarray], run: Run, group: str = "image"
+) -> dict[int, np.ndarray]:
+    """{layer: float [E, H, W]}: for each expert of `group`, the share of the batch's images
+    whose code at grid position (h, w) it took. The grid comes from the manifest."""
+    manifest = data_lib.load_manifest(data_lib.ensure_data(run.config.data.path or None))
+    per_image = manifest["image"]["codes_per_image"]
+    grid = manifest["image"].get("grid") or [int(round(per_image**0.5))] * 2
+    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
+    starts = [
+        (b, int(t) + 1)
+        for b, t in zip(*np.nonzero(batch["tokens"] == vocab.boi), strict=True)
+        if int(t) + 1 + per_image <= batch["tokens"].shape[1]
+    ]
+    out = {}
+    for layer, groups in routes.items():
+        if group not in groups or not starts:
+            continue
+        taken = groups[group]["taken"]
+        maps = np.stack([taken[b, s : s + per_image].T for b, s in starts])  # [images, E, P]
+        out[layer] = maps.mean(axis=0).reshape(taken.shape[-1], *grid)
+    return out
+
+
+def image_share(batch: dict[str, np.ndarray]) -> float:
+    """Share of the batch's real tokens that are image tokens."""
+    real = batch["segment_ids"] > 0
+    return float(np.mean(batch["modality"][real] == IMAGE))
