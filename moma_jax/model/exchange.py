@@ -34,27 +34,25 @@ def _spec(*axes) -> PartitionSpec:
 
 def to_experts(x_GxExTxD: jax.Array) -> jax.Array:
     """[G, E, T, D]: G over the batch axes -> G over the batch axes but expert, E over expert."""
-    plan = _plan(x_GxExTxD.shape[1])
-    if plan is None:
-        return x_GxExTxD
-    mesh, batch, rest = plan
-    return jax.shard_map(
-        lambda x: jax.lax.all_to_all(x, "expert", split_axis=1, concat_axis=0, tiled=True),
-        mesh=mesh,
-        in_specs=_spec(batch),
-        out_specs=_spec(rest, "expert"),
-    )(x_GxExTxD)
+    return _move(x_GxExTxD, to_experts=True)
 
 
 def from_experts(y_GxExTxD: jax.Array) -> jax.Array:
     """The inverse of `to_experts`: the outputs back to their routing group's shard."""
-    plan = _plan(y_GxExTxD.shape[1])
+    return _move(y_GxExTxD, to_experts=False)
+
+
+def _move(a_GxExTxD: jax.Array, to_experts: bool) -> jax.Array:
+    """One tiled all-to-all over `expert`: E split and G gathered (to the experts), or back."""
+    plan = _plan(a_GxExTxD.shape[1])
     if plan is None:
-        return y_GxExTxD
+        return a_GxExTxD
     mesh, batch, rest = plan
+    by_group, by_expert = _spec(batch), _spec(rest, "expert")
+    split, concat = (1, 0) if to_experts else (0, 1)
     return jax.shard_map(
-        lambda y: jax.lax.all_to_all(y, "expert", split_axis=0, concat_axis=1, tiled=True),
+        lambda a: jax.lax.all_to_all(a, "expert", split_axis=split, concat_axis=concat, tiled=True),
         mesh=mesh,
-        in_specs=_spec(rest, "expert"),
-        out_specs=_spec(batch),
-    )(y_GxExTxD)
+        in_specs=by_group if to_experts else by_expert,
+        out_specs=by_expert if to_experts else by_group,
+    )(a_GxExTxD)
