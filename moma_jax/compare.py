@@ -70,9 +70,22 @@ def _curves(workdir: Path) -> dict[str, Any]:
         loss = smooth([r[f"loss{suffix}"] for r in trains], TRAIN_WINDOW)
         out[f"train_{m}"] = ([r["flops"] for r in trains], list(loss), [r["step"] for r in trains])
     last = trains[-1]
+    out["step_time_s"] = _step_time(trains)
+    out["tokens_per_step"] = last["tokens"] / last["step"]
     out["flops_per_token"] = last["flops"] / last["tokens"]
     out["flops_per_token_executed"] = last.get("flops_executed", last["flops"]) / last["tokens"]
     return out
+
+
+def _step_time(trains: list[dict[str, Any]]) -> float | None:
+    """Median seconds per step between consecutive logged training records of one process
+    (records with an evaluation, and pairs across a restart, left out)."""
+    rates = [
+        (b["time_s"] - a["time_s"]) / (b["step"] - a["step"])
+        for a, b in zip(trains, trains[1:], strict=False)
+        if "time_s" in a and "time_s" in b and "eval_loss" not in b and b["time_s"] > a["time_s"]
+    ]
+    return float(np.median(rates)) if rates else None
 
 
 def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
@@ -107,6 +120,13 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
         entry["flops_per_token"] = c0["flops_per_token"]
         entry["flops_per_token_executed"] = c0["flops_per_token_executed"]
         entry["steps"] = c0["steps"]
+        times = [curves[(exp, s)]["step_time_s"] for s in range(seeds)]
+        entry["step_time_s"] = mean_spread(times)
+        entry["tokens_per_s"] = (
+            c0["tokens_per_step"] / entry["step_time_s"]["mean"]
+            if entry["step_time_s"]["mean"]
+            else None
+        )
         out["experiments"][exp] = entry
     out["curves"] = {f"{e}/seed{s}": c for (e, s), c in curves.items()}
     return out
@@ -143,11 +163,18 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"| {exp} | {m} | {_fmt(e['final_heldout_loss'])} | {_fmt(e['eta_heldout'], 2)} "
                 f"| {_fmt(e['eta_train_loss'], 2)} | {_fmt(e['step_ratio_heldout'], 2)} |"
             )
-    lines += ["", "| experiment | steps | FLOPs/token ideal | executed |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| experiment | steps | FLOPs/token ideal | executed | step time (s) | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for exp, entry in rep["experiments"].items():
+        tps = entry["tokens_per_s"]
         lines.append(
             f"| {exp} | {entry['steps']} | {entry['flops_per_token']:.4g} "
-            f"| {entry['flops_per_token_executed']:.4g} |"
+            f"| {entry['flops_per_token_executed']:.4g} "
+            f"| {'-' if entry['step_time_s']['mean'] is None else _fmt(entry['step_time_s'])} "
+            f"| {'-' if tps is None else f'{tps:,.0f}'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,7 @@ class _MetricLog:
             "flops_executed": train_flops_per_token(cfg.model, cfg.data.seq_len, executed=True),
         }
         self.last: dict[str, float] = {}
+        self.start = time.perf_counter()
 
     def finish(self, step: int, metrics: dict, extra: dict[str, float]) -> None:
         """Fetches one step's metrics (raising on NaN) and logs them on logging steps."""
@@ -282,6 +284,8 @@ class _MetricLog:
             tokens = step * self.tokens_per_step
             last = {"tokens": tokens, **{k: tokens * v for k, v in self.per_token.items()}}
             last.update({**host, **extra})
+            # Seconds since this process's loop started (compare.py measures step time from it).
+            last["time_s"] = time.perf_counter() - self.start
             self.writer.write(step, last)
             self.last = last
 
