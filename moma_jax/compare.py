@@ -71,10 +71,26 @@ def _curves(workdir: Path) -> dict[str, Any]:
         out[f"train_{m}"] = ([r["flops"] for r in trains], list(loss), [r["step"] for r in trains])
     last = trains[-1]
     out["step_time_s"] = _step_time(trains)
+    out["layer_load"] = _layer_load(trains[-1])
     out["tokens_per_step"] = last["tokens"] / last["step"]
     out["flops_per_token"] = last["flops"] / last["tokens"]
     out["flops_per_token_executed"] = last.get("flops_executed", last["flops"]) / last["tokens"]
     return out
+
+
+def _layer_load(record: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """{group: [layers][experts]} share of the group's tokens each expert took, per layer, from
+    a metrics record's layer_{i}/moe/{group}/load_{e} keys ({} for runs logged without them)."""
+    found: dict[str, dict[int, dict[int, float]]] = {}
+    for key, value in record.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0].startswith("layer_") and parts[3].startswith("load_"):
+            layer, group, expert = int(parts[0][6:]), parts[2], int(parts[3][5:])
+            found.setdefault(group, {}).setdefault(layer, {})[expert] = float(value)
+    return {
+        g: [[layers[i][e] for e in sorted(layers[i])] for i in sorted(layers)]
+        for g, layers in found.items()
+    }
 
 
 def _step_time(trains: list[dict[str, Any]]) -> float | None:
@@ -233,6 +249,26 @@ def plots(rep: dict[str, Any], out_dir: Path, seeds: int) -> list[Path]:
     paths.append(out_dir / "eta.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+
+    loads = [
+        (exp, group, np.asarray(matrix))
+        for exp in rep["experiments"]
+        for group, matrix in rep["curves"][f"{exp}/seed0"]["layer_load"].items()
+        if matrix
+    ]
+    if loads:
+        fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3), squeeze=False)
+        for ax, (exp, group, matrix) in zip(axes[0], loads, strict=True):
+            im = ax.imshow(matrix, vmin=0, aspect="auto", cmap="viridis")
+            ax.set_title(f"{exp}\n{group}", fontsize=8)
+            ax.set_xlabel("expert")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, fraction=0.05)
+        fig.suptitle("share of each group's tokens per expert, last logged step, seed 0")
+        fig.tight_layout()
+        paths.append(out_dir / "expert_load.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
     return paths
 
 

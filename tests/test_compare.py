@@ -57,6 +57,10 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert "| moma_1t1i_tiny | image |" in text
     assert (tmp_path / "test_pair" / "loss_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "test_pair" / "eta.png").stat().st_size > 1000
+    curves = rep["curves"]["moma_1t1i_tiny/seed0"]
+    assert set(curves["layer_load"]) == {"text", "image"}  # one expert each: load 1 per layer
+    assert curves["layer_load"]["image"] == [[1.0]] * 2
+    assert (tmp_path / "test_pair" / "expert_load.png").stat().st_size > 1000
     assert "report: " in capsys.readouterr().out
 
 
