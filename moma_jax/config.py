@@ -30,6 +30,15 @@ REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
+class ModConfig:
+    """Mixture-of-Depths (layer kinds `mod_*`): each routing group of
+    `model.moe.routing_group_tokens` tokens sends its top floor(N x capacity) tokens through
+    the wrapped block; the rest skip it unchanged."""
+
+    capacity: float = 0.25  # MoMa's; the MoD paper's is 0.125
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and numerics (Chameleon-style early fusion)."""
 
@@ -54,6 +63,7 @@ class ModelConfig:
     remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
     scan_unroll: int = 1  # layer units per scan iteration (n_units: fully unrolled)
     moe: SparseConfig = SparseConfig()
+    mod: ModConfig = ModConfig()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -72,14 +82,35 @@ class ModelConfig:
         return self.n_layers // len(self.layer_pattern)
 
     @property
+    def base_kinds(self) -> tuple[str, ...]:
+        """The pattern's kinds with Mixture-of-Depths unwrapped (mod_moe -> moe)."""
+        return tuple(k.removeprefix("mod_") for k in self.layer_pattern)
+
+    @property
     def uses_modality_shares(self) -> bool:
         """Whether a layer kind sizes its work by `model.moe.modality_shares` (sparse FFN, MoT)."""
-        return self.has_experts or "mot" in self.layer_pattern
+        return self.has_experts or "mot" in self.base_kinds
 
     @property
     def has_experts(self) -> bool:
         """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN)."""
-        return "moe" in self.layer_pattern
+        return "moe" in self.base_kinds
+
+    @property
+    def has_mod(self) -> bool:
+        """Whether a layer kind of the pattern is Mixture-of-Depths (`mod_*`)."""
+        return any(k.startswith("mod_") for k in self.layer_pattern)
+
+
+def mod_selected_tokens(cfg: ModelConfig) -> int:
+    """k: the tokens of each routing group that go through a Mixture-of-Depths block."""
+    return int(cfg.moe.routing_group_tokens * cfg.mod.capacity)
+
+
+def mod_inner_config(cfg: ModelConfig) -> ModelConfig:
+    """The config of the block a MoD layer wraps: its routing groups are the k selected tokens."""
+    moe = dataclasses.replace(cfg.moe, routing_group_tokens=mod_selected_tokens(cfg))
+    return dataclasses.replace(cfg, moe=moe)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +272,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     require(o.clip_norm > 0, f"optim.clip_norm must be positive, got {o.clip_norm}")
     if m.has_experts:
         validate_sparse(m.moe, d.seq_len, d.batch_size // d.micro_batches)
+    if m.has_mod:
+        group = m.moe.routing_group_tokens
+        require(
+            0 < m.mod.capacity <= 1 and int(group * m.mod.capacity) >= 1,
+            f"model.mod.capacity={m.mod.capacity} must be in (0, 1] and select at least one of "
+            f"the model.moe.routing_group_tokens={group} tokens",
+        )
+        require(
+            (d.batch_size // d.micro_batches * d.seq_len) % group == 0,
+            f"a micro-batch of {d.batch_size // d.micro_batches} x {d.seq_len} tokens does not "
+            f"split into Mixture-of-Depths routing groups of {group} tokens",
+        )
     for axis in ("data", "fsdp", "expert", "tensor"):
         size = getattr(cfg.mesh, axis)
         require(size == -1 or size > 0, f"mesh.{axis} must be -1 (fill) or positive, got {size}")

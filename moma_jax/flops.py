@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from moma_jax.config import ModelConfig
+from moma_jax.config import ModelConfig, mod_inner_config
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
@@ -71,6 +71,23 @@ LAYER_FLOPS: dict[str, Callable[[ModelConfig, int, str], tuple[float, float]]] =
     "moe": _sparse_layer,
     "mot": _mot_layer,
 }
+
+
+def _mod_layer(inner: Callable[[ModelConfig, int, str], tuple[float, float]]):
+    """Mixture-of-Depths: the router on every token, the wrapped block on the selected share of
+    them only, whose attention sees the selected tokens of a sequence (capacity x seq_len)."""
+
+    def flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+        capacity = cfg.mod.capacity
+        ideal, executed = inner(mod_inner_config(cfg), max(1, int(seq_len * capacity)), attention)
+        router = 2 * cfg.d_model
+        return router + capacity * ideal, router + capacity * executed
+
+    return flops
+
+
+for _kind in list(LAYER_FLOPS):
+    LAYER_FLOPS[f"mod_{_kind}"] = _mod_layer(LAYER_FLOPS[_kind])
 
 
 def forward_flops_per_token(

@@ -103,3 +103,35 @@ def _register_upcycled(size: str) -> None:
 
 for _size in SIZES:
     _register_upcycled(_size)
+
+
+# Mixture-of-Depths in alternating layers from layer 0 (MoMa 2.1): mod_{base} wraps the base
+# architecture's layer kind; capacity 0.25 (model.mod.capacity). Tiny size only for now: the
+# paper's MoD shapes (90m 14x512, 435m 40x1024, 1.4b 32x2304) are not registered yet.
+MOD_BASES = {"dense": ("dense", None), "moma_1t1i": ARCHITECTURES["moma_1t1i"][:2]}
+MOD_BASES["moma_4t4i"] = ARCHITECTURES["moma_4t4i"][:2]
+
+
+def _register_mod(base: str) -> None:
+    kind, moe = MOD_BASES[base]
+    name = f"mod_{base}_tiny"
+
+    def experiment() -> ExperimentConfig:
+        cfg = sparse_variant(SIZES["tiny"](), kind, moe or SparseConfig())
+        model = dataclasses.replace(cfg.model, layer_pattern=(f"mod_{kind}", kind))
+        return dataclasses.replace(cfg, model=model)
+
+    experiment.__doc__ = (
+        f"{base} with Mixture-of-Depths in every other layer (from layer 0), capacity 0.25.\n\n"
+        f"Run: python scripts/train.py --exp {name}\n"
+        f"Describe: python scripts/describe.py --exp {name}\n"
+        "Shows: the MoD layers' executed FLOPs at about a quarter of their dense counterparts "
+        "(describe), mod/keep_frac and mod/weight_mean in metrics.jsonl, and the losses against "
+        f"{base}_tiny per FLOP (MoD uses fewer FLOPs per token)."
+    )
+    experiment.__name__ = name
+    register(name)(experiment)
+
+
+for _base in MOD_BASES:
+    _register_mod(_base)

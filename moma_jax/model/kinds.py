@@ -15,6 +15,7 @@ from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model.attention import Attention
 from moma_jax.model.block import Block
 from moma_jax.model.layers import RMSNorm, SwiGLU
+from moma_jax.model.mod import MoDBlock
 from moma_jax.model.moe import SparseFFN
 from moma_jax.model.mot import UntiedAttention, UntiedRMSNorm, UntiedSwiGLU
 
@@ -51,11 +52,24 @@ def mot_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     )
 
 
-LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], Block]] = {
+LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
     "dense": dense_block,
     "moe": sparse_block,
     "mot": mot_block,
 }
+
+
+def _mod(build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]):
+    def mod_block(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+        """Mixture-of-Depths around the kind (model/mod.py)."""
+        return MoDBlock(cfg, build, rngs=rngs)
+
+    return mod_block
+
+
+# Mixture-of-Depths around each kind: mod_dense, mod_moe, mod_mot.
+for _kind, _build in list(LAYER_KINDS.items()):
+    LAYER_KINDS[f"mod_{_kind}"] = _mod(_build)
 
 
 def check_layer_kinds(cfg: ModelConfig) -> None:
@@ -67,5 +81,5 @@ def check_layer_kinds(cfg: ModelConfig) -> None:
         )
 
 
-def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> Block:
+def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:
     return LAYER_KINDS[kind](cfg, rngs)

@@ -1,0 +1,102 @@
+"""Mixture-of-Depths (Raposo et al. 2024), as MoMa uses it: a layer kind `mod_{kind}` that
+sends only some tokens through a `kind` block.
+
+Per routing group of N tokens (`model.moe.routing_group_tokens`, rows x length), before any
+modality split:
+
+1. router weight r = sigmoid(x w), w: D x 1 (float32);
+2. the top k = floor(N x `model.mod.capacity`) real tokens by router logit (padding never),
+   gathered into a static [k, D] buffer sorted by original index;
+3. the wrapped block runs on that buffer only: its attention among the selected tokens, with a
+   mask from the gathered (row, segment, position) (same row, same segment, key before query;
+   empty slots get segment 0) and RoPE at the gathered positions; a sparse FFN inside routes
+   over the buffer and sizes its slots from k;
+4. selected token: x + r x (block(x) - x); skipped token: x, bit-identical.
+
+The executed FLOPs drop with the capacity (a gathered buffer, not a mask over all tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moma_jax.config import ModelConfig, mod_inner_config, mod_selected_tokens
+from moma_jax.model.attention import segment_causal_mask
+from moma_jax.model.layers import param
+
+
+def select(logits_GxN: jax.Array, valid_GxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(index_GxK sorted ascending, chosen_GxK): the top-k real tokens by logit; where a group
+    has fewer than k real tokens the rest of its slots hold padding (chosen False)."""
+    ranking = jnp.where(valid_GxN, logits_GxN, -jnp.inf)
+    _, top_GxK = jax.lax.top_k(ranking, k)
+    index_GxK = jnp.sort(top_GxK, axis=-1)
+    chosen_GxK = jnp.take_along_axis(valid_GxN, index_GxK, axis=-1)
+    return index_GxK, chosen_GxK
+
+
+class MoDBlock(nnx.Module):
+    """A block of `kind` that only the routed tokens go through (see the module docstring)."""
+
+    def __init__(
+        self, cfg: ModelConfig, build: Callable[[ModelConfig, nnx.Rngs], Any], *, rngs: nnx.Rngs
+    ):
+        self.router_Dx1 = param(
+            rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std, cfg.param_dtype
+        )
+        self.block = build(mod_inner_config(cfg), rngs)
+        self.group = cfg.moe.routing_group_tokens
+        self.k = mod_selected_tokens(cfg)
+
+    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        b, length, d = x_BxLxD.shape
+        n, k = self.group, self.k
+        x_GxNxD = x_BxLxD.reshape(-1, n, d)
+        g = x_GxNxD.shape[0]
+
+        def grouped(a_BxL: jax.Array) -> jax.Array:
+            return a_BxL.reshape(g, n)
+
+        segment_GxN = grouped(ctx["segment_ids"])
+        w_D = self.router_Dx1[...][:, 0].astype(jnp.float32)
+        logits_GxN = jnp.einsum("gnd,d->gn", x_GxNxD.astype(jnp.float32), w_D)
+        index_GxK, chosen_GxK = select(logits_GxN, segment_GxN > 0, k)
+
+        def gather(a_GxN: jax.Array) -> jax.Array:
+            return jnp.take_along_axis(a_GxN, index_GxK, axis=-1)
+
+        # A routing group spans whole rows: (row, segment) names a document piece; empty slots
+        # get segment 0, which only sees segment 0.
+        row_GxN = grouped(jnp.broadcast_to(jnp.arange(b)[:, None], (b, length)))
+        seg_GxK = jnp.where(
+            chosen_GxK, gather(row_GxN) * (jnp.max(segment_GxN) + 1) + gather(segment_GxN), 0
+        )
+        inner_ctx = {
+            **ctx,
+            "positions": gather(grouped(ctx["positions"])),
+            "segment_ids": seg_GxK,
+            "modality": gather(grouped(ctx["modality"])),
+            "attn_mask": segment_causal_mask(seg_GxK),
+        }
+        xs_GxKxD = jnp.take_along_axis(x_GxNxD, index_GxK[..., None], axis=1)
+        ys_GxKxD, aux = self.block(xs_GxKxD, inner_ctx)
+        weight_GxK = jax.nn.sigmoid(gather(logits_GxN))
+        update = (ys_GxKxD - xs_GxKxD).astype(jnp.float32) * weight_GxK[..., None]
+        new_GxKxD = jnp.where(
+            chosen_GxK[..., None], xs_GxKxD + update.astype(x_BxLxD.dtype), xs_GxKxD
+        )
+        out_GxNxD = jax.vmap(lambda x, i, v: x.at[i].set(v))(x_GxNxD, index_GxK, new_GxKxD)
+        aux = dict(aux)
+        metrics = dict(aux.get("metrics", {}))
+        real = jnp.maximum(jnp.sum(segment_GxN > 0), 1)
+        metrics["mod/keep_frac"] = jnp.sum(chosen_GxK) / real
+        metrics["mod/weight_mean"] = jnp.sum(weight_GxK * chosen_GxK) / jnp.maximum(
+            jnp.sum(chosen_GxK), 1
+        )
+        aux["metrics"] = metrics
+        return out_GxNxD.reshape(b, length, d), aux
