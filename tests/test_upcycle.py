@@ -62,6 +62,12 @@ def test_upcycled_run_continues_the_seed_runs_data(tmp_path, data_dir):
 
     # The upcycled run read 3 more steps' documents after the seed run's 3.
     assert data_index(up_dir) > data_index(seed_dir) > 0
+    # Its tokens and FLOPs start at the seed run's (compare.py plots it against FLOPs).
+    seed_last = read_jsonl(seed_dir / "metrics.jsonl")[-1]
+    up = {r["step"]: r for r in read_jsonl(up_dir / "metrics.jsonl")}
+    assert up[0]["tokens"] == seed_last["tokens"] and up[0]["flops"] == seed_last["flops"]
+    assert up[3]["tokens"] == 2 * seed_last["tokens"]
+    assert up[3]["flops"] > 2 * seed_last["flops"]  # the sparse steps cost more than the seed's
     last = read_jsonl(up_dir / "metrics.jsonl")[-1]
     for key in (
         "loss_text",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,8 @@ from moma_jax.train.metrics import MetricWriter, NullWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
 from moma_jax.train.workdir import Workdir
+
+INIT_FROM_FILE = "init_from.json"  # an upcycled run's starting tokens and FLOPs
 
 
 class TrainingDivergedError(RuntimeError):
@@ -190,14 +193,16 @@ def _initial_state(
     if state is not None:
         print(f"resumed {cfg.name} from {workdir} at step {start}", flush=True)
     elif cfg.run.init_from:
-        state = _upcycle(cfg, init_fn(), tx, mesh, shardings, data_iter)
+        state = _upcycle(cfg, workdir, init_fn(), tx, mesh, shardings, data_iter)
     else:
         state = init_fn()
     return start, state
 
 
-def _upcycle(cfg: ExperimentConfig, fresh: TrainState, tx, mesh, shardings, data_iter):
-    """A fresh state whose parameters and data position come from the run in run.init_from."""
+def _upcycle(cfg: ExperimentConfig, workdir: Workdir, fresh, tx, mesh, shardings, data_iter):
+    """A fresh state whose parameters and data position come from the run in run.init_from;
+    the source's tokens and FLOPs up to that step are written to `init_from.json`, and this
+    run's logged `tokens` and `flops` start from them."""
     source = Workdir(Path(cfg.run.init_from))
     source_cfg = upcycle.load_source(source, cfg)
     _, _, source_abstract, _ = init_state(source_cfg, make_optimizer(source_cfg.optim), mesh)
@@ -208,6 +213,17 @@ def _upcycle(cfg: ExperimentConfig, fresh: TrainState, tx, mesh, shardings, data
         raise ConfigError(f"--init-from {cfg.run.init_from}: the run has no checkpoint yet")
     params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params)
     print(f"initialised from {cfg.run.init_from} at its step {step} (upcycled)", flush=True)
+    if jax.process_index() == 0:
+        seq = source_cfg.data.seq_len
+        tokens = step * source_cfg.data.batch_size * seq
+        offsets = {
+            "source": str(cfg.run.init_from),
+            "source_step": step,
+            "tokens": tokens,
+            "flops": tokens * train_flops_per_token(source_cfg.model, seq),
+            "flops_executed": tokens * train_flops_per_token(source_cfg.model, seq, True),
+        }
+        (workdir.path / INIT_FROM_FILE).write_text(json.dumps(offsets, indent=2) + "\n")
     reset = jax.jit(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
         out_shardings=shardings,
@@ -236,9 +252,10 @@ def _run_loop(
     from `data_iter` already; the iterator is saved with each checkpoint.
     """
     batches = itertools.chain([first_batch], data_iter)
-    log = _MetricLog(cfg, writer, stop)
+    log = _MetricLog(cfg, writer, stop, _offsets(ckpt.directory.parent))
     if start == 0 and steps.has_eval:
-        writer.write(0, {"tokens": 0, "flops": 0.0, **steps.evaluate(state.params)})
+        counts = {"tokens": 0, "flops": 0.0, **log.offsets}
+        writer.write(0, {**counts, **steps.evaluate(state.params)})
     config_dict = dataclasses.asdict(cfg)
     pending = None
     for step in range(start + 1, stop + 1):
@@ -266,8 +283,15 @@ class _MetricLog:
     """Checks each step's metrics for NaN and writes those of logging steps, with the
     cumulative tokens and FLOPs; `last` is the latest record written."""
 
-    def __init__(self, cfg: ExperimentConfig, writer: MetricWriter | NullWriter, stop: int):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        writer: MetricWriter | NullWriter,
+        stop: int,
+        offsets: dict[str, float],
+    ):
         self.writer, self.stop, self.log_every = writer, stop, cfg.run.log_every
+        self.offsets = offsets  # an upcycled run counts its source's tokens and FLOPs
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.per_token = {
             "flops": train_flops_per_token(cfg.model, cfg.data.seq_len),
@@ -283,11 +307,21 @@ class _MetricLog:
         if step % self.log_every == 0 or extra or step == self.stop:
             tokens = step * self.tokens_per_step
             last = {"tokens": tokens, **{k: tokens * v for k, v in self.per_token.items()}}
+            last = {k: v + self.offsets.get(k, 0) for k, v in last.items()}
             last.update({**host, **extra})
             # Seconds since this process's loop started (compare.py measures step time from it).
             last["time_s"] = time.perf_counter() - self.start
             self.writer.write(step, last)
             self.last = last
+
+
+def _offsets(workdir: Path) -> dict[str, float]:
+    """The tokens and FLOPs an upcycled run starts from ({} for any other run)."""
+    path = workdir / INIT_FROM_FILE
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {k: saved[k] for k in ("tokens", "flops", "flops_executed")}
 
 
 def _host(metrics: dict) -> dict[str, float]:
