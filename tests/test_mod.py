@@ -131,3 +131,15 @@ def test_mod_moma_trains(tmp_path, data_dir):
     cfg = experiments.get("mod_moma_4t4i_tiny")
     assert cfg.model.layer_pattern == ("mod_moe", "moe")
     assert dataclasses.asdict(cfg.model.mod) == {"capacity": 0.25}
+
+
+def test_paper_size_mod_moma_matches_the_paper_table():
+    """mod_moma_4t4i_1.4b (32 x 2304): ~11.9B parameters (MoMa Table 1) and ideal FLOPs per
+    token within 10% of dense_1.4b's (the MoD shapes are FLOP-matched)."""
+    from moma_jax.describe import describe
+
+    mod = describe(experiments.get("mod_moma_4t4i_1.4b"))
+    dense = describe(experiments.get("dense_1.4b"))
+    assert mod["params_total"] == pytest.approx(11.9e9, rel=0.06)
+    assert mod["flops_per_token_ideal"] == pytest.approx(dense["flops_per_token_ideal"], rel=0.10)
+    assert [layer["kind"] for layer in mod["layer_plan"]["unit"]] == ["mod_moe", "moe"]

@@ -106,32 +106,42 @@ for _size in SIZES:
 
 
 # Mixture-of-Depths in alternating layers from layer 0 (MoMa 2.1): mod_{base} wraps the base
-# architecture's layer kind; capacity 0.25 (model.mod.capacity). Tiny size only for now: the
-# paper's MoD shapes (90m 14x512, 435m 40x1024, 1.4b 32x2304) are not registered yet.
+# architecture's layer kind; capacity 0.25 (model.mod.capacity). At the paper sizes the MoD
+# models are deeper/wider to match the dense model's FLOPs (DESIGN.md 2.1, Table 1): 90m
+# 14 x 512, 435m 40 x 1024, 1.4b 32 x 2304 with 18 heads (head_dim 128, as 2048 / 16).
 MOD_BASES = {"dense": ("dense", None), "moma_1t1i": ARCHITECTURES["moma_1t1i"][:2]}
 MOD_BASES["moma_4t4i"] = ARCHITECTURES["moma_4t4i"][:2]
+MOD_SHAPES = {"90m": (14, 512, 8), "435m": (40, 1024, 16), "1.4b": (32, 2304, 18)}
 
 
-def _register_mod(base: str) -> None:
+def _register_mod(base: str, size: str) -> None:
     kind, moe = MOD_BASES[base]
-    name = f"mod_{base}_tiny"
+    name = f"mod_{base}_{size}"
 
     def experiment() -> ExperimentConfig:
-        cfg = sparse_variant(SIZES["tiny"](), kind, moe or SparseConfig())
+        cfg = sparse_variant(SIZES[size](), kind, moe or SparseConfig())
         model = dataclasses.replace(cfg.model, layer_pattern=(f"mod_{kind}", kind))
+        if size in MOD_SHAPES:
+            layers, d, heads = MOD_SHAPES[size]
+            model = dataclasses.replace(model, n_layers=layers, d_model=d, n_heads=heads)
         return dataclasses.replace(cfg, model=model)
 
+    run = f"python scripts/train.py --exp {name}" + (
+        " --set data.path=DIR" if size != "tiny" else ""
+    )
     experiment.__doc__ = (
-        f"{base} with Mixture-of-Depths in every other layer (from layer 0), capacity 0.25.\n\n"
-        f"Run: python scripts/train.py --exp {name}\n"
+        f"{base} with Mixture-of-Depths in every other layer (from layer 0), capacity 0.25"
+        + (f", {MOD_SHAPES[size][0]} x {MOD_SHAPES[size][1]}" if size in MOD_SHAPES else "")
+        + f".\n\nRun: {run}\n"
         f"Describe: python scripts/describe.py --exp {name}\n"
         "Shows: the MoD layers' executed FLOPs at about a quarter of their dense counterparts "
         "(describe), mod/keep_frac and mod/weight_mean in metrics.jsonl, and the losses against "
-        f"{base}_tiny per FLOP (MoD uses fewer FLOPs per token)."
+        f"{base}_{size} per FLOP."
     )
-    experiment.__name__ = name
+    experiment.__name__ = name.replace(".", "_")
     register(name)(experiment)
 
 
 for _base in MOD_BASES:
-    _register_mod(_base)
+    for _size in SIZES:
+        _register_mod(_base, _size)
