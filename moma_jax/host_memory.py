@@ -26,6 +26,7 @@ allocator (`LD_PRELOAD` naming tcmalloc or jemalloc), which already keep their m
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -54,12 +55,10 @@ def accelerator_plugins() -> list[str]:
         for m in pkgutil.iter_modules()
         if m.name.startswith(("jax_cuda", "jax_rocm", "libtpu"))
     ]
-    try:
+    with contextlib.suppress(ImportError):  # no namespace package: no plugin installed that way
         import jax_plugins  # type: ignore[import-not-found]
 
         names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
-    except ImportError:
-        pass
     return sorted(set(names))
 
 

@@ -29,23 +29,22 @@ import json
 import multiprocessing
 import os
 import shutil
-import struct
 import sys
 import time
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from moma_jax.data import inputs, records, text_tokenizers
-from moma_jax.data.image_tokenizer import ImageTokenizer, image_to_patches
-from moma_jax.data.images import ExternalCodes, load_image
+from moma_jax.data import inputs, records
+from moma_jax.data.corpus_options import Options, held_out, image_first
+from moma_jax.data.corpus_tokenizers import Tokenizers, load_tokenizers, make_tokenizers
+from moma_jax.data.image_tokenizer import ImageTokenizer
+from moma_jax.data.images import load_image
 from moma_jax.data.prepare import MANIFEST, TOKENIZER_FILE
-from moma_jax.data.vocab import Vocab
 from moma_jax.modality import MODALITY_NAMES
 
 STATE = "prepare_state.json"
@@ -54,175 +53,6 @@ LISTED_BAD = 20  # bad records listed in the manifest (all are counted)
 # One record per chunk (random access reads one record), one writer thread, snappy: brotli (the
 # default) keeps ~10 MB of window per writer, which broke the --max-memory bound.
 WRITER_OPTIONS = "group_size:1,max_parallelism:1,snappy"
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Everything that decides the output (the worker count does not)."""
-
-    inputs: tuple[str, ...]
-    text_tokenizer: str = "bytes"
-    image_codes: str | None = None  # "CODEBOOK:HxW": external codes instead of k-means
-    image_codebook: int = 512
-    image_size: int = 32
-    image_channels: int = 3
-    patch_size: int = 4
-    heldout_fraction: float = 0.05
-    seed: int = 0
-    shard_bytes: int = 64 << 20
-    max_doc_bytes: int = 4096
-    max_memory: int = 512 << 20
-    skip_bad: bool = False
-    tokenizer_sample_bytes: int = 64 << 20
-    codebook_images: int = 4096
-
-    def check(self) -> None:
-        if not self.inputs:
-            raise ValueError("--input: give at least one JSONL file, image folder, CSV or text.")
-        if self.image_channels not in (1, 3):
-            raise ValueError(f"--image-channels {self.image_channels}: 1 (grey) or 3 (colour).")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"--image-size {self.image_size} is not a multiple of --patch-size "
-                f"{self.patch_size}; use a multiple of it."
-            )
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"--heldout-fraction {self.heldout_fraction} must be in (0, 1).")
-        if self.max_memory < 10**6:
-            raise ValueError(f"--max-memory {self.max_memory} bytes: at least 1MB.")
-        text_tokenizers.parse_choice(self.text_tokenizer)
-        if self.image_codes:
-            ExternalCodes.parse(self.image_codes)
-
-    @property
-    def external(self) -> ExternalCodes | None:
-        return ExternalCodes.parse(self.image_codes) if self.image_codes else None
-
-    @property
-    def chunk_bytes(self) -> int:
-        """Input bytes per chunk, from the options only (never the worker count, so the
-        chunks and shards are the same for any number of workers): 1/32 of max_memory."""
-        return max(16 << 10, min(self.shard_bytes, self.max_memory // 32))
-
-    def in_flight(self, workers: int) -> int:
-        """Chunks submitted at once: two per worker, within max_memory (a chunk in flight costs
-        about 4x its input bytes: the records, then their tokens and serialised bytes)."""
-        return max(1, min(2 * workers, self.max_memory // (4 * self.chunk_bytes)))
-
-
-def held_out(seed: int, index: int, fraction: float) -> bool:
-    """A seeded coin per document index (the same in every process and run)."""
-    return zlib.crc32(struct.pack("<qq", seed, index)) < fraction * 2**32
-
-
-def image_first(seed: int, index: int) -> bool:
-    """For image+caption records: the image before its caption, or after (a seeded coin)."""
-    return zlib.crc32(struct.pack("<qqq", seed, index, 1)) % 2 == 0
-
-
-# --- Tokenizers ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Tokenizers:
-    text: Any  # text_tokenizers.TextTokenizer
-    image: ImageTokenizer | None  # the k-means codebook (None: external codes or no images)
-    external: ExternalCodes | None
-    vocab: Vocab
-
-    @property
-    def codes_per_image(self) -> int:
-        if self.external:
-            return self.external.codes_per_image
-        return 0 if self.image is None else self.image.codes_per_image
-
-
-def _sample(opts: Options, paths: list[Path], text: bool, images: bool) -> tuple[list, list]:
-    """Seeded reservoir samples of text documents and image files, in one streaming pass."""
-    rng = np.random.default_rng([opts.seed, zlib.crc32(b"tokenizer-sample")])
-    budget = min(opts.tokenizer_sample_bytes, opts.max_memory // 4)
-    n_texts = max(1, budget // opts.max_doc_bytes)
-    pixels = opts.image_size**2 * opts.image_channels * 4
-    n_images = max(1, min(opts.codebook_images, opts.max_memory // (4 * pixels)))
-    texts: list[str] = []
-    image_refs: list[tuple[Path, str, int]] = []
-    seen = {"text": 0, "image": 0}
-    for raw in inputs.scan(paths, opts.max_doc_bytes):
-        try:
-            items = inputs.parse(raw, external_codes=opts.external is not None)
-        except inputs.BadRecordError:
-            continue  # reported by the main pass
-        for kind, value in items:
-            if kind == "text" and text and value:
-                value = value.encode()[: opts.max_doc_bytes].decode(errors="ignore")
-                _reservoir(texts, value, seen, "text", n_texts, rng)
-            elif kind == "image" and images:
-                _reservoir(image_refs, (value, raw.source, raw.line), seen, "image", n_images, rng)
-    return texts, image_refs
-
-
-def _reservoir(sample: list, item: Any, seen: dict, kind: str, cap: int, rng) -> None:
-    """Algorithm R: after n items each is in `sample` with probability cap / n."""
-    seen[kind] += 1
-    if len(sample) < cap:
-        sample.append(item)
-    else:
-        slot = int(rng.integers(seen[kind]))
-        if slot < cap:
-            sample[slot] = item
-
-
-def make_tokenizers(opts: Options, paths: list[Path], out: Path, log: Callable) -> Tokenizers:
-    """Train (or copy) the tokenizers into `out`, before any shard is written."""
-    kind, arg = text_tokenizers.parse_choice(opts.text_tokenizer)
-    external = opts.external
-    need_codebook = external is None
-    texts, image_refs = (
-        _sample(opts, paths, text=kind == "bpe", images=need_codebook)
-        if kind == "bpe" or need_codebook
-        else ([], [])
-    )
-    text: Any
-    if kind == "bytes":
-        text = text_tokenizers.Bytes()
-    elif kind == "bpe":
-        log(f"training a byte-level BPE of {arg} ids on {len(texts)} sampled documents")
-        text = text_tokenizers.train_bpe(texts, arg, out / text_tokenizers.TOKENIZER_JSON)
-    else:
-        text = text_tokenizers.from_file(arg, out)
-    image = None
-    arrays = []
-    if need_codebook and image_refs:
-        log(f"fitting the {opts.image_codebook}-code image codebook on {len(image_refs)} images")
-        for path, source, line in image_refs:
-            try:
-                arrays.append(load_image(path, opts.image_size, opts.image_channels, source, line))
-            except inputs.BadRecordError:
-                continue  # reported by the main pass
-    if arrays:
-        patches = image_to_patches(np.stack(arrays), opts.patch_size)
-        image = ImageTokenizer.fit(
-            patches.reshape(-1, patches.shape[-1]),
-            n_codes=opts.image_codebook,
-            patch_size=opts.patch_size,
-            image_size=opts.image_size,
-            channels=opts.image_channels,
-            seed=opts.seed,
-        )
-        image.save(out / TOKENIZER_FILE)
-    n_codes = external.n_codes if external else opts.image_codebook
-    vocab = Vocab(n_text=text.n_text, n_image_codes=n_codes)
-    return Tokenizers(text, image, external, vocab)
-
-
-def load_tokenizers(opts: Options, out: Path) -> Tokenizers:
-    """The tokenizers `make_tokenizers` wrote (in a worker, or on resume)."""
-    entry = json.loads((out / "tokenizers.json").read_text())
-    text = text_tokenizers.load(entry["text"], out)
-    image = ImageTokenizer.load(out / TOKENIZER_FILE) if (out / TOKENIZER_FILE).is_file() else None
-    external = opts.external
-    n_codes = external.n_codes if external else opts.image_codebook
-    return Tokenizers(text, image, external, Vocab(n_text=text.n_text, n_image_codes=n_codes))
 
 
 # --- One chunk ----------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class NullWriter:
         del step, values
 
     def close(self) -> None:
-        pass
+        """Nothing was opened."""
 
 
 def _expert_summary(r: dict) -> list[str]:
