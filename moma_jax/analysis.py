@@ -60,7 +60,7 @@ class Run:
         step = max(self.steps) if step is None else step
         cfg = dataclasses.replace(self.config, mesh=MeshConfig(data=1))
         mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        tx = make_optimizer(cfg.optim)
+        tx = make_optimizer(cfg.optim, cfg.model.aux_routers)
         _, _, abstract, _ = init_state(cfg, tx, mesh)
         ckpt = Checkpointer(self.workdir / "checkpoints", cfg.run)
         try:

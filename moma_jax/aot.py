@@ -69,7 +69,7 @@ def compile_report(cfg: ExperimentConfig) -> dict[str, Any]:
     """Lower and compile the train step of `cfg` on this process's devices (the mesh's size)."""
     mesh = make_mesh(cfg.mesh)
     check_mesh(cfg, dict(mesh.shape))
-    tx = make_optimizer(cfg.optim)
+    tx = make_optimizer(cfg.optim, cfg.model.aux_routers)
     graphdef, _, abstract, shardings = init_state(cfg, tx, mesh)
     batch_sh = batch_sharding(mesh)
     shape = (cfg.data.batch_size, cfg.data.seq_len)

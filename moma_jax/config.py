@@ -27,6 +27,7 @@ __all__ = [
 DTYPES = ("float32", "bfloat16", "float16")
 NORM_ORDERS = ("pre", "post")
 REMAT_POLICIES = ("none", "full", "dots")
+AUX_ROUTERS = ("none", "joint", "posthoc")  # model/aux_router.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,9 @@ class ModelConfig:
     scan_unroll: int = 1  # layer units per scan iteration (n_units: fully unrolled)
     moe: SparseConfig = SparseConfig()
     mod: ModConfig = ModConfig()
+    # Auxiliary routers for causal routing (model/aux_router.py): "none", "joint" (trained
+    # with the model, own optimizer branch) or "posthoc" (main model loaded and frozen).
+    aux_routers: str = "none"
 
     @property
     def resolved_head_dim(self) -> int:
@@ -95,6 +99,14 @@ class ModelConfig:
     def has_experts(self) -> bool:
         """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN)."""
         return "moe" in self.base_kinds
+
+    @property
+    def needs_aux_routers(self) -> bool:
+        """Whether a router looks at a whole routing group (expert choice with more than one
+        expert in a group, or Mixture-of-Depths), so causal routing needs aux routers."""
+        moe = self.moe
+        ec = self.has_experts and moe.routing == "expert_choice"
+        return self.has_mod or (ec and any(e > 1 for e in moe.group_experts))
 
     @property
     def has_mod(self) -> bool:
@@ -253,6 +265,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"model.layer_pattern={m.layer_pattern} (length {len(m.layer_pattern)})",
     )
     require(m.norm_order in NORM_ORDERS, f"model.norm_order must be one of {NORM_ORDERS}")
+    require(
+        m.aux_routers in AUX_ROUTERS,
+        f"model.aux_routers={m.aux_routers!r} is not one of {AUX_ROUTERS}",
+    )
     require(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}")
     for key in ("param_dtype", "compute_dtype"):
         value = getattr(m, key)

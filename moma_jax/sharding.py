@@ -87,6 +87,8 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
 
     def one(leaf: Any) -> Any:
         if isinstance(leaf, nnx.Variable):
+            if not hasattr(leaf.get_value(), "shape"):  # optax.multi_transform's MaskedNode
+                return leaf
             axes = leaf.get_metadata().get("out_sharding") or (None,) * len(leaf.shape)
             return leaf.replace(NamedSharding(mesh, logical_spec(tuple(axes), leaf.shape, mesh)))
         return NamedSharding(mesh, PartitionSpec())

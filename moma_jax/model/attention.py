@@ -38,7 +38,8 @@ def attend(
 
     1. QK-norm (Chameleon: LayerNorm over head_dim, shared by heads), when enabled;
     2. RoPE at each token's position (`ctx["positions"]`);
-    3. softmax attention under `ctx["attn_mask"]` (segment-aware causal).
+    3. softmax attention under `ctx["attn_mask"]` (segment-aware causal), or, when decoding,
+       over the keys of `ctx["kv"]` (`model/cache.py`) after appending this call's.
     Returns the per-head outputs [B, L, H, Dh], before the output projection.
     """
     if qk_norm is not None:
@@ -46,7 +47,13 @@ def attend(
         q_BxLxHxDh, k_BxLxHxDh = q_norm(q_BxLxHxDh, ctx), k_norm(k_BxLxHxDh, ctx)
     q_BxLxHxDh = rope(q_BxLxHxDh, ctx["positions"], rope_theta)
     k_BxLxHxDh = rope(k_BxLxHxDh, ctx["positions"], rope_theta)
-    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=ctx["attn_mask"])
+    cache = ctx.get("kv")
+    if cache is None:
+        mask = ctx["attn_mask"]
+    else:
+        keep_BxL = ctx.get("keep", ctx["segment_ids"] > 0)
+        k_BxLxHxDh, v_BxLxHxDh, mask = cache.append(k_BxLxHxDh, v_BxLxHxDh, keep_BxL)
+    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=mask)
 
 
 class Attention(nnx.Module):

@@ -14,6 +14,11 @@ modality split:
 4. selected token: x + r x (block(x) - x); skipped token: x, bit-identical.
 
 The executed FLOPs drop with the capacity (a gathered buffer, not a mask over all tokens).
+
+With `ctx["routing"] == "causal"` a token goes through the block iff its aux router's score is
+> 0.5 (`model/aux_router.py`; the main router still gives the weight): no capacity, no
+regrouping, rows kept as they are; the block runs on every position with the skipped ones as
+segment 0 (so no selected token sees them; a KV cache marks them absent, `model/cache.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ModelConfig, mod_inner_config, mod_selected_tokens
+from moma_jax.model import aux_router
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.layers import param
 
@@ -52,8 +58,11 @@ class MoDBlock(nnx.Module):
         self.block = build(mod_inner_config(cfg), rngs)
         self.group = cfg.moe.routing_group_tokens
         self.k = mod_selected_tokens(cfg)
+        self.aux_router = aux_router.maybe_aux_router(cfg, 1, rngs)
 
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        if ctx.get("routing") == "causal":
+            return self._causal(x_BxLxD, ctx)
         b, length, d = x_BxLxD.shape
         n, k = self.group, self.k
         x_GxNxD = x_BxLxD.reshape(-1, n, d)
@@ -98,5 +107,45 @@ class MoDBlock(nnx.Module):
         metrics["mod/weight_mean"] = jnp.sum(weight_GxK * chosen_GxK) / jnp.maximum(
             jnp.sum(chosen_GxK), 1
         )
+        if self.aux_router is not None:
+            kept_GxN = jax.vmap(lambda i, c: jnp.zeros((n,), bool).at[i].set(c))(
+                index_GxK, chosen_GxK
+            )
+            losses, counts = aux_router.aux_terms(
+                self.aux_router, x_GxNxD, kept_GxN[..., None], (segment_GxN > 0)[..., None]
+            )
+            aux["losses"] = {**aux.get("losses", {}), **{f"mod/{k}": v for k, v in losses.items()}}
+            metrics.update({f"mod/{k}": v for k, v in counts.items()})
         aux["metrics"] = metrics
+        if ctx.get("capture"):  # the inner layer's view scattered back to token positions
+
+            def scatter(a_GxKxX: jax.Array) -> jax.Array:
+                zeros = jnp.zeros((g, n) + a_GxKxX.shape[2:], a_GxKxX.dtype)
+                full = jax.vmap(lambda z, i, v: z.at[i].set(v))(zeros, index_GxK, a_GxKxX)
+                return full.reshape((b, length) + a_GxKxX.shape[2:])
+
+            inner = jax.tree.map(lambda a: a.reshape((g, k) + a.shape[2:]), aux.get("capture", {}))
+            keep = {"keep": scatter(chosen_GxK)}
+            aux["capture"] = {**jax.tree.map(scatter, inner), "mod": keep}
         return out_GxNxD.reshape(b, length, d), aux
+
+    def _causal(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+        """Each token decides alone by its aux router; see the module docstring."""
+        router = aux_router.require(self.aux_router, "Mixture-of-Depths layer")
+        real_BxL = ctx["segment_ids"] > 0
+        chosen_BxL = real_BxL & (router(x_BxLxD)[..., 0] > 0)
+        segment_BxL = jnp.where(chosen_BxL, ctx["segment_ids"], 0)
+        inner_ctx = {**ctx, "segment_ids": segment_BxL, "keep": chosen_BxL}
+        if "attn_mask" in ctx:
+            inner_ctx["attn_mask"] = segment_causal_mask(segment_BxL)
+        ys_BxLxD, aux = self.block(x_BxLxD, inner_ctx)
+        w_D = self.router_Dx1[...][:, 0].astype(jnp.float32)
+        weight_BxL = jax.nn.sigmoid(jnp.einsum("bld,d->bl", x_BxLxD.astype(jnp.float32), w_D))
+        update = (ys_BxLxD - x_BxLxD).astype(jnp.float32) * weight_BxL[..., None]
+        out = jnp.where(chosen_BxL[..., None], x_BxLxD + update.astype(x_BxLxD.dtype), x_BxLxD)
+        aux = dict(aux)
+        real = jnp.maximum(jnp.sum(real_BxL), 1)
+        aux["metrics"] = {**aux.get("metrics", {}), "mod/keep_frac": jnp.sum(chosen_BxL) / real}
+        if ctx.get("capture"):
+            aux["capture"] = {**aux.get("capture", {}), "mod": {"keep": chosen_BxL}}
+        return out, aux

@@ -9,6 +9,9 @@ N tokens and per expert group:
    slot buffer holds floor(N * c / E_M), the most k_e can be, so nothing is ever dropped) or
    token choice (each token its top-k experts, capacity C: drops are the method's, counted);
    a one-expert group has no router: gate 1 for every token of its modalities, N slots;
+   with `ctx["routing"] == "causal"` every decision is the token's own (`_route_causal`): the
+   aux router's score > 0.5 for expert choice, top-k without capacity for token choice, over
+   the whole micro-batch as one group, so no token is dropped or evicted by a later one;
 3. `grouped.py`: each group's experts run their valid slots slab by slab (a batched SwiGLU
    over the stacked expert weights; slabs past the longest expert's slots are skipped), and a
    weighted scatter-add brings the outputs back to token positions.
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
-from moma_jax.model import grouped, routing
+from moma_jax.model import aux_router, grouped, routing
 from moma_jax.model.layers import param
 
 W = ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")  # an expert group's stacked weights
@@ -42,6 +45,8 @@ class ExpertGroup(nnx.Module):
         self.w_gate_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_up_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_down_ExFxD = param(rngs, (n_experts, f, d), ("expert", "mlp", "embed"), std, dt)
+        ranks_group = n_experts > 1 and cfg.moe.routing == "expert_choice"
+        self.aux_router = aux_router.maybe_aux_router(cfg, n_experts, rngs) if ranks_group else None
 
 
 class SparseFFN(nnx.Module):
@@ -56,7 +61,8 @@ class SparseFFN(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         moe = self.moe
         b, length, d = x_BxLxD.shape
-        n = moe.routing_group_tokens
+        causal = ctx.get("routing") == "causal"
+        n = b * length if causal else moe.routing_group_tokens
         if (b * length) % n:
             raise ConfigError(
                 f"a micro-batch of {b} rows x {length} tokens does not split into routing groups "
@@ -78,7 +84,8 @@ class SparseFFN(nnx.Module):
                 )(modality_GxN, valid_GxN)
                 key = ctx.get("routing_key")
                 key = None if key is None else jax.random.fold_in(key, g)
-                dispatch, group_losses, group_metrics = self._route(
+                route = self._route_causal if causal else self._route
+                dispatch, group_losses, group_metrics = route(
                     group, g, x_GxNxD, eligible_GxN, count_G, key
                 )
             dispatches.append(dispatch)
@@ -107,13 +114,17 @@ class SparseFFN(nnx.Module):
                     zip(dispatches, weights, strict=True)
                 ):
                     first, slab = moe.first_slots(g), moe.slab_slots(g)
+                    if causal:  # N slots per expert: slabs, as many as the longest needs
+                        slab = max(8, min(moe.tile_rows // moe.group_experts[g], n))
+                        first = min(8, n)
                     y, used = grouped.slab_swiglu(x_dt, dispatch, w_gate, w_up, w_down, first, slab)
                     y_GxNxD = y_GxNxD + y
                     slots = used * moe.group_experts[g] * x_GxNxD.shape[0]
                     used_rows = used_rows + slots.astype(jnp.float32)
         routed = sum((jnp.sum(dsp.valid_ExC) for dsp in dispatches), start=jnp.zeros(()))
-        metrics["moe/rows_used_frac"] = used_rows / (moe.static_rows * x_GxNxD.shape[0])
-        metrics["moe/padding_frac"] = (used_rows - routed) / jnp.maximum(used_rows, 1.0)
+        if not causal:  # the training layout's static rows
+            metrics["moe/rows_used_frac"] = used_rows / (moe.static_rows * x_GxNxD.shape[0])
+            metrics["moe/padding_frac"] = (used_rows - routed) / jnp.maximum(used_rows, 1.0)
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
         aux: dict[str, Any] = {"losses": losses, "metrics": metrics}
         if ctx.get("capture"):  # routing decisions for analysis (moma_jax.analysis.route)
@@ -164,7 +175,52 @@ class SparseFFN(nnx.Module):
             dispatch, stats = jax.vmap(
                 lambda s, e, k, r: routing.expert_choice(s, e, k, slots, ranking_NxE=r)
             )(scores_GxNxE, eligible_GxN, k_G, ranking_GxNxE)
-        return dispatch, losses, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+        metrics = _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+        if group.aux_router is not None:
+            taken_GxNxE = jax.vmap(lambda dsp: _taken(dsp, eligible_GxN.shape[1]))(dispatch)
+            aux_losses, aux_metrics = aux_router.aux_terms(
+                group.aux_router, x_GxNxD, taken_GxNxE, eligible_GxN[..., None]
+            )
+            losses.update(aux_losses)
+            metrics.update(aux_metrics)
+        return dispatch, losses, metrics
+
+    def _route_causal(self, group: ExpertGroup, g: int, x_GxNxD, eligible_GxN, count_G, key):
+        """Every token decides alone (one routing group, N slots per expert, nothing dropped):
+        expert choice by its aux router's score > 0.5 with the main router's score as the
+        gate; token choice by its top-k; a one-expert group takes every eligible token."""
+        del key  # no router noise at evaluation
+        moe, experts, n = self.moe, group.n_experts, x_GxNxD.shape[1]
+        if experts == 1:
+            dispatch, stats = jax.vmap(lambda e: routing.take_all(e, n))(eligible_GxN)
+            scores_GxNxE = jnp.ones(eligible_GxN.shape + (1,), jnp.float32)
+            return dispatch, {}, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+        assert group.router_DxE is not None
+        logits_GxNxE = jnp.einsum(
+            "gnd,de->gne", x_GxNxD.astype(jnp.float32), group.router_DxE[...].astype(jnp.float32)
+        )
+        if moe.routing == "token_choice":
+            scores_GxNxE = jax.nn.softmax(logits_GxNxE, axis=-1)
+            taken_GxNxE, gate_GxNxE = jax.vmap(
+                lambda p: routing.top_k_taken(p, moe.top_k, moe.top_k > 1)
+            )(scores_GxNxE)
+        else:
+            router = aux_router.require(group.aux_router, f"expert group {moe.group_name(g)!r}")
+            scores_GxNxE = routing.router_scores(logits_GxNxE, moe.router_score)
+            taken_GxNxE, gate_GxNxE = router(x_GxNxD) > 0, scores_GxNxE
+        taken_GxNxE = taken_GxNxE & eligible_GxN[..., None]
+        dispatch = jax.vmap(routing.threshold_dispatch)(taken_GxNxE, gate_GxNxE)
+        valid = jnp.sum(dispatch.valid_ExC, dtype=jnp.float32)
+        stats = {"dropped": jnp.zeros(()), "wasted": dispatch.valid_ExC.size - valid}
+        return dispatch, {}, _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats)
+
+
+def _taken(dsp, n: int) -> jax.Array:
+    """[N, E] bool: which experts took each token, from one routing group's dispatch."""
+    experts = dsp.valid_ExC.shape[0]
+    e_ExC = jnp.broadcast_to(jnp.arange(experts)[:, None], dsp.valid_ExC.shape)
+    taken = jnp.zeros((n, experts), jnp.float32)
+    return taken.at[dsp.token_index_ExC, e_ExC].add(dsp.valid_ExC.astype(jnp.float32)) > 0
 
 
 def _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats) -> dict[str, jax.Array]:
@@ -205,11 +261,9 @@ def _token_view(dispatch, n: int, b: int, length: int) -> dict[str, jax.Array]:
     def one(dsp):
         experts = dsp.valid_ExC.shape[0]
         e_ExC = jnp.broadcast_to(jnp.arange(experts)[:, None], dsp.valid_ExC.shape)
-        taken = jnp.zeros((n, experts), jnp.float32)
-        taken = taken.at[dsp.token_index_ExC, e_ExC].add(dsp.valid_ExC.astype(jnp.float32))
         gate = jnp.zeros((n, experts), jnp.float32)
         gate = gate.at[dsp.token_index_ExC, e_ExC].add(jnp.where(dsp.valid_ExC, dsp.gate_ExC, 0))
-        return taken > 0, gate
+        return _taken(dsp, n), gate
 
     taken_GxNxE, gate_GxNxE = jax.vmap(one)(dispatch)
     experts = taken_GxNxE.shape[-1]

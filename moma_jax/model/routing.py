@@ -227,3 +227,28 @@ def router_z_loss(logits_NxE: jax.Array, eligible_N: jax.Array) -> jax.Array:
     log_z_N = jax.nn.logsumexp(logits_NxE.astype(jnp.float32), axis=-1)
     eligible = eligible_N.astype(jnp.float32)
     return jnp.sum(jnp.square(log_z_N) * eligible) / jnp.maximum(jnp.sum(eligible), 1.0)
+
+
+# --- Causal routing (aux routers; model/aux_router.py) ------------------------------------------
+
+
+def threshold_dispatch(taken_NxE: jax.Array, gate_NxE: jax.Array) -> Dispatch:
+    """Per-token decisions as a dispatch with N slots per expert (nothing can be dropped):
+    expert e's taken tokens first, in token order (a stable sort), gate where valid, else 0."""
+    taken_ExN = taken_NxE.astype(bool).T
+    token_index_ExN = jnp.argsort(~taken_ExN, axis=-1, stable=True).astype(jnp.int32)
+    valid_ExN = jnp.take_along_axis(taken_ExN, token_index_ExN, axis=-1)
+    gate_ExN = jnp.take_along_axis(gate_NxE.astype(jnp.float32).T, token_index_ExN, axis=-1)
+    return Dispatch(token_index_ExN, jnp.where(valid_ExN, gate_ExN, 0.0), valid_ExN)
+
+
+def top_k_taken(probs_NxE: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Token choice without capacity: (taken [N, E] bool, gate [N, E]) of each token's top-k."""
+    n_experts = probs_NxE.shape[-1]
+    top_prob_NxK, expert_NxK = jax.lax.top_k(probs_NxE.astype(jnp.float32), top_k)
+    if renormalize:
+        total = jnp.sum(top_prob_NxK, axis=-1, keepdims=True)
+        top_prob_NxK = top_prob_NxK / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+    one_hot_NxKxE = jax.nn.one_hot(expert_NxK, n_experts, dtype=jnp.float32)
+    gate_NxE = jnp.sum(one_hot_NxKxE * top_prob_NxK[..., None], axis=1)
+    return jnp.sum(one_hot_NxKxE, axis=1) > 0, gate_NxE

@@ -6,10 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moma_jax.config import ModelConfig
+from moma_jax.config import ConfigError, ModelConfig
+from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.kinds import build_layer, check_layer_kinds
 from moma_jax.model.layers import RMSNorm, param
+
+ROUTING = ("teacher_forced", "causal")  # see model/aux_router.py
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -40,13 +43,18 @@ class Unit(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
         """Returns the output and the blocks' aux merged, plus each block's own metrics under
         "per_block" ({j: metrics}) for the per-layer report."""
-        auxes = []
+        auxes, caches = [], {}
         for i in range(self.n_blocks):
-            x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, ctx)
+            block_ctx = ctx
+            if ctx.get("cache") is not None:  # decoding: this block's keys and values
+                caches[i] = kv_cache.KVCache(ctx["cache"][i], ctx["cache_index"])
+                block_ctx = {**ctx, "kv": caches[i]}
+            x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, block_ctx)
             auxes.append(aux)
         merged = merge_aux(auxes)
         merged["per_block"] = {j: aux.get("metrics", {}) for j, aux in enumerate(auxes)}
         merged["capture"] = {j: aux["capture"] for j, aux in enumerate(auxes) if "capture" in aux}
+        merged["cache"] = {j: c.arrays() for j, c in caches.items()}
         return x_BxLxD, merged
 
 
@@ -81,34 +89,50 @@ class Transformer(nnx.Module):
         modality_BxL: jax.Array,
         routing_key: jax.Array | None = None,
         capture: bool = False,
+        routing: str = "teacher_forced",
+        cache: dict | None = None,
+        cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
         """Returns float32 logits [B, L, V] and the aux dict (losses summed, metrics averaged;
         with `capture`, aux["capture"][layer][group] holds each expert layer's routing seen
-        from the tokens: taken and gate, [B, L, E])."""
+        from the tokens: taken and gate, [B, L, E]; MoD layers add ["mod"]["keep"] [B, L]).
+
+        `routing`: "teacher_forced" (the training routers, which see the routing group) or
+        "causal" (each token decides alone: aux routers, `model/aux_router.py`). Decoding:
+        `cache` (from `init_cache`, causal routing) holds the keys and values of the first
+        `cache_index` tokens of every row; these tokens are the next ones, and aux["cache"] is
+        the updated cache."""
         cfg = self.cfg
+        if routing not in ROUTING:
+            raise ConfigError(f"routing={routing!r} is not one of {ROUTING}")
+        if cache is not None and routing != "causal":
+            raise ConfigError("decoding with a KV cache routes causally: pass routing='causal'")
         dt = jnp.dtype(cfg.compute_dtype)
         ctx = {
             "positions": positions_BxL,
             "segment_ids": segment_ids_BxL,
             "modality": modality_BxL,
-            "attn_mask": segment_causal_mask(segment_ids_BxL),
             "capture": capture,
+            "routing": routing,
+            "cache_index": cache_index,
         }
+        if cache is None:
+            ctx["attn_mask"] = segment_causal_mask(segment_ids_BxL)
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
 
         graphdef, units_state = nnx.split(self.units)
 
         def body(x, xs):
-            unit_state, index = xs
+            unit_state, index, unit_cache = xs
             unit = nnx.merge(graphdef, unit_state)
             # No key (evaluation): routers run without noise.
             key = None if routing_key is None else jax.random.fold_in(routing_key, index)
-            return unit(x, {**ctx, "routing_key": key})
+            return unit(x, {**ctx, "routing_key": key, "cache": unit_cache})
 
-        if cfg.remat in _REMAT:
+        if cfg.remat in _REMAT and cache is None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
         x_BxLxD, aux_U = jax.lax.scan(
-            body, x_BxLxD, (units_state, jnp.arange(cfg.n_units)), unroll=cfg.scan_unroll
+            body, x_BxLxD, (units_state, jnp.arange(cfg.n_units), cache), unroll=cfg.scan_unroll
         )
         aux = {
             "losses": {k: jnp.sum(v) for k, v in aux_U["losses"].items()},
@@ -120,6 +144,8 @@ class Transformer(nnx.Module):
             for k, v_U in metrics.items():
                 for u in range(cfg.n_units):
                     aux["metrics"][f"layer_{u * blocks + j}/{k}"] = v_U[u]
+        if cache is not None:
+            aux["cache"] = aux_U["cache"]
         if capture:
             aux["capture"] = {
                 u * blocks + j: jax.tree.map(lambda a, u=u: a[u], groups)
@@ -134,3 +160,13 @@ class Transformer(nnx.Module):
             preferred_element_type=jnp.float32,
         )
         return logits_BxLxV, aux
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty KV cache for `batch` rows of up to `length` tokens: per block of the
+        layer pattern, k and v [U, B, S, H, Dh] and keep [U, B, S]."""
+        cfg = self.cfg
+        one = kv_cache.empty(
+            batch, length, cfg.n_heads, cfg.resolved_head_dim, jnp.dtype(cfg.compute_dtype)
+        )
+        stacked = {k: jnp.broadcast_to(v, (cfg.n_units, *v.shape)) for k, v in one.items()}
+        return {j: dict(stacked) for j in range(len(cfg.layer_pattern))}

@@ -30,6 +30,7 @@ from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig, validate
 from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
+from moma_jax.model import aux_router
 from moma_jax.runtime import with_data_shares
 from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
 from moma_jax.train import faults, upcycle
@@ -67,7 +68,7 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
 
 def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch):
     # --- State and steps --------------------------------------------------------------------
-    tx = make_optimizer(cfg.optim)
+    tx = make_optimizer(cfg.optim, cfg.model.aux_routers)
     graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
     steps = _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data)
     start, state = _initial_state(cfg, run_dir, init_fn, abstract, tx, mesh, shardings, data_iter)
@@ -123,6 +124,11 @@ def _check_inputs(
             f"({data_vocab} ids in {data_dir}); set model.vocab_size >= {data_vocab}"
         )
     cfg = validate(with_data_shares(cfg, manifest))
+    if cfg.model.aux_routers == "posthoc" and not cfg.run.init_from:
+        raise ConfigError(
+            f"{cfg.name or 'this experiment'} trains auxiliary routers for a finished run with "
+            "its main model frozen: pass --init-from WORKDIR of that run"
+        )
     stop = cfg.optim.total_steps if stop_step is None else stop_step
     if not 0 < stop <= cfg.optim.total_steps:
         raise ConfigError(f"--steps must be in 1..optim.total_steps={cfg.optim.total_steps}")
@@ -165,11 +171,18 @@ def _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data: list[dict]) -> _S
     """The train step (jitted once with shardings and donation) and the held-out evaluation."""
     batch_sh = batch_sharding(mesh)
     train_step = step_lib.jit_train_step(graphdef, cfg, tx, shardings, batch_sh, mesh)
-    eval_step = jax.jit(
-        step_lib.with_mesh(make_eval_step(graphdef, cfg), mesh),
-        in_shardings=(shardings.params, batch_sh),
-        out_shardings=replicated(mesh),
-    )
+
+    def jit_eval(routing: str) -> Callable:
+        return jax.jit(
+            step_lib.with_mesh(make_eval_step(graphdef, cfg, routing), mesh),
+            in_shardings=(shardings.params, batch_sh),
+            out_shardings=replicated(mesh),
+        )
+
+    # Runs with aux routers are also evaluated causally (eval_causal_*; model/aux_router.py).
+    routings = {"eval_": jit_eval("teacher_forced")}
+    if cfg.model.aux_routers != "none":
+        routings["eval_causal_"] = jit_eval("causal")
 
     def to_device(batch: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
@@ -177,9 +190,15 @@ def _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data: list[dict]) -> _S
     def evaluate(params) -> dict[str, float]:
         if not eval_data:
             return {}
-        sums = [eval_step(params, to_device(batch)) for batch in eval_data]
-        total = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *sums)
-        return _host(means_from_sums(total, prefix="eval_"))
+        out: dict[str, float] = {}
+        for prefix, eval_step in routings.items():
+            sums = [eval_step(params, to_device(batch)) for batch in eval_data]
+            total = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *sums)
+            out.update(_host(means_from_sums(total, prefix=prefix)))
+            if prefix == "eval_":  # the aux routers against the training routers, held out
+                rates = aux_router.with_rates(total["aux"])
+                out.update(_host({f"eval_{k}": v for k, v in rates.items()}))
+        return out
 
     return _Steps(train_step, evaluate, to_device, has_eval=bool(eval_data))
 
@@ -205,14 +224,17 @@ def _upcycle(cfg: ExperimentConfig, workdir: Workdir, fresh, tx, mesh, shardings
     run's logged `tokens` and `flops` start from them."""
     source = Workdir(Path(cfg.run.init_from))
     source_cfg = upcycle.load_source(source, cfg)
-    _, _, source_abstract, _ = init_state(source_cfg, make_optimizer(source_cfg.optim), mesh)
+    source_tx = make_optimizer(source_cfg.optim, source_cfg.model.aux_routers)
+    _, _, source_abstract, _ = init_state(source_cfg, source_tx, mesh)
     step, source_state = restore_latest(
         source.checkpoints, source_cfg.run, source_abstract, data_iter
     )
     if source_state is None:
         raise ConfigError(f"--init-from {cfg.run.init_from}: the run has no checkpoint yet")
-    params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params)
-    print(f"initialised from {cfg.run.init_from} at its step {step} (upcycled)", flush=True)
+    aux_stage = cfg.model.aux_routers == "posthoc"
+    params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params, aux_stage)
+    how = "loaded and frozen; aux routers train" if aux_stage else "upcycled"
+    print(f"initialised from {cfg.run.init_from} at its step {step} ({how})", flush=True)
     if jax.process_index() == 0:
         seq = source_cfg.data.seq_len
         tokens = step * source_cfg.data.batch_size * seq

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from moma_jax.config import ExperimentConfig, OptimConfig
 from moma_jax.model import Transformer
+from moma_jax.model.aux_router import PATH_NAME as AUX_PATH_NAME
 from moma_jax.sharding import tree_shardings
 
 
@@ -43,18 +44,38 @@ def _decay_mask(params: nnx.State) -> nnx.State:
     )
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(
-            lr_schedule(cfg),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
-        ),
+def _adamw(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.adamw(
+        lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=_decay_mask,
+    )  # fmt: skip
+
+
+def is_aux_path(path) -> bool:
+    """Whether a parameter path lies inside an auxiliary router (`model/aux_router.py`)."""
+    return any(getattr(p, "key", getattr(p, "name", p)) == AUX_PATH_NAME for p in path)
+
+
+def param_labels(params: nnx.State) -> nnx.State:
+    """ "aux" for the auxiliary routers' parameters, "main" for every other."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace("aux" if is_aux_path(path) else "main"),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def make_optimizer(cfg: OptimConfig, aux_routers: str = "none") -> optax.GradientTransformation:
+    """Clipping by global norm, then AdamW. With aux routers (`model.aux_routers`) they get
+    their own branch (`optax.multi_transform`): "joint" leaves the main parameters' clipping
+    and update exactly as without them; "posthoc" freezes the main parameters (no moments)."""
+    main = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), _adamw(cfg))
+    if aux_routers == "none":
+        return main
+    if aux_routers == "posthoc":
+        main = optax.set_to_zero()
+    aux = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), _adamw(cfg))
+    return optax.multi_transform({"main": main, "aux": aux}, param_labels)
 
 
 def build_model(cfg: ExperimentConfig) -> Transformer:

@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moma_jax.config import ExperimentConfig
 from moma_jax.losses import loss_sums, means_from_sums, target_mask
-from moma_jax.train.state import TrainState, lr_schedule
+from moma_jax.model import aux_router
+from moma_jax.train.state import TrainState, lr_schedule, param_labels
 
 Batch = dict[str, jax.Array]
 
@@ -23,12 +24,22 @@ def _forward(
     params: nnx.State,
     batch: Batch,
     key: jax.Array | None,
+    routing: str = "teacher_forced",
 ) -> tuple[dict, dict]:
     model = nnx.merge(graphdef, params)
     logits, aux = model(
-        batch["tokens"], batch["segment_ids"], batch["positions"], batch["modality"], key
-    )
+        batch["tokens"], batch["segment_ids"], batch["positions"], batch["modality"], key,
+        routing=routing,
+    )  # fmt: skip
     return loss_sums(logits, batch, cfg.model.z_loss_weight), aux
+
+
+def _objective_losses(cfg: ExperimentConfig, losses: dict) -> dict:
+    """The auxiliary losses the objective adds: all of them, or, in a post-hoc aux-router stage
+    (main model frozen), only the aux routers' cross-entropies."""
+    if cfg.model.aux_routers == "posthoc":
+        return {k: v for k, v in losses.items() if k.endswith("aux_bce")}
+    return losses
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
@@ -56,7 +67,11 @@ def make_train_step(
 
         def objective(params, micro, micro_key):
             sums, aux = _forward(graphdef, cfg, params, micro, micro_key)
-            aux_loss = sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+            aux_loss = sum(
+                _objective_losses(cfg, aux["losses"]).values(), jnp.zeros((), jnp.float32)
+            )
+            if cfg.model.aux_routers == "posthoc":  # the frozen model's loss is only reported
+                return aux_loss / n_micro, (sums, aux)
             return (sums["ce"] + sums["z"]) / total + aux_loss / n_micro, (sums, aux)
 
         grad_fn = jax.grad(objective, has_aux=True)
@@ -81,7 +96,16 @@ def make_train_step(
         )
         metrics.update(aux_losses)
         metrics.update({k: jnp.mean(v, axis=0) for k, v in aux_A["metrics"].items()})
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics = aux_router.with_rates(metrics)
+        if cfg.model.aux_routers == "none":
+            metrics["grad_norm"] = optax.tree.norm(grads)
+        else:  # the main model's gradient (what its clipping sees), the aux routers' beside it
+            is_aux = jax.tree.leaves(param_labels(state.params))
+            norms = [jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)]
+            main = [n for n, label in zip(norms, is_aux, strict=True) if label == "main"]
+            aux_n = [n for n, label in zip(norms, is_aux, strict=True) if label == "aux"]
+            metrics["grad_norm"] = jnp.sqrt(sum(main, jnp.zeros(())))
+            metrics["aux_grad_norm"] = jnp.sqrt(sum(aux_n, jnp.zeros(())))
         metrics["lr"] = schedule(state.step)
         metrics["target_tokens"] = sums["count"]
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -90,12 +114,17 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, cfg: ExperimentConfig) -> Callable:
-    """Builds `eval_step(params, batch) -> loss sums` (combine batches, then `means_from_sums`)."""
+def make_eval_step(
+    graphdef: nnx.GraphDef, cfg: ExperimentConfig, routing: str = "teacher_forced"
+) -> Callable:
+    """Builds `eval_step(params, batch) -> sums`: the loss sums (combine batches, then
+    `means_from_sums`) and, under "aux", the aux routers' agreement counts with the training
+    routers (per layer and averaged over layers; sum batches, then `aux_router.with_rates`)."""
 
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        sums, _ = _forward(graphdef, cfg, params, batch, None)
-        return sums
+        sums, aux = _forward(graphdef, cfg, params, batch, None, routing)
+        counts = {k: v for k, v in aux["metrics"].items() if aux_router.is_count(k)}
+        return {**sums, "aux": counts}
 
     return eval_step
 
