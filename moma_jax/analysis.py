@@ -28,6 +28,7 @@ from flax import nnx
 from moma_jax import data as data_lib
 from moma_jax.config import ExperimentConfig, MeshConfig
 from moma_jax.modality import IMAGE, MODALITY_NAMES
+from moma_jax.model import Transformer
 from moma_jax.sharding import make_mesh
 from moma_jax.train.checkpoint import Checkpointer
 from moma_jax.train.state import abstract_params, init_state, make_optimizer
@@ -73,10 +74,12 @@ class Run:
             ckpt.close()
         return restored.state.params
 
-    def model(self, step: int | None = None) -> nnx.Module:
+    def model(self, step: int | None = None) -> Transformer:
         """The model with the parameters of checkpoint `step` (default: the latest)."""
         graphdef, _ = abstract_params(self.config)
-        return nnx.merge(graphdef, self.params(step))
+        model = nnx.merge(graphdef, self.params(step))
+        assert isinstance(model, Transformer)
+        return model
 
 
 def load_run(workdir: str | Path) -> Run:

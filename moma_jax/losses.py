@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moma_jax.modality import MODALITY_NAMES
 
@@ -11,6 +12,12 @@ from moma_jax.modality import MODALITY_NAMES
 def target_mask(segment_ids_BxL: jax.Array) -> jax.Array:
     """[B, L-1] bool: position t predicts t+1 iff both lie in the same real (non-pad) document."""
     seg = segment_ids_BxL
+    return (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+
+
+def target_mask_np(segment_ids_BxL) -> np.ndarray:
+    """`target_mask` on the host (NumPy)."""
+    seg = np.asarray(segment_ids_BxL)
     return (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
 
 

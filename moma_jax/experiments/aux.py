@@ -21,9 +21,11 @@ from moma_jax.registry import get, register
 ARCHS: tuple[str, ...] = ("moe_8x", "moma_2t2i", "moma_4t4i", "moma_6t2i", "moma_7t1i")
 ARCHS += ("mod_dense", "mod_moma_1t1i", "mod_moma_4t4i")
 
-# The post-hoc stage's schedule: MoMa's at the paper sizes, a short one at the tiny size.
+# The post-hoc stage's schedule: MoMa's at the paper sizes, a short one at the tiny size (after
+# the 300-step mod_moma_4t4i_tiny, 200 steps at 1e-2 reach a held-out balanced accuracy of
+# 0.88-0.97 per layer and group; 3e-3 learns about half as fast).
 STAGE_OPTIM = {
-    "tiny": OptimConfig(peak_lr=3e-3, warmup_steps=10, total_steps=100, weight_decay=0.0),
+    "tiny": OptimConfig(peak_lr=1e-2, warmup_steps=10, total_steps=200, weight_decay=0.0),
 }
 PAPER_STAGE = OptimConfig(peak_lr=1e-4, warmup_steps=1000, total_steps=5000, weight_decay=0.0)
 

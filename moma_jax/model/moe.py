@@ -11,7 +11,8 @@ N tokens and per expert group:
    a one-expert group has no router: gate 1 for every token of its modalities, N slots;
    with `ctx["routing"] == "causal"` every decision is the token's own (`_route_causal`): the
    aux router's score > 0.5 for expert choice, top-k without capacity for token choice, over
-   the whole micro-batch as one group, so no token is dropped or evicted by a later one;
+   each row as its own group, so no token is dropped or evicted by a later one, and no
+   later token changes even the order in which an earlier token's expert outputs are summed;
 3. `grouped.py`: each group's experts run their valid slots slab by slab (a batched SwiGLU
    over the stacked expert weights; slabs past the longest expert's slots are skipped), and a
    weighted scatter-add brings the outputs back to token positions.
@@ -62,7 +63,7 @@ class SparseFFN(nnx.Module):
         moe = self.moe
         b, length, d = x_BxLxD.shape
         causal = ctx.get("routing") == "causal"
-        n = b * length if causal else moe.routing_group_tokens
+        n = length if causal else moe.routing_group_tokens  # causal: a row's tokens only
         if (b * length) % n:
             raise ConfigError(
                 f"a micro-batch of {b} rows x {length} tokens does not split into routing groups "
@@ -186,7 +187,7 @@ class SparseFFN(nnx.Module):
         return dispatch, losses, metrics
 
     def _route_causal(self, group: ExpertGroup, g: int, x_GxNxD, eligible_GxN, count_G, key):
-        """Every token decides alone (one routing group, N slots per expert, nothing dropped):
+        """Every token decides alone (a row per group, N slots per expert, nothing dropped):
         expert choice by its aux router's score > 0.5 with the main router's score as the
         gate; token choice by its top-k; a one-expert group takes every eligible token."""
         del key  # no router noise at evaluation
