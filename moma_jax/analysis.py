@@ -7,6 +7,9 @@
     routes = analysis.route(run, batch)             # {layer: {group: {"taken", "gate"}}}
     analysis.load_by_modality(routes, batch)        # {layer: {group: [E, modalities] counts}}
     analysis.image_positions(routes, batch, run)    # {layer: [E, H, W] share of each position}
+    analysis.mod_keep_by_modality(routes, batch)    # {layer: {"text": rate, "image": rate}}
+    analysis.aux_agreement(routes, batch)           # {layer: {group: balanced accuracy, ...}}
+    analysis.generate(run, "ROMEO.", max_tokens=64) # {"text": ..., "images": [[H, W] pixels]}
 
 Works on any checkpoint of any architecture without model code: the model is rebuilt from the
 run's saved config and its parameters restored on one device. Dense layers and MoT have no
@@ -28,7 +31,7 @@ from flax import nnx
 from moma_jax import data as data_lib
 from moma_jax.config import ExperimentConfig, MeshConfig
 from moma_jax.modality import IMAGE, MODALITY_NAMES
-from moma_jax.model import Transformer
+from moma_jax.model import Transformer, aux_router
 from moma_jax.sharding import make_mesh
 from moma_jax.train.checkpoint import Checkpointer
 from moma_jax.train.state import abstract_params, init_state, make_optimizer
@@ -105,16 +108,24 @@ def heldout_batch(run: Run, rows: int | None = None) -> dict[str, np.ndarray]:
     return batches[0]
 
 
-def route(run: Run, batch: dict[str, np.ndarray], step: int | None = None) -> dict[int, Any]:
-    """Runs `batch` through checkpoint `step` and returns every expert layer's routing:
-    {layer: {group: {"taken": bool [B, L, E], "gate": float [B, L, E]}}} (numpy), with the
-    routers as in training (no noise). Rows must form whole routing groups."""
+def route(
+    run: Run,
+    batch: dict[str, np.ndarray],
+    step: int | None = None,
+    routing: str = "teacher_forced",
+) -> dict[int, Any]:
+    """Runs `batch` through checkpoint `step` and returns every routed layer's decisions:
+    {layer: {group: {"taken": bool [B, L, E], "gate": float [B, L, E]}}} (numpy) for expert
+    layers, and {"mod": {"keep": bool [B, L]}} for Mixture-of-Depths layers; with aux routers
+    also their predictions ("aux_score", sigmoid, [B, L, E] or [B, L]). `routing`: the
+    training routers without noise (rows must form whole routing groups) or "causal"."""
     model = run.model(step)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, tokens, seg, pos, modality):
-        _, aux = nnx.merge(graphdef, state)(tokens, seg, pos, modality, None, True)
+        model = nnx.merge(graphdef, state)
+        _, aux = model(tokens, seg, pos, modality, None, True, routing=routing)
         return aux.get("capture", {})
 
     args = (jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions", "modality"))
@@ -129,6 +140,8 @@ def load_by_modality(routes: dict[int, Any], batch: dict[str, np.ndarray]) -> di
     for layer, groups in routes.items():
         out[layer] = {}
         for name, r in groups.items():
+            if "taken" not in r:  # a Mixture-of-Depths entry
+                continue
             counts = np.zeros((r["taken"].shape[-1], len(MODALITY_NAMES)), np.int64)
             for m in range(len(MODALITY_NAMES)):
                 mask = real & (batch["modality"] == m)
@@ -165,3 +178,72 @@ def image_share(batch: dict[str, np.ndarray]) -> float:
     """Share of the batch's real tokens that are image tokens."""
     real = batch["segment_ids"] > 0
     return float(np.mean(batch["modality"][real] == IMAGE))
+
+
+def mod_keep_by_modality(
+    routes: dict[int, Any], batch: dict[str, np.ndarray]
+) -> dict[int, dict[str, float]]:
+    """{layer: {modality: share of its real tokens the Mixture-of-Depths layer kept}}."""
+    real = batch["segment_ids"] > 0
+    out = {}
+    for layer, groups in routes.items():
+        if "mod" in groups:
+            keep = groups["mod"]["keep"]
+            out[layer] = {
+                name: float(keep[real & (batch["modality"] == m)].mean())
+                for m, name in enumerate(MODALITY_NAMES)
+                if (real & (batch["modality"] == m)).any()
+            }
+    return out
+
+
+def aux_agreement(
+    routes: dict[int, Any], batch: dict[str, np.ndarray]
+) -> dict[int, dict[str, dict[str, float]]]:
+    """{layer: {group or "mod": {"balanced_accuracy", "precision", "recall"}}}: each aux
+    router's decision (score > 0.5) against the training router's, over the tokens that group
+    could take (its modality, real) -- from a teacher-forced `route`."""
+    real = batch["segment_ids"] > 0
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for layer, groups in routes.items():
+        for name, r in groups.items():
+            if "aux_score" not in r:
+                continue
+            truth = r["keep"] if name == "mod" else r["taken"]
+            mask = real if name == "mod" else real & _group_tokens(r["taken"], name, batch)
+            pred, truth = r["aux_score"][mask] > 0.5, truth[mask]
+            counts = [float(np.sum(a & b)) for a, b in (
+                (pred, truth), (pred, ~truth), (~pred, truth), (~pred, ~truth))]  # fmt: skip
+            out.setdefault(layer, {})[name] = {
+                k: float(v) for k, v in aux_router.rates(*counts).items()
+            }
+    return out
+
+
+def _group_tokens(taken: np.ndarray, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """[B, L] bool: the tokens a group may take (a modality group: its modality; "all")."""
+    if name in MODALITY_NAMES:
+        return batch["modality"] == MODALITY_NAMES.index(name)
+    return np.ones(taken.shape[:2], bool)
+
+
+def generate(
+    run: Run, prompt: str, max_tokens: int = 64, step: int | None = None, **sampling: Any
+) -> dict[str, Any]:
+    """Samples causally after `prompt` (`moma_jax.generate`; sampling: temperature, top_k,
+    top_p, seed): {"text": str, "tokens": [...], "images": [pixels [H, W] or [H, W, C]]}."""
+    from moma_jax import generate as gen
+    from moma_jax.data import text_tokenizers
+
+    data_dir = data_lib.ensure_data(run.config.data.path or None)
+    ids = gen.encode_prompt(prompt, None, None, data_dir)
+    result = gen.generate(run, ids, max_tokens, gen.Sampling(**sampling), step)
+    manifest = data_lib.load_manifest(data_dir)
+    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
+    tokenizer = text_tokenizers.load(manifest["text_tokenizer"], data_dir)
+    text = tokenizer.decode(np.asarray([t for t in result["tokens"] if t < vocab.n_text]))
+    images = []
+    if result["images"]:
+        decoder = data_lib.load_image_tokenizer(data_dir)
+        images = [np.clip(decoder.decode(c[None])[0], 0, 1) for c in result["images"]]
+    return {"text": text, "tokens": result["tokens"], "images": images}

@@ -11,6 +11,7 @@ from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.flops import (
     LAYER_FLOPS,
     active_params,
+    aux_router_flops_per_token,
     count_params,
     forward_flops_per_token,
     paper_params,
@@ -57,6 +58,7 @@ def describe(cfg: ExperimentConfig) -> dict:
     experts = moe.n_experts if m.has_experts else 1
     ideal = forward_flops_per_token(m, seq)
     executed = forward_flops_per_token(m, seq, executed=True)
+    aux_routers, aux_flops = aux_router_flops_per_token(m)
     return {
         "name": cfg.name,
         "params_total": count_params(params),
@@ -66,6 +68,9 @@ def describe(cfg: ExperimentConfig) -> dict:
         "flops_per_token_executed": executed,
         "executed_over_ideal": executed / ideal,
         "train_flops_per_token_ideal": 3 * ideal,
+        "aux_routers_per_token": aux_routers,
+        "aux_router_flops_per_token": aux_flops,
+        "aux_routers_trained": m.aux_routers,
         "seq_len": seq,
         "layers": m.n_layers,
         "d_model": m.d_model,
@@ -95,6 +100,14 @@ def table(info: dict) -> str:
         f"{human(info['flops_per_token_executed'])} ({info['executed_over_ideal']:.3f}x); "
         f"training ideal {human(info['train_flops_per_token_ideal'])}",
     ]
+    if info["aux_routers_per_token"]:
+        aux = info["aux_router_flops_per_token"]
+        lines.append(
+            f"  aux routers     {info['aux_routers_per_token']:.3g} per token for causal "
+            f"inference, forward {human(aux)} ({aux / info['flops_per_token_ideal']:.3f}x "
+            f"ideal; with them {human(aux + info['flops_per_token_ideal'])}); trained here: "
+            f"{info['aux_routers_trained']}"
+        )
     if info["modality_shares"]:
         shares = zip(MODALITY_NAMES, info["modality_shares"], strict=True)
         lines.append("  token shares    " + ", ".join(f"{n} {s:.3f}" for n, s in shares))

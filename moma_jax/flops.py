@@ -100,6 +100,27 @@ def forward_flops_per_token(
     return cfg.n_units * per_unit + 2 * cfg.d_model * cfg.vocab_size
 
 
+def aux_router_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
+    """(aux routers a token passes, their forward FLOPs per token) at inference with causal
+    routing (`model/aux_router.py`: D x D/2, then D/2 x out). One per Mixture-of-Depths layer,
+    and one per sparse layer for the token's modality group where that group ranks tokens
+    (expert choice, more than one expert), inside MoD layers too: causal inference runs every
+    token through them. Not part of the ideal FLOPs (the training routers' model); reported
+    beside them."""
+    d, moe = cfg.d_model, cfg.moe
+    routers = flops = 0.0
+    for kind in cfg.layer_pattern:
+        if kind.startswith("mod_"):
+            routers, flops = routers + 1, flops + 2 * d * (d // 2) + 2 * (d // 2)
+        if kind.removeprefix("mod_") == "moe" and moe.routing == "expert_choice":
+            for g, experts in enumerate(moe.group_experts):
+                if experts > 1:
+                    share = moe.group_share(g)
+                    routers += share
+                    flops += share * (2 * d * (d // 2) + 2 * (d // 2) * experts)
+    return cfg.n_units * routers, cfg.n_units * flops
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
     return 3 * forward_flops_per_token(cfg, seq_len, executed=executed)
 

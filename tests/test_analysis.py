@@ -12,7 +12,10 @@ from moma_jax.modality import IMAGE, TEXT
 KEYS = small("model.moe.routing_group_tokens=1024", "run.log_every=1", "run.eval_every=100")
 
 
-@pytest.fixture(scope="module", params=["dense", "moe_8x", "moma_1t1i", "moma_4t4i", "mot"])
+ARCHS = ["dense", "moe_8x", "moma_1t1i", "moma_4t4i", "mot", "mod_moma_4t4i"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
 def tiny_run(request, tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp(request.param)
     args = ["--exp", f"{request.param}_tiny", "--workdir", str(workdir), "--steps", "2", *KEYS]
@@ -32,7 +35,14 @@ def test_load_run_and_route(tiny_run):
         assert routes == {}  # no router, nothing to capture
         return
     assert sorted(routes) == list(range(run.config.model.n_layers))
-    for groups in routes.values():
+    for layer, groups in routes.items():
+        if "mod" in groups:  # Mixture-of-Depths: the top quarter of each routing group's tokens
+            keep = groups.pop("mod")["keep"]
+            assert not keep[~real].any() and keep.sum() == int(keep.size * 0.25)
+            for r in groups.values():  # the wrapped layer's experts only see kept tokens
+                assert not r["taken"][~keep].any()
+            rates = analysis.mod_keep_by_modality({layer: {"mod": {"keep": keep}}}, batch)
+            assert set(rates[layer]) == {"text", "image"}
         for name, r in groups.items():
             taken = r["taken"]
             assert not taken[~real].any()  # padding is never routed

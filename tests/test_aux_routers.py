@@ -179,3 +179,25 @@ def test_posthoc_optimizer_keeps_no_moments_for_the_main_model():
     # Two moments per parameter (plus a few step counters); post-hoc: the aux routers' only.
     assert 0 < sizes["joint"] - 2 * params < 8
     assert 0 < sizes["posthoc"] - 2 * aux_params < 8 and aux_params < params / 4
+
+
+def test_analysis_sees_the_aux_routers(runs):
+    from moma_jax import analysis
+
+    _, aux = runs
+    run = analysis.load_run(aux)
+    batch = analysis.heldout_batch(run)
+    agreement = analysis.aux_agreement(analysis.route(run, batch), batch)
+    assert sorted(agreement) == [0, 1, 2, 3]
+    for groups in agreement.values():
+        assert set(groups) == {"text", "image"}
+        assert all(g["balanced_accuracy"] > 0.85 for g in groups.values())
+    causal = analysis.route(run, batch, routing="causal")
+    real = batch["segment_ids"] > 0
+    for layer, groups in causal.items():  # causal: taken exactly where the aux router says so
+        for name, r in groups.items():
+            mine = real & (batch["modality"] == (0 if name == "text" else 1))
+            np.testing.assert_array_equal(r["taken"][mine], r["aux_score"][mine] > 0.5)
+            assert not r["taken"][~mine].any()
+    sample = analysis.generate(run, "ROMEO.", max_tokens=8, seed=1)
+    assert len(sample["tokens"]) == 8 and isinstance(sample["text"], str)

@@ -126,6 +126,8 @@ class MoDBlock(nnx.Module):
 
             inner = jax.tree.map(lambda a: a.reshape((g, k) + a.shape[2:]), aux.get("capture", {}))
             keep = {"keep": scatter(chosen_GxK)}
+            if self.aux_router is not None:
+                keep["aux_score"] = jax.nn.sigmoid(self.aux_router(x_BxLxD)[..., 0])
             aux["capture"] = {**jax.tree.map(scatter, inner), "mod": keep}
         return out_GxNxD.reshape(b, length, d), aux
 
@@ -147,5 +149,6 @@ class MoDBlock(nnx.Module):
         real = jnp.maximum(jnp.sum(real_BxL), 1)
         aux["metrics"] = {**aux.get("metrics", {}), "mod/keep_frac": jnp.sum(chosen_BxL) / real}
         if ctx.get("capture"):
-            aux["capture"] = {**aux.get("capture", {}), "mod": {"keep": chosen_BxL}}
+            keep = {"keep": chosen_BxL, "aux_score": jax.nn.sigmoid(router(x_BxLxD)[..., 0])}
+            aux["capture"] = {**aux.get("capture", {}), "mod": keep}
         return out, aux

@@ -129,10 +129,13 @@ class SparseFFN(nnx.Module):
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
         aux: dict[str, Any] = {"losses": losses, "metrics": metrics}
         if ctx.get("capture"):  # routing decisions for analysis (moma_jax.analysis.route)
-            aux["capture"] = {
-                moe.group_name(g): _token_view(dsp, n, b, length)
-                for g, dsp in enumerate(dispatches)
-            }
+            aux["capture"] = {}
+            for g, dsp in enumerate(dispatches):
+                view = _token_view(dsp, n, b, length)
+                router = getattr(self, f"group_{g}").aux_router
+                if router is not None:  # its prediction of each decision
+                    view["aux_score"] = jax.nn.sigmoid(router(x_BxLxD))
+                aux["capture"][moe.group_name(g)] = view
         return y_BxLxD, aux
 
     def _route(self, group: ExpertGroup, g: int, x_GxNxD, eligible_GxN, count_G, key):
