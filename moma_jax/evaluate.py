@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ from flax import nnx
 from moma_jax import data as data_lib
 from moma_jax import tasks
 from moma_jax.analysis import Run, load_run
-from moma_jax.config import ConfigError, ExperimentConfig
+from moma_jax.config import ConfigError
 from moma_jax.losses import target_mask_np
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model import aux_router
@@ -38,25 +37,6 @@ from moma_jax.runtime import enable_compilation_cache
 
 ROUTINGS = ("teacher_forced", "causal")
 FIELDS = ("tokens", "segment_ids", "positions", "modality")
-
-
-def aux_stage_hint(cfg: ExperimentConfig, workdir: Path) -> str:
-    """The command that trains aux routers for the run in `workdir`."""
-    arch, _, size = cfg.name.rpartition("_")
-    return (
-        f"python scripts/train.py --exp {arch or cfg.name}_aux_{size} --init-from {workdir} "
-        f"(or train {arch or cfg.name}_joint_aux_{size} from scratch)"
-    )
-
-
-def check_causal(cfg: ExperimentConfig, workdir: Path) -> None:
-    """Causal routing needs aux routers where a router ranks a routing group."""
-    if cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
-        raise ConfigError(
-            f"{workdir} ({cfg.name}) routes by ranking whole routing groups (expert choice or "
-            "Mixture-of-Depths) and has no auxiliary routers, so it cannot run causally; "
-            f"train them: {aux_stage_hint(cfg, workdir)}"
-        )
 
 
 def _log_probs_fn(graphdef: nnx.GraphDef, routing: str):
@@ -85,7 +65,7 @@ def evaluate(
     if routing not in ROUTINGS:
         raise ConfigError(f"--routing {routing!r} is not one of {ROUTINGS}")
     if routing == "causal":
-        check_causal(cfg, run.workdir)
+        aux_router.require_for_causal(cfg, run.workdir)
     step = max(run.steps) if step is None else step
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     vocab = data_lib.Vocab.from_dict(data_lib.load_manifest(data_dir)["vocab"])
@@ -135,7 +115,7 @@ def causality_leak(
     share of positions that moved by more than 1e-6, and the change of the loss on targets <= t."""
     cfg = run.config
     if routing == "causal":
-        check_causal(cfg, run.workdir)
+        aux_router.require_for_causal(cfg, run.workdir)
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     vocab = data_lib.Vocab.from_dict(data_lib.load_manifest(data_dir)["vocab"])
     batch = data_lib.eval_batches(

@@ -194,7 +194,7 @@ def test_analysis_sees_the_aux_routers(runs):
         assert all(g["balanced_accuracy"] > 0.85 for g in groups.values())
     causal = analysis.route(run, batch, routing="causal")
     real = batch["segment_ids"] > 0
-    for layer, groups in causal.items():  # causal: taken exactly where the aux router says so
+    for groups in causal.values():  # causal: taken exactly where the aux router says so
         for name, r in groups.items():
             mine = real & (batch["modality"] == (0 if name == "text" else 1))
             np.testing.assert_array_equal(r["taken"][mine], r["aux_score"][mine] > 0.5)

@@ -10,9 +10,9 @@ from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig, SparseConfig
 from moma_jax.data import Vocab
-from moma_jax.generate import Decoder
 from moma_jax.model import Transformer
 from moma_jax.model.routing import threshold_dispatch
+from moma_jax.sampling import Decoder
 
 VOCAB = Vocab(n_text=24, n_image_codes=16)  # ids: text 0-23, image codes 24-39, specials 40-44
 EC = SparseConfig(group_experts=(4, 4))

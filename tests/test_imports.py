@@ -17,6 +17,8 @@ ENTRY_POINTS = (
     "moma_jax.prepare_data",
     "moma_jax.aot",
     "moma_jax.compare",
+    "moma_jax.evaluate",
+    "moma_jax.generate",
 )
 # What config may import: the bottom of the graph, which imports no other project module.
 BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config")

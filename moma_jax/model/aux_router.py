@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moma_jax.config import ConfigError, ModelConfig
+from moma_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from moma_jax.model.layers import param
 
 PATH_NAME = "aux_router"  # the attribute every aux router lives under (optimizer labels use it)
@@ -55,6 +55,27 @@ def require(router: AuxRouter | None, what: str) -> AuxRouter:
             "--init-from WORKDIR (or train `{arch}_joint_aux_{size}` from scratch)"
         )
     return router
+
+
+def stage_hint(cfg: ExperimentConfig, workdir: object = "WORKDIR") -> str:
+    """The commands that train aux routers for a run of `cfg` (in `workdir`)."""
+    arch, _, size = cfg.name.rpartition("_")
+    arch = arch or cfg.name
+    return (
+        f"python scripts/train.py --exp {arch}_aux_{size} --init-from {workdir} "
+        f"(or train {arch}_joint_aux_{size} from scratch)"
+    )
+
+
+def require_for_causal(cfg: ExperimentConfig, workdir: object = "WORKDIR") -> None:
+    """Causal routing needs aux routers where a router ranks whole routing groups; a run of
+    `cfg` without them is refused, naming the command that trains them."""
+    if cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
+        raise ConfigError(
+            f"{workdir} ({cfg.name}) routes by ranking whole routing groups (expert choice or "
+            "Mixture-of-Depths) and has no auxiliary routers, so it cannot run causally; "
+            f"train them: {stage_hint(cfg, workdir)}"
+        )
 
 
 def bce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,197 @@
+"""Causal sampling with a KV cache: the prompt, the data's grammar, the sampler, the decoder.
+
+The library behind `scripts/generate.py` and `analysis.generate`. Every token is decided causally
+(`model/aux_router.py`: expert choice and Mixture-of-Depths by their aux routers). Sampling keeps
+the data's grammar: after BOI exactly `codes_per_image` image codes (from the manifest), then EOI;
+outside an image text, BOI or EOS, and BOI only where a whole image still fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moma_jax import data as data_lib
+from moma_jax.config import ConfigError, ExperimentConfig
+from moma_jax.data import text_tokenizers
+from moma_jax.data.images import load_image
+from moma_jax.model import Transformer, aux_router
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0: greedy; top_k 0 and top_p 1: off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Grammar:
+    """Which tokens may come next, from the tokens so far (see the module docstring)."""
+
+    def __init__(self, vocab: data_lib.Vocab, codes_per_image: int, size: int):
+        """`size`: the model's vocabulary (>= the data's; ids past the data's never occur)."""
+        self.vocab, self.codes = vocab, codes_per_image
+        v = vocab
+        self.text = np.zeros(size, bool)
+        self.text[: v.n_text] = True
+        self.text[v.eos] = True
+        self.image = np.zeros(size, bool)
+        self.image[v.image_offset : v.image_offset + v.n_image_codes] = True
+        self.eoi = np.zeros(size, bool)
+        self.eoi[v.eoi] = True
+
+    def allowed(self, tokens: list[int], remaining: int) -> np.ndarray:
+        v = self.vocab
+        opened = max((i for i, t in enumerate(tokens) if t == v.boi), default=-1)
+        closed = max((i for i, t in enumerate(tokens) if t == v.eoi), default=-1)
+        if opened > closed:  # inside an image
+            return self.image if len(tokens) - opened - 1 < self.codes else self.eoi
+        mask = self.text.copy()
+        mask[v.boi] = remaining >= self.codes + 2
+        return mask
+
+
+def sample(logits_V: np.ndarray, allowed_V: np.ndarray, s: Sampling, rng) -> int:
+    """One token from `logits_V` restricted to `allowed_V` (float64 on the host)."""
+    logits = np.where(allowed_V, logits_V.astype(np.float64), -np.inf)
+    if s.temperature <= 0:
+        return int(np.argmax(logits))
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = np.sort(logits)[-min(s.top_k, int(allowed_V.sum()))]
+        logits = np.where(logits >= kth, logits, -np.inf)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep = np.cumsum(probs[order]) - probs[order] < s.top_p  # the smallest nucleus
+        nucleus = np.zeros_like(probs)
+        nucleus[order[keep]] = probs[order[keep]]
+        probs = nucleus / nucleus.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def encode_prompt(
+    text: str, image: str | None, tokens: list[int] | None, data_dir: Path
+) -> list[int]:
+    """BOS, [BOI codes EOI], text -- or raw ids (`tokens`), checked against the vocabulary."""
+    manifest = data_lib.load_manifest(data_dir)
+    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
+    if tokens is not None:
+        bad = [t for t in tokens if not 0 <= t < vocab.size or t == vocab.pad]
+        if bad:
+            raise ConfigError(
+                f"prompt tokens {bad[:5]} are outside the vocabulary: ids must lie in "
+                f"[0, {vocab.size}) and not be padding ({vocab.pad})"
+            )
+        if not tokens:
+            raise ConfigError("the prompt is empty: give --prompt TEXT, --image or --tokens")
+        return list(tokens)
+    if not text and not image:
+        raise ConfigError("the prompt is empty: give --prompt TEXT, --image PATH or both")
+    out = [vocab.bos]
+    if image:
+        geometry = manifest["image"]
+        pixels = load_image(Path(image), geometry["shape"][0], geometry["channels"], "--image", 0)
+        codes = data_lib.load_image_tokenizer(data_dir).encode(pixels[None])[0]
+        out += [vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
+    if text:
+        tokenizer = text_tokenizers.load(manifest["text_tokenizer"], data_dir)
+        out += [int(t) for t in tokenizer.encode(text)]
+    return out
+
+
+class Decoder:
+    """The run's model as a cached causal decoder: `prefill` a prompt, then `step` one token."""
+
+    def __init__(self, model: Transformer, vocab: data_lib.Vocab, length: int):
+        self.graphdef, self.state = nnx.split(model)
+        self.vocab = vocab
+        self.cache = model.init_cache(1, length)
+
+        @jax.jit
+        def forward(state, tokens_1xT, cache, index):
+            t = tokens_1xT.shape[1]
+            positions = (index + jnp.arange(t))[None]
+            ids = np.arange(model.cfg.vocab_size)
+            modality = jnp.asarray(vocab.modality_of(ids), jnp.int32)
+            logits, aux = nnx.merge(self.graphdef, state)(
+                tokens_1xT,
+                jnp.ones_like(tokens_1xT),
+                positions,
+                modality[tokens_1xT],
+                routing="causal",
+                cache=cache,
+                cache_index=index,
+            )
+            return logits[0], aux["cache"]
+
+        self._forward = forward
+        self.index = 0
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Appends `tokens`; returns their logits [T, V] (the last row predicts the next)."""
+        ids = jnp.asarray([tokens], jnp.int32)
+        logits, self.cache = self._forward(self.state, ids, self.cache, jnp.int32(self.index))
+        self.index += len(tokens)
+        return np.asarray(logits)
+
+
+def generate(
+    model: Transformer,
+    cfg: ExperimentConfig,
+    prompt: list[int],
+    max_tokens: int,
+    sampling: Sampling = Sampling(),
+) -> dict[str, Any]:
+    """Samples up to `max_tokens` after `prompt` from `model` (the run of `cfg`); returns the
+    tokens, the logits each sampled token was drawn from ([N, V], before the grammar), and the
+    codes of every complete image (the prompt's included)."""
+    aux_router.require_for_causal(cfg)
+    data_dir = data_lib.ensure_data(cfg.data.path or None)
+    manifest = data_lib.load_manifest(data_dir)
+    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
+    context = cfg.data.seq_len
+    if len(prompt) >= context:
+        raise ConfigError(
+            f"the prompt has {len(prompt)} tokens and the model's context is {context} "
+            "(data.seq_len): shorten it so at least one token can follow"
+        )
+    max_tokens = min(max_tokens, context - len(prompt))
+    grammar = Grammar(vocab, manifest["image"]["codes_per_image"], cfg.model.vocab_size)
+    decoder = Decoder(model, vocab, context)
+    rng = np.random.default_rng(sampling.seed)
+    tokens, logits_rows = list(prompt), []
+    logits = decoder.feed(prompt)[-1]
+    for i in range(max_tokens):
+        logits_rows.append(logits)
+        token = sample(logits, grammar.allowed(tokens, max_tokens - i), sampling, rng)
+        tokens.append(token)
+        if token == vocab.eos or i == max_tokens - 1:
+            break
+        logits = decoder.feed([token])[-1]
+    new = tokens[len(prompt) :]
+    return {
+        "prompt": prompt,
+        "tokens": new,
+        "logits": np.stack(logits_rows),
+        "images": images(tokens, vocab, grammar.codes),
+    }
+
+
+def images(tokens: list[int], vocab: data_lib.Vocab, codes: int) -> list[np.ndarray]:
+    """The codes of every complete image among `tokens` (BOI, `codes` codes, EOI)."""
+    out = []
+    for i, t in enumerate(tokens):
+        if t == vocab.boi and i + codes + 1 < len(tokens) and tokens[i + codes + 1] == vocab.eoi:
+            out.append(np.asarray(tokens[i + 1 : i + 1 + codes]) - vocab.image_offset)
+    return out
