@@ -23,7 +23,8 @@ KEYS = (
 
 @pytest.fixture
 def pair():
-    suite = register_suite(Suite("test_pair", ("dense_tiny", "moma_1t1i_tiny"), 1, KEYS))
+    exps = ("dense_tiny", "moma_1t1i_tiny", "moe_8x_tiny")
+    suite = register_suite(Suite("test_pair", exps, 1, KEYS, aux_stages=True))
     yield suite
     SUITES.pop(suite.name)
 
@@ -62,6 +63,19 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert curves["layer_load"]["image"] == [[1.0]] * 2
     assert (tmp_path / "test_pair" / "expert_load.png").stat().st_size > 1000
     assert "report: " in capsys.readouterr().out
+    # Causal losses: the same numbers without a group-ranking router; moe_8x through its
+    # post-hoc aux-router stage, trained after it (with the suite's keys: 20 steps).
+    assert (tmp_path / "test_pair" / "moe_8x_aux_tiny" / "seed0" / "checkpoints" / "20").is_dir()
+    causal = {e: rep["experiments"][e]["causal"] for e in rep["experiments"]}
+    assert causal["dense_tiny"]["source"] == "same"
+    assert causal["dense_tiny"]["text"]["final"] == dense["text"]["final_heldout_loss"]
+    assert causal["moe_8x_tiny"]["source"] == "posthoc"
+    assert causal["moe_8x_tiny"]["image"]["final"]["mean"] > 0
+    tasks = rep["experiments"]["moe_8x_tiny"]["tasks"]
+    assert tasks["routing"] == "causal" and tasks["interleaved"] is None
+    assert any(tasks[t] for t in ("text", "text_to_image", "image_to_text"))
+    assert rep["data"]["epochs"] == pytest.approx(20 * 8 * 128 / rep["data"]["train_split_tokens"])
+    assert "| moe_8x_tiny | posthoc |" in text and "| dense_tiny | causal |" in text
 
 
 def test_unknown_suite_lists_the_close_ones():

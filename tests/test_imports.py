@@ -17,6 +17,8 @@ ENTRY_POINTS = (
     "moma_jax.prepare_data",
     "moma_jax.aot",
     "moma_jax.compare",
+    "moma_jax.compare_report",
+    "moma_jax.compare_plots",
     "moma_jax.evaluate",
     "moma_jax.generate",
 )

@@ -11,7 +11,7 @@ from moma_jax.config import ExperimentConfig, ModelConfig
 from moma_jax.flops import LAYER_FLOPS, attention_flops_per_token, train_flops_per_token
 
 DENSE = "dense"
-SPARSE_ARCHS = ("moe_8x", "moma_1t1i", "moma_4t4i", "mot")
+SPARSE_ARCHS = ("moe_8x", "moma_1t1i", "moma_4t4i", "mot", "mod_dense", "mod_moma_4t4i")
 FFN_ARCHS = (DENSE, "moe_8x", "moma_1t1i", "moma_4t4i")  # MoT's FFN is not a separate module
 MATMUL = "matmul"
 FFN_CALLS = 5  # a feed-forward alone takes ~50 ms: time blocks of calls, report per call

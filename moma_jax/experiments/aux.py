@@ -30,6 +30,12 @@ STAGE_OPTIM = {
 PAPER_STAGE = OptimConfig(peak_lr=1e-4, warmup_steps=1000, total_steps=5000, weight_decay=0.0)
 
 
+def stage_name(experiment: str) -> str:
+    """The post-hoc aux-router stage of an experiment: moma_4t4i_tiny -> moma_4t4i_aux_tiny."""
+    arch, _, size = experiment.rpartition("_")
+    return f"{arch}_aux_{size}"
+
+
 def _with_aux(cfg: ExperimentConfig, mode: str) -> ExperimentConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, aux_routers=mode))
 

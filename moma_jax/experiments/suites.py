@@ -20,6 +20,9 @@ class Suite:
     seeds: int
     overrides: tuple[str, ...] = ()  # applied to every run of the suite
     description: str = ""
+    # After each run whose routers rank whole routing groups, train its post-hoc aux-router
+    # stage (`{arch}_aux_{size}`, experiments/aux.py), so the report has causal losses.
+    aux_stages: bool = False
 
 
 SUITES: dict[str, Suite] = {}
@@ -46,8 +49,9 @@ register_suite(
         (*(f"{a}_tiny" for a in _ARCHS), "mod_moma_4t4i_tiny"),
         seeds=2,
         description="The MoMa paper's comparison at the tiny size on the bundled data: dense, "
-        "moe_8x, moma_1t1i, moma_4t4i, mot and mod_moma_4t4i, 2 seeds (~30 min on a 2-core "
-        "CPU).",
+        "moe_8x, moma_1t1i, moma_4t4i, mot and mod_moma_4t4i, 2 seeds, with the post-hoc "
+        "aux-router stages for causal losses (~40 min on a 2-core CPU).",
+        aux_stages=True,
     )
 )
 for size in ("90m", "435m", "1.4b"):
@@ -57,5 +61,6 @@ for size in ("90m", "435m", "1.4b"):
             (*(f"{a}_{size}" for a in _ARCHS), f"mod_moma_4t4i_{size}"),
             seeds=1,
             description=f"The paper's comparison at {size} (real hardware; set data.path).",
+            aux_stages=True,
         )
     )
