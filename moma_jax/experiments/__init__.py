@@ -8,9 +8,10 @@ Your own experiments live in your own module (see README "Adding an experiment")
 `train.py --experiments my_module --exp my_exp` imports it before the lookup.
 """
 
-from moma_jax.experiments import aux, dense, sparse, suites
+from moma_jax.experiments import ablations, aux, dense, sparse, suites
 from moma_jax.registry import describe, get, load_module, names, register
 
 __all__ = [
-    "aux", "dense", "describe", "get", "load_module", "names", "register", "sparse", "suites",
+    "ablations", "aux", "dense", "describe", "get", "load_module", "names", "register",
+    "sparse", "suites",
 ]  # fmt: skip

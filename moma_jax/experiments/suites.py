@@ -64,3 +64,25 @@ for size in ("90m", "435m", "1.4b"):
             aux_stages=True,
         )
     )
+
+
+# Ablations of the tiny comparison (experiments/ablations.py), one seed each; the first entry
+# of each suite is its dense reference.
+register_suite(
+    Suite(
+        "ablation_tiny",
+        ("dense_tiny", "moma_4t4i_tiny", "moe_8x_tiny", "moma_4t4i_c2_tiny", "moe_8x_c2_tiny",
+         "moma_4t4i_lrhalf_tiny", "moma_4t4i_lrdouble_tiny"),  # fmt: skip
+        seeds=1,
+        description="Capacity 2 and the sparse learning rate against dense_tiny.",
+    )
+)
+for _variant in ("prenorm", "wide"):
+    register_suite(
+        Suite(
+            f"ablation_{_variant}_tiny",
+            (f"dense_{_variant}_tiny", f"moma_4t4i_{_variant}_tiny"),
+            seeds=1,
+            description=f"dense vs moma_4t4i, both {_variant}.",
+        )
+    )
