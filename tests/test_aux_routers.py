@@ -109,6 +109,18 @@ def test_generate_an_image_and_text(runs, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert generate.main(["--workdir", str(base), "--prompt", "x"]) == 2
     assert "auxiliary routers" in capsys.readouterr().err
+    # An image prompt (any size; centre-cropped and resized) is encoded to the manifest's codes.
+    picture = tmp_path / "seven.png"
+    pixels = np.zeros((40, 56), np.uint8)
+    pixels[8:12, 10:46] = 255
+    pixels[12:34, 36:40] = 255
+    Image.fromarray(pixels).save(picture)
+    image_out = tmp_path / "captioned"
+    image_args = ["--image", str(picture), "--prompt", "a handwritten", "--max-tokens", "6"]
+    assert generate.main([*args[:2], "--out", str(image_out), *image_args]) == 0
+    assert json.loads((image_out / "generation.json").read_text())["images"] == []
+    assert generate.main([*args[:2], "--image", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
 
 
 def _sparse_cfg(aux: str):

@@ -23,7 +23,7 @@ KEYS = (
 
 @pytest.fixture
 def pair():
-    exps = ("dense_tiny", "moma_1t1i_tiny", "moe_8x_tiny")
+    exps = ("dense_tiny", "moma_1t1i_tiny", "moe_8x_tiny", "moe_8x_joint_aux_tiny")
     suite = register_suite(Suite("test_pair", exps, 1, KEYS, aux_stages=True))
     yield suite
     SUITES.pop(suite.name)
@@ -71,6 +71,9 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert causal["dense_tiny"]["text"]["final"] == dense["text"]["final_heldout_loss"]
     assert causal["moe_8x_tiny"]["source"] == "posthoc"
     assert causal["moe_8x_tiny"]["image"]["final"]["mean"] > 0
+    joint = causal["moe_8x_joint_aux_tiny"]  # its own causal curve: a causal eta per modality
+    assert joint["source"] == "joint" and joint["text"]["eta"]["n"] == 1
+    assert joint["overall"]["final"]["mean"] > 0
     tasks = rep["experiments"]["moe_8x_tiny"]["tasks"]
     assert tasks["routing"] == "causal" and tasks["interleaved"] is None
     assert any(tasks[t] for t in ("text", "text_to_image", "image_to_text"))
