@@ -231,22 +231,13 @@ def generate(
     run: Run, prompt: str, max_tokens: int = 64, step: int | None = None, **sampling: Any
 ) -> dict[str, Any]:
     """Samples causally after `prompt` (`moma_jax.generate`; sampling: temperature, top_k,
-    top_p, seed): {"text": str, "tokens": [...], "images": [pixels [H, W] or [H, W, C]]}
-    (the prompt's images excluded: a text prompt has none)."""
+    top_p, seed): {"text": str, "tokens": [...], "images": [pixels [H, W] or [H, W, C]]}."""
     from moma_jax import sampling as sampler
-    from moma_jax.data import text_tokenizers
 
     aux_router.require_for_causal(run.config, run.workdir)
     data_dir = data_lib.ensure_data(run.config.data.path or None)
     ids = sampler.encode_prompt(prompt, None, None, data_dir)
     options = sampler.Sampling(**sampling)
     result = sampler.generate(run.model(step), run.config, ids, max_tokens, options)
-    manifest = data_lib.load_manifest(data_dir)
-    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
-    tokenizer = text_tokenizers.load(manifest["text_tokenizer"], data_dir)
-    text = tokenizer.decode(np.asarray([t for t in result["tokens"] if t < vocab.n_text]))
-    images = []
-    if result["images"]:
-        decoder = data_lib.load_image_tokenizer(data_dir)
-        images = [np.clip(decoder.decode(c[None])[0], 0, 1) for c in result["images"]]
+    text, images = sampler.decode(result, data_dir)
     return {"text": text, "tokens": result["tokens"], "images": images}

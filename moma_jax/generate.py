@@ -24,31 +24,22 @@ import numpy as np
 from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
 from moma_jax.config import ConfigError
-from moma_jax.data import text_tokenizers
 from moma_jax.model import aux_router
 from moma_jax.runtime import enable_compilation_cache
-from moma_jax.sampling import Sampling, encode_prompt, generate, images
+from moma_jax.sampling import Sampling, decode, encode_prompt, generate
 
 
 def write_outputs(run: Run, result: dict[str, Any], out: Path) -> dict[str, Any]:
     """Text decoded, each generated image decoded to out/image_{i}.png, and generation.json."""
     from PIL import Image
 
-    data_dir = data_lib.ensure_data(run.config.data.path or None)
-    manifest = data_lib.load_manifest(data_dir)
-    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
-    tokenizer = text_tokenizers.load(manifest["text_tokenizer"], data_dir)
-    text = tokenizer.decode(np.asarray([t for t in result["tokens"] if t < vocab.n_text]))
+    text, pictures = decode(result, data_lib.ensure_data(run.config.data.path or None))
     out.mkdir(parents=True, exist_ok=True)
-    n_prompt_images = len(images(result["prompt"], vocab, manifest["image"]["codes_per_image"]))
     pngs = []
-    if result["images"][n_prompt_images:]:
-        decoder = data_lib.load_image_tokenizer(data_dir)
-        for i, codes in enumerate(result["images"][n_prompt_images:]):
-            pixels = np.clip(decoder.decode(codes[None])[0], 0.0, 1.0)
-            path = out / f"image_{i}.png"
-            Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
-            pngs.append(str(path))
+    for i, pixels in enumerate(pictures):
+        path = out / f"image_{i}.png"
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
+        pngs.append(str(path))
     summary = {"text": text, "tokens": result["tokens"], "images": pngs}
     (out / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -155,7 +155,7 @@ def generate(
 ) -> dict[str, Any]:
     """Samples up to `max_tokens` after `prompt` from `model` (the run of `cfg`); returns the
     tokens, the logits each sampled token was drawn from ([N, V], before the grammar), and the
-    codes of every complete image (the prompt's included)."""
+    codes of every image the sampled tokens complete."""
     aux_router.require_for_causal(cfg)
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     manifest = data_lib.load_manifest(data_dir)
@@ -184,8 +184,22 @@ def generate(
         "prompt": prompt,
         "tokens": new,
         "logits": np.stack(logits_rows),
-        "images": images(tokens, vocab, grammar.codes),
+        # Images completed by the sampled tokens (a prompt may end inside one: BOS, BOI).
+        "images": images(tokens, vocab, grammar.codes)[len(images(prompt, vocab, grammar.codes)) :],
     }
+
+
+def decode(result: dict[str, Any], data_dir: Path) -> tuple[str, list[np.ndarray]]:
+    """A `generate` result's text (its text tokens through the dataset's text tokenizer) and
+    images (pixels in [0, 1], through the dataset's image tokenizer)."""
+    manifest = data_lib.load_manifest(data_dir)
+    vocab = data_lib.Vocab.from_dict(manifest["vocab"])
+    tokenizer = text_tokenizers.load(manifest["text_tokenizer"], data_dir)
+    text = tokenizer.decode(np.asarray([t for t in result["tokens"] if t < vocab.n_text]))
+    if not result["images"]:
+        return text, []
+    decoder = data_lib.load_image_tokenizer(data_dir)
+    return text, [np.clip(decoder.decode(c[None])[0], 0.0, 1.0) for c in result["images"]]
 
 
 def images(tokens: list[int], vocab: data_lib.Vocab, codes: int) -> list[np.ndarray]:

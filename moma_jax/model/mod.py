@@ -107,10 +107,9 @@ class MoDBlock(nnx.Module):
         metrics["mod/weight_mean"] = jnp.sum(weight_GxK * chosen_GxK) / jnp.maximum(
             jnp.sum(chosen_GxK), 1
         )
+        # Which tokens of each routing group went through the block (aux targets, capture).
+        kept_GxN = jax.vmap(lambda i, c: jnp.zeros((n,), bool).at[i].set(c))(index_GxK, chosen_GxK)
         if self.aux_router is not None:
-            kept_GxN = jax.vmap(lambda i, c: jnp.zeros((n,), bool).at[i].set(c))(
-                index_GxK, chosen_GxK
-            )
             losses, counts = aux_router.aux_terms(
                 self.aux_router, x_GxNxD, kept_GxN[..., None], (segment_GxN > 0)[..., None]
             )
@@ -125,7 +124,7 @@ class MoDBlock(nnx.Module):
                 return full.reshape((b, length) + a_GxKxX.shape[2:])
 
             inner = jax.tree.map(lambda a: a.reshape((g, k) + a.shape[2:]), aux.get("capture", {}))
-            keep = {"keep": scatter(chosen_GxK)}
+            keep = {"keep": kept_GxN.reshape(b, length)}
             if self.aux_router is not None:
                 keep["aux_score"] = jax.nn.sigmoid(self.aux_router(x_BxLxD)[..., 0])
             aux["capture"] = {**jax.tree.map(scatter, inner), "mod": keep}
