@@ -19,7 +19,7 @@ router, so they have no entry in `route`'s result.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +33,35 @@ from moma_jax.config import ExperimentConfig, MeshConfig
 from moma_jax.modality import IMAGE, MODALITY_NAMES
 from moma_jax.model import Transformer, aux_router
 from moma_jax.sharding import make_mesh
-from moma_jax.train.checkpoint import Checkpointer
+from moma_jax.train.checkpoint import RunCheckpoints
+from moma_jax.train.metrics import read_jsonl
 from moma_jax.train.state import abstract_params, init_state, make_optimizer
 from moma_jax.train.workdir import Workdir
 
 
 @dataclasses.dataclass
 class Run:
-    """A training run's directory: config, metrics records, checkpoint steps, parameters."""
+    """A training run's directory, opened read-only: config, metrics records, checkpoint
+    steps, verified parameters (`train.checkpoint.RunCheckpoints`). Nothing here writes to it."""
 
     workdir: Path
     config: ExperimentConfig
-    records: list[dict[str, Any]]
+
+    @functools.cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records, read on first use (a torn last line is skipped with a
+        warning)."""
+        metrics = Workdir(self.workdir).metrics_file
+        return read_jsonl(metrics) if metrics.exists() else []
+
+    @property
+    def checkpoints(self) -> RunCheckpoints:
+        return RunCheckpoints(Workdir(self.workdir).checkpoints)
 
     @property
     def steps(self) -> list[int]:
         """Committed checkpoint steps."""
-        return Checkpointer(self.workdir / "checkpoints", self.config.run).committed_steps()
+        return self.checkpoints.steps
 
     def history(self, *keys: str) -> dict[str, np.ndarray]:
         """The logged values of `keys` (all keys if none) at the steps that logged them."""
@@ -59,26 +71,29 @@ class Run:
         out.update({k: np.asarray([float(r[k]) for r in rows]) for k in keys})
         return out
 
-    def params(self, step: int | None = None) -> nnx.State:
-        """The parameters of checkpoint `step` (default: the latest), on one device."""
-        step = max(self.steps) if step is None else step
+    def restore(self, step: int | None = None) -> tuple[int, nnx.State]:
+        """(step, parameters) of checkpoint `step`, verified as training verifies a resume (on
+        one device); default: the latest intact one (a damaged newer one is reported on
+        stderr). CheckpointDamagedError (a ValueError) names a damaged or missing step."""
         cfg = dataclasses.replace(self.config, mesh=MeshConfig(data=1))
         mesh = make_mesh(cfg.mesh, jax.devices()[:1])
         tx = make_optimizer(cfg.optim, cfg.model.aux_routers)
         _, _, abstract, _ = init_state(cfg, tx, mesh)
-        ckpt = Checkpointer(self.workdir / "checkpoints", cfg.run)
-        try:
-            import orbax.checkpoint as ocp
+        ckpts = self.checkpoints
+        if step is not None:
+            return step, ckpts.restore(step, abstract).params
+        found, state, damaged = ckpts.latest_intact(abstract)
+        if state is None:
+            what = f"every checkpoint is damaged ({damaged})" if damaged else "no checkpoint yet"
+            raise ValueError(f"{self.workdir} has {what}")
+        return found, state.params
 
-            restored = ckpt.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )
-        finally:
-            ckpt.close()
-        return restored.state.params
+    def params(self, step: int | None = None) -> nnx.State:
+        """The parameters of checkpoint `step` (default: the latest intact), on one device."""
+        return self.restore(step)[1]
 
     def model(self, step: int | None = None) -> Transformer:
-        """The model with the parameters of checkpoint `step` (default: the latest)."""
+        """The model with the parameters of checkpoint `step` (default: the latest intact)."""
         graphdef, _ = abstract_params(self.config)
         model = nnx.merge(graphdef, self.params(step))
         assert isinstance(model, Transformer)
@@ -86,14 +101,14 @@ class Run:
 
 
 def load_run(workdir: str | Path) -> Run:
-    """The run in `workdir` (ValueError if no run was started there)."""
+    """The run in `workdir`, read-only (ValueError if no run was started there)."""
     path = Path(workdir)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a run directory (it does not exist or is a file)")
     config = Workdir(path).read_config()
     if config is None:
         raise ValueError(f"{path} holds no run (no config.json)")
-    metrics = path / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    return Run(path, config, records)
+    return Run(path, config)
 
 
 def heldout_batch(run: Run, rows: int | None = None) -> dict[str, np.ndarray]:

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORKDIR",
         help="start from another run's latest checkpoint (upcycling; sets run.init_from)",
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start again in a workdir that holds a run: that run is moved into "
+        "WORKDIR/previous-runs/ (never deleted)",
+    )
     p.add_argument("--list", action="store_true", help="list experiments and exit")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     return p
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_compilation_cache()
         distributed.initialize(args)
         workdir = Path(args.workdir or Path("runs") / cfg.name)
-        train(cfg, workdir, args.steps)
+        train(cfg, workdir, args.steps, restart=args.restart)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Bad input (config, data directory, records) ends with its message, not a traceback;
         # MOMA_JAX_TRACEBACK=1 shows the traceback when debugging the framework itself.

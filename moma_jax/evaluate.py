@@ -34,6 +34,7 @@ from moma_jax.losses import target_mask_np
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model import aux_router
 from moma_jax.runtime import enable_compilation_cache
+from moma_jax.train.state import abstract_params
 
 ROUTINGS = ("teacher_forced", "causal")
 FIELDS = ("tokens", "segment_ids", "positions", "modality")
@@ -66,7 +67,9 @@ def evaluate(
         raise ConfigError(f"--routing {routing!r} is not one of {ROUTINGS}")
     if routing == "causal":
         aux_router.require_for_causal(cfg, run.workdir)
-    step = max(run.steps) if step is None else step
+    if batches is not None and batches < 1:
+        raise ConfigError(f"--batches {batches}: must be >= 1 (default: run.eval_batches)")
+    step, params = run.restore(step)
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     vocab = data_lib.Vocab.from_dict(data_lib.load_manifest(data_dir)["vocab"])
     held_out = data_lib.eval_batches(
@@ -75,7 +78,7 @@ def evaluate(
         batch_size=cfg.data.batch_size,
         num_batches=batches or cfg.run.eval_batches,
     )
-    graphdef, state = nnx.split(run.model(step))
+    graphdef, state = nnx.split(nnx.merge(abstract_params(cfg)[0], params))
     log_probs = _log_probs_fn(graphdef, routing)
     ce, valid, target_mod, task, counts = [], [], [], [], []
     for batch in held_out:
@@ -213,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.step is not None and args.step not in run.steps:
             raise ConfigError(f"--step {args.step}: the checkpoints are at steps {run.steps}")
         report = evaluate(run, args.routing, args.step, args.batches)
-        if args.leak:
-            report["leak"] = causality_leak(run, args.routing, args.step)
+        if args.leak:  # the step evaluated (a damaged newer one was skipped with a warning)
+            report["leak"] = causality_leak(run, args.routing, report["step"])
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,9 @@ dataset's image tokenizer to a PNG in `--out`, beside `generation.json`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,23 +28,47 @@ from moma_jax.analysis import Run, load_run
 from moma_jax.config import ConfigError
 from moma_jax.model import aux_router
 from moma_jax.runtime import enable_compilation_cache
+from moma_jax.safe_io import refuse_symlink, write_atomic, write_atomic_bytes
 from moma_jax.sampling import Sampling, decode, encode_prompt, generate
 
 
 def write_outputs(run: Run, result: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Text decoded, each generated image decoded to out/image_{i}.png, and generation.json."""
+    """Text decoded, each generated image decoded to out/image_{i}.png, and generation.json.
+
+    The images an earlier sample listed in out/generation.json are removed first (ours: no
+    stale image is left beside the new summary); nothing else in `out` is touched, and no file
+    is written through a symlink."""
     from PIL import Image
 
     text, pictures = decode(result, data_lib.ensure_data(run.config.data.path or None))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (it is created if needed)")
     out.mkdir(parents=True, exist_ok=True)
+    summary_file = out / "generation.json"
+    refuse_symlink(summary_file)
+    for stale in _earlier_images(summary_file):
+        stale.unlink(missing_ok=True)
     pngs = []
     for i, pixels in enumerate(pictures):
         path = out / f"image_{i}.png"
-        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(path)
+        buffer = io.BytesIO()
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+        write_atomic_bytes(path, buffer.getvalue())
         pngs.append(str(path))
     summary = {"text": text, "tokens": result["tokens"], "images": pngs}
-    (out / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(summary_file, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _earlier_images(summary_file: Path) -> list[Path]:
+    """The image files an earlier generate wrote into this directory (from its summary)."""
+    try:
+        listed = json.loads(summary_file.read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    folder = summary_file.parent
+    names = [Path(p).name for p in listed if isinstance(p, str)]
+    return [folder / n for n in names if re.fullmatch(r"image_\d+\.png", n)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,6 +115,9 @@ def test_sigkill_leaves_no_lock_that_blocks_the_restart(straight, tmp_path):
     workdir = tmp_path / "killed"
     child = Child(workdir)
     child.wait_for_step(4)
+    deadline = time.monotonic() + 60
+    while not (workdir / "checkpoints" / "3").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)  # step 3's async save committed: the restart resumes from it
     child.proc.send_signal(signal.SIGKILL)
     child.finish()
     assert "pid" in (workdir / ".lock").read_text()  # the dead run's stamp is still there

@@ -32,6 +32,8 @@ from typing import IO
 
 import jax
 
+from moma_jax.safe_io import open_nofollow
+
 LOCK_FILE = ".lock"
 
 
@@ -63,11 +65,14 @@ class WorkdirLock:
         self.path = self.workdir / LOCK_FILE
         self.file: IO[str] | None = None
         self.created_dir = False
+        self.before: dict[str, int] | None = None
 
     def __enter__(self) -> WorkdirLock:
         self.created_dir = not self.workdir.exists()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+")  # never truncates: a refused run changes nothing
+        self.before = None if self.path.exists() else self._snapshot()
+        # Never truncates (a refused run changes nothing), never follows a planted symlink.
+        file = open_nofollow(self.path, "a+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,13 +91,20 @@ class WorkdirLock:
         self.file = file
         return self
 
+    def _snapshot(self) -> dict[str, int]:
+        """Top-level entries and their mtimes, the lock file left out."""
+        entries = (p for p in self.workdir.iterdir() if p.name != LOCK_FILE)
+        return {p.name: p.lstat().st_mtime_ns for p in entries}
+
     def __exit__(self, *exc: object) -> None:
         assert self.file is not None
-        others = [p for p in self.workdir.iterdir() if p.name != LOCK_FILE]
-        if self.created_dir and not others:  # nothing written: leave no trace of the attempt
+        # A run that wrote nothing (refused after the lock was taken) leaves no trace: the lock
+        # file it created goes, and so does the directory it created.
+        if self.before is not None and self._snapshot() == self.before:
             self.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self.workdir.rmdir()
+            if self.created_dir:
+                with contextlib.suppress(OSError):
+                    self.workdir.rmdir()
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 

@@ -1,13 +1,15 @@
 """The training loop: inputs, state (fresh, upcycled or resumed), steps, metrics, checkpoints.
 
-Resume precedence: if `workdir/checkpoints` holds an intact committed checkpoint, the run
-continues from the latest one (model, optimizer, data iterator); a damaged latest step is moved
-aside with a warning and the one before it is used. Otherwise the run starts fresh, from
-`run.init_from` when set (upcycling). A workdir remembers its experiment and config; resuming
-with another experiment or a changed key outside `config.RESUME_SAFE_KEYS` is refused.
+Resume precedence (`train.resume`): if `workdir/checkpoints` holds an intact committed
+checkpoint, the run continues from the latest one (model, optimizer, data iterator); a damaged
+latest step is reported and the one before it used. Otherwise the run starts fresh, from
+`run.init_from` when set (upcycling), but never over an earlier run unless `restart` moved it
+aside. A workdir remembers its experiment and config (config.json and each checkpoint);
+resuming with another experiment or a changed key outside `config.RESUME_SAFE_KEYS` is refused.
 
 Every input is checked before the workdir is touched, so bad input never creates or changes a
-checkpoint; a state is checkpointed only after its own metrics passed the NaN check.
+checkpoint; a state is checkpointed only after its own metrics passed the NaN check and its
+every value is finite (`Checkpointer.save`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
 from moma_jax.model import aux_router
 from moma_jax.runtime import with_data_shares
+from moma_jax.safe_io import write_atomic
 from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
-from moma_jax.train import faults, upcycle
+from moma_jax.train import faults, resume, upcycle
 from moma_jax.train import step as step_lib
-from moma_jax.train.checkpoint import Checkpointer, restore_latest
+from moma_jax.train.checkpoint import Checkpointer, NonFiniteStateError, RunCheckpoints
 from moma_jax.train.metrics import MetricWriter, NullWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
@@ -48,11 +51,15 @@ class TrainingDivergedError(RuntimeError):
     """A non-finite metric; the message names the step and the metric."""
 
 
-def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) -> dict[str, float]:
-    """Trains until `stop_step` (default: the schedule's end); returns the last logged metrics."""
+def train(
+    cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None, restart: bool = False
+) -> dict[str, float]:
+    """Trains until `stop_step` (default: the schedule's end); returns the last logged metrics.
+    `restart`: an earlier run in the workdir is moved into previous-runs/ and this one starts
+    fresh (without it, a workdir holding a run resumes it or is refused)."""
     run_dir = Workdir(Path(workdir))
     # --- Inputs: every one checked before anything is written -----------------------------
-    data_dir, manifest, cfg, stop = _check_inputs(cfg, run_dir, stop_step)
+    data_dir, manifest, cfg, stop = _check_inputs(cfg, run_dir, stop_step, restart)
     mesh = make_mesh(cfg.mesh)
     check_mesh(cfg, dict(mesh.shape))
     data_iter, eval_data = _make_iterators(cfg, data_dir)
@@ -63,6 +70,8 @@ def train(cfg: ExperimentConfig, workdir: Path, stop_step: int | None = None) ->
         faults.WorkdirLock(run_dir.path) if primary else contextlib.nullcontext(),
         faults.PreemptionWatch() as watch,
     ):
+        if restart:
+            resume.restart(run_dir)
         return _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch)
 
 
@@ -94,6 +103,10 @@ def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watc
         return _run_loop(
             cfg, steps, state, start, stop, first_batch, data_iter, manifest, ckpt, writer, watch
         )
+    except (TrainingDivergedError, NonFiniteStateError) as e:
+        with contextlib.suppress(Exception):
+            ckpt.wait()  # the last checkpoint named below is committed, not in flight
+        raise TrainingDivergedError(f"{e}. {_last_checkpoint(ckpt)}") from e
     except Exception as e:  # Orbax wraps a failed async write in its own errors
         if faults.is_disk_full(e):
             committed = ckpt.committed_steps()
@@ -108,8 +121,18 @@ def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watc
             ckpt.close()
 
 
+def _last_checkpoint(ckpt: Checkpointer) -> str:
+    steps = ckpt.committed_steps()
+    if not steps:
+        return "No checkpoint was committed; lower optim.peak_lr or check the data."
+    return (
+        f"The last checkpoint, step {steps[-1]}, holds a finite state (checked when it was "
+        "saved); rerunning resumes from it. Lower optim.peak_lr or check the data."
+    )
+
+
 def _check_inputs(
-    cfg: ExperimentConfig, workdir: Workdir, stop_step: int | None
+    cfg: ExperimentConfig, workdir: Workdir, stop_step: int | None, restart: bool = False
 ) -> tuple[Path, dict, ExperimentConfig, int]:
     """(data dir, manifest, resolved config, stop step); raises, naming the fix, on bad input.
 
@@ -132,7 +155,7 @@ def _check_inputs(
     stop = cfg.optim.total_steps if stop_step is None else stop_step
     if not 0 < stop <= cfg.optim.total_steps:
         raise ConfigError(f"--steps must be in 1..optim.total_steps={cfg.optim.total_steps}")
-    workdir.check(cfg)
+    workdir.check(cfg, restart)
     return data_dir, manifest, cfg, stop
 
 
@@ -208,7 +231,7 @@ def _initial_state(
 ) -> tuple[int, TrainState]:
     """(start step, state): the workdir's latest intact checkpoint (iterator restored in place),
     else upcycled from `run.init_from`, else fresh."""
-    start, state = restore_latest(workdir.checkpoints, cfg.run, abstract, data_iter)
+    start, state = resume.resume(cfg, workdir, abstract, data_iter)
     if state is not None:
         print(f"resumed {cfg.name} from {workdir} at step {start}", flush=True)
     elif cfg.run.init_from:
@@ -226,11 +249,12 @@ def _upcycle(cfg: ExperimentConfig, workdir: Workdir, fresh, tx, mesh, shardings
     source_cfg = upcycle.load_source(source, cfg)
     source_tx = make_optimizer(source_cfg.optim, source_cfg.model.aux_routers)
     _, _, source_abstract, _ = init_state(source_cfg, source_tx, mesh)
-    step, source_state = restore_latest(
-        source.checkpoints, source_cfg.run, source_abstract, data_iter
-    )
+    # Read-only: a damaged step of the source is skipped with a warning, never renamed there.
+    source_ckpts = RunCheckpoints(source.checkpoints)
+    step, source_state, damaged = source_ckpts.latest_intact(source_abstract, data_iter)
     if source_state is None:
-        raise ConfigError(f"--init-from {cfg.run.init_from}: the run has no checkpoint yet")
+        what = f"every checkpoint is damaged ({damaged})" if damaged else "no checkpoint yet"
+        raise ConfigError(f"--init-from {cfg.run.init_from}: the run has {what}")
     aux_stage = cfg.model.aux_routers == "posthoc"
     params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params, aux_stage)
     how = "loaded and frozen; aux routers train" if aux_stage else "upcycled"
@@ -245,7 +269,7 @@ def _upcycle(cfg: ExperimentConfig, workdir: Workdir, fresh, tx, mesh, shardings
             "flops": tokens * train_flops_per_token(source_cfg.model, seq),
             "flops_executed": tokens * train_flops_per_token(source_cfg.model, seq, True),
         }
-        (workdir.path / INIT_FROM_FILE).write_text(json.dumps(offsets, indent=2) + "\n")
+        write_atomic(workdir.path / INIT_FROM_FILE, json.dumps(offsets, indent=2) + "\n")
     reset = jax.jit(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
         out_shardings=shardings,
@@ -354,6 +378,5 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
     for key in ("loss", "loss_total", "grad_norm"):
         if key in metrics and not math.isfinite(metrics[key]):
             raise TrainingDivergedError(
-                f"step {step}: {key} is {metrics[key]}; the run stopped before saving this state. "
-                "The last checkpoint is intact; lower optim.peak_lr or check the data."
+                f"step {step}: {key} is {metrics[key]}; the run stopped before saving this state"
             )

@@ -10,37 +10,65 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import SupportsFloat
 
+from moma_jax.safe_io import open_nofollow, refuse_symlink, write_atomic
+
 
 def _step_of(line: str) -> int | None:
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return None  # a line cut short by a killed process
+    return step if isinstance(step, int) else None
+
+
+def logged_steps(path: Path) -> list[int]:
+    """The steps of the readable lines of a metrics.jsonl ([] when there is none)."""
+    if not Path(path).is_file():
+        return []
+    steps = (_step_of(line) for line in Path(path).read_text(errors="replace").splitlines())
+    return [s for s in steps if s is not None]
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drops lines past `last_step` (a resumed run re-logs them) and any line a killed process
-    left half-written, atomically."""
+    left half-written, atomically (never through a symlink)."""
     if not path.exists():
         return
+    refuse_symlink(path)
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         step = _step_of(line)
         if step is not None and step <= last_step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A torn last line (a process killed mid-write) is skipped
+    with a warning; an unreadable line elsewhere is a ValueError naming it."""
+    lines = [(i, x) for i, x in enumerate(Path(path).read_text().splitlines(), 1) if x.strip()]
+    out = []
+    for n, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if n == len(lines) - 1:
+                print(
+                    f"warning: {path}:{number}: skipping a torn last line (a run killed while "
+                    "writing it)",
+                    file=sys.stderr,
+                )
+                break
+            raise ValueError(f"{path}:{number}: not a metrics record ({e})") from None
+        out.append(record)
+    return out
 
 
 class MetricWriter:
@@ -62,7 +90,7 @@ class MetricWriter:
 
         self.path = metrics_file
         truncate_jsonl(self.path, start_step)
-        self.file = self.path.open("a")
+        self.file = open_nofollow(self.path, "a")
         self.tb = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
         self.stop_step = stop_step
         self.tty = sys.stderr.isatty()
@@ -86,12 +114,13 @@ class MetricWriter:
         parts = [f"step {step}/{self.stop_step}"]
         if "loss" in r:
             parts.append(
-                f"loss {r['loss']:.3f} (text {r['loss_text']:.3f}, image {r['loss_image']:.3f})"
+                f"loss {_num(r['loss'])} (text {_num(r['loss_text'])}, "
+                f"image {_num(r['loss_image'])})"
             )
         if "eval_loss" in r:
             parts.append(
-                f"held-out {r['eval_loss']:.3f} "
-                f"(text {r['eval_loss_text']:.3f}, image {r['eval_loss_image']:.3f})"
+                f"held-out {_num(r['eval_loss'])} "
+                f"(text {_num(r['eval_loss_text'])}, image {_num(r['eval_loss_image'])})"
             )
         parts.extend(_expert_summary(r))
         if step > last_step and "loss" in r:
@@ -132,6 +161,11 @@ def _expert_summary(r: dict) -> list[str]:
             f"dropped {'0' if dropped == 0 else f'{dropped:.2%}'}"
         )
     return out
+
+
+def _num(value: float | int | str) -> str:
+    """A logged value for the progress line: 3 decimals, or as written ("nan", "inf")."""
+    return f"{value:.3f}" if isinstance(value, float | int) else str(value)
 
 
 def _plain(value: SupportsFloat) -> float | int | str:
