@@ -6,6 +6,10 @@
 Inputs: JSONL documents (`{"text"}` or `{"items": [{"text"}, {"image"}, {"image_codes"}]}`),
 folders of images with `name.txt` captions, CSV files of `path,caption`, plain text files
 (docs/data.md). Importable as `main(argv)`.
+
+Exit status: 0 done; 2 refused or failed, with one `error: ...` line naming the problem and the
+fix (nothing half-written: a rerun resumes or starts again); 130 on Ctrl-C (rerun the same
+command to resume: the committed chunks are kept).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import sys
 import time
+from typing import TextIO
 
 from moma_jax.data import corpus, default_data_dir, prepare
 from moma_jax.data.inputs import BadRecordError
@@ -107,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping at the first",
     )
     g.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="let image paths in a JSONL or CSV (and links in an image folder) lead outside "
+        "the folder of the file that names them (default: such a record is bad)",
+    )
+    g.add_argument(
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -150,19 +161,21 @@ def main(argv: list[str] | None = None) -> int:
                 max_doc_bytes=args.max_doc_bytes,
                 max_memory=args.max_memory,
                 skip_bad=args.skip_bad,
+                allow_outside_paths=args.allow_outside_paths,
             )
             manifest = corpus.prepare_corpus(
                 opts, out, workers=args.workers, force=args.force, quiet=args.quiet
             )
     except BadRecordError as e:
-        print(
-            f"error: bad record {e}\n(--skip-bad skips bad records and lists them in the manifest)",
-            file=sys.stderr,
-        )
+        hint = "(--skip-bad skips bad records and lists them in the manifest)"
+        _say(f"error: bad record {e}\n{hint}")
         return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # OSError: a disk full, a directory we may not write
+        _say(f"error: {e}")
         return 2
+    except KeyboardInterrupt:
+        _say("interrupted; rerun the same command to resume")
+        return 130
     summary = {
         split: {k: info[k] for k in ("records", "tokens", "modality_shares")}
         for split, info in manifest["splits"].items()
@@ -170,8 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     if "bad_records" in manifest and manifest["bad_records"]["count"]:
         print(f"skipped {manifest['bad_records']['count']} bad records (listed in the manifest)")
-    print(
+    _say(
         f"dataset in {out} ({time.perf_counter() - start:.1f} s); train on it with "
-        f"--set data.path={out}"
+        f"--set data.path={out}",
+        sys.stdout,
     )
     return 0
+
+
+def _say(text: str, file: TextIO | None = None) -> None:
+    """Print `text`, with a file name that is not UTF-8 (surrogate escapes) shown as \\udcXX
+    instead of failing on a strict stream."""
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=file or sys.stderr)

@@ -1,5 +1,6 @@
 """Dataset preparation: manifest content, data directory resolution, atomic commit."""
 
+import json
 import math
 
 import pytest
@@ -65,19 +66,24 @@ def test_default_data_dir_respects_environment(monkeypatch, tmp_path):
 
 
 def _fake_dataset(path, tag):
+    """A directory holding a manifest of ours (a JSON one: only such a dataset is replaced)."""
     path.mkdir()
-    (path / MANIFEST).write_text(tag)
+    (path / MANIFEST).write_text(json.dumps({"format_version": 1, "splits": {}, "tag": tag}))
     return path
+
+
+def _tag(path):
+    return json.loads((path / MANIFEST).read_text())["tag"]
 
 
 def test_commit_is_a_rename_and_a_finished_dataset_wins(tmp_path):
     out = tmp_path / "data"
     _commit(_fake_dataset(tmp_path / "tmp1", "first"), out, force=False)
-    assert (out / MANIFEST).read_text() == "first" and not (tmp_path / "tmp1").exists()
+    assert _tag(out) == "first" and not (tmp_path / "tmp1").exists()
     # A concurrent prepare finishing second keeps the first dataset (same content by seed).
     _commit(_fake_dataset(tmp_path / "tmp2", "second"), out, force=False)
-    assert (out / MANIFEST).read_text() == "first"
+    assert _tag(out) == "first"
     # --force replaces it and leaves no backup behind.
     _commit(_fake_dataset(tmp_path / "tmp3", "third"), out, force=True)
-    assert (out / MANIFEST).read_text() == "third"
+    assert _tag(out) == "third"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tmp2"]

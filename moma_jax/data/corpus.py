@@ -12,10 +12,15 @@ for any number of workers.
    `shard_bytes` of records each (written under a temporary name, renamed when closed), then
    writes `chunks/k.json` (its counts): that file is the chunk's commit.
 3. **Resume.** `prepare_state.json` records the options and every input file's size and mtime. A
-   rerun with the same ones skips the committed chunks; with other ones an unfinished
-   preparation restarts from scratch (a finished dataset needs `--force`).
+   rerun with the same ones skips the committed chunks (after Ctrl-C or a kill) and, when the
+   dataset is finished, does nothing; with other ones an unfinished preparation restarts from
+   scratch (a finished dataset needs `--force`).
 4. **Manifest last.** Written (atomically) only after every chunk committed, from the chunks'
    counts in chunk order, so it never names a missing or half-written shard.
+
+DIR is locked while a preparation writes it (a second one is refused at once), and restarting or
+`--force` removes only what a preparation wrote: a DIR holding anything else, or overlapping an
+input, is refused before anything is touched (`outdir.py`).
 
 Each document is held out with probability `heldout_fraction` by a seeded hash of its index in
 the input order. Bad records (inputs.BadRecordError) stop the preparation, naming the file and the
@@ -26,183 +31,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
-import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 
-from moma_jax.data import inputs, records
-from moma_jax.data.corpus_options import Options, held_out, image_first
+from moma_jax.data import inputs, outdir, records, text_tokenizers
+from moma_jax.data.corpus_chunks import LISTED_BAD, run_chunks
+from moma_jax.data.corpus_options import Options
 from moma_jax.data.corpus_tokenizers import Tokenizers, load_tokenizers, make_tokenizers
 from moma_jax.data.image_tokenizer import ImageTokenizer
-from moma_jax.data.images import load_image
-from moma_jax.data.prepare import MANIFEST, TOKENIZER_FILE
+from moma_jax.data.outdir import CHUNKS, MANIFEST, STATE, TOKENIZER_FILE, TOKENIZERS
 from moma_jax.modality import MODALITY_NAMES
-
-STATE = "prepare_state.json"
-CHUNKS = "chunks"
-LISTED_BAD = 20  # bad records listed in the manifest (all are counted)
-# One record per chunk (random access reads one record), one writer thread, snappy: brotli (the
-# default) keeps ~10 MB of window per writer, which broke the --max-memory bound.
-WRITER_OPTIONS = "group_size:1,max_parallelism:1,snappy"
-
-
-# --- One chunk ----------------------------------------------------------------------------------
-
-
-def tokenize(
-    items: list[inputs.Item], tok: Tokenizers, raw: inputs.Raw, opts: Options
-) -> np.ndarray:
-    """[BOS, items..., EOS]: text ids, [BOI, codes + offset, EOI] per image."""
-    vocab = tok.vocab
-    parts: list[np.ndarray] = [np.asarray([vocab.bos])]
-    for kind, value in items:
-        if kind == "text":
-            if value:
-                parts.append(tok.text.encode(value))
-            continue
-        if kind == "image":
-            array = load_image(value, opts.image_size, opts.image_channels, raw.source, raw.line)
-            if tok.image is None:  # every sampled image was bad: no codebook was fitted
-                raise inputs.BadRecordError(raw.source, raw.line, "an image but no image codebook")
-            codes = tok.image.encode(array[None])[0]
-        else:
-            assert tok.external is not None  # parse() refuses image_codes otherwise
-            codes = tok.external.check(value, raw.source, raw.line)
-        parts.append(np.concatenate([[vocab.boi], codes + vocab.image_offset, [vocab.eoi]]))
-    if len(parts) == 1:
-        raise inputs.BadRecordError(raw.source, raw.line, "empty document (no text and no image)")
-    parts.append(np.asarray([vocab.eos]))
-    return np.concatenate(parts).astype(np.int32)
-
-
-class _ShardWriter:
-    """One split's shards of one chunk: `{split}-{chunk}-{j}.array_record`, each at most
-    `shard_bytes` of records, written under `.tmp` and renamed when closed."""
-
-    def __init__(self, out: Path, split: str, chunk: int, shard_bytes: int):
-        self.out, self.split, self.chunk, self.shard_bytes = out, split, chunk, shard_bytes
-        self.shards: list[dict[str, Any]] = []
-        self.writer: Any = None
-        self.size = 0
-
-    def write(self, record: bytes) -> None:
-        if self.writer is None or self.size + len(record) > self.shard_bytes and self.size:
-            self.close()
-            name = f"{self.split}-{self.chunk:06d}-{len(self.shards):03d}.array_record"
-            self.writer = ArrayRecordWriter(str(self.out / (name + ".tmp")), WRITER_OPTIONS)
-            self.shards.append({"file": name, "records": 0})
-            self.size = 0
-        self.writer.write(record)
-        self.size += len(record)
-        self.shards[-1]["records"] += 1
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            name = self.shards[-1]["file"]
-            os.replace(self.out / (name + ".tmp"), self.out / name)
-            self.writer = None
-
-
-def run_chunk(task: tuple[int, int, list[inputs.Raw]], tok: Tokenizers, opts: Options, out: Path):
-    """Tokenize and write chunk k (task = (k, index of its first record, records)); returns
-    its counts, also committed to `chunks/k.json`. Raises BadRecordError unless skip_bad."""
-    k, first_index, raws = task
-    writers = {s: _ShardWriter(out, s, k, opts.shard_bytes) for s in ("train", "heldout")}
-    tokens = {s: np.zeros(len(MODALITY_NAMES), np.int64) for s in writers}
-    bad: list[str] = []
-    n_bad = 0
-    try:
-        for offset, raw in enumerate(raws):
-            index = first_index + offset
-            try:
-                items = inputs.parse(raw, external_codes=tok.external is not None)
-                if raw.kind in ("image", "csv") and not image_first(opts.seed, index):
-                    items = items[::-1]
-                ids = tokenize(items, tok, raw, opts)
-            except inputs.BadRecordError as e:
-                if not opts.skip_bad:
-                    raise
-                n_bad += 1
-                if len(bad) < LISTED_BAD:
-                    bad.append(str(e))
-                continue
-            modality = tok.vocab.modality_of(ids)
-            records.validate(ids, modality, tok.vocab, f"{raw.source}:{raw.line}")
-            split = "heldout" if held_out(opts.seed, index, opts.heldout_fraction) else "train"
-            writers[split].write(records.serialize(index, ids, modality))
-            tokens[split] += np.bincount(modality, minlength=len(MODALITY_NAMES))
-    except BaseException:
-        for w in writers.values():  # no half chunk stays behind: the rerun writes it again
-            w.close()
-            for shard in w.shards:
-                (out / shard["file"]).unlink(missing_ok=True)
-        raise
-    for w in writers.values():
-        w.close()
-    result = {
-        "chunk": k,
-        "input_bytes": sum(r.nbytes for r in raws),
-        "documents": len(raws) - n_bad,
-        "bad_count": n_bad,
-        "bad": bad,
-        "splits": {
-            s: {"shards": w.shards, "modality_tokens": [int(t) for t in tokens[s]]}
-            for s, w in writers.items()
-        },
-    }
-    _write_json(out / CHUNKS / f"{k:06d}.json", result)
-    return result
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(opts: Options, out: Path) -> None:
-    _WORKER.update(opts=opts, out=out, tok=load_tokenizers(opts, out))
-
-
-def _worker_run(task: tuple[int, int, list[inputs.Raw]]) -> dict[str, Any]:
-    return run_chunk(task, _WORKER["tok"], _WORKER["opts"], _WORKER["out"])
-
-
-# --- The whole preparation ----------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _fingerprint(opts: Options, paths: list[Path]) -> dict[str, Any]:
+    """The options and every input file's size and mtime, as saved in JSON (lists, not tuples:
+    a rerun compares it with the saved one)."""
     files = [
         {"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
         for p in inputs.input_files(paths)
     ]
-    return {"options": dataclasses.asdict(opts), "files": files}
-
-
-def _chunks(opts: Options, paths: list[Path], chunk_bytes: int) -> Iterator[tuple[int, int, list]]:
-    """(k, first record index, records) for every chunk, in input order."""
-    k, first, current, size = 0, 0, [], 0
-    for raw in inputs.scan(paths, opts.max_doc_bytes):
-        current.append(raw)
-        size += raw.nbytes
-        if size >= chunk_bytes:
-            yield k, first, current
-            k, first, current, size = k + 1, first + len(current), [], 0
-    if current:
-        yield k, first, current
+    return json.loads(json.dumps({"options": dataclasses.asdict(opts), "files": files}))
 
 
 class Progress:
@@ -212,6 +65,12 @@ class Progress:
         self.total, self.enabled = total_bytes, enabled
         self.start = self.last = time.perf_counter()
         self.docs = self.bytes = self.bad = 0
+        self.open_line = False  # a progress line is on the screen, not yet ended
+
+    def interrupted(self) -> None:
+        """End the open line, so that an error or Ctrl-C prints on a line of its own."""
+        if self.open_line:
+            print(file=sys.stderr)
 
     def add(self, result: dict[str, Any], final: bool = False) -> None:
         self.docs += result["documents"]
@@ -219,7 +78,7 @@ class Progress:
         self.bad += result["bad_count"]
         now = time.perf_counter()
         if self.enabled and (final or now - self.last > 0.5):
-            self.last = now
+            self.last, self.open_line = now, not final
             dt = max(now - self.start, 1e-9)
             print(
                 f"\r[prepare] {self.docs:,} docs  "
@@ -240,18 +99,34 @@ def prepare_corpus(
     force: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Prepare the corpus of `opts` into `out_dir`; returns the manifest (see the module doc)."""
+    """Prepare the corpus of `opts` into `out_dir`; returns the manifest (see the module doc).
+    Everything that can be refused is refused before `out_dir` is touched."""
     opts.check()
-    log = (lambda m: None) if quiet else (lambda m: print(f"[prepare] {m}", file=sys.stderr))
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: at least 1.")
     paths = [Path(p).expanduser().absolute() for p in opts.inputs]
     for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"--input {p} does not exist.")
+        inputs.check_input(p)
+    kind, tokenizer_file = text_tokenizers.parse_choice(opts.text_tokenizer)
+    if kind == "file":
+        text_tokenizers.check_file(tokenizer_file)
     out = Path(out_dir).expanduser().absolute()
+    outdir.check_target(out, paths + ([tokenizer_file] if kind == "file" else []))
+    outdir.refuse_foreign(out)  # before the lock file is created in it
+    out.mkdir(parents=True, exist_ok=True)
+    with outdir.locked(out):
+        outdir.refuse_foreign(out)  # again: written meanwhile by a run that held the lock
+        return _prepare(opts, paths, out, workers=workers, force=force, quiet=quiet)
+
+
+def _prepare(
+    opts: Options, paths: list[Path], out: Path, *, workers: int, force: bool, quiet: bool
+) -> dict[str, Any]:
+    """`prepare_corpus` in a locked `out` holding nothing foreign."""
+    log = (lambda m: None) if quiet else (lambda m: print(f"[prepare] {m}", file=sys.stderr))
     fingerprint = _fingerprint(opts, paths)
-    state_file = out / STATE
+    same = outdir.read_json(out / STATE) == fingerprint
     if (out / MANIFEST).is_file():
-        same = state_file.is_file() and json.loads(state_file.read_text()) == fingerprint
         if same and not force:
             log(f"{out} is already prepared from these inputs and options")
             return json.loads((out / MANIFEST).read_text())
@@ -260,66 +135,68 @@ def prepare_corpus(
                 f"{out} already holds a dataset prepared from other inputs or options. Pass "
                 "--force to replace it, or choose another --out."
             )
-    resumable = state_file.is_file() and json.loads(state_file.read_text()) == fingerprint
-    if out.exists() and any(out.iterdir()) and not state_file.is_file() and not force:
-        raise ValueError(
-            f"{out} is not empty and holds no dataset; refusing to overwrite it. Choose a new "
-            "or empty --out directory."
-        )
-    if out.exists() and not resumable:
-        if state_file.is_file() and not (out / MANIFEST).is_file():
+    if same and not (out / MANIFEST).is_file():
+        done = _committed_chunks(out)
+        if done:
+            log(f"resuming: {len(done)} chunks already committed")
+    else:
+        if (out / STATE).is_file() and not (out / MANIFEST).is_file():
             log(f"{out}: an unfinished preparation with other inputs/options; starting again")
-        shutil.rmtree(out)
-    (out / CHUNKS).mkdir(parents=True, exist_ok=True)
-    _write_json(state_file, fingerprint)
+        outdir.remove_ours(out)
+        done = set()
+        outdir.write_json(out / STATE, fingerprint)
+    (out / CHUNKS).mkdir(exist_ok=True)
     start = time.perf_counter()
 
-    if (out / "tokenizers.json").is_file():
+    if (out / TOKENIZERS).is_file():
         tok = load_tokenizers(opts, out)
     else:
         tok = make_tokenizers(opts, paths, out, log)
-        _write_json(out / "tokenizers.json", {"text": tok.text.manifest()})
-    done = {int(p.stem) for p in (out / CHUNKS).glob("*.json")}
-    if done:
-        log(f"resuming: {len(done)} chunks already committed")
-    for stale in out.glob("*.array_record.tmp"):  # a killed chunk's partial shard
-        stale.unlink()
+        outdir.write_json(out / TOKENIZERS, {"text": tok.text.manifest()})
 
     progress = Progress(sum(f["bytes"] for f in fingerprint["files"]), enabled=not quiet)
     results: dict[int, dict[str, Any]] = {}
-    tasks = _chunks(opts, paths, opts.chunk_bytes)
 
     def collect(result: dict[str, Any]) -> None:
         results[result["chunk"]] = result
         progress.add(result)
 
-    def committed(k: int) -> dict[str, Any]:
-        return json.loads((out / CHUNKS / f"{k:06d}.json").read_text())
-
-    if workers <= 1:
-        for task in tasks:
-            collect(committed(task[0]) if task[0] in done else run_chunk(task, tok, opts, out))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_worker_init, initargs=(opts, out)) as pool:
-            window: deque = deque()  # at most `in_flight` chunks: bounded memory
-            limit = opts.in_flight(workers)
-            for task in tasks:
-                if task[0] in done:
-                    window.append((task[0], None))
-                else:
-                    window.append((task[0], pool.apply_async(_worker_run, (task,))))
-                while len(window) > limit or (window and window[0][1] is None):
-                    k, pending = window.popleft()
-                    collect(committed(k) if pending is None else pending.get())
-            while window:
-                k, pending = window.popleft()
-                collect(committed(k) if pending is None else pending.get())
+    try:
+        run_chunks(opts, paths, out, tok, done, workers, collect)
+    except BaseException:
+        progress.interrupted()
+        raise
     progress.add({"documents": 0, "input_bytes": 0, "bad_count": 0}, final=True)
     manifest = _manifest(opts, tok, [results[k] for k in sorted(results)], fingerprint)
     manifest["prepare_seconds"] = round(time.perf_counter() - start, 2)
-    _write_json(out / MANIFEST, manifest)
+    outdir.write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _committed_chunks(out: Path) -> set[int]:
+    """The chunks a stopped preparation committed (all their shards in place). Everything else
+    it wrote (temporary files, shards of uncommitted chunks) is removed: the rerun redoes it."""
+    done = set()
+    for name in os.listdir(out / CHUNKS) if (out / CHUNKS).is_dir() else []:
+        k = outdir.chunk_number(name)
+        shards = _chunk_shards(outdir.read_json(out / CHUNKS / name))
+        if k is not None and shards is not None and all((out / f).is_file() for f in shards):
+            done.add(k)
+        else:  # a temporary file, or a commit whose shards are gone
+            (out / CHUNKS / name).unlink()
+    for name in os.listdir(out):
+        k = outdir.shard_chunk(name)
+        if outdir.is_temp(name) or (k is not None and k not in done):
+            (out / name).unlink()
+    return done
+
+
+def _chunk_shards(result: Any) -> list[str] | None:
+    """The shard files a chunk commit lists (None if it is not one of ours)."""
+    try:
+        return [s["file"] for split in result["splits"].values() for s in split["shards"]]
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def _manifest(

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from moma_jax.data import inputs, text_tokenizers
+from moma_jax.data import inputs, outdir, text_tokenizers
 from moma_jax.data.corpus_options import Options
 from moma_jax.data.image_tokenizer import ImageTokenizer, image_to_patches
 from moma_jax.data.images import ExternalCodes, load_image
-from moma_jax.data.prepare import TOKENIZER_FILE
+from moma_jax.data.outdir import TOKENIZER_FILE, TOKENIZERS
 from moma_jax.data.vocab import Vocab
 
 
@@ -44,9 +44,9 @@ def _sample(opts: Options, paths: list[Path], text: bool, images: bool) -> tuple
     texts: list[str] = []
     image_refs: list[tuple[Path, str, int]] = []
     seen = {"text": 0, "image": 0}
-    for raw in inputs.scan(paths, opts.max_doc_bytes):
+    for raw in inputs.scan(paths, opts.max_doc_bytes, opts.max_record_bytes):
         try:
-            items = inputs.parse(raw, external_codes=opts.external is not None)
+            items = inputs.parse(raw, opts.rules)
         except inputs.BadRecordError:
             continue  # reported by the main pass
         for kind, value in items:
@@ -93,11 +93,26 @@ def make_tokenizers(opts: Options, paths: list[Path], out: Path, log: Callable) 
         log(f"fitting the {opts.image_codebook}-code image codebook on {len(image_refs)} images")
         for path, source, line in image_refs:
             try:
-                arrays.append(load_image(path, opts.image_size, opts.image_channels, source, line))
+                arrays.append(
+                    load_image(
+                        path,
+                        opts.image_size,
+                        opts.image_channels,
+                        source,
+                        line,
+                        opts.max_image_pixels,
+                    )
+                )
             except inputs.BadRecordError:
                 continue  # reported by the main pass
     if arrays:
         patches = image_to_patches(np.stack(arrays), opts.patch_size)
+        if len(arrays) * patches.shape[1] < opts.image_codebook:
+            raise ValueError(
+                f"{len(arrays)} readable images give {len(arrays) * patches.shape[1]} patches, "
+                f"fewer than the --image-codebook {opts.image_codebook} codes to fit; lower "
+                "--image-codebook, or add images."
+            )
         image = ImageTokenizer.fit(
             patches.reshape(-1, patches.shape[-1]),
             n_codes=opts.image_codebook,
@@ -106,7 +121,8 @@ def make_tokenizers(opts: Options, paths: list[Path], out: Path, log: Callable) 
             channels=opts.image_channels,
             seed=opts.seed,
         )
-        image.save(out / TOKENIZER_FILE)
+        with outdir.replacing(out / TOKENIZER_FILE) as tmp:
+            image.save(tmp)
     n_codes = external.n_codes if external else opts.image_codebook
     vocab = Vocab(n_text=text.n_text, n_image_codes=n_codes)
     return Tokenizers(text, image, external, vocab)
@@ -114,7 +130,7 @@ def make_tokenizers(opts: Options, paths: list[Path], out: Path, log: Callable) 
 
 def load_tokenizers(opts: Options, out: Path) -> Tokenizers:
     """The tokenizers `make_tokenizers` wrote (in a worker, or on resume)."""
-    entry = json.loads((out / "tokenizers.json").read_text())
+    entry = json.loads((out / TOKENIZERS).read_text())
     text = text_tokenizers.load(entry["text"], out)
     image = ImageTokenizer.load(out / TOKENIZER_FILE) if (out / TOKENIZER_FILE).is_file() else None
     external = opts.external

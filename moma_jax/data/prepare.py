@@ -14,7 +14,8 @@ About 5% of the documents (seeded, by document) are held out; the image tokenize
 training images only.
 
 The dataset is built in a temporary sibling directory and renamed into place, so a killed
-prepare never leaves a half dataset and concurrent prepares of one directory are safe.
+prepare never leaves a half dataset and concurrent prepares of one directory are safe. `force`
+replaces only a prepared dataset all of whose files a preparation wrote (`outdir.py`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ from typing import Any
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from moma_jax.data import image_tokenizer, records, sources, text_tokenizer
+from moma_jax.data import image_tokenizer, outdir, records, sources, text_tokenizer
 from moma_jax.data.image_tokenizer import ImageTokenizer
+from moma_jax.data.outdir import MANIFEST, TOKENIZER_FILE
 from moma_jax.data.vocab import Vocab
 from moma_jax.modality import MODALITY_NAMES
 
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "image_tokenizer.npz"
 DEFAULT_MAX_TEXT_CHARS = 1_500_000
 HELDOUT_FRACTION = 0.05
 N_IMAGE_CODES = 512
@@ -147,22 +147,26 @@ def prepare(
     if max_text_chars is None:
         max_text_chars = 0 if bundle == "large" else DEFAULT_MAX_TEXT_CHARS
     out = Path(out_dir).expanduser().absolute()
-    if (out / MANIFEST).is_file() and not force:
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()  # the dataset is renamed into place: into the linked directory
+    outdir.check_target(out, [])
+    ours = (out / MANIFEST).is_file() and MANIFEST not in outdir.foreign_files(out)
+    if ours and not force:
         manifest = load_manifest(out)
         built = manifest.get("bundle", "standard")
-        settings = (manifest["seed"], manifest["max_text_chars"], built)
+        settings = (manifest.get("seed"), manifest.get("max_text_chars"), built)
         if settings != (seed, max_text_chars, bundle):
             raise ValueError(
-                f"{out} already holds a dataset built with seed={manifest['seed']}, "
-                f"max_text_chars={manifest['max_text_chars']}, bundle={settings[2]}. Pass "
-                "--force to rebuild it with "
-                "the new settings, or choose another --out."
+                f"{out} already holds a dataset built with seed={settings[0]}, "
+                f"max_text_chars={settings[1]}, bundle={settings[2]}. Pass --force to rebuild "
+                "it with the new settings, or choose another --out."
             )
         return manifest
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+    outdir.refuse_foreign(out)  # before the work; _commit checks again
+    if out.exists() and not ours and any(out.iterdir()) and not force:
         raise ValueError(
-            f"{out} is not empty and holds no {MANIFEST}; refusing to overwrite it. "
-            "Choose a new or empty --out directory."
+            f"{out} holds an unfinished preparation and no {MANIFEST}; refusing to overwrite "
+            "it. Pass --force to replace it, or choose a new or empty --out directory."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -180,9 +184,12 @@ def prepare(
 
 
 def _commit(tmp: Path, out: Path, *, force: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; a dataset committed meanwhile wins unless forced."""
+    """Rename the finished ``tmp`` to ``out``; a dataset committed meanwhile wins unless forced.
+    Forced, the old ``out`` is renamed away and only the files a preparation wrote are removed
+    from it (a directory holding any other file is refused before)."""
     old = None
     if force and out.exists():
+        outdir.refuse_foreign(out)
         old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
         with contextlib.suppress(FileNotFoundError):  # a concurrent prepare moved it already
             os.rename(out, old)
@@ -192,8 +199,10 @@ def _commit(tmp: Path, out: Path, *, force: bool) -> None:
         if not (out / MANIFEST).is_file():
             raise
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None and old.exists():
+            outdir.remove_ours(old, keep_lock=False)
+            with contextlib.suppress(OSError):  # a file that appeared meanwhile stays
+                old.rmdir()
 
 
 def _image_doc(codes_P: np.ndarray, caption: str, image_first: bool, vocab: Vocab) -> np.ndarray:

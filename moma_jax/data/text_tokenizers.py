@@ -5,22 +5,23 @@ user's `tokenizer.json` / SentencePiece `.model`. Each maps str <-> ids in [0, n
 `bpe:SIZE` (a byte-level BPE of SIZE text ids trained with Hugging Face `tokenizers` on a
 bounded, seeded sample of the training documents; exact round trip), or a path to an existing
 `tokenizer.json` (the format Chameleon ships) or SentencePiece `.model` (read only; needs the
-`sentencepiece` package). A trained or given tokenizer is copied into the dataset directory and
-named in the manifest, so a dataset is self-contained.
+`sentencepiece` package). A trained or given tokenizer is copied into the dataset directory (as
+`tokenizer.json` or `tokenizer.model`) and named in the manifest, so a dataset is self-contained.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from moma_jax.data import outdir
 from moma_jax.data import text_tokenizer as byte_tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
 
 
 class TextTokenizer(Protocol):
@@ -97,7 +98,13 @@ class SentencePiece:
                 "(not a moma_jax dependency); or convert it to a tokenizer.json and pass that."
             ) from None
         self.path = Path(path)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # sentencepiece raises OSError or RuntimeError
+            raise ValueError(
+                f"{path} is not a SentencePiece model ({str(e)[:200]}); give a .model file, "
+                "a tokenizer.json, `bytes` or `bpe:SIZE`."
+            ) from None
         self.n_text = int(self.sp.get_piece_size())
 
     def encode(self, text: str) -> np.ndarray:
@@ -127,7 +134,8 @@ def train_bpe(texts: Iterable[str], size: int, out_file: Path) -> HFTokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.save(str(out_file))
+    with outdir.replacing(out_file) as tmp:
+        tokenizer.save(str(tmp))
     return HFTokenizer(out_file, n_text=size, kind=f"bpe:{size}")
 
 
@@ -137,9 +145,15 @@ def parse_choice(choice: str) -> tuple[str, Any]:
         return "bytes", None
     if choice.startswith("bpe:"):
         try:
-            return "bpe", int(choice[4:])
+            size = int(choice[4:])
         except ValueError:
             raise ValueError(f"--text-tokenizer {choice}: SIZE must be an integer.") from None
+        if not 257 <= size <= 1 << 24:
+            raise ValueError(
+                f"--text-tokenizer {choice}: SIZE must exceed the 256 byte symbols (and be at "
+                "most 2**24)."
+            )
+        return "bpe", size
     path = Path(choice).expanduser()
     if not path.is_file():
         raise ValueError(
@@ -149,13 +163,29 @@ def parse_choice(choice: str) -> tuple[str, Any]:
     return "file", path
 
 
+def check_file(path: Path) -> None:
+    """ValueError unless `path` reads as a tokenizer (before anything is written)."""
+    if path.suffix == ".model":
+        SentencePiece(path)
+        return
+    try:
+        HFTokenizer(path)
+    except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
+        raise ValueError(
+            f"--text-tokenizer {path} is not a tokenizer.json that Hugging Face `tokenizers` "
+            f"can read ({str(e)[:200]}); give a tokenizer.json, a SentencePiece .model, "
+            "`bytes` or `bpe:SIZE`."
+        ) from None
+
+
 def from_file(path: Path, out_dir: Path) -> TextTokenizer:
     """A user's tokenizer file, copied into the dataset directory."""
+    name = SENTENCEPIECE_MODEL if path.suffix == ".model" else TOKENIZER_JSON
+    with outdir.replacing(out_dir / name) as tmp:
+        tmp.write_bytes(path.read_bytes())
     if path.suffix == ".model":
-        shutil.copyfile(path, out_dir / path.name)
-        return SentencePiece(out_dir / path.name)
-    shutil.copyfile(path, out_dir / TOKENIZER_JSON)
-    return HFTokenizer(out_dir / TOKENIZER_JSON)
+        return SentencePiece(out_dir / name)
+    return HFTokenizer(out_dir / name)
 
 
 def load(entry: dict[str, Any], data_dir: Path) -> TextTokenizer:

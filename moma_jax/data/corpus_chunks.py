@@ -1,0 +1,227 @@
+"""One chunk of a corpus preparation (`corpus.py`): its records tokenized and written into
+ArrayRecord shards, then committed; and every chunk in order, here or in worker processes.
+
+Chunk k holds the records read in order up to about `chunk_bytes` of input, so it is the same for
+any number of workers. Its shards are written under temporary names and renamed when closed;
+`chunks/k.json` (its counts), written last, is its commit. An error or Ctrl-C midway removes
+the chunk's shards: the rerun writes it again.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from moma_jax.data import inputs, outdir, records
+from moma_jax.data.corpus_options import Options, held_out, image_first
+from moma_jax.data.corpus_tokenizers import Tokenizers, load_tokenizers
+from moma_jax.data.images import load_image
+from moma_jax.data.outdir import CHUNKS
+from moma_jax.modality import MODALITY_NAMES
+
+LISTED_BAD = 20  # bad records listed in the manifest (all are counted)
+# One record per chunk (random access reads one record), one writer thread, snappy: brotli (the
+# default) keeps ~10 MB of window per writer, which broke the --max-memory bound.
+WRITER_OPTIONS = "group_size:1,max_parallelism:1,snappy"
+
+
+def tokenize(
+    items: list[inputs.Item], tok: Tokenizers, raw: inputs.Raw, opts: Options
+) -> np.ndarray:
+    """[BOS, items..., EOS]: text ids, [BOI, codes + offset, EOI] per image."""
+    vocab = tok.vocab
+    parts: list[np.ndarray] = [np.asarray([vocab.bos])]
+    for kind, value in items:
+        if kind == "text":
+            if value:
+                parts.append(tok.text.encode(value))
+            continue
+        if kind == "image":
+            array = load_image(
+                value,
+                opts.image_size,
+                opts.image_channels,
+                raw.source,
+                raw.line,
+                opts.max_image_pixels,
+            )
+            if tok.image is None:  # every sampled image was bad: no codebook was fitted
+                raise inputs.BadRecordError(raw.source, raw.line, "an image but no image codebook")
+            codes = tok.image.encode(array[None])[0]
+        else:
+            assert tok.external is not None  # parse() refuses image_codes otherwise
+            codes = tok.external.check(value, raw.source, raw.line)
+        parts.append(np.concatenate([[vocab.boi], codes + vocab.image_offset, [vocab.eoi]]))
+    if len(parts) == 1:
+        raise inputs.BadRecordError(raw.source, raw.line, "empty document (no text and no image)")
+    parts.append(np.asarray([vocab.eos]))
+    return np.concatenate(parts).astype(np.int32)
+
+
+class _ShardWriter:
+    """One split's shards of one chunk: `{split}-{chunk}-{j}.array_record`, each at most
+    `shard_bytes` of records, written to a temporary file and renamed when closed."""
+
+    def __init__(self, out: Path, split: str, chunk: int, shard_bytes: int):
+        self.out, self.split, self.chunk, self.shard_bytes = out, split, chunk, shard_bytes
+        self.shards: list[dict[str, Any]] = []
+        self.writer: Any = None
+        self.file: outdir.Replacement | None = None
+        self.size = 0
+
+    def write(self, record: bytes) -> None:
+        if self.writer is None or self.size + len(record) > self.shard_bytes and self.size:
+            self.close()
+            name = f"{self.split}-{self.chunk:06d}-{len(self.shards):03d}.array_record"
+            self.file = outdir.Replacement(self.out / name)
+            self.writer = ArrayRecordWriter(str(self.file.tmp), WRITER_OPTIONS)
+            self.shards.append({"file": name, "records": 0})
+            self.size = 0
+        self.writer.write(record)
+        self.size += len(record)
+        self.shards[-1]["records"] += 1
+
+    def close(self, keep: bool = True) -> None:
+        """Rename the open shard into place (or, not `keep`, remove it)."""
+        if self.writer is not None and self.file is not None:
+            self.writer.close()
+            self.writer = None
+            if keep:
+                self.file.commit()
+            else:
+                self.file.discard()
+
+
+def run_chunk(task: tuple[int, int, list[inputs.Raw]], tok: Tokenizers, opts: Options, out: Path):
+    """Tokenize and write chunk k (task = (k, index of its first record, records)); returns
+    its counts, also committed to `chunks/k.json`. Raises BadRecordError unless skip_bad."""
+    k, first_index, raws = task
+    writers = {s: _ShardWriter(out, s, k, opts.shard_bytes) for s in ("train", "heldout")}
+    tokens = {s: np.zeros(len(MODALITY_NAMES), np.int64) for s in writers}
+    bad: list[str] = []
+    n_bad = 0
+    try:
+        for offset, raw in enumerate(raws):
+            index = first_index + offset
+            try:
+                items = inputs.parse(raw, opts.rules)
+                if raw.kind in ("image", "csv") and not image_first(opts.seed, index):
+                    items = items[::-1]
+                ids = tokenize(items, tok, raw, opts)
+            except inputs.BadRecordError as e:
+                if not opts.skip_bad:
+                    raise
+                n_bad += 1
+                if len(bad) < LISTED_BAD:
+                    bad.append(str(e))
+                continue
+            modality = tok.vocab.modality_of(ids)
+            records.validate(ids, modality, tok.vocab, f"{raw.source}:{raw.line}")
+            split = "heldout" if held_out(opts.seed, index, opts.heldout_fraction) else "train"
+            writers[split].write(records.serialize(index, ids, modality))
+            tokens[split] += np.bincount(modality, minlength=len(MODALITY_NAMES))
+    except BaseException:
+        for w in writers.values():  # no half chunk stays behind: the rerun writes it again
+            w.close(keep=False)
+            for shard in w.shards:
+                (out / shard["file"]).unlink(missing_ok=True)
+        raise
+    for w in writers.values():
+        w.close()
+    result = {
+        "chunk": k,
+        "input_bytes": sum(r.nbytes for r in raws),
+        "documents": len(raws) - n_bad,
+        "bad_count": n_bad,
+        "bad": bad,
+        "splits": {
+            s: {"shards": w.shards, "modality_tokens": [int(t) for t in tokens[s]]}
+            for s, w in writers.items()
+        },
+    }
+    outdir.write_json(out / CHUNKS / f"{k:06d}.json", result)
+    return result
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(opts: Options, out: Path) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _WORKER.update(opts=opts, out=out, tok=load_tokenizers(opts, out))
+
+
+def _worker_run(task: tuple[int, int, list[inputs.Raw]]) -> dict[str, Any]:
+    return run_chunk(task, _WORKER["tok"], _WORKER["opts"], _WORKER["out"])
+
+
+def chunks(opts: Options, paths: list[Path], chunk_bytes: int) -> Iterator[tuple[int, int, list]]:
+    """(k, first record index, records) for every chunk, in input order."""
+    k, first, current, size = 0, 0, [], 0
+    for raw in inputs.scan(paths, opts.max_doc_bytes, opts.max_record_bytes):
+        current.append(raw)
+        size += raw.nbytes
+        if size >= chunk_bytes:
+            yield k, first, current
+            k, first, current, size = k + 1, first + len(current), [], 0
+    if current:
+        yield k, first, current
+
+
+def run_chunks(
+    opts: Options,
+    paths: list[Path],
+    out: Path,
+    tok: Tokenizers,
+    done: set[int],
+    workers: int,
+    collect: Callable[[dict[str, Any]], None],
+) -> None:
+    """Every chunk's counts to `collect`, in chunk order: read back if committed, else written
+    here (one worker) or by a pool, with a bounded number in flight."""
+    tasks = chunks(opts, paths, opts.chunk_bytes)
+
+    def committed(k: int) -> dict[str, Any]:
+        return json.loads((out / CHUNKS / f"{k:06d}.json").read_text())
+
+    if workers <= 1:
+        for task in tasks:
+            collect(committed(task[0]) if task[0] in done else run_chunk(task, tok, opts, out))
+        return
+    with _pool(workers, opts, out) as pool:
+        window: deque = deque()  # at most `in_flight` chunks: bounded memory
+        limit = opts.in_flight(workers)
+        for task in tasks:
+            if task[0] in done:
+                window.append((task[0], None))
+            else:
+                window.append((task[0], pool.apply_async(_worker_run, (task,))))
+            while len(window) > limit or (window and window[0][1] is None):
+                k, pending = window.popleft()
+                collect(committed(k) if pending is None else pending.get())
+        while window:
+            k, pending = window.popleft()
+            collect(committed(k) if pending is None else pending.get())
+
+
+def _pool(workers: int, opts: Options, out: Path) -> Any:
+    """Worker processes that ignore Ctrl-C from the start (SIG_IGN survives their exec; their
+    initializer sets it again): the main process alone handles it, with one line, not a
+    traceback per worker."""
+    ctx = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread():
+        return ctx.Pool(workers, initializer=_worker_init, initargs=(opts, out))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return ctx.Pool(workers, initializer=_worker_init, initargs=(opts, out))
+    finally:
+        signal.signal(signal.SIGINT, previous)
