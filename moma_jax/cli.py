@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_list() -> int:
+    """The experiment names; a closed pipe (`--list | head`) ends it quietly."""
+    try:
+        for name in experiments.names():
+            print(f"{name:24s} {experiments.describe(name)}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()  # before JAX starts its threads
     args = build_parser().parse_args(argv)
@@ -54,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_experiment_modules(args)
         if args.list:
-            for name in experiments.names():
-                print(f"{name:24s} {experiments.describe(name)}")
-            return 0
+            return _print_list()
         if not args.exp:
             print("error: --exp NAME is required (--list shows the names)", file=sys.stderr)
             return 2
@@ -77,6 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MOMA_JAX_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:  # a read-only workdir (or one the user may not write)
+        where = e.filename or args.workdir or "the workdir"
+        print(
+            f"error: cannot write {where}: {e.strerror}; choose a writable --workdir",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        where = e.filename or args.workdir or "the workdir"
+        print(
+            f"error: cannot write {where}: the file system is read-only; choose a --workdir "
+            "on a writable disk",
+            file=sys.stderr,
+        )
         return 2
     except (TrainingDivergedError, WorkdirBusyError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)

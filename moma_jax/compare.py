@@ -30,6 +30,8 @@ from moma_jax.runtime import (
     experiment_config,
     load_experiment_modules,
 )
+from moma_jax.safe_io import write_atomic
+from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
 
 
 def seed_keys(seed: int) -> list[str]:
@@ -60,8 +62,8 @@ def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> N
 def write_report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
     rep = report(suite, seeds, root)
     out_dir = root / suite.name
-    (out_dir / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
-    (out_dir / "report.md").write_text(markdown(rep))
+    write_atomic(out_dir / "report.json", json.dumps(rep, indent=1) + "\n")
+    write_atomic(out_dir / "report.md", markdown(rep))
     rep["plots"] = [str(p) for p in plots(rep, out_dir, seeds)]
     return rep
 
@@ -81,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         suite = get_suite(args.suite)
         seeds = args.seeds or suite.seeds
         root = Path(args.root)
-        if not args.report_only:
-            enable_compilation_cache()
-            train_suite(suite, seeds, root, list(args.overrides))
-        rep = write_report(suite, seeds, root)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # One compare.py per --root: two would train the same runs and write one report.
+        with WorkdirLock(root, flag="--root"):
+            if not args.report_only:
+                enable_compilation_cache()
+                train_suite(suite, seeds, root, list(args.overrides))
+            rep = write_report(suite, seeds, root)
+    except (ConfigError, ValueError, FileNotFoundError, WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown(rep))

@@ -4,7 +4,6 @@ run of the same seed, causal losses, losses by task, the data regime; report.jso
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from moma_jax.experiments.aux import stage_name
 from moma_jax.experiments.suites import Suite
 from moma_jax.flops import count_params
 from moma_jax.tasks import TASKS
+from moma_jax.train.metrics import read_jsonl
 from moma_jax.train.state import abstract_params
 from moma_jax.train.workdir import Workdir
 
@@ -28,7 +28,7 @@ def run_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
 
 
 def _curves(workdir: Path) -> dict[str, Any]:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(workdir / "metrics.jsonl")  # a torn last line: skipped, with a warning
     evals = [r for r in records if "eval_loss" in r]
     trains = [r for r in records if "loss" in r]
     out: dict[str, Any] = {"steps": int(max(r["step"] for r in records))}
@@ -244,8 +244,7 @@ def causal_entry(
                 finals.append(c[f"causal_{m}"][1][-1])
                 etas.append(eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"causal_{m}"][:2]))
             elif kind == "posthoc":
-                records = (path / "metrics.jsonl").read_text().splitlines()
-                last = [json.loads(r) for r in records]
+                last = read_jsonl(path / "metrics.jsonl")
                 last = [r for r in last if f"eval_causal_loss{suffix}" in r]
                 finals.append(last[-1][f"eval_causal_loss{suffix}"] if last else None)
             else:

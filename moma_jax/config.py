@@ -286,6 +286,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction must be in [0, 1]")
     require(o.warmup_steps < o.total_steps, "optim.warmup_steps must be < optim.total_steps")
     require(o.clip_norm > 0, f"optim.clip_norm must be positive, got {o.clip_norm}")
+    for name, x in (("optim.b1", o.b1), ("optim.b2", o.b2)):
+        require(0 <= x < 1, f"{name} must be in [0, 1) (Adam's moment decay), got {x}")
+    for name, x in (("optim.eps", o.eps), ("model.norm_eps", m.norm_eps)):
+        require(0 < x < 1, f"{name} must be a small positive number, got {x}")
+    require(0 <= o.weight_decay < 1, f"optim.weight_decay must be in [0, 1), got {o.weight_decay}")
     if m.has_experts:
         validate_sparse(m.moe, d.seq_len, d.batch_size // d.micro_batches)
     if m.has_mod:

@@ -20,8 +20,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Rebuilds a dataclass tree written by `to_dict`; unknown keys are an error."""
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Rebuilds a dataclass tree written by `to_dict`; unknown keys and values of the wrong
+    type are ConfigErrors naming the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected an object, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -31,12 +34,35 @@ def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     for name, value in data.items():
         hint = hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value)
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
         elif typing.get_origin(hint) is tuple:
+            if not isinstance(value, list | tuple):
+                raise _wrong_type(prefix + name, hint, value)
+            (item, _) = typing.get_args(hint)
+            for v in value:
+                _check_leaf(prefix + name, item, v, hint)
             kwargs[name] = tuple(value)
         else:
+            _check_leaf(prefix + name, hint, value, hint)
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_leaf(key: str, kind: Any, value: Any, hint: Any) -> None:
+    """bool is not an int here, and an int is a float."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise _wrong_type(key, hint, value)
+
+
+def _wrong_type(key: str, hint: Any, value: Any) -> ConfigError:
+    name = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint)
+    return ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -119,6 +119,16 @@ CASES: dict[str, tuple[Any, str]] = {
     "token out of vocabulary": (out_of_vocab, "5000"),
     "modality of wrong length": (wrong_modality_length, "header says 40 tokens"),
     "unknown modality id": (unknown_modality, "modality"),
+    "Adam b1 of 1": (["--exp", "dense_tiny", "--set", "optim.b1=1"], "optim.b1 must be in [0, 1)"),
+    "NaN eps": (["--exp", "dense_tiny", "--set", "optim.eps=nan"], "optim.eps must be a small"),
+    "float16 on CPU": (
+        ["--exp", "dense_tiny", "--set", "model.param_dtype=float16"],
+        "float16 is not supported on the CPU backend",
+    ),
+    "a model larger than the memory": (
+        ["--exp", "dense_tiny", "--set", "model.d_model=65536", "--set", "model.n_heads=64"],
+        "the model does not fit",
+    ),
     "init-from a missing run": (
         ["--exp", "upcycled_moma_4t4i_tiny", "--init-from", "{tmp}/no_run"],
         "no run there",

@@ -9,6 +9,7 @@ from cli_args import SMALL_KEYS
 import moma_jax.train
 from moma_jax.compare import main
 from moma_jax.experiments.suites import SUITES, Suite, get_suite, register_suite
+from moma_jax.train.faults import WorkdirLock
 
 KEYS = (
     *SMALL_KEYS,
@@ -79,6 +80,17 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert any(tasks[t] for t in ("text", "text_to_image", "image_to_text"))
     assert rep["data"]["epochs"] == pytest.approx(20 * 8 * 128 / rep["data"]["train_split_tokens"])
     assert "| moe_8x_tiny | posthoc |" in text and "| dense_tiny | causal |" in text
+
+    # One compare.py per --root; a torn last metrics line is skipped with a warning.
+    report_only = ["--suite", "test_pair", "--root", str(tmp_path), "--report-only"]
+    with WorkdirLock(tmp_path, flag="--root"):
+        capsys.readouterr()
+        assert main(report_only) == 2
+        assert f"--root {tmp_path} is in use by pid" in capsys.readouterr().err
+    with open(dense_metrics, "a") as f:
+        f.write('{"step": 99, "lo')
+    assert main(report_only) == 0
+    assert "skipping a torn last line" in capsys.readouterr().err
 
 
 def test_unknown_suite_lists_the_close_ones():

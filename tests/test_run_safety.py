@@ -4,10 +4,14 @@ aside), --init-from and the readers (evaluate, generate, analysis) leave other r
 byte as they were, no checkpoint holds NaN, the data position is inside the integrity check,
 and no fixed-name file is written through a planted symlink."""
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -225,3 +229,70 @@ def test_a_torn_last_metrics_line_is_skipped_with_a_warning(run_copy, capsys):
     run = analysis.load_run(run_copy)
     assert max(run.history("loss")["step"]) == 9
     assert "torn last line" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` on a real read-only bind mount (root on CI may mount; `chmod` does not stop
+    root). Yields False where no mount is possible: the caller injects the error instead."""
+    cmds = [
+        ["mount", "--bind", str(path), str(path)],
+        ["mount", "-o", "remount,ro,bind", str(path)],
+    ]
+    mounted = subprocess.run(cmds[0], capture_output=True).returncode == 0
+    ok = mounted and subprocess.run(cmds[1], capture_output=True).returncode == 0
+    try:
+        yield ok
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_workdir_is_a_message(run_copy, monkeypatch, capsys):
+    argv = [*ARGS, "--workdir", str(run_copy), "--steps", "12"]
+    before = tree(run_copy)
+    with read_only(run_copy) as mounted:
+        if not mounted:  # no mount possible here: the error the kernel would give, injected
+            real_open = os.open
+
+            def erofs(path, flags, *args, **kwargs):
+                if str(path).startswith(str(run_copy)) and flags & (os.O_WRONLY | os.O_RDWR):
+                    raise OSError(errno.EROFS, "Read-only file system", str(path))
+                return real_open(path, flags, *args, **kwargs)
+
+            monkeypatch.setattr(os, "open", erofs)
+        capsys.readouterr()
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "read-only" in err and "Traceback" not in err, err
+    assert tree(run_copy) == before
+
+
+def test_a_wrongly_typed_config_field_names_the_key(run_copy, capsys):
+    config = json.loads((run_copy / "config.json").read_text())
+    config["model"]["n_layers"] = "two"
+    (run_copy / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main([*ARGS, "--workdir", str(run_copy), "--steps", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_layers: expected int, got 'two'" in err, err
+    assert evaluate.main(["--workdir", str(run_copy)]) == 2
+    assert "model.n_layers: expected int" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_negative_batch_count(run_copy, capsys):
+    assert evaluate.main(["--workdir", str(run_copy), "--batches", "-1"]) == 2
+    assert "--batches -1: must be >= 1" in capsys.readouterr().err
+
+
+def test_list_into_a_closed_pipe_is_quiet():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    proc = subprocess.run(
+        f"{sys.executable} {script} --list | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

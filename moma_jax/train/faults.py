@@ -60,8 +60,9 @@ class Preempted(Exception):  # noqa: N818 (a request to stop, not an error)
 class WorkdirLock:
     """`with WorkdirLock(path):` holds the workdir for one run (see the module docstring)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, flag: str = "--workdir"):
         self.workdir = Path(workdir)
+        self.flag = flag  # the option that names the directory, for the message
         self.path = self.workdir / LOCK_FILE
         self.file: IO[str] | None = None
         self.created_dir = False
@@ -79,9 +80,10 @@ class WorkdirLock:
             file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
+            what = "workdir" if self.flag == "--workdir" else self.flag
             raise WorkdirBusyError(
-                f"workdir {self.workdir} is in use by {holder}; wait for that run to end, stop "
-                "it, or use another --workdir"
+                f"{what} {self.workdir} is in use by {holder}; wait for that run to end, stop "
+                f"it, or use another {self.flag}"
             ) from None
         file.seek(0)
         file.truncate()

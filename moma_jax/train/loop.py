@@ -36,7 +36,7 @@ from moma_jax.model import aux_router
 from moma_jax.runtime import with_data_shares
 from moma_jax.safe_io import write_atomic
 from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
-from moma_jax.train import faults, resume, upcycle
+from moma_jax.train import faults, preflight, resume, upcycle
 from moma_jax.train import step as step_lib
 from moma_jax.train.checkpoint import Checkpointer, NonFiniteStateError, RunCheckpoints
 from moma_jax.train.metrics import MetricWriter, NullWriter
@@ -152,6 +152,7 @@ def _check_inputs(
             f"{cfg.name or 'this experiment'} trains auxiliary routers for a finished run with "
             "its main model frozen: pass --init-from WORKDIR of that run"
         )
+    preflight.check(cfg)  # float16 on CPU, a state larger than the memory: before compiling
     stop = cfg.optim.total_steps if stop_step is None else stop_step
     if not 0 < stop <= cfg.optim.total_steps:
         raise ConfigError(f"--steps must be in 1..optim.total_steps={cfg.optim.total_steps}")
