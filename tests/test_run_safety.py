@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from cli_args import small
+from file_tree import png_header
 
 from moma_jax import analysis, evaluate, generate
 from moma_jax.cli import main
@@ -296,3 +297,33 @@ def test_list_into_a_closed_pipe_is_quiet():
     )
     assert len(proc.stdout.splitlines()) == 1
     assert "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_generate_replaces_only_its_own_images_and_refuses_a_file(run_copy, tmp_path, capsys):
+    out = tmp_path / "samples"
+    out.mkdir()
+    listed = [str(out / "image_0.png"), str(out / "image_5.png")]
+    (out / "generation.json").write_text(json.dumps({"text": "", "tokens": [], "images": listed}))
+    for name in ("image_0.png", "image_5.png", "image_7.png", "notes.txt"):
+        (out / name).write_text(name)
+    argv = ["--workdir", str(run_copy), "--prompt", "A", "--max-tokens", "3", "--out", str(out)]
+    assert generate.main(argv) == 0
+    summary = json.loads((out / "generation.json").read_text())
+    assert not (out / "image_5.png").exists()  # an earlier sample's image: stale, removed
+    assert (out / "image_0.png").exists() == (str(out / "image_0.png") in summary["images"])
+    assert (out / "image_7.png").read_text() == "image_7.png"  # not ours: kept
+    assert (out / "notes.txt").read_text() == "notes.txt"
+    capsys.readouterr()
+    assert generate.main([*argv[:-1], str(out / "notes.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "notes.txt"
+
+
+def test_generate_refuses_a_decompression_bomb_prompt_image(run_copy, tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    png_header(bomb, 100_000, 100_000)
+    argv = ["--workdir", str(run_copy), "--image", str(bomb), "--out", str(tmp_path / "s")]
+    capsys.readouterr()
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png" in err and "Traceback" not in err, err

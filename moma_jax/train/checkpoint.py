@@ -238,7 +238,7 @@ class RunCheckpoints:
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         try:
             with _quiet_orbax():
                 mgr = ocp.CheckpointManager(self.directory, options=options)
