@@ -81,12 +81,14 @@ class Run:
         _, _, abstract, _ = init_state(cfg, tx, mesh)
         ckpts = self.checkpoints
         if step is not None:
-            return step, ckpts.restore(step, abstract).params
-        found, state, damaged = ckpts.latest_intact(abstract)
-        if state is None:
-            what = f"every checkpoint is damaged ({damaged})" if damaged else "no checkpoint yet"
-            raise ValueError(f"{self.workdir} has {what}")
-        return found, state.params
+            state = ckpts.restore(step, abstract)
+        else:
+            step, state, damaged = ckpts.latest_intact(abstract)
+            if state is None:
+                what = f"every checkpoint is damaged ({damaged})" if damaged else "no checkpoint"
+                raise ValueError(f"{self.workdir} has {what}")
+        ckpts.check_config(step, self.config)
+        return step, state.params
 
     def params(self, step: int | None = None) -> nnx.State:
         """The parameters of checkpoint `step` (default: the latest intact), on one device."""

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as e:  # a read-only workdir (or one the user may not write)
         where = e.filename or args.workdir or "the workdir"
         print(
-            f"error: cannot write {where}: {e.strerror}; choose a writable --workdir",
+            f"error: cannot access {where}: {e.strerror}; give a path you may read and write "
+            "(a writable --workdir)",
             file=sys.stderr,
         )
         return 2

@@ -46,7 +46,14 @@ def write_outputs(run: Run, result: dict[str, Any], out: Path) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     summary_file = out / "generation.json"
     refuse_symlink(summary_file)
-    for stale in _earlier_images(summary_file):
+    earlier = _earlier_images(summary_file)
+    theirs = [out / f"image_{i}.png" for i in range(len(pictures))]
+    if clash := [p.name for p in theirs if p.exists() and p not in earlier]:
+        raise ConfigError(
+            f"--out {out} holds {', '.join(clash)}, which no earlier generate wrote; choose "
+            "another --out (nothing was written)"
+        )
+    for stale in earlier:
         stale.unlink(missing_ok=True)
     pngs = []
     for i, pixels in enumerate(pictures):
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         model = run.model(args.step)
         result = generate(model, run.config, prompt, args.max_tokens, sampling)
         summary = write_outputs(run, result, Path(args.out))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # OSError: --out unwritable or odd
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary["text"])

@@ -327,3 +327,33 @@ def test_generate_refuses_a_decompression_bomb_prompt_image(run_copy, tmp_path, 
     assert generate.main(argv) == 2
     err = capsys.readouterr().err
     assert "bomb.png" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("bad", ['{"version": "2", "state": []}', "[1, 2]", '{"state": [1]}'])
+def test_a_fingerprint_of_the_wrong_shape_is_damage_not_a_crash(bad, run_copy, capsys):
+    (run_copy / "checkpoints" / "9" / "fingerprint" / "metadata").write_text(bad)
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(run_copy), "--batches", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "checkpoint step 9 is damaged" in captured.err
+    assert json.loads(captured.out)["step"] == 6
+
+
+def test_readers_refuse_a_config_json_that_differs_from_the_checkpoint(run_copy, capsys):
+    config = json.loads((run_copy / "config.json").read_text())
+    config["model"]["norm_eps"] = 0.5  # same shapes: it would evaluate silently otherwise
+    (run_copy / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(run_copy), "--batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the config saved in checkpoint step 9" in err, err
+    assert "model.norm_eps" in err
+
+
+def test_restart_moves_nothing_when_the_run_is_refused_later(run_copy, tmp_path, capsys):
+    before = tree(run_copy)
+    argv = [*ARGS, "--workdir", str(run_copy), "--restart", "--init-from", str(tmp_path / "no")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "no run there" in capsys.readouterr().err
+    assert tree(run_copy) == before

@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moma_jax.config import ConfigError, ExperimentConfig, RunConfig
-from moma_jax.overrides import from_dict
+from moma_jax.overrides import from_dict, resume_conflicts
 
 FINGERPRINT_VERSION = 2  # 1: state bits only; 2: + finite, data positions, config, manifest
 _ORBAX_TMP = "orbax-checkpoint-tmp"  # Orbax's name for a step still being written
@@ -227,14 +227,38 @@ class RunCheckpoints:
         except (ConfigError, TypeError) as e:
             raise CheckpointDamagedError(step, f"its config does not load: {e}") from None
 
+    def check_config(self, step: int, cfg: ExperimentConfig) -> None:
+        """Refuses (ConfigError) a run whose config.json, `cfg`, differs from the config saved
+        in checkpoint `step` outside the resume-safe keys: the state would be read, evaluated
+        or upcycled under a config it was not trained with."""
+        conflicts = resume_conflicts(self.config(step), cfg)
+        if conflicts:
+            raise ConfigError(
+                f"{self.directory.parent / 'config.json'} differs from the config saved in "
+                f"checkpoint step {step} (what its state was trained with):\n  "
+                + "\n  ".join(conflicts)
+                + "\nrestore config.json from the checkpoint's config/metadata"
+            )
+
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """The verified state of `step` in the shardings of `abstract_state` (and, given
-        `data_iter`, its position restored in place); CheckpointDamagedError otherwise."""
+        `data_iter`, its position restored in place); CheckpointDamagedError otherwise.
+
+        In a multi-process run every process reaches the same verdict: the file checks and the
+        (collective) restore are each followed by an all-gather of the outcome, so a step one
+        host cannot read is damaged for all, and no host waits in a collective the others left.
+        """
         if step not in self.steps:
             raise ValueError(
                 f"{self.directory} has no committed checkpoint step {step}; it has {self.steps}"
             )
-        prints = self._json(step, "fingerprint")
+        problem = None
+        try:  # the small files first: read only, no collective
+            prints = self._fingerprint(step)
+            self._verify_items(step, prints)
+        except CheckpointDamagedError as e:
+            problem = e.problem
+        _agree(step, problem)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -246,30 +270,43 @@ class RunCheckpoints:
                     restored = mgr.restore(step, args=ocp.args.Composite(**items))
                 finally:
                     mgr.close()
-        except Exception as e:  # any failure to read a committed step means it is damaged
-            raise CheckpointDamagedError(step, f"{type(e).__name__}: {str(e)[:200]}") from None
+        except Exception as e:  # a committed step that does not read back is damaged
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        _agree(step, problem)
         state = restored.state
-        if fingerprint(state) != prints.get("state"):
+        if fingerprint(state) != prints["state"]:  # global values: the same on every process
             raise CheckpointDamagedError(step, "its state does not match its fingerprint")
         if not all_finite(state):
             raise CheckpointDamagedError(step, "its state holds NaN or Inf")
-        self._verify_items(step, prints)
         return state
+
+    def _fingerprint(self, step: int) -> dict[str, Any]:
+        """The step's fingerprint, its shape checked (a wrong one is damage, not a crash)."""
+        prints = self._json(step, "fingerprint")
+        ok = isinstance(prints, dict) and _is_list(prints.get("state"), int)
+        version = prints.get("version", 1) if ok else None
+        if ok and version != 1:
+            ok = (
+                version == FINGERPRINT_VERSION
+                and _is_list(prints.get("data"), str)
+                and all(isinstance(prints.get(k), str) for k in ("config", "manifest"))
+            )
+        if not ok:
+            raise CheckpointDamagedError(step, "its fingerprint is not one this code wrote")
+        return prints
 
     def _verify_items(self, step: int, prints: dict[str, Any]) -> None:
         """The data positions, config and manifest saved beside the state match their digests
         (checkpoints of fingerprint version 1 have none: state bits only)."""
-        if prints.get("version", 1) < 2:
+        if prints.get("version", 1) == 1:
             return
         for item in ("config", "manifest"):
             if digest(self._json(step, item)) != prints[item]:
                 raise CheckpointDamagedError(step, f"its {item} does not match its fingerprint")
         data_dir = self.directory / str(step) / "data"
         n = len(prints["data"])
-        for i, expected in enumerate(prints["data"]):
+        for i, expected in enumerate(prints["data"]):  # every host's: checkpoints are shared
             path = data_dir / f"process_{i}-of-{n}.json"
-            if not path.exists() and i != jax.process_index():
-                continue  # another host's position, on a disk this host does not share
             try:
                 position = json.loads(path.read_text())
             except (OSError, ValueError) as e:
@@ -295,6 +332,24 @@ class RunCheckpoints:
                 warn(f"{e}; trying the previous one")
                 damaged.append(step)
         return 0, None, damaged
+
+
+def _is_list(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(x, kind) and not isinstance(x, bool) for x in value
+    )
+
+
+def _agree(step: int, problem: str | None) -> None:
+    """Raises CheckpointDamagedError on every process if any process found `step` damaged."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(problem is not None))
+        if np.any(flags) and problem is None:
+            problem = "another process could not read it"
+    if problem is not None:
+        raise CheckpointDamagedError(step, problem)
 
 
 def warn(message: str) -> None:

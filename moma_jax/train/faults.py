@@ -72,19 +72,25 @@ class WorkdirLock:
         self.created_dir = not self.workdir.exists()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.before = None if self.path.exists() else self._snapshot()
-        # Never truncates (a refused run changes nothing), never follows a planted symlink.
-        file = open_nofollow(self.path, "a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            what = "workdir" if self.flag == "--workdir" else self.flag
-            raise WorkdirBusyError(
-                f"{what} {self.workdir} is in use by {holder}; wait for that run to end, stop "
-                f"it, or use another {self.flag}"
-            ) from None
+        for _ in range(10):
+            # Never truncates (a refused run changes nothing), never follows a planted symlink.
+            file = open_nofollow(self.path, "a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "another process"
+                file.close()
+                what = "workdir" if self.flag == "--workdir" else self.flag
+                raise WorkdirBusyError(
+                    f"{what} {self.workdir} is in use by {holder}; wait for that run to end, "
+                    f"stop it, or use another {self.flag}"
+                ) from None
+            if self._is_current(file):
+                break
+            file.close()  # locked a file a run that wrote nothing had just removed: again
+        else:
+            raise WorkdirBusyError(f"{self.path} keeps being replaced; is another run starting?")
         file.seek(0)
         file.truncate()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -92,6 +98,13 @@ class WorkdirLock:
         file.flush()
         self.file = file
         return self
+
+    def _is_current(self, file: IO[str]) -> bool:
+        """The locked file is still the one at the lock's path (not unlinked meanwhile)."""
+        try:
+            return os.fstat(file.fileno()).st_ino == os.lstat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def _snapshot(self) -> dict[str, int]:
         """Top-level entries and their mtimes, the lock file left out."""

@@ -70,26 +70,33 @@ def train(
         faults.WorkdirLock(run_dir.path) if primary else contextlib.nullcontext(),
         faults.PreemptionWatch() as watch,
     ):
-        if restart:
-            resume.restart(run_dir)
-        return _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch)
+        return _train_locked(
+            cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch, restart
+        )
 
 
-def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch):
+def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watch, restart):
     # --- State and steps --------------------------------------------------------------------
     tx = make_optimizer(cfg.optim, cfg.model.aux_routers)
     graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
     steps = _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data)
-    start, state = _initial_state(cfg, run_dir, init_fn, abstract, tx, mesh, shardings, data_iter)
+    start, state, offsets = _initial_state(
+        cfg, run_dir, init_fn, abstract, tx, mesh, shardings, data_iter, restart
+    )
     if start >= stop:
         print(f"nothing to do: the workdir is at step {start} >= --steps {stop}", flush=True)
         return {}
     first_batch = next(data_iter)  # a bad record stops the run here, before any write
 
     # --- Outputs (the workdir's shared files by process 0; checkpoints by all) ---------------
+    # `--restart` moves the earlier run aside only now, when nothing can refuse the run anymore.
+    if restart:
+        resume.restart(run_dir)
     primary = jax.process_index() == 0
     if primary:
         run_dir.write_config(cfg)
+        if offsets is not None:
+            write_atomic(run_dir.path / INIT_FROM_FILE, json.dumps(offsets, indent=2) + "\n")
     ckpt = Checkpointer(run_dir.checkpoints, cfg.run)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     writer: MetricWriter | NullWriter = (
@@ -124,10 +131,14 @@ def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watc
 def _last_checkpoint(ckpt: Checkpointer) -> str:
     steps = ckpt.committed_steps()
     if not steps:
-        return "No checkpoint was committed; lower optim.peak_lr or check the data."
+        return (
+            "No checkpoint was committed: lower optim.peak_lr or check the data, then rerun "
+            "with --restart (moves this run aside) or in a new --workdir."
+        )
     return (
         f"The last checkpoint, step {steps[-1]}, holds a finite state (checked when it was "
-        "saved); rerunning resumes from it. Lower optim.peak_lr or check the data."
+        "saved): rerun the same command to resume from it once the data is fixed, or lower "
+        "optim.peak_lr in a new --workdir (or with --restart, which moves this run aside)."
     )
 
 
@@ -228,24 +239,34 @@ def _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data: list[dict]) -> _S
 
 
 def _initial_state(
-    cfg: ExperimentConfig, workdir: Workdir, init_fn, abstract, tx, mesh, shardings, data_iter
-) -> tuple[int, TrainState]:
-    """(start step, state): the workdir's latest intact checkpoint (iterator restored in place),
-    else upcycled from `run.init_from`, else fresh."""
-    start, state = resume.resume(cfg, workdir, abstract, data_iter)
+    cfg: ExperimentConfig,
+    workdir: Workdir,
+    init_fn,
+    abstract,
+    tx,
+    mesh,
+    shardings,
+    data_iter,
+    restart: bool,
+) -> tuple[int, TrainState, dict[str, Any] | None]:
+    """(start step, state, init_from.json's content or None): the workdir's latest intact
+    checkpoint (iterator restored in place), else upcycled from `run.init_from`, else fresh
+    (`restart`: always fresh; the caller moves the earlier run aside)."""
+    start, state = (0, None) if restart else resume.resume(cfg, workdir, abstract, data_iter)
     if state is not None:
         print(f"resumed {cfg.name} from {workdir} at step {start}", flush=True)
-    elif cfg.run.init_from:
-        state = _upcycle(cfg, workdir, init_fn(), tx, mesh, shardings, data_iter)
-    else:
-        state = init_fn()
-    return start, state
+        return start, state, None
+    if cfg.run.init_from:
+        return start, *_upcycle(cfg, init_fn(), tx, mesh, shardings, data_iter)
+    return start, init_fn(), None
 
 
-def _upcycle(cfg: ExperimentConfig, workdir: Workdir, fresh, tx, mesh, shardings, data_iter):
-    """A fresh state whose parameters and data position come from the run in run.init_from;
-    the source's tokens and FLOPs up to that step are written to `init_from.json`, and this
-    run's logged `tokens` and `flops` start from them."""
+def _upcycle(
+    cfg: ExperimentConfig, fresh, tx, mesh, shardings, data_iter
+) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh state whose parameters and data position come from the run in run.init_from,
+    and the source's tokens and FLOPs up to that step (written to `init_from.json`: this run's
+    logged `tokens` and `flops` start from them)."""
     source = Workdir(Path(cfg.run.init_from))
     source_cfg = upcycle.load_source(source, cfg)
     source_tx = make_optimizer(source_cfg.optim, source_cfg.model.aux_routers)
@@ -256,26 +277,25 @@ def _upcycle(cfg: ExperimentConfig, workdir: Workdir, fresh, tx, mesh, shardings
     if source_state is None:
         what = f"every checkpoint is damaged ({damaged})" if damaged else "no checkpoint yet"
         raise ConfigError(f"--init-from {cfg.run.init_from}: the run has {what}")
+    source_ckpts.check_config(step, source_cfg)
     aux_stage = cfg.model.aux_routers == "posthoc"
     params = upcycle.upcycled_state(fresh.params, source_state.params, shardings.params, aux_stage)
     how = "loaded and frozen; aux routers train" if aux_stage else "upcycled"
     print(f"initialised from {cfg.run.init_from} at its step {step} ({how})", flush=True)
-    if jax.process_index() == 0:
-        seq = source_cfg.data.seq_len
-        tokens = step * source_cfg.data.batch_size * seq
-        offsets = {
-            "source": str(cfg.run.init_from),
-            "source_step": step,
-            "tokens": tokens,
-            "flops": tokens * train_flops_per_token(source_cfg.model, seq),
-            "flops_executed": tokens * train_flops_per_token(source_cfg.model, seq, True),
-        }
-        write_atomic(workdir.path / INIT_FROM_FILE, json.dumps(offsets, indent=2) + "\n")
+    seq = source_cfg.data.seq_len
+    tokens = step * source_cfg.data.batch_size * seq
+    offsets = {
+        "source": str(cfg.run.init_from),
+        "source_step": step,
+        "tokens": tokens,
+        "flops": tokens * train_flops_per_token(source_cfg.model, seq),
+        "flops_executed": tokens * train_flops_per_token(source_cfg.model, seq, True),
+    }
     reset = jax.jit(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
         out_shardings=shardings,
     )
-    return reset(params)
+    return reset(params), offsets
 
 
 def _run_loop(

@@ -3,7 +3,7 @@ would otherwise answer with an abort or a crash deep in compilation.
 
 - float16 on the CPU backend (XLA's CPU dot kernels do not support it for every op the model
   uses; bfloat16 and float32 work): refused, naming the key and the fix.
-- Memory: the train state alone (parameters, their gradients, AdamW's two float32 moments) is a
+- Memory: the train state alone (parameters, their gradients, the optimizer's moments) is a
   lower bound on what a step needs; a model whose lower bound exceeds the memory available (the
   host's available RAM on CPU, the devices' byte limits on an accelerator) is refused, naming
   the size keys, instead of letting the allocator abort the process.
@@ -16,8 +16,6 @@ import math
 import jax
 
 from moma_jax.config import ConfigError, ExperimentConfig
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def check(cfg: ExperimentConfig) -> None:
@@ -38,12 +36,17 @@ def check_dtypes(cfg: ExperimentConfig) -> None:
 
 
 def state_bytes(cfg: ExperimentConfig) -> int:
-    """Parameters + gradients in model.param_dtype, plus two float32 AdamW moments."""
-    from moma_jax.train.state import abstract_params
+    """Parameters and their gradients, plus the optimizer state as `make_optimizer` builds it
+    (AdamW's moments in the parameters' dtype; none for frozen parameters), from shapes only."""
+    from moma_jax.train.state import abstract_params, make_optimizer
 
-    _, abstract = abstract_params(cfg)
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
-    return n * (2 * _DTYPE_BYTES[cfg.model.param_dtype] + 8)
+    _, params = abstract_params(cfg)
+    opt_state = jax.eval_shape(make_optimizer(cfg.optim, cfg.model.aux_routers).init, params)
+
+    def nbytes(tree) -> int:
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    return 2 * nbytes(params) + nbytes(opt_state)
 
 
 def available_bytes() -> int | None:

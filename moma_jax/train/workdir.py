@@ -64,7 +64,7 @@ class Workdir:
             if not isinstance(saved, dict):
                 raise ConfigError("not a JSON object")
             return from_dict(ExperimentConfig, saved)
-        except (ValueError, TypeError) as e:  # JSONDecodeError, ConfigError
+        except (OSError, ValueError, TypeError) as e:  # a directory, JSONDecodeError, ConfigError
             raise ConfigError(
                 f"{self.config_file} does not load ({e}); restore it (every checkpoint also "
                 "holds its config), or start again with --restart"
