@@ -271,6 +271,8 @@ class RunCheckpoints:
                 finally:
                     mgr.close()
         except Exception as e:  # a committed step that does not read back is damaged
+            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+                raise  # out of memory is not damage: the step is left as it is
             problem = f"{type(e).__name__}: {str(e)[:200]}"
         _agree(step, problem)
         state = restored.state

@@ -79,6 +79,13 @@ def _check_saved_config(cfg: ExperimentConfig, workdir: Workdir, ckpts: RunCheck
             warn(str(e))
             continue
         conflicts = resume_conflicts(saved, cfg)
+        old, new = saved.run, cfg.run
+        if new.keep_last < old.keep_last or (old.keep_every and new.keep_every != old.keep_every):
+            warn(
+                f"run.keep_last {old.keep_last} -> {new.keep_last}, run.keep_every "
+                f"{old.keep_every} -> {new.keep_every}: at the next save, checkpoints of this "
+                "run that the new policy does not keep are deleted"
+            )
         if conflicts:
             raise ConfigError(
                 f"checkpoint step {step} in {workdir.checkpoints} was trained with a different "
