@@ -9,20 +9,26 @@ folders of images with `name.txt` captions, CSV files of `path,caption`, plain t
 
 Exit status: 0 done; 2 refused or failed, with one `error: ...` line naming the problem and the
 fix (nothing half-written: a rerun resumes or starts again); 130 on Ctrl-C (rerun the same
-command to resume: the committed chunks are kept).
+command to resume: the committed chunks are kept). A full disk is exit 2 (free space and rerun
+to resume); a read-only --out is exit 2, unless it holds the finished dataset of these inputs
+and options: then it is read, not rewritten, and the exit is 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from moma_jax.data import corpus, default_data_dir, prepare
 from moma_jax.data.inputs import BadRecordError
+from moma_jax.data.outdir import MANIFEST
 from moma_jax.data.prepare import BUNDLED_LARGE_NAME, DEFAULT_MAX_TEXT_CHARS
 from moma_jax.units import byte_size
 
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    out = args.out
     try:
         if not args.input:
             default = default_data_dir()
@@ -170,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = "(--skip-bad skips bad records and lists them in the manifest)"
         _say(f"error: bad record {e}\n{hint}")
         return 2
-    except (ValueError, OSError) as e:  # OSError: a disk full, a directory we may not write
+    except ValueError as e:
         _say(f"error: {e}")
+        return 2
+    except OSError as e:  # a full or read-only disk, a directory we may not write
+        _say(_os_error(e, out, resumes=bool(args.input)))
         return 2
     except KeyboardInterrupt:
         _say("interrupted; rerun the same command to resume")
@@ -189,6 +199,27 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout,
     )
     return 0
+
+
+def _os_error(e: OSError, out: str | None, *, resumes: bool) -> str:
+    """The `error: ...` line for an OSError: a read-only or full disk names --out and the fix."""
+    if not out or e.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return f"error: {e}"
+    where = Path(out).expanduser().absolute()
+    failed = f"; writing {e.filename} failed" if e.filename and Path(e.filename) != where else ""
+    if e.errno == errno.EROFS:
+        return (
+            f"error: --out {out} is on a read-only file system{failed}. Choose an --out on a "
+            "writable disk, or remount it read-write, and rerun."
+        )
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    free = shutil.disk_usage(existing).free / 2**20
+    again = "to resume from the chunks already written" if resumes else "to prepare it again"
+    return (
+        f"error: no space left on the device of --out {out} ({free:.1f} MiB free{failed}); the "
+        f"dataset is unfinished (no {MANIFEST}). Free space and rerun the same command {again}, "
+        "or choose an --out on a bigger disk."
+    )
 
 
 def _say(text: str, file: TextIO | None = None) -> None:

@@ -22,6 +22,10 @@ DIR is locked while a preparation writes it (a second one is refused at once), a
 `--force` removes only what a preparation wrote: a DIR holding anything else, or overlapping an
 input, is refused before anything is touched (`outdir.py`).
 
+A full disk stops the preparation with an OSError (ENOSPC) after removing the chunk it was
+writing: free space and rerun to resume. On a read-only disk only a finished DIR of these inputs
+and options is returned (it is read, nothing is written); anything else is an OSError (EROFS).
+
 Each document is held out with probability `heldout_fraction` by a seeded hash of its index in
 the input order. Bad records (inputs.BadRecordError) stop the preparation, naming the file and the
 line, or with `skip_bad` are counted and listed in the manifest.
@@ -29,7 +33,9 @@ line, or with `skip_bad` are counted and listed in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -114,15 +120,23 @@ def prepare_corpus(
     outdir.check_target(out, paths + ([tokenizer_file] if kind == "file" else []))
     outdir.refuse_foreign(out)  # before the lock file is created in it
     out.mkdir(parents=True, exist_ok=True)
-    with outdir.locked(out):
+    with outdir.locked(out) as writable:
         outdir.refuse_foreign(out)  # again: written meanwhile by a run that held the lock
-        return _prepare(opts, paths, out, workers=workers, force=force, quiet=quiet)
+        return _prepare(opts, paths, out, writable, workers=workers, force=force, quiet=quiet)
 
 
 def _prepare(
-    opts: Options, paths: list[Path], out: Path, *, workers: int, force: bool, quiet: bool
+    opts: Options,
+    paths: list[Path],
+    out: Path,
+    writable: bool,
+    *,
+    workers: int,
+    force: bool,
+    quiet: bool,
 ) -> dict[str, Any]:
-    """`prepare_corpus` in a locked `out` holding nothing foreign."""
+    """`prepare_corpus` in a locked `out` holding nothing foreign (on a read-only file system,
+    not `writable`, only a finished dataset is returned: nothing else is tried)."""
     log = (lambda m: None) if quiet else (lambda m: print(f"[prepare] {m}", file=sys.stderr))
     fingerprint = _fingerprint(opts, paths)
     same = outdir.read_json(out / STATE) == fingerprint
@@ -135,6 +149,8 @@ def _prepare(
                 f"{out} already holds a dataset prepared from other inputs or options. Pass "
                 "--force to replace it, or choose another --out."
             )
+    if not writable:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out))
     if same and not (out / MANIFEST).is_file():
         done = _committed_chunks(out)
         if done:
@@ -165,6 +181,10 @@ def _prepare(
         run_chunks(opts, paths, out, tok, done, workers, collect)
     except BaseException:
         progress.interrupted()
+        # The pool's workers are stopped (joined): the chunks they were writing leave no
+        # temporary file taking a full disk's space. The committed chunks stay.
+        with contextlib.suppress(OSError):
+            _committed_chunks(out)
         raise
     progress.add({"documents": 0, "input_bytes": 0, "bad_count": 0}, final=True)
     manifest = _manifest(opts, tok, [results[k] for k in sorted(results)], fingerprint)

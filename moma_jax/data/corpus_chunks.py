@@ -9,6 +9,7 @@ the chunk's shards: the rerun writes it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import signal
@@ -83,22 +84,34 @@ class _ShardWriter:
             self.close()
             name = f"{self.split}-{self.chunk:06d}-{len(self.shards):03d}.array_record"
             self.file = outdir.Replacement(self.out / name)
-            self.writer = ArrayRecordWriter(str(self.file.tmp), WRITER_OPTIONS)
             self.shards.append({"file": name, "records": 0})
             self.size = 0
-        self.writer.write(record)
+            with outdir.disk_errors(self.file.path):
+                self.writer = ArrayRecordWriter(str(self.file.tmp), WRITER_OPTIONS)
+        with outdir.disk_errors(self.out / self.shards[-1]["file"]):
+            self.writer.write(record)
         self.size += len(record)
         self.shards[-1]["records"] += 1
 
     def close(self, keep: bool = True) -> None:
-        """Rename the open shard into place (or, not `keep`, remove it)."""
-        if self.writer is not None and self.file is not None:
-            self.writer.close()
-            self.writer = None
-            if keep:
-                self.file.commit()
-            else:
-                self.file.discard()
+        """Rename the open shard into place; not `keep` (after an error), remove it."""
+        writer, file = self.writer, self.file
+        self.writer = self.file = None
+        if file is None:
+            return
+        if keep and writer is not None:
+            try:
+                with outdir.disk_errors(file.path):
+                    writer.close()  # writes the last records: fails on a full disk
+                file.commit()
+            except BaseException:
+                file.discard()
+                raise
+            return
+        if writer is not None:
+            with contextlib.suppress(RuntimeError, OSError):  # the failed writer's second error
+                writer.close()
+        file.discard()
 
 
 def run_chunk(task: tuple[int, int, list[inputs.Raw]], tok: Tokenizers, opts: Options, out: Path):
@@ -129,14 +142,14 @@ def run_chunk(task: tuple[int, int, list[inputs.Raw]], tok: Tokenizers, opts: Op
             split = "heldout" if held_out(opts.seed, index, opts.heldout_fraction) else "train"
             writers[split].write(records.serialize(index, ids, modality))
             tokens[split] += np.bincount(modality, minlength=len(MODALITY_NAMES))
+        for w in writers.values():  # closing writes the last records: it fails on a full disk
+            w.close()
     except BaseException:
         for w in writers.values():  # no half chunk stays behind: the rerun writes it again
             w.close(keep=False)
             for shard in w.shards:
                 (out / shard["file"]).unlink(missing_ok=True)
         raise
-    for w in writers.values():
-        w.close()
     result = {
         "chunk": k,
         "input_bytes": sum(r.nbytes for r in raws),

@@ -203,18 +203,23 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
+def locked(out: Path) -> Iterator[bool]:
     """Hold `out`'s lock (flock on a file in it) for the block; a second preparation of `out`
-    is refused at once, naming the holder. The lock goes with the process, however it ends."""
+    is refused at once, naming the holder. The lock goes with the process, however it ends.
+
+    Yields whether `out` is writable. On a read-only file system the lock file cannot be
+    created: an existing one is locked through a read-only descriptor (flock needs no write
+    access, so a writer of the same directory through a writable mount still excludes us), and
+    the block gets False: it may only read."""
     path = out / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise ValueError(
-                f"{path} is a symbolic link; remove it, or choose another --out."
-            ) from None
-        raise
+    fd = _open_lock(path)
+    writable = fd is not None
+    if fd is None:  # a read-only file system
+        with contextlib.suppress(FileNotFoundError):  # none: no preparation ever wrote here
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if fd is None:
+        yield False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -224,11 +229,39 @@ def locked(out: Path) -> Iterator[None]:
                 f"--out {out} is being prepared by another prepare_data.py ({holder}); wait "
                 "for it to finish, or choose another --out."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-        yield
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        yield writable
     finally:
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int | None:
+    """The lock file opened for writing (created if absent); None on a read-only file system."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(
+                f"{path} is a symbolic link; remove it, or choose another --out."
+            ) from None
+        if e.errno == errno.EROFS:
+            return None
+        raise
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """ArrayRecord's writer reports a failed write as a RuntimeError quoting the system's
+    message: a full or read-only disk is turned into the OSError it is (naming `path`)."""
+    try:
+        yield
+    except RuntimeError as e:
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            if os.strerror(code) in str(e):
+                raise OSError(code, os.strerror(code), str(path)) from e
+        raise
 
 
 def _untmp(name: str) -> str:

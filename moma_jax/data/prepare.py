@@ -313,15 +313,16 @@ def _write_split(
     shards = np.array_split(ids, n_shards)
     for name, shard_ids in zip(shard_names, shards, strict=True):
         # group_size:1 makes every record its own chunk, so random access reads one record.
-        writer = ArrayRecordWriter(str(out / name), "group_size:1")
-        for doc_id in shard_ids:
-            tokens = docs[doc_id]
-            modality = vocab.modality_of(tokens)
-            records.validate(tokens, modality, vocab, f"document {doc_id} ({kinds[doc_id]})")
-            writer.write(records.serialize(int(doc_id), tokens, modality))
-            per_modality += np.bincount(modality, minlength=len(MODALITY_NAMES))
-            by_kind[kinds[doc_id]] = by_kind.get(kinds[doc_id], 0) + 1
-        writer.close()
+        with outdir.disk_errors(out / name):  # a full disk: an OSError, not a RuntimeError
+            writer = ArrayRecordWriter(str(out / name), "group_size:1")
+            for doc_id in shard_ids:
+                tokens = docs[doc_id]
+                modality = vocab.modality_of(tokens)
+                records.validate(tokens, modality, vocab, f"document {doc_id} ({kinds[doc_id]})")
+                writer.write(records.serialize(int(doc_id), tokens, modality))
+                per_modality += np.bincount(modality, minlength=len(MODALITY_NAMES))
+                by_kind[kinds[doc_id]] = by_kind.get(kinds[doc_id], 0) + 1
+            writer.close()
     total = int(per_modality.sum())
     return {
         "shards": shard_names,
