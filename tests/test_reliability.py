@@ -117,6 +117,11 @@ def test_sigkill_at_random_points_resumes_bitwise(straight, tmp_path):
             if seen[0] >= target:
                 break
         assert seen is not None, f"step {target} never logged:\n" + "".join(err)[-2000:]
+        # A kill before the first checkpoint committed is the refused-without---restart case
+        # (tests/test_run_safety.py); here step 3's async save is committed first.
+        wait_until = time.monotonic() + 60
+        while not (workdir / "checkpoints" / "3").is_dir() and time.monotonic() < wait_until:
+            time.sleep(0.05)
         # The first child starts fresh and targets are >= 2: there is a step time by now.
         _next_step(steps, rng.uniform(0.0, statistics.median(step_s)))
         proc.send_signal(signal.SIGKILL)
