@@ -149,6 +149,9 @@ def test_double_ctrl_c_exits_at_once_and_leaves_a_restorable_checkpoint(straight
     workdir = tmp_path / "interrupted"
     child = Child(workdir)
     child.wait_for_step(4)
+    deadline = time.monotonic() + 60
+    while not (workdir / "checkpoints" / "3").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)  # a checkpoint to resume from (without one, --restart is required)
     child.proc.send_signal(signal.SIGINT)
     child.proc.send_signal(signal.SIGINT)
     code, err = child.finish()
