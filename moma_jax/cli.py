@@ -89,22 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PermissionError as e:  # a read-only workdir (or one the user may not write)
-        where = e.filename or args.workdir or "the workdir"
-        print(
-            f"error: cannot access {where}: {e.strerror}; give a path you may read and write "
-            "(a writable --workdir)",
-            file=sys.stderr,
-        )
-        return 2
-    except OSError as e:
-        if e.errno != errno.EROFS:
+    except OSError as e:  # a read-only workdir, or one the user may not write
+        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
             raise
+        reason = "the file system is read-only" if e.errno == errno.EROFS else e.strerror
         where = e.filename or args.workdir or "the workdir"
         print(
-            f"error: cannot write {where}: the file system is read-only; choose a --workdir "
-            "on a writable disk",
-            file=sys.stderr,
+            f"error: cannot write {where}: {reason}; choose a writable --workdir", file=sys.stderr
         )
         return 2
     except (TrainingDivergedError, WorkdirBusyError, DiskFullError) as e:

@@ -60,8 +60,8 @@ def available_bytes() -> int | None:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): the check is skipped
+        return None
     return None
 
 
