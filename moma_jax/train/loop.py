@@ -18,15 +18,12 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import math
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig, validate
@@ -39,16 +36,17 @@ from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
 from moma_jax.train import faults, preflight, resume, upcycle
 from moma_jax.train import step as step_lib
 from moma_jax.train.checkpoint import Checkpointer, NonFiniteStateError, RunCheckpoints
+from moma_jax.train.metric_log import (
+    INIT_FROM_FILE,
+    MetricLog,
+    TrainingDivergedError,
+    host_values,
+    offsets_of,
+)
 from moma_jax.train.metrics import MetricWriter, NullWriter
 from moma_jax.train.state import TrainState, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
 from moma_jax.train.workdir import Workdir
-
-INIT_FROM_FILE = "init_from.json"  # an upcycled run's starting tokens and FLOPs
-
-
-class TrainingDivergedError(RuntimeError):
-    """A non-finite metric; the message names the step and the metric."""
 
 
 def train(
@@ -229,10 +227,10 @@ def _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data: list[dict]) -> _S
         for prefix, eval_step in routings.items():
             sums = [eval_step(params, to_device(batch)) for batch in eval_data]
             total = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *sums)
-            out.update(_host(means_from_sums(total, prefix=prefix)))
+            out.update(host_values(means_from_sums(total, prefix=prefix)))
             if prefix == "eval_":  # the aux routers against the training routers, held out
                 rates = aux_router.with_rates(total["aux"])
-                out.update(_host({f"eval_{k}": v for k, v in rates.items()}))
+                out.update(host_values({f"eval_{k}": v for k, v in rates.items()}))
         return out
 
     return _Steps(train_step, evaluate, to_device, has_eval=bool(eval_data))
@@ -319,7 +317,7 @@ def _run_loop(
     from `data_iter` already; the iterator is saved with each checkpoint.
     """
     batches = itertools.chain([first_batch], data_iter)
-    log = _MetricLog(cfg, writer, stop, _offsets(ckpt.directory.parent))
+    log = MetricLog(cfg, writer, stop, offsets_of(ckpt.directory.parent))
     if start == 0 and steps.has_eval:
         counts = {"tokens": 0, "flops": 0.0, **log.offsets}
         writer.write(0, {**counts, **steps.evaluate(state.params)})
@@ -344,60 +342,3 @@ def _run_loop(
             raise faults.Preempted(step, signum)
     ckpt.wait()
     return log.last
-
-
-class _MetricLog:
-    """Checks each step's metrics for NaN and writes those of logging steps, with the
-    cumulative tokens and FLOPs; `last` is the latest record written."""
-
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        writer: MetricWriter | NullWriter,
-        stop: int,
-        offsets: dict[str, float],
-    ):
-        self.writer, self.stop, self.log_every = writer, stop, cfg.run.log_every
-        self.offsets = offsets  # an upcycled run counts its source's tokens and FLOPs
-        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        self.per_token = {
-            "flops": train_flops_per_token(cfg.model, cfg.data.seq_len),
-            "flops_executed": train_flops_per_token(cfg.model, cfg.data.seq_len, executed=True),
-        }
-        self.last: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def finish(self, step: int, metrics: dict, extra: dict[str, float]) -> None:
-        """Fetches one step's metrics (raising on NaN) and logs them on logging steps."""
-        host = _host(metrics)
-        _check_finite(step, host)
-        if step % self.log_every == 0 or extra or step == self.stop:
-            tokens = step * self.tokens_per_step
-            last = {"tokens": tokens, **{k: tokens * v for k, v in self.per_token.items()}}
-            last = {k: v + self.offsets.get(k, 0) for k, v in last.items()}
-            last.update({**host, **extra})
-            # Seconds since this process's loop started (compare.py measures step time from it).
-            last["time_s"] = time.perf_counter() - self.start
-            self.writer.write(step, last)
-            self.last = last
-
-
-def _offsets(workdir: Path) -> dict[str, float]:
-    """The tokens and FLOPs an upcycled run starts from ({} for any other run)."""
-    path = workdir / INIT_FROM_FILE
-    if not path.is_file():
-        return {}
-    saved = json.loads(path.read_text())
-    return {k: saved[k] for k in ("tokens", "flops", "flops_executed")}
-
-
-def _host(metrics: dict) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-
-
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    for key in ("loss", "loss_total", "grad_norm"):
-        if key in metrics and not math.isfinite(metrics[key]):
-            raise TrainingDivergedError(
-                f"step {step}: {key} is {metrics[key]}; the run stopped before saving this state"
-            )
