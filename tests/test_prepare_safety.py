@@ -204,6 +204,30 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(big, tmp_path):
     _same_dataset(out, straight)
 
 
+def _workers_of(pid: int) -> list[int]:
+    """The pool's worker processes of `pid` (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    cmdlines = {int(c): Path(f"/proc/{c}/cmdline").read_bytes() for c in children}
+    return [c for c, line in cmdlines.items() if b"spawn_main" in line]
+
+
+def test_a_killed_worker_fails_in_one_line_and_the_rerun_resumes(big, tmp_path):
+    """A worker killed (out of memory, by a user) is an error, never a preparation that waits
+    forever for its chunk."""
+    args, straight = big
+    out = tmp_path / "data"
+    proc = _start(args, out, workers=2)
+    os.kill(_workers_of(proc.pid)[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: a worker process of the preparation died"), stderr
+    assert not (out / "manifest.json").exists()
+    committed = {p: p.stat().st_mtime_ns for p in (out / "chunks").glob("*.json")}
+    assert main([*args, "--out", str(out), "--workers", "2"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in committed.items())  # kept, not redone
+    _same_dataset(out, straight)
+
+
 def test_a_second_prepare_of_one_out_is_refused_at_once(big, tmp_path, capsys):
     args, straight = big
     out = tmp_path / "data"

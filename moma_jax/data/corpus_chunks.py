@@ -16,6 +16,8 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -210,31 +212,62 @@ def run_chunks(
         for task in tasks:
             collect(committed(task[0]) if task[0] in done else run_chunk(task, tok, opts, out))
         return
-    with _pool(workers, opts, out) as pool:
+    pool = _Workers(workers, opts, out)
+    try:
         window: deque = deque()  # at most `in_flight` chunks: bounded memory
         limit = opts.in_flight(workers)
         for task in tasks:
-            if task[0] in done:
-                window.append((task[0], None))
-            else:
-                window.append((task[0], pool.apply_async(_worker_run, (task,))))
+            window.append((task[0], None if task[0] in done else pool.submit(task)))
             while len(window) > limit or (window and window[0][1] is None):
                 k, pending = window.popleft()
-                collect(committed(k) if pending is None else pending.get())
+                collect(committed(k) if pending is None else pool.result(pending))
         while window:
             k, pending = window.popleft()
-            collect(committed(k) if pending is None else pending.get())
-
-
-def _pool(workers: int, opts: Options, out: Path) -> Any:
-    """Worker processes that ignore Ctrl-C from the start (SIG_IGN survives their exec; their
-    initializer sets it again): the main process alone handles it, with one line, not a
-    traceback per worker."""
-    ctx = multiprocessing.get_context("spawn")
-    if threading.current_thread() is not threading.main_thread():
-        return ctx.Pool(workers, initializer=_worker_init, initargs=(opts, out))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return ctx.Pool(workers, initializer=_worker_init, initargs=(opts, out))
+            collect(committed(k) if pending is None else pool.result(pending))
     finally:
-        signal.signal(signal.SIGINT, previous)
+        pool.close()
+
+
+class _Workers:
+    """Worker processes for chunks (spawned, so no JAX or XLA thread is forked).
+
+    A `ProcessPoolExecutor`, not `multiprocessing.Pool`: a worker that dies (killed, out of
+    memory) fails the preparation with `BrokenProcessPool` where the Pool would wait forever for
+    its task, and closing after an error never waits on a queue lock an idle worker holds (the
+    Pool's `terminate()` can). Workers ignore Ctrl-C from their start (SIG_IGN survives their
+    exec; their initializer sets it again): the main process alone handles it, with one line,
+    not a traceback per worker.
+    """
+
+    def __init__(self, workers: int, opts: Options, out: Path):
+        self.executor = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(opts, out),
+        )
+
+    def submit(self, task: tuple[int, int, list[inputs.Raw]]) -> Future:
+        if threading.current_thread() is not threading.main_thread():
+            return self.executor.submit(_worker_run, task)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker may start here
+        try:
+            return self.executor.submit(_worker_run, task)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @staticmethod
+    def result(pending: Future) -> dict[str, Any]:
+        try:
+            return pending.result()
+        except BrokenProcessPool as e:
+            raise ChildProcessError(  # an OSError: prepare_data prints it in one line
+                "a worker process of the preparation died (killed, or out of memory); the "
+                "chunks committed so far are kept: rerun the same command, with fewer --workers "
+                "or a smaller --max-memory if memory ran out"
+            ) from e
+
+    def close(self) -> None:
+        """Cancel what has not started and wait for the running chunks (each removes its own
+        shards on error), so no worker writes into --out after we return."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
