@@ -228,6 +228,23 @@ def test_a_killed_worker_fails_in_one_line_and_the_rerun_resumes(big, tmp_path):
     _same_dataset(out, straight)
 
 
+def test_a_bad_record_in_a_worker_fails_while_the_other_worker_idles(tmp_path):
+    """Chunk 0 (text) finishes and its worker idles while chunk 1's worker meets a truncated
+    image: the error is one line, at once, and the pool closes."""
+    png = picture(tmp_path / "corpus" / "cut.png")
+    src = _big_corpus(tmp_path / "corpus" / "docs.jsonl", 0.03)
+    png.write_bytes(png.read_bytes()[:40])
+    with src.open("a") as f:
+        f.write(json.dumps({"items": [{"text": "a cut image"}, {"image": "cut.png"}]}) + "\n")
+    cmd = [sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--input", str(src)]
+    cmd += ["--out", str(tmp_path / "data"), "--max-memory", "1MB", "--workers", "2", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cut.png" in done.stderr, done.stderr
+    assert done.stderr.startswith("error: bad record "), done.stderr
+    assert not (tmp_path / "data" / "manifest.json").exists()
+
+
 def test_a_second_prepare_of_one_out_is_refused_at_once(big, tmp_path, capsys):
     args, straight = big
     out = tmp_path / "data"
