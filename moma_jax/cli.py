@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from moma_jax import distributed, experiments, host_memory
+from moma_jax import distributed, host_memory, registry
 from moma_jax.config import ConfigError
 from moma_jax.overrides import to_dict
 from moma_jax.runtime import (
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_list() -> int:
     """The experiment names; a closed pipe (`--list | head`) ends it quietly."""
     try:
-        for name in experiments.names():
-            print(f"{name:24s} {experiments.describe(name)}")
+        for name in registry.names():
+            print(f"{name:24s} {registry.describe(name)}")
         sys.stdout.flush()
     except BrokenPipeError:
         # Python flushes stdout again at exit; point it at devnull so that flush is quiet.

@@ -21,8 +21,7 @@ from moma_jax import host_memory
 from moma_jax.compare_plots import plots
 from moma_jax.compare_report import markdown, report, run_dir
 from moma_jax.config import ConfigError
-from moma_jax.experiments.aux import stage_name
-from moma_jax.experiments.suites import Suite, get_suite
+from moma_jax.registry import stage_name
 from moma_jax.runtime import (
     add_experiments_module_arg,
     add_set_arg,
@@ -31,6 +30,7 @@ from moma_jax.runtime import (
     load_experiment_modules,
 )
 from moma_jax.safe_io import write_atomic
+from moma_jax.suites import Suite, get_suite
 from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
 
 
@@ -71,7 +71,7 @@ def write_report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__)
-    p.add_argument("--suite", required=True, help="a named suite (moma_jax/experiments/suites.py)")
+    p.add_argument("--suite", required=True, help="a named suite (experiments/suites.py)")
     p.add_argument("--seeds", type=int, help="seeds per experiment (default: the suite's)")
     p.add_argument("--root", default=os.path.join("runs", "suites"), help="where runs live")
     p.add_argument("--report-only", action="store_true", help="report the runs as they are")

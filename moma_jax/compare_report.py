@@ -11,9 +11,9 @@ import numpy as np
 
 from moma_jax import data as data_lib
 from moma_jax.eta import eta, mean_spread, smooth, step_ratio
-from moma_jax.experiments.aux import stage_name
-from moma_jax.experiments.suites import Suite
 from moma_jax.flops import count_params
+from moma_jax.registry import stage_name
+from moma_jax.suites import Suite
 from moma_jax.tasks import TASKS
 from moma_jax.train.metrics import read_jsonl
 from moma_jax.train.state import abstract_params

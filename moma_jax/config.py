@@ -1,6 +1,6 @@
 """Typed, frozen experiment configs: one dataclass per concern, composed into `ExperimentConfig`.
 
-Experiments (in `moma_jax/experiments/`) return these; variants are made with
+Experiments (the top-level `experiments/`) return these; variants are made with
 `dataclasses.replace`; the command line changes single keys with `--set section.key=value`
 (see `overrides.py`). `model.moe` is `sparse_config.SparseConfig`.
 """

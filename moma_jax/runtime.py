@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from moma_jax import data as data_lib
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ExperimentConfig, validate
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model.kinds import check_layer_kinds
@@ -44,13 +44,13 @@ def add_experiments_module_arg(p: argparse.ArgumentParser) -> None:
 
 def load_experiment_modules(args: argparse.Namespace) -> None:
     for module in args.experiments:
-        experiments.load_module(module)
+        registry.load_module(module)
 
 
 def experiment_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The registered experiment with `--set` overrides applied, validated, its layer kinds
     checked (ConfigError naming the key otherwise)."""
-    cfg = validate(apply_overrides(experiments.get(name), overrides))
+    cfg = validate(apply_overrides(registry.get(name), overrides))
     check_layer_kinds(cfg.model)
     return cfg
 

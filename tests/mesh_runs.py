@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import MeshConfig, validate
 from moma_jax.data import ensure_data, load_manifest, make_train_iterator
 from moma_jax.overrides import apply_overrides
@@ -44,7 +44,7 @@ STEPS = 3
 
 def config(arch: str, mesh: MeshConfig):
     data_dir = ensure_data(None)
-    cfg = apply_overrides(experiments.get(f"{arch}_tiny"), SHAPE)
+    cfg = apply_overrides(registry.get(f"{arch}_tiny"), SHAPE)
     cfg = validate(with_data_shares(cfg, load_manifest(data_dir)))
     return cfg.__class__(**{**cfg.__dict__, "mesh": mesh})
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moma_jax import evaluate, experiments, generate
+from moma_jax import evaluate, generate, registry
 from moma_jax.cli import main as train_main
 from moma_jax.config import ModelConfig, SparseConfig
 from moma_jax.sharding import make_mesh
@@ -124,7 +124,7 @@ def test_generate_an_image_and_text(runs, tmp_path, capsys):
 
 
 def _sparse_cfg(aux: str):
-    base = experiments.get("moma_4t4i_tiny")
+    base = registry.get("moma_4t4i_tiny")
     moe = SparseConfig(group_experts=(4, 4), routing_group_tokens=64, modality_shares=(0.7, 0.3))
     model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, layer_pattern=("moe",),
                         moe=moe, aux_routers=aux)  # fmt: skip

@@ -8,7 +8,7 @@ from cli_args import SMALL_KEYS
 
 import moma_jax.train
 from moma_jax.compare import main
-from moma_jax.experiments.suites import SUITES, Suite, get_suite, register_suite
+from moma_jax.suites import SUITES, Suite, get_suite, register_suite
 from moma_jax.train.faults import WorkdirLock
 
 KEYS = (

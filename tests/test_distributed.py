@@ -21,7 +21,7 @@ import jax
 import pytest
 from cli_args import sets
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ConfigError, MeshConfig
 from moma_jax.sharding import check_mesh, mesh_shape
 from moma_jax.train.metrics import read_jsonl
@@ -121,7 +121,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir):
 
 
 def _cfg(name: str = "moe_8x_tiny", **model):
-    cfg = experiments.get(name)
+    cfg = registry.get(name)
     if model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
     return cfg

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.describe import describe, main
 from moma_jax.flops import forward_flops_per_token, paper_params
 from moma_jax.model import Transformer
@@ -37,7 +37,7 @@ def test_executed_flops_match_xla_cost_analysis(name):
     """XLA counts a loop body once: for MoT, the static program is each modality's first rows
     plus one overflow slab, accounted for here. The sparse FFN's slabs are checked against the
     layer's own count below."""
-    cfg = resolve_shares(experiments.get(name))
+    cfg = resolve_shares(registry.get(name))
     m = cfg.model
     rows = m.moe.routing_group_tokens // cfg.data.seq_len
     tokens = rows * cfg.data.seq_len
@@ -67,13 +67,13 @@ def test_executed_flops_match_xla_cost_analysis(name):
     ],
 )
 def test_describe_reports_paper_parameter_counts(name, paper_total, experts):
-    info = describe(experiments.get(name))
-    formula = paper_params(experiments.get(name).model, experts)
+    info = describe(registry.get(name))
+    formula = paper_params(registry.get(name).model, experts)
     assert abs(info["params_total"] - formula) / formula < 0.005
     if paper_total:
         assert abs(info["params_total"] - paper_total) / paper_total < 0.06
     # One expert's worth of FFN per layer: the active count equals the dense model's.
-    dense = describe(experiments.get("dense_" + name.rsplit("_", 1)[1]))
+    dense = describe(registry.get("dense_" + name.rsplit("_", 1)[1]))
     assert info["params_active"] == pytest.approx(dense["params_total"], rel=0.005)
     assert info["flops_per_token_ideal"] == pytest.approx(dense["flops_per_token_ideal"], rel=0.005)
 
@@ -95,7 +95,7 @@ def test_describe_json(capsys):
 @pytest.mark.parametrize("name", ["moma_6t2i_1.4b", "moma_7t1i_90m", "moma_2t2i_435m"])
 def test_paper_formula_counts_every_expert_of_asymmetric_splits(name):
     """Table 1's formula with E = all experts of all groups (6t2i: 8, not max * groups = 12)."""
-    cfg = experiments.get(name)
+    cfg = registry.get(name)
     info = describe(cfg)
     assert info["params_paper_formula"] == paper_params(cfg.model, cfg.model.moe.n_experts)
     assert abs(info["params_total"] - info["params_paper_formula"]) / info["params_total"] < 0.005
@@ -106,7 +106,7 @@ def test_unset_modality_shares_is_one_config_error_everywhere():
     from moma_jax.flops import active_params
     from moma_jax.train.state import abstract_params
 
-    cfg = experiments.get("moma_4t4i_tiny")
+    cfg = registry.get("moma_4t4i_tiny")
     assert not cfg.model.moe.modality_shares
     _, params = abstract_params(cfg)
     for count in (
@@ -136,7 +136,7 @@ def test_executed_expert_rows_match_what_the_tiles_run(name):
     counts; and executed / ideal FFN rows stays within 1.1 at the default tile size."""
     from moma_jax.model.moe import SparseFFN
 
-    cfg = resolve_shares(experiments.get(name))
+    cfg = resolve_shares(registry.get(name))
     moe = cfg.model.moe
     n, seq = moe.routing_group_tokens, cfg.data.seq_len
     n_text = round(n * moe.modality_shares[0])

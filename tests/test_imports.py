@@ -1,4 +1,5 @@
-"""The import graph of the package: no circles, and the allowed directions only.
+"""The import graph of the package and the bundled experiments: no circles, and the allowed
+directions only (the library never imports `experiments`; the registry loads it by name).
 
 Every module is parsed with `ast`, imports inside functions included (a fresh import would not
 see those until the function runs).
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moma_jax"
+EXPERIMENTS = PACKAGE.parent / "experiments"
 ENTRY_POINTS = (
     "moma_jax.cli",
     "moma_jax.describe",
@@ -42,7 +44,7 @@ def _resolve(name: str, modules: set[str]) -> str | None:
 
 def import_graph() -> dict[str, set[str]]:
     """module -> project modules it imports anywhere in its source."""
-    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    paths = {module_name(p): p for root in (PACKAGE, EXPERIMENTS) for p in root.rglob("*.py")}
     modules = set(paths)
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
@@ -121,14 +123,14 @@ def test_no_import_circles():
     "importer, forbidden",
     [
         ("moma_jax.model", ("moma_jax.data", "moma_jax.train", "moma_jax.runtime", *ENTRY_POINTS)),
-        ("moma_jax.model", ("moma_jax.registry", "moma_jax.experiments")),
+        ("moma_jax.model", ("moma_jax.registry", "moma_jax.suites")),
         ("moma_jax.data", ("moma_jax.model", "moma_jax.train", "moma_jax.runtime", *ENTRY_POINTS)),
-        ("moma_jax.registry", ("moma_jax.experiments", "moma_jax.model", "moma_jax.data")),
+        ("moma_jax.registry", ("moma_jax.model", "moma_jax.data")),
         ("moma_jax.losses", ("moma_jax.data", "moma_jax.model", "moma_jax.train")),
         ("moma_jax.flops", ("moma_jax.data", "moma_jax.model", "moma_jax.train")),
         ("moma_jax.train", ENTRY_POINTS),
         ("moma_jax.runtime", ENTRY_POINTS),
-        ("moma_jax.experiments", ("moma_jax.model", "moma_jax.train", *ENTRY_POINTS)),
+        ("experiments", ("moma_jax.model", "moma_jax.train", "moma_jax.runtime", *ENTRY_POINTS)),
     ],
 )
 def test_allowed_directions(importer, forbidden):
@@ -140,6 +142,21 @@ def test_allowed_directions(importer, forbidden):
         if _in(t, forbidden)
     }
     assert not bad
+
+
+def test_no_library_module_imports_the_experiments():
+    """moma_jax never imports the top-level `experiments` package: entry points load it by
+    module name through the registry (`registry.load_bundled`, `--experiments MODULE`), so a
+    researcher's experiments and the bundled ones are found the same way."""
+    assert "experiments" in GRAPH and "experiments.moma" in GRAPH  # the scan sees them
+    importers = {
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if _in(m, ("moma_jax",))
+        for t in targets
+        if _in(t, ("experiments",))
+    }
+    assert not importers
 
 
 def test_config_imports_only_the_bottom():

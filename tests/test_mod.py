@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ModConfig, ModelConfig, SparseConfig
 from moma_jax.flops import LAYER_FLOPS
 from moma_jax.model.attention import segment_causal_mask
@@ -124,11 +124,11 @@ def test_mod_moma_trains(tmp_path, data_dir):
 
     from moma_jax.cli import main
 
-    assert "mod_moma_4t4i_tiny" in experiments.names()
+    assert "mod_moma_4t4i_tiny" in registry.names()
     keys = small("model.moe.routing_group_tokens=1024", "run.log_every=1")
     args = ["--exp", "mod_moma_4t4i_tiny", "--workdir", str(tmp_path), "--steps", "2", *keys]
     assert main(args) == 0
-    cfg = experiments.get("mod_moma_4t4i_tiny")
+    cfg = registry.get("mod_moma_4t4i_tiny")
     assert cfg.model.layer_pattern == ("mod_moe", "moe")
     assert dataclasses.asdict(cfg.model.mod) == {"capacity": 0.25}
 
@@ -138,8 +138,8 @@ def test_paper_size_mod_moma_matches_the_paper_table():
     token within 10% of dense_1.4b's (the MoD shapes are FLOP-matched)."""
     from moma_jax.describe import describe
 
-    mod = describe(experiments.get("mod_moma_4t4i_1.4b"))
-    dense = describe(experiments.get("dense_1.4b"))
+    mod = describe(registry.get("mod_moma_4t4i_1.4b"))
+    dense = describe(registry.get("dense_1.4b"))
     assert mod["params_total"] == pytest.approx(11.9e9, rel=0.06)
     assert mod["flops_per_token_ideal"] == pytest.approx(dense["flops_per_token_ideal"], rel=0.10)
     assert [layer["kind"] for layer in mod["layer_plan"]["unit"]] == ["mod_moe", "moe"]

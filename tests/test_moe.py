@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ConfigError, ModelConfig, SparseConfig, validate
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
@@ -148,7 +148,7 @@ def test_moma_1t1i_is_a_modality_untied_dense_ffn():
 
 @pytest.mark.parametrize("name", ["moe_8x_tiny", "moma_4t4i_tiny"])
 def test_routing_group_output_independent_of_batch(name):
-    cfg = experiments.get(name)
+    cfg = registry.get(name)
     cfg = apply_overrides(cfg, ["model.moe.modality_shares=0.77,0.23"])
     layer = SparseFFN(cfg.model, rngs=nnx.Rngs(3))
     n = cfg.model.moe.routing_group_tokens
@@ -188,7 +188,7 @@ def test_routing_group_output_independent_of_batch(name):
 )
 def test_bad_sparse_configs_fail_at_config_time(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(apply_overrides(experiments.get("moma_4t4i_tiny"), [override]))
+        validate(apply_overrides(registry.get("moma_4t4i_tiny"), [override]))
 
 
 def test_slots_hold_every_selection_the_paper_makes():

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ConfigError
 from moma_jax.flops import count_params, paper_params
 from moma_jax.overrides import apply_overrides, flatten, resume_conflicts
@@ -16,9 +16,9 @@ from moma_jax.train.state import abstract_params
 TABLE_1 = {"dense_90m": 90e6, "dense_435m": 435e6, "dense_1.4b": 1.4e9}
 
 
-@pytest.mark.parametrize("name", experiments.names())
+@pytest.mark.parametrize("name", registry.names())
 def test_every_experiment_builds_abstractly(name):
-    cfg = experiments.get(name)
+    cfg = registry.get(name)
     assert cfg.name == name and cfg.description
     _, params = abstract_params(cfg)
     n = count_params(params)
@@ -30,7 +30,7 @@ def test_every_experiment_builds_abstractly(name):
 
 
 def test_paper_shapes_match_design_table():
-    shapes = {n: experiments.get(n).model for n in TABLE_1}
+    shapes = {n: registry.get(n).model for n in TABLE_1}
     assert [(m.n_layers, m.d_model, m.n_heads) for m in shapes.values()] == [
         (8, 512, 8),
         (24, 1024, 16),
@@ -40,17 +40,17 @@ def test_paper_shapes_match_design_table():
         m.vocab_size == 65_536 and m.resolved_ffn_hidden == int(8 * m.d_model / 3)
         for m in shapes.values()
     )
-    assert experiments.get("dense_1.4b").data.batch_size == 2048
-    assert experiments.get("dense_90m").optim.total_steps == 160_000
+    assert registry.get("dense_1.4b").data.batch_size == 2048
+    assert registry.get("dense_90m").optim.total_steps == 160_000
 
 
 def test_unknown_experiment_lists_close_matches():
     with pytest.raises(ConfigError, match="dense_tiny"):
-        experiments.get("dense_tiyn")
+        registry.get("dense_tiyn")
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():
-    cfg = experiments.get("dense_tiny")
+    cfg = registry.get("dense_tiny")
     new = apply_overrides(
         cfg,
         [
@@ -93,7 +93,7 @@ def test_invalid_configs_fail_at_config_time(override, message):
 
 
 def test_resume_conflicts_ignore_logging_keys():
-    cfg = experiments.get("dense_tiny")
+    cfg = registry.get("dense_tiny")
     cadence = dataclasses.replace(cfg.run, log_every=1, eval_every=7)
     assert resume_conflicts(cfg, dataclasses.replace(cfg, run=cadence)) == []
     changed = apply_overrides(cfg, ["optim.peak_lr=0.5"])
@@ -103,14 +103,13 @@ def test_resume_conflicts_ignore_logging_keys():
 
 USER_MODULE = '''
 import dataclasses
-from moma_jax.experiments.dense import dense_tiny
-from moma_jax.registry import register
+from moma_jax.registry import get, register
 
 
 @register("{name}")
 def wide():
     """dense_tiny at width 64 (a user's experiment)."""
-    cfg = dense_tiny()
+    cfg = get("dense_tiny")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=64))
 '''
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ModelConfig
 from moma_jax.sharding import make_mesh
 from moma_jax.train.state import init_state, lr_schedule, make_optimizer
@@ -15,7 +15,7 @@ from moma_jax.train.step import make_train_step
 
 
 def test_schedule_warms_up_then_decays_to_one_percent():
-    cfg = experiments.get("dense_90m").optim
+    cfg = registry.get("dense_90m").optim
     lr = lr_schedule(cfg)
     assert float(lr(0)) == 0.0
     assert float(lr(2000)) == pytest.approx(0.5e-4)
@@ -26,7 +26,7 @@ def test_schedule_warms_up_then_decays_to_one_percent():
 
 
 def test_gradient_accumulation_equals_full_batch():
-    base = experiments.get("dense_tiny")
+    base = registry.get("dense_tiny")
     model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
     results = []
     rng = np.random.default_rng(0)

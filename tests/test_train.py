@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from cli_args import small
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.cli import main
 from moma_jax.train.metrics import read_jsonl
 
@@ -126,4 +126,4 @@ def test_bad_command_lines_end_with_short_messages(tmp_path, capsys):
 def test_list_shows_every_experiment(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in experiments.names())
+    assert all(name in out for name in registry.names())

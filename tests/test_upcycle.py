@@ -7,7 +7,7 @@ import pytest
 from cli_args import SMALL_KEYS, sets
 from flax import nnx
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.cli import main
 from moma_jax.config import ConfigError
 from moma_jax.overrides import apply_overrides
@@ -26,7 +26,7 @@ SMALL = [
 
 
 def small(name):
-    return apply_overrides(experiments.get(name), SMALL)
+    return apply_overrides(registry.get(name), SMALL)
 
 
 def test_upcycle_params_copies_and_expands():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moma_jax import experiments
+from moma_jax import registry
 from moma_jax.config import ConfigError
 from moma_jax.overrides import apply_overrides, config_diff
 from moma_jax.train.upcycle import load_source
@@ -15,7 +15,7 @@ from moma_jax.train.workdir import Workdir
 
 @pytest.fixture
 def cfg():
-    return experiments.get("dense_tiny")
+    return registry.get("dense_tiny")
 
 
 def test_layout_names_are_the_stable_on_disk_format(tmp_path):

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from moma_jax import data as data_lib
-from moma_jax import experiments, host_memory
+from moma_jax import host_memory, registry
 from moma_jax.bench import experts as experts_bench
 from moma_jax.bench.measure import (
     device_memory,
@@ -116,7 +116,7 @@ DEVICE_SHAPE = (
 def bench_config(arch: str, overrides: tuple[str, ...] = ()) -> ExperimentConfig:
     """`{arch}_tiny` at the benchmark shape; a routing group holds the whole batch (as in the
     tiny experiments) unless an override names `model.moe.routing_group_tokens`."""
-    cfg = apply_overrides(experiments.get(f"{arch}_tiny"), [*BENCH_SHAPE, *overrides])
+    cfg = apply_overrides(registry.get(f"{arch}_tiny"), [*BENCH_SHAPE, *overrides])
     if not any(o.startswith("model.moe.routing_group_tokens") for o in overrides):
         tokens = cfg.data.batch_size * cfg.data.seq_len
         moe = dataclasses.replace(cfg.model.moe, routing_group_tokens=tokens)

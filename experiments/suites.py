@@ -1,45 +1,14 @@
-"""Named comparison suites: experiments trained on the same data, tokens, schedule and seeds,
-then compared at equal FLOPs (`python scripts/compare.py --suite NAME`, docs/comparison.md).
+"""The named comparison suites `python scripts/compare.py --suite NAME` runs (docs/comparison.md).
 
-Seed s of a suite sets `run.param_seed`, `run.routing_seed` and `data.seed` to s for every
-experiment, so each sparse run is compared with the dense run of the same seed.
+Each lists experiments trained on the same data, tokens, schedule and seeds, then compared at
+equal FLOPs; the first is the dense reference. `moma_jax.suites` is the mechanism.
+
+Run: python scripts/compare.py --suite paper_tiny
+Shows: eta (the sparse model's FLOPs savings against dense) per modality, with the causal losses
+of the aux-router stages (`aux_stages=True`), in the suite's report.md.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import difflib
-
-from moma_jax.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class Suite:
-    name: str
-    experiments: tuple[str, ...]  # the first is the dense reference
-    seeds: int
-    overrides: tuple[str, ...] = ()  # applied to every run of the suite
-    description: str = ""
-    # After each run whose routers rank whole routing groups, train its post-hoc aux-router
-    # stage (`{arch}_aux_{size}`, experiments/aux.py), so the report has causal losses.
-    aux_stages: bool = False
-
-
-SUITES: dict[str, Suite] = {}
-
-
-def register_suite(suite: Suite) -> Suite:
-    SUITES[suite.name] = suite
-    return suite
-
-
-def get_suite(name: str) -> Suite:
-    if name not in SUITES:
-        close = difflib.get_close_matches(name, list(SUITES), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown suite {name!r}{hint} Suites: {', '.join(sorted(SUITES))}")
-    return SUITES[name]
-
+from moma_jax.suites import Suite, register_suite
 
 _ARCHS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "mot")
 

@@ -1,0 +1,74 @@
+"""Mixed-modal sparse baselines: MoE with expert choice or token choice, and Mixture-of-
+Transformers. Each is its dense base (dense.py: same layers, width, data and schedule, so the
+same ideal FLOPs per token) with a different layer kind or routing.
+"""
+
+import dataclasses
+
+from experiments.aux import AUX_STAGES
+from experiments.dense import SIZES, dense
+from moma_jax.config import ExperimentConfig, SparseConfig
+from moma_jax.registry import register_sizes
+
+MIXED = SparseConfig(group_experts=(8,), modality_group=(0, 0))
+TOKEN_CHOICE = dataclasses.replace(
+    MIXED, routing="token_choice", router_score="softmax", capacity=1.25
+)
+
+
+def sparse_variant(base: ExperimentConfig, kind: str, moe: SparseConfig | None) -> ExperimentConfig:
+    """The dense base with every layer of `kind`. Routing groups hold max(seq_len, 4096)
+    tokens: one packed row at the paper's sizes (seq_len 4096), and 16 rows of 256 at the tiny
+    size, which is its whole batch (the paper's "batch on one GPU")."""
+    model = dataclasses.replace(base.model, layer_pattern=(kind,))
+    if moe is not None:
+        group_tokens = max(base.data.seq_len, 4096)
+        moe = dataclasses.replace(moe, routing_group_tokens=group_tokens)
+        model = dataclasses.replace(model, moe=moe)
+    return dataclasses.replace(base, model=model)
+
+
+@register_sizes("moe_8x", SIZES, stages=AUX_STAGES)
+def moe_8x(size: str) -> ExperimentConfig:
+    """8 mixed-modal expert-choice experts, sigmoid router, capacity 1 (k = N/8 per expert).
+
+    Run: python scripts/train.py --exp moe_8x_tiny    (paper sizes: --set data.path=DIR)
+    Describe: python scripts/describe.py --exp moe_8x_tiny
+    Shows: per-modality losses against dense_tiny at equal ideal FLOPs per token, with expert
+    loads, router scores and wasted slots in metrics.jsonl.
+    """
+    return sparse_variant(dense(size), "moe", MIXED)
+
+
+@register_sizes("switch_8x", SIZES)
+def switch_8x(size: str) -> ExperimentConfig:
+    """8 mixed experts, token-choice top-1 (Switch), capacity factor 1.25.
+
+    With the Switch load-balancing loss (0.01) and the ST-MoE router z-loss (0.001).
+    Run: python scripts/train.py --exp switch_8x_tiny
+    Shows: dropped tokens and the balance loss in metrics.jsonl, and the losses against moe_8x
+    (expert choice drops no tokens by construction).
+    """
+    return sparse_variant(dense(size), "moe", TOKEN_CHOICE)
+
+
+@register_sizes("gshard_8x", SIZES)
+def gshard_8x(size: str) -> ExperimentConfig:
+    """8 mixed experts, token-choice top-2 (GShard), capacity factor 1.25.
+
+    Run: python scripts/train.py --exp gshard_8x_tiny
+    Shows: as switch_8x, with two experts per token (about twice the FFN FLOPs).
+    """
+    return sparse_variant(dense(size), "moe", dataclasses.replace(TOKEN_CHOICE, top_k=2))
+
+
+@register_sizes("mot", SIZES)
+def mot(size: str) -> ExperimentConfig:
+    """Mixture-of-Transformers (Liang et al. 2024): all non-embedding weights per modality.
+
+    Run: python scripts/train.py --exp mot_tiny
+    Describe: python scripts/describe.py --exp mot_tiny
+    Shows: per-modality losses against dense_tiny and moma_1t1i_tiny (which unties only the FFN)
+    at equal ideal FLOPs per token.
+    """
+    return sparse_variant(dense(size), "mot", None)
