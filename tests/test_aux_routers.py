@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moma_jax import evaluate, experiments, generate
-from moma_jax.cli import main as train_main
+from moma_jax import experiments
+from moma_jax.commands import evaluate, generate
+from moma_jax.commands.cli import main as train_main
 from moma_jax.config import ModelConfig, SparseConfig
 from moma_jax.sharding import make_mesh
 from moma_jax.train.state import init_state, is_aux_path, make_optimizer

@@ -11,16 +11,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moma_jax"
 ENTRY_POINTS = (
-    "moma_jax.cli",
-    "moma_jax.describe",
+    "moma_jax.commands.cli",
+    "moma_jax.commands.describe",
     "moma_jax.bench",
-    "moma_jax.prepare_data",
-    "moma_jax.aot",
-    "moma_jax.compare",
-    "moma_jax.compare_report",
-    "moma_jax.compare_plots",
-    "moma_jax.evaluate",
-    "moma_jax.generate",
+    "moma_jax.commands.prepare_data",
+    "moma_jax.commands.aot",
+    "moma_jax.commands.compare",
+    "moma_jax.commands.compare_report",
+    "moma_jax.commands.compare_plots",
+    "moma_jax.commands.evaluate",
+    "moma_jax.commands.generate",
 )
 # What config may import: the bottom of the graph, which imports no other project module.
 BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config")

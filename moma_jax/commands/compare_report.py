@@ -262,7 +262,7 @@ def task_entry(root: Path, suite: Suite, exp: str, seeds: int) -> dict[str, Any]
     run can be (its own or its aux stage's aux routers, or no group-ranking router), else
     teacher forced; mean over seeds."""
     from moma_jax.analysis import load_run
-    from moma_jax.evaluate import evaluate
+    from moma_jax.commands.evaluate import evaluate
 
     per_task: dict[str, list[float]] = {t: [] for t in TASKS}
     routings = set()
