@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moma_jax"
-ENTRY_POINTS = (
-    "moma_jax.commands.cli",
-    "moma_jax.commands.describe",
-    "moma_jax.bench",
-    "moma_jax.commands.prepare_data",
-    "moma_jax.commands.aot",
-    "moma_jax.commands.compare",
-    "moma_jax.commands.compare_report",
-    "moma_jax.commands.compare_plots",
-    "moma_jax.commands.evaluate",
-    "moma_jax.commands.generate",
-)
+COMMANDS = "moma_jax.commands"
+ENTRY_POINTS = (COMMANDS, "moma_jax.bench")
 # What config may import: the bottom of the graph, which imports no other project module.
 BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config")
 
@@ -157,3 +147,39 @@ def test_entry_points_are_imported_by_no_library_module():
         if _in(t, ENTRY_POINTS) and not _in(m, ENTRY_POINTS)
     }
     assert not importers
+
+
+def test_no_library_module_imports_a_command():
+    """Commands sit on top of the library: nothing outside moma_jax/commands/ imports them (a
+    library module that needs a command's code means that code is library code)."""
+    commands = {m for m in GRAPH if _in(m, (COMMANDS,))}
+    assert {f"{COMMANDS}.{c}" for c in ("cli", "evaluate", "generate", "compare")} <= commands
+    importers = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if not _in(m, (COMMANDS,))
+        for t in targets
+        if _in(t, (COMMANDS,))
+    )
+    assert importers == [], "library modules import commands"
+
+
+def test_commands_live_in_commands():
+    """A module with a top-level `main` is a command: it belongs in commands/ (or bench/), not
+    beside the library code."""
+    stray = sorted(
+        name
+        for name in GRAPH
+        if not _in(name, ENTRY_POINTS)
+        and any(
+            isinstance(node, ast.FunctionDef) and node.name == "main"
+            for node in ast.parse(_path(name).read_text()).body
+        )
+    )
+    assert stray == []
+
+
+def _path(module: str) -> Path:
+    relative = Path(*module.split(".")[1:])
+    package = PACKAGE / relative / "__init__.py"
+    return package if package.exists() else (PACKAGE / relative).with_suffix(".py")
