@@ -183,3 +183,34 @@ def _path(module: str) -> Path:
     relative = Path(*module.split(".")[1:])
     package = PACKAGE / relative / "__init__.py"
     return package if package.exists() else (PACKAGE / relative).with_suffix(".py")
+
+
+def _third_party_importers(top: str) -> set[str]:
+    """Project modules that import the third-party package `top` anywhere in their source."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == top or n.startswith(top + ".") for n in names):
+                found.add(module_name(path))
+    return found
+
+
+def test_runs_are_opened_one_way():
+    """Checkpoints are read only through train/checkpoint.py (`RunCheckpoints`, verified and
+    read-only); the training loop uses it directly, and every reader (evaluate, generate, the
+    compare report, notebooks) opens a run through `analysis.load_run`."""
+    assert _third_party_importers("orbax") == {"moma_jax.train.checkpoint"}
+    openers = {m for m, targets in GRAPH.items() if "moma_jax.train.checkpoint" in targets}
+    assert {m for m in openers if not _in(m, ("moma_jax.train",))} == {"moma_jax.analysis"}
+    run_files = ("moma_jax.train.checkpoint", "moma_jax.train.workdir", "moma_jax.train.metrics")
+    bypass = {
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if _in(m, (COMMANDS,))
+        for t in targets
+        if t in run_files
+    }
+    assert bypass == set()
