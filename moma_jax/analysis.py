@@ -247,7 +247,7 @@ def _group_tokens(taken: np.ndarray, name: str, batch: dict[str, np.ndarray]) ->
 def generate(
     run: Run, prompt: str, max_tokens: int = 64, step: int | None = None, **sampling: Any
 ) -> dict[str, Any]:
-    """Samples causally after `prompt` (`moma_jax.generate`; sampling: temperature, top_k,
+    """Samples causally after `prompt` (`moma_jax.sampling`; sampling: temperature, top_k,
     top_p, seed): {"text": str, "tokens": [...], "images": [pixels [H, W] or [H, W, C]]}."""
     from moma_jax import sampling as sampler
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from moma_jax.compare import main
+from moma_jax.commands.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from moma_jax.describe import main
+from moma_jax.commands.describe import main
 
 if __name__ == "__main__":
     sys.exit(main())

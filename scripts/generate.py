@@ -4,7 +4,7 @@
 import sys
 
 from moma_jax import host_memory
-from moma_jax.generate import main
+from moma_jax.commands.generate import main
 
 if __name__ == "__main__":
     host_memory.keep_freed_memory()

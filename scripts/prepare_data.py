@@ -2,7 +2,7 @@
 
 import sys
 
-from moma_jax.prepare_data import main
+from moma_jax.commands.prepare_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ import pytest
 from cli_args import small
 
 from moma_jax import analysis
-from moma_jax.cli import main
+from moma_jax.commands.cli import main
 from moma_jax.modality import IMAGE, TEXT
 
 KEYS = small("model.moe.routing_group_tokens=1024", "run.log_every=1", "run.eval_every=100")

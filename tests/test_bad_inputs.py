@@ -12,7 +12,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from cli_args import small
 
-from moma_jax.cli import main
+from moma_jax.commands.cli import main
 from moma_jax.data import records
 
 SMALL = small()

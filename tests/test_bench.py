@@ -75,7 +75,7 @@ def test_expert_bench_needs_no_data_stack():
     code = (
         "import sys, moma_jax.bench.experts; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'grain' "
-        "or m in ('moma_jax.data', 'moma_jax.cli', 'moma_jax.describe')))"
+        "or m in ('moma_jax.data', 'moma_jax.commands.cli', 'moma_jax.commands.describe')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import pytest
 from cli_args import SMALL_KEYS
 
 import moma_jax.train
-from moma_jax.compare import main
+from moma_jax.commands.compare import main
 from moma_jax.suites import SUITES, Suite, get_suite, register_suite
 from moma_jax.train.faults import WorkdirLock
 

@@ -173,7 +173,7 @@ def test_more_devices_than_exist_is_refused():
 def test_aot_fit_check_compiles_for_a_simulated_mesh(capsys, data_dir):
     """describe.py --aot: compiled in a subprocess with the mesh's device count; experts move by
     all-to-all; micro_batches doubles until the estimate fits the given device memory."""
-    from moma_jax.describe import main as describe_main
+    from moma_jax.commands.describe import main as describe_main
 
     args = ["--exp", "moe_8x_tiny", "--aot", "--mesh", "data=2,expert=2", "--json"]
     assert (

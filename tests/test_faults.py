@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from cli_args import small
 
-from moma_jax.cli import main
+from moma_jax.commands.cli import main
 from moma_jax.config import RunConfig
 from moma_jax.data import ensure_data
 from moma_jax.train.checkpoint import Checkpointer

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from moma_jax import registry
-from moma_jax.describe import describe, main
+from moma_jax.commands.describe import describe, main
 from moma_jax.flops import forward_flops_per_token, paper_params
 from moma_jax.model import Transformer
 from moma_jax.runtime import resolve_shares

@@ -12,18 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moma_jax"
 EXPERIMENTS = PACKAGE.parent / "experiments"
-ENTRY_POINTS = (
-    "moma_jax.cli",
-    "moma_jax.describe",
-    "moma_jax.bench",
-    "moma_jax.prepare_data",
-    "moma_jax.aot",
-    "moma_jax.compare",
-    "moma_jax.compare_report",
-    "moma_jax.compare_plots",
-    "moma_jax.evaluate",
-    "moma_jax.generate",
-)
+COMMANDS = "moma_jax.commands"
+ENTRY_POINTS = (COMMANDS, "moma_jax.bench")
 # What config may import: the bottom of the graph, which imports no other project module.
 BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config")
 
@@ -174,3 +164,70 @@ def test_entry_points_are_imported_by_no_library_module():
         if _in(t, ENTRY_POINTS) and not _in(m, ENTRY_POINTS)
     }
     assert not importers
+
+
+def test_no_library_module_imports_a_command():
+    """Commands sit on top of the library: nothing outside moma_jax/commands/ imports them (a
+    library module that needs a command's code means that code is library code)."""
+    commands = {m for m in GRAPH if _in(m, (COMMANDS,))}
+    assert {f"{COMMANDS}.{c}" for c in ("cli", "evaluate", "generate", "compare")} <= commands
+    importers = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if not _in(m, (COMMANDS,))
+        for t in targets
+        if _in(t, (COMMANDS,))
+    )
+    assert importers == [], "library modules import commands"
+
+
+def test_commands_live_in_commands():
+    """A module with a top-level `main` is a command: it belongs in commands/ (or bench/), not
+    beside the library code."""
+    stray = sorted(
+        name
+        for name in GRAPH
+        if not _in(name, ENTRY_POINTS)
+        and any(
+            isinstance(node, ast.FunctionDef) and node.name == "main"
+            for node in ast.parse(_path(name).read_text()).body
+        )
+    )
+    assert stray == []
+
+
+def _path(module: str) -> Path:
+    relative = Path(*module.split(".")[1:])
+    package = PACKAGE / relative / "__init__.py"
+    return package if package.exists() else (PACKAGE / relative).with_suffix(".py")
+
+
+def _third_party_importers(top: str) -> set[str]:
+    """Project modules that import the third-party package `top` anywhere in their source."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == top or n.startswith(top + ".") for n in names):
+                found.add(module_name(path))
+    return found
+
+
+def test_runs_are_opened_one_way():
+    """Checkpoints are read only through train/checkpoint.py (`RunCheckpoints`, verified and
+    read-only); the training loop uses it directly, and every reader (evaluate, generate, the
+    compare report, notebooks) opens a run through `analysis.load_run`."""
+    assert _third_party_importers("orbax") == {"moma_jax.train.checkpoint"}
+    openers = {m for m, targets in GRAPH.items() if "moma_jax.train.checkpoint" in targets}
+    assert {m for m in openers if not _in(m, ("moma_jax.train",))} == {"moma_jax.analysis"}
+    run_files = ("moma_jax.train.checkpoint", "moma_jax.train.workdir", "moma_jax.train.metrics")
+    bypass = {
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if _in(m, (COMMANDS,))
+        for t in targets
+        if t in run_files
+    }
+    assert bypass == set()

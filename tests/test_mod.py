@@ -122,7 +122,7 @@ def test_executed_flops_drop_with_the_capacity():
 def test_mod_moma_trains(tmp_path, data_dir):
     from cli_args import small
 
-    from moma_jax.cli import main
+    from moma_jax.commands.cli import main
 
     assert "mod_moma_4t4i_tiny" in registry.names()
     keys = small("model.moe.routing_group_tokens=1024", "run.log_every=1")
@@ -136,7 +136,7 @@ def test_mod_moma_trains(tmp_path, data_dir):
 def test_paper_size_mod_moma_matches_the_paper_table():
     """mod_moma_4t4i_1.4b (32 x 2304): ~11.9B parameters (MoMa Table 1) and ideal FLOPs per
     token within 10% of dense_1.4b's (the MoD shapes are FLOP-matched)."""
-    from moma_jax.describe import describe
+    from moma_jax.commands.describe import describe
 
     mod = describe(registry.get("mod_moma_4t4i_1.4b"))
     dense = describe(registry.get("dense_1.4b"))

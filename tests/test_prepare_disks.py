@@ -29,9 +29,9 @@ from unittest import mock
 import pytest
 from file_tree import snapshot
 
+from moma_jax.commands.prepare_data import main
 from moma_jax.data import corpus_chunks, ensure_data, outdir
 from moma_jax.data.outdir import LOCK, MANIFEST
-from moma_jax.prepare_data import main
 
 REPO = Path(__file__).resolve().parents[1]
 bundled = importlib.import_module("moma_jax.data.prepare")  # the module, not its function

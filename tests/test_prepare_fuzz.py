@@ -19,8 +19,8 @@ from array_record.python.array_record_module import ArrayRecordReader
 from file_tree import deadline, png_header, snapshot
 from PIL import Image
 
+from moma_jax.commands.prepare_data import main
 from moma_jax.data import inputs, outdir
-from moma_jax.prepare_data import main
 
 SEED = int(os.environ.get("MOMA_JAX_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
 N_CORPORA = 400

@@ -17,9 +17,9 @@ import pytest
 from file_tree import deadline, png_header, snapshot
 from PIL import Image
 
+from moma_jax.commands.prepare_data import main
 from moma_jax.data import outdir, prepare
 from moma_jax.data.prepare import _commit
-from moma_jax.prepare_data import main
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers", "1", "--quiet", "--image-size", "8", "--image-codebook", "4"]

@@ -115,8 +115,8 @@ def wide():
 
 
 def test_user_experiments_register_from_a_file_or_a_module(tmp_path, monkeypatch, capsys):
-    from moma_jax.cli import main as train_main
-    from moma_jax.describe import main as describe_main
+    from moma_jax.commands.cli import main as train_main
+    from moma_jax.commands.describe import main as describe_main
 
     path = tmp_path / "lab_file_exps.py"
     path.write_text(USER_MODULE.format(name="user_file_tiny"))

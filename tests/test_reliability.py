@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from cli_args import small
 
-from moma_jax.cli import main
+from moma_jax.commands.cli import main
 from moma_jax.train import step as step_lib
 from moma_jax.train.metrics import read_jsonl
 

@@ -20,8 +20,9 @@ import pytest
 from cli_args import small
 from file_tree import png_header
 
-from moma_jax import analysis, evaluate, generate
-from moma_jax.cli import main
+from moma_jax import analysis
+from moma_jax.commands import evaluate, generate
+from moma_jax.commands.cli import main
 from moma_jax.train import step as step_lib
 from moma_jax.train.metrics import read_jsonl
 

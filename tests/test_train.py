@@ -10,7 +10,7 @@ import pytest
 from cli_args import small
 
 from moma_jax import registry
-from moma_jax.cli import main
+from moma_jax.commands.cli import main
 from moma_jax.train.metrics import read_jsonl
 
 # A smaller dense_tiny so that the end-to-end tests take seconds.

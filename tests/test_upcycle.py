@@ -8,7 +8,7 @@ from cli_args import SMALL_KEYS, sets
 from flax import nnx
 
 from moma_jax import registry
-from moma_jax.cli import main
+from moma_jax.commands.cli import main
 from moma_jax.config import ConfigError
 from moma_jax.overrides import apply_overrides
 from moma_jax.train.metrics import read_jsonl

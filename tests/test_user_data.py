@@ -15,10 +15,10 @@ import pytest
 from cli_args import small
 from user_corpus import make_codes_corpus, make_corpus, sentence
 
-from moma_jax.cli import main as train_main
+from moma_jax.commands.cli import main as train_main
+from moma_jax.commands.prepare_data import main as prepare_main
 from moma_jax.data import corpus, document_dataset, text_tokenizers
 from moma_jax.data.prepare import load_manifest
-from moma_jax.prepare_data import main as prepare_main
 from moma_jax.train.metrics import read_jsonl
 
 OPTIONS = ["--image-size", "16", "--image-codebook", "64", "--quiet"]
@@ -162,7 +162,7 @@ def test_killed_preparation_resumes_to_the_same_shards(tmp_path):
     cmd = [
         sys.executable,
         "-c",
-        "import sys; from moma_jax.prepare_data import main; sys.exit(main(sys.argv[1:]))",
+        "import sys; from moma_jax.commands.prepare_data import main; sys.exit(main(sys.argv[1:]))",
         *args,
         "--out",
         str(killed),
@@ -233,7 +233,7 @@ def test_memory_stays_bounded(tmp_path):
     src = _text_corpus(tmp_path / "big.jsonl", 40)
     probe = (
         "import resource, sys\n"
-        "from moma_jax.prepare_data import main\n"
+        "from moma_jax.commands.prepare_data import main\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "assert main(sys.argv[1:]) == 0\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"

@@ -51,31 +51,35 @@ def require(router: AuxRouter | None, what: str) -> AuxRouter:
     if router is None:
         raise ConfigError(
             f"causal routing needs auxiliary routers, and this model's {what} has none: "
-            "train them with the run's `{arch}_aux_{size}` experiment and "
-            "--init-from WORKDIR (or train `{arch}_joint_aux_{size}` from scratch)"
+            "train them with the run's `{arch}_aux_{size}` experiment, initialised from the "
+            "run (or train `{arch}_joint_aux_{size}` from scratch)"
         )
     return router
 
 
-def stage_hint(cfg: ExperimentConfig, workdir: object = "WORKDIR") -> str:
-    """The commands that train aux routers for a run of `cfg` (in `workdir`)."""
-    arch, _, size = cfg.name.rpartition("_")
-    arch = arch or cfg.name
-    return (
-        f"python scripts/train.py --exp {arch}_aux_{size} --init-from {workdir} "
-        f"(or train {arch}_joint_aux_{size} from scratch)"
-    )
+class NoAuxRoutersError(ConfigError):
+    """A run that cannot route causally for want of aux routers. It names the experiments that
+    train them, `posthoc` (initialised from this run) and `joint` (from scratch); a command turns
+    them into a command line."""
 
-
-def require_for_causal(cfg: ExperimentConfig, workdir: object = "WORKDIR") -> None:
-    """Causal routing needs aux routers where a router ranks whole routing groups; a run of
-    `cfg` without them is refused, naming the command that trains them."""
-    if cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
-        raise ConfigError(
+    def __init__(self, cfg: ExperimentConfig, workdir: object):
+        arch, _, size = cfg.name.rpartition("_")
+        arch = arch or cfg.name
+        self.workdir = workdir
+        self.posthoc, self.joint = f"{arch}_aux_{size}", f"{arch}_joint_aux_{size}"
+        super().__init__(
             f"{workdir} ({cfg.name}) routes by ranking whole routing groups (expert choice or "
-            "Mixture-of-Depths) and has no auxiliary routers, so it cannot run causally; "
-            f"train them: {stage_hint(cfg, workdir)}"
+            "Mixture-of-Depths) and has no auxiliary routers, so it cannot run causally; the "
+            f"`{self.posthoc}` experiment trains them, initialised from this run (or "
+            f"`{self.joint}` from scratch)"
         )
+
+
+def require_for_causal(cfg: ExperimentConfig, workdir: object = "the run") -> None:
+    """Causal routing needs aux routers where a router ranks whole routing groups; a run of
+    `cfg` without them is refused (NoAuxRoutersError)."""
+    if cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
+        raise NoAuxRoutersError(cfg, workdir)
 
 
 def bce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:

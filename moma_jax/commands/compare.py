@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from moma_jax import host_memory
-from moma_jax.compare_plots import plots
-from moma_jax.compare_report import markdown, report, run_dir
+from moma_jax.commands.compare_plots import plots
+from moma_jax.commands.compare_report import markdown, report, run_dir
 from moma_jax.config import ConfigError
 from moma_jax.registry import stage_name
 from moma_jax.runtime import (

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from moma_jax import aot
+from moma_jax.commands import aot
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.flops import (
     LAYER_FLOPS,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moma_jax.compare_report import MODALITIES
+from moma_jax.commands.compare_report import MODALITIES
 
 
 def plots(rep: dict[str, Any], out_dir: Path, seeds: int) -> list[Path]:

@@ -29,6 +29,7 @@ from flax import nnx
 from moma_jax import data as data_lib
 from moma_jax import tasks
 from moma_jax.analysis import Run, load_run
+from moma_jax.commands import hints
 from moma_jax.config import ConfigError
 from moma_jax.losses import target_mask_np
 from moma_jax.modality import MODALITY_NAMES
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(run, args.routing, args.step, args.batches)
         if args.leak:  # the step evaluated (a damaged newer one was skipped with a warning)
             report["leak"] = causality_leak(run, args.routing, report["step"])
+    except aux_router.NoAuxRoutersError as e:
+        print(f"error: {e}\n{hints.train_aux_routers(e)}", file=sys.stderr)
+        return 2
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import numpy as np
 
 from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
+from moma_jax.commands import hints
 from moma_jax.config import ConfigError
 from moma_jax.model import aux_router
 from moma_jax.runtime import enable_compilation_cache
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         model = run.model(args.step)
         result = generate(model, run.config, prompt, args.max_tokens, sampling)
         summary = write_outputs(run, result, Path(args.out))
+    except aux_router.NoAuxRoutersError as e:
+        print(f"error: {e}\n{hints.train_aux_routers(e)}", file=sys.stderr)
+        return 2
     except (ConfigError, ValueError, OSError) as e:  # OSError: --out unwritable or odd
         print(f"error: {e}", file=sys.stderr)
         return 2

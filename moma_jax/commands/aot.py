@@ -133,7 +133,7 @@ def run_in_subprocess(
     """`main` in a fresh process with the mesh's number of simulated CPU devices."""
     n = math.prod(getattr(mesh, a) for a in MESH_AXES)
     text = ",".join(f"{a}={getattr(mesh, a)}" for a in MESH_AXES)
-    cmd = [sys.executable, "-m", "moma_jax.aot", "--exp", exp, "--mesh", text]
+    cmd = [sys.executable, "-m", "moma_jax.commands.aot", "--exp", exp, "--mesh", text]
     cmd += [a for o in overrides for a in ("--set", o)]
     cmd += [a for m in modules for a in ("--experiments", m)]
     if device_memory is not None:
@@ -148,7 +148,7 @@ def run_in_subprocess(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moma_jax.aot", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m moma_jax.commands.aot", description=__doc__)
     add_experiment_args(p, exp_required=True)
     p.add_argument("--mesh", required=True, help="e.g. data=8,fsdp=8,expert=1,tensor=1")
     p.add_argument("--device-memory", type=byte_size, help="bytes per device to fit in")

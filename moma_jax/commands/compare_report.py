@@ -1,6 +1,9 @@
 """A suite's report: curves read from each run's metrics, eta and step matching against the dense
 run of the same seed, causal losses, losses by task, the data regime; report.json and report.md
-(docs/comparison.md explains every number)."""
+(docs/comparison.md explains every number).
+
+Every run is opened as the notebook API opens it (`analysis.load_run`: read-only, its checkpoints
+verified by `train.checkpoint.RunCheckpoints`), never by reading its files here."""
 
 from __future__ import annotations
 
@@ -10,14 +13,13 @@ from typing import Any
 import numpy as np
 
 from moma_jax import data as data_lib
+from moma_jax.analysis import Run, load_run
 from moma_jax.eta import eta, mean_spread, smooth, step_ratio
 from moma_jax.flops import count_params
 from moma_jax.registry import stage_name
 from moma_jax.suites import Suite
 from moma_jax.tasks import TASKS
-from moma_jax.train.metrics import read_jsonl
 from moma_jax.train.state import abstract_params
-from moma_jax.train.workdir import Workdir
 
 MODALITIES = {"overall": "", "text": "_text", "image": "_image"}
 TRAIN_WINDOW = 20  # logged steps in the trailing mean of the training loss (the paper's eta)
@@ -27,8 +29,10 @@ def run_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
     return root / suite.name / exp / f"seed{seed}"
 
 
-def _curves(workdir: Path) -> dict[str, Any]:
-    records = read_jsonl(workdir / "metrics.jsonl")  # a torn last line: skipped, with a warning
+def _curves(run: Run) -> dict[str, Any]:
+    records = run.records  # a torn last line: skipped, with a warning
+    if not records:
+        raise ValueError(f"{run.workdir} has no metrics yet (metrics.jsonl)")
     evals = [r for r in records if "eval_loss" in r]
     trains = [r for r in records if "loss" in r]
     out: dict[str, Any] = {"steps": int(max(r["step"] for r in records))}
@@ -88,7 +92,7 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
     the step-matching ratio against the dense run of the same seed, mean and spread over seeds."""
     dense = suite.experiments[0]
     curves = {
-        (exp, s): _curves(run_dir(root, suite, exp, s))
+        (exp, s): _curves(load_run(run_dir(root, suite, exp, s)))
         for exp in suite.experiments
         for s in range(seeds)
     }
@@ -215,8 +219,7 @@ def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, 
     "posthoc" (its aux stage's run), "same" (no router ranks a group: causal = teacher forced)
     or "missing" (it needs aux routers and has none)."""
     workdir = run_dir(root, suite, exp, seed)
-    cfg = Workdir(workdir).read_config()
-    assert cfg is not None
+    cfg = load_run(workdir).config
     if not cfg.model.needs_aux_routers:
         return workdir, "same"
     if cfg.model.aux_routers != "none":
@@ -244,7 +247,7 @@ def causal_entry(
                 finals.append(c[f"causal_{m}"][1][-1])
                 etas.append(eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"causal_{m}"][:2]))
             elif kind == "posthoc":
-                last = read_jsonl(path / "metrics.jsonl")
+                last = load_run(path).records
                 last = [r for r in last if f"eval_causal_loss{suffix}" in r]
                 finals.append(last[-1][f"eval_causal_loss{suffix}"] if last else None)
             else:
@@ -261,8 +264,7 @@ def task_entry(root: Path, suite: Suite, exp: str, seeds: int) -> dict[str, Any]
     """Held-out loss by task (tasks.py) at each run's last checkpoint, routed causally where the
     run can be (its own or its aux stage's aux routers, or no group-ranking router), else
     teacher forced; mean over seeds."""
-    from moma_jax.analysis import load_run
-    from moma_jax.evaluate import evaluate
+    from moma_jax.commands.evaluate import evaluate
 
     per_task: dict[str, list[float]] = {t: [] for t in TASKS}
     routings = set()
@@ -281,8 +283,7 @@ def task_entry(root: Path, suite: Suite, exp: str, seeds: int) -> dict[str, Any]
 
 def data_regime(root: Path, suite: Suite, dense: str, tokens: float) -> dict[str, Any]:
     """Tokens trained on per dense-model parameter, and epochs of the training split."""
-    cfg = Workdir(run_dir(root, suite, dense, 0)).read_config()
-    assert cfg is not None
+    cfg = load_run(run_dir(root, suite, dense, 0)).config
     _, params = abstract_params(cfg)
     manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
     train_tokens = manifest["splits"]["train"]["tokens"]
