@@ -197,9 +197,10 @@ def test_commands_live_in_commands():
 
 
 def _path(module: str) -> Path:
-    relative = Path(*module.split(".")[1:])
-    package = PACKAGE / relative / "__init__.py"
-    return package if package.exists() else (PACKAGE / relative).with_suffix(".py")
+    """The file of a project module (of moma_jax or the top-level experiments package)."""
+    relative = Path(*module.split("."))
+    package = PACKAGE.parent / relative / "__init__.py"
+    return package if package.exists() else (PACKAGE.parent / relative).with_suffix(".py")
 
 
 def _third_party_importers(top: str) -> set[str]:
