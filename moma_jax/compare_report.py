@@ -14,6 +14,7 @@ from moma_jax.eta import eta, mean_spread, smooth, step_ratio
 from moma_jax.experiments.aux import stage_name
 from moma_jax.experiments.suites import Suite
 from moma_jax.flops import count_params
+from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.tasks import TASKS
 from moma_jax.train.metrics import read_jsonl
 from moma_jax.train.state import abstract_params
@@ -217,7 +218,7 @@ def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, 
     workdir = run_dir(root, suite, exp, seed)
     cfg = Workdir(workdir).read_config()
     assert cfg is not None
-    if not cfg.model.needs_aux_routers:
+    if not needs_aux_routers(cfg.model):
         return workdir, "same"
     if cfg.model.aux_routers != "none":
         return workdir, "joint"

@@ -11,8 +11,9 @@ from flax import nnx
 
 from moma_jax import experiments
 from moma_jax.describe import describe, main
-from moma_jax.flops import forward_flops_per_token, paper_params
+from moma_jax.flops import paper_params
 from moma_jax.model import Transformer
+from moma_jax.model.kinds import forward_flops_per_token
 from moma_jax.runtime import resolve_shares
 
 

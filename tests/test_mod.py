@@ -11,9 +11,8 @@ from flax import nnx
 
 from moma_jax import experiments
 from moma_jax.config import ModConfig, ModelConfig, SparseConfig
-from moma_jax.flops import LAYER_FLOPS
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.kinds import build_layer
+from moma_jax.model.kinds import build_layer, layer_flops
 from moma_jax.model.mod import select
 
 
@@ -114,8 +113,8 @@ def test_attention_sees_only_the_selected_tokens():
 def test_executed_flops_drop_with_the_capacity():
     cfg, _ = _layer()
     for kind in ("dense", "moe", "mot"):
-        ideal, executed = LAYER_FLOPS[f"mod_{kind}"](cfg, 256, "causal")
-        dense_ideal, dense_executed = LAYER_FLOPS[kind](cfg, 256, "causal")
+        ideal, executed = layer_flops(cfg, f"mod_{kind}", 256)
+        dense_ideal, dense_executed = layer_flops(cfg, kind, 256)
         assert executed < 0.35 * dense_executed and ideal < 0.35 * dense_ideal, kind
 
 

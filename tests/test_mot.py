@@ -14,9 +14,10 @@ from flax import nnx
 from moma_jax.config import ModelConfig
 from moma_jax.flops import count_params
 from moma_jax.modality import N_MODALITIES
-from moma_jax.model import LAYER_KINDS, Transformer
+from moma_jax.model import Transformer
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.block import Block
+from moma_jax.model.kinds import build_layer
 from moma_jax.model.mot import UntiedAttention
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, ffn_hidden=24)
@@ -41,7 +42,7 @@ def _build(make: Callable[[], nnx.Module], seed: int, std: float = 0.02) -> Any:
 
 
 def _mot(cfg: ModelConfig, seed: int = 0) -> Any:
-    block = _build(lambda: LAYER_KINDS["mot"](cfg, nnx.Rngs(0)), seed)
+    block = _build(lambda: build_layer(cfg, "mot", nnx.Rngs(0)), seed)
     assert isinstance(block, Block) and isinstance(block.attn, UntiedAttention)
     return block
 
@@ -75,7 +76,7 @@ def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: dict):
 
 def _dense_copy(cfg: ModelConfig, mot: Any, m: int) -> Any:
     """A dense `Block` holding modality m's slice of the MoT weights."""
-    dense = _build(lambda: LAYER_KINDS["dense"](cfg, nnx.Rngs(0)), seed=99)
+    dense = _build(lambda: build_layer(cfg, "dense", nnx.Rngs(0)), seed=99)
     copies = [
         (dense.attn.wq_DxHxDh, mot.attn.wq_MxDxHxDh),
         (dense.attn.wk_DxHxDh, mot.attn.wk_MxDxHxDh),

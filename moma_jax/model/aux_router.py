@@ -67,17 +67,6 @@ def stage_hint(cfg: ExperimentConfig, workdir: object = "WORKDIR") -> str:
     )
 
 
-def require_for_causal(cfg: ExperimentConfig, workdir: object = "WORKDIR") -> None:
-    """Causal routing needs aux routers where a router ranks whole routing groups; a run of
-    `cfg` without them is refused, naming the command that trains them."""
-    if cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
-        raise ConfigError(
-            f"{workdir} ({cfg.name}) routes by ranking whole routing groups (expert choice or "
-            "Mixture-of-Depths) and has no auxiliary routers, so it cannot run causally; "
-            f"train them: {stage_hint(cfg, workdir)}"
-        )
-
-
 def bce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean binary cross-entropy over the masked entries (mask broadcasts against logits)."""
     t = targets.astype(jnp.float32)

@@ -9,7 +9,7 @@ from flax import nnx
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.kinds import build_layer, check_layer_kinds
+from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
 from moma_jax.model.layers import RMSNorm, param
 
 ROUTING = ("teacher_forced", "causal")  # see model/aux_router.py
@@ -37,6 +37,8 @@ class Unit(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_blocks = len(cfg.layer_pattern)
+        # The blocks that carry decode state (a KV cache), by the kinds' rows.
+        self.stateful = tuple(layer_kind(k).decode_state != "none" for k in cfg.layer_pattern)
         for i, kind in enumerate(cfg.layer_pattern):
             setattr(self, f"block_{i}", build_layer(cfg, kind, rngs))
 
@@ -46,7 +48,7 @@ class Unit(nnx.Module):
         auxes, caches = [], {}
         for i in range(self.n_blocks):
             block_ctx = ctx
-            if ctx.get("cache") is not None:  # decoding: this block's keys and values
+            if ctx.get("cache") is not None and self.stateful[i]:  # decoding: keys and values
                 caches[i] = kv_cache.KVCache(ctx["cache"][i], ctx["cache_index"])
                 block_ctx = {**ctx, "kv": caches[i]}
             x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, block_ctx)
@@ -163,10 +165,12 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty KV cache for `batch` rows of up to `length` tokens: per block of the
-        layer pattern, k and v [U, B, S, H, Dh] and keep [U, B, S]."""
-        cfg = self.cfg
-        one = kv_cache.empty(
-            batch, length, cfg.n_heads, cfg.resolved_head_dim, jnp.dtype(cfg.compute_dtype)
-        )
-        stacked = {k: jnp.broadcast_to(v, (cfg.n_units, *v.shape)) for k, v in one.items()}
-        return {j: dict(stacked) for j in range(len(cfg.layer_pattern))}
+        layer pattern whose kind carries decode state (`LayerKind.decode_state`): k and v
+        [U, B, S, H, Dh] and keep [U, B, S]."""
+        cfg, cache = self.cfg, {}
+        for j, kind in enumerate(cfg.layer_pattern):
+            state = layer_kind(kind).decode_state
+            if callable(state):
+                one = state(cfg, batch, length)
+                cache[j] = {k: jnp.broadcast_to(v, (cfg.n_units, *v.shape)) for k, v in one.items()}
+        return cache
