@@ -16,6 +16,7 @@ from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.describe import describe
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model import LayerKind, register_layer_kind
+from moma_jax.model.context import Context
 from moma_jax.model.kinds import LAYER_KINDS, forward_flops_per_token
 from moma_jax.model.layers import param
 from moma_jax.runtime import experiment_config
@@ -34,11 +35,11 @@ class ModalityGatedMLP(nnx.Module):
         m = len(MODALITY_NAMES)
         self.gate_M = param(rngs, (m,), ("toy_gate",), 1.0, cfg.param_dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, ctx) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         dt = x_BxLxD.dtype
         h_BxLxF = jax.nn.relu(x_BxLxD @ self.w_in_DxF[...].astype(dt))
         y_BxLxD = h_BxLxF @ self.w_out_FxD[...].astype(dt)
-        gate_BxL = jax.nn.sigmoid(self.gate_M[...][ctx["modality"]]).astype(dt)
+        gate_BxL = jax.nn.sigmoid(self.gate_M[...][ctx.modality]).astype(dt)
         return x_BxLxD + gate_BxL[..., None] * y_BxLxD, {"metrics": {"toy/gate": gate_BxL.mean()}}
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 from moma_jax import experiments
 from moma_jax.config import ModConfig, ModelConfig, SparseConfig
 from moma_jax.model.attention import segment_causal_mask
+from moma_jax.model.context import Context
 from moma_jax.model.kinds import build_layer, layer_flops
 from moma_jax.model.mod import select
 
@@ -65,12 +66,12 @@ def _ctx(b=2, length=32, seed=0):
         for i in range(1, length):
             pos[r, i] = pos[r, i - 1] + 1 if seg[r, i] == seg[r, i - 1] else 0
     seg_j = jnp.asarray(seg)
-    return {
-        "segment_ids": seg_j,
-        "positions": jnp.asarray(pos),
-        "modality": jnp.asarray(rng.random((b, length)) < 0.3, jnp.int32),
-        "attn_mask": segment_causal_mask(seg_j),
-    }
+    return Context(
+        segment_ids=seg_j,
+        positions=jnp.asarray(pos),
+        modality=jnp.asarray(rng.random((b, length)) < 0.3, jnp.int32),
+        attn_mask=segment_causal_mask(seg_j),
+    )
 
 
 def _run(layer, x, ctx):
@@ -98,7 +99,7 @@ def test_attention_sees_only_the_selected_tokens():
     x = np.asarray(jax.random.normal(jax.random.key(2), (2, 32, 16)))
     y = np.asarray(_run(layer, jnp.asarray(x), ctx))
     selected = np.any(y != x, axis=-1)
-    r, i = np.argwhere(~selected & (np.asarray(ctx["segment_ids"]) > 0))[0]
+    r, i = np.argwhere(~selected & (np.asarray(ctx.segment_ids) > 0))[0]
     w = np.asarray(layer.router_Dx1[...])[:, 0]
     v = np.random.default_rng(0).normal(size=16).astype(np.float32)
     v -= (v @ w) / (w @ w) * w  # no change to the router logit

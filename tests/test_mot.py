@@ -17,6 +17,7 @@ from moma_jax.modality import N_MODALITIES
 from moma_jax.model import Transformer
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.block import Block
+from moma_jax.model.context import Context
 from moma_jax.model.kinds import build_layer
 from moma_jax.model.mot import UntiedAttention
 
@@ -47,18 +48,18 @@ def _mot(cfg: ModelConfig, seed: int = 0) -> Any:
     return block
 
 
-def _ctx(seg_rows, mod_rows) -> dict:
+def _ctx(seg_rows, mod_rows) -> Context:
     seg = np.asarray(seg_rows, np.int32)
     pos = np.zeros_like(seg)
     for i in range(1, seg.shape[1]):
         pos[:, i] = np.where(seg[:, i] == seg[:, i - 1], pos[:, i - 1] + 1, 0)
-    return {
-        "positions": jnp.asarray(pos),
-        "segment_ids": jnp.asarray(seg),
-        "modality": jnp.asarray(mod_rows, jnp.int8),
-        "attn_mask": jax.jit(segment_causal_mask)(seg),
-        "routing_key": jax.random.key(0),
-    }
+    return Context(
+        positions=jnp.asarray(pos),
+        segment_ids=jnp.asarray(seg),
+        modality=jnp.asarray(mod_rows, jnp.int8),
+        attn_mask=jax.jit(segment_causal_mask)(seg),
+        routing_key=jax.random.key(0),
+    )
 
 
 def _x(cfg: ModelConfig, seed: int) -> jax.Array:
@@ -70,7 +71,7 @@ def _apply(graphdef, state, x_BxLxD, ctx):
     return nnx.merge(graphdef, state)(x_BxLxD, ctx)
 
 
-def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: dict):
+def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: Context):
     return _apply(*nnx.split(layer), x_BxLxD, ctx)
 
 
@@ -210,7 +211,7 @@ def test_mixed_sequence_matches_numpy_reference(norm_order, qk_norm):
             "ks": f64(a.k_norm.scale_MxDh),
             "kb": f64(a.k_norm.bias_MxDh),
         }
-    pos = np.asarray(ctx["positions"])
+    pos = np.asarray(ctx.positions)
     for b in range(2):
         want = _np_mot_row(cfg, w, np.asarray(x[b], np.float64), SEG, pos[b], mod_rows[b])
         np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
@@ -265,7 +266,7 @@ def test_mot_transformer_runs_a_mixed_batch():
     ctx = _ctx([SEG], [MOD])
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (1, len(SEG))))
     fn = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
-    logits, aux = fn(state, tokens, ctx["segment_ids"], ctx["positions"], ctx["modality"])
+    logits, aux = fn(state, tokens, ctx.segment_ids, ctx.positions, ctx.modality)
     assert logits.shape == (1, len(SEG), cfg.vocab_size) and np.isfinite(logits).all()
     assert aux == {"losses": {}, "metrics": {}}
 
@@ -286,7 +287,7 @@ def _masked_block(mot, x, ctx):
     from moma_jax.model.attention import attend
     from moma_jax.model.layers import swiglu
 
-    mod, a = ctx["modality"], mot.attn
+    mod, a = ctx.modality, mot.attn
     w = {n: getattr(a, n)[...] for n in ("wq_MxDxHxDh", "wk_MxDxHxDh", "wv_MxDxHxDh")}
 
     def attn(h):

@@ -61,7 +61,7 @@ class LayerKind:
     sharding: every logical axis its parameters name -> mesh axes (`sharding.LOGICAL_RULES`;
         registering adds new names there and refuses a name mapped differently).
     decode_state: (cfg, batch, length) -> the arrays it carries between decode calls, received
-        as `ctx["kv"]` (a `model.cache.KVCache`); "none" for a kind that carries nothing.
+        as `ctx.kv` (a `model.cache.KVCache`); "none" for a kind that carries nothing.
     reads_modality_shares: whether it sizes its work by `model.moe.modality_shares`.
     needs_aux_routers: (cfg) -> whether one of its routers ranks whole routing groups, so
         causal routing needs aux routers.

@@ -9,6 +9,7 @@ from flax import nnx
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
+from moma_jax.model.context import Context
 from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
 from moma_jax.model.layers import RMSNorm, param
 
@@ -42,15 +43,19 @@ class Unit(nnx.Module):
         for i, kind in enumerate(cfg.layer_pattern):
             setattr(self, f"block_{i}", build_layer(cfg, kind, rngs))
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x_BxLxD: jax.Array, ctx: Context, cache: dict | None = None
+    ) -> tuple[jax.Array, dict]:
         """Returns the output and the blocks' aux merged, plus each block's own metrics under
-        "per_block" ({j: metrics}) for the per-layer report."""
+        "per_block" ({j: metrics}) for the per-layer report. Decoding: `cache` holds this
+        unit's decode state per block ({j: arrays}), updated under aux["cache"]."""
         auxes, caches = [], {}
         for i in range(self.n_blocks):
             block_ctx = ctx
-            if ctx.get("cache") is not None and self.stateful[i]:  # decoding: keys and values
-                caches[i] = kv_cache.KVCache(ctx["cache"][i], ctx["cache_index"])
-                block_ctx = {**ctx, "kv": caches[i]}
+            if cache is not None and self.stateful[i]:  # decoding: keys and values
+                assert ctx.cache_index is not None  # Transformer.__call__ passes both
+                caches[i] = kv_cache.KVCache(cache[i], ctx.cache_index)
+                block_ctx = ctx.replace(kv=caches[i])
             x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, block_ctx)
             auxes.append(aux)
         merged = merge_aux(auxes)
@@ -110,16 +115,15 @@ class Transformer(nnx.Module):
         if cache is not None and routing != "causal":
             raise ConfigError("decoding with a KV cache routes causally: pass routing='causal'")
         dt = jnp.dtype(cfg.compute_dtype)
-        ctx = {
-            "positions": positions_BxL,
-            "segment_ids": segment_ids_BxL,
-            "modality": modality_BxL,
-            "capture": capture,
-            "routing": routing,
-            "cache_index": cache_index,
-        }
-        if cache is None:
-            ctx["attn_mask"] = segment_causal_mask(segment_ids_BxL)
+        ctx = Context(
+            positions=positions_BxL,
+            segment_ids=segment_ids_BxL,
+            modality=modality_BxL,
+            attn_mask=segment_causal_mask(segment_ids_BxL) if cache is None else None,
+            cache_index=cache_index,
+            causal=routing == "causal",
+            capture=capture,
+        )
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
 
         graphdef, units_state = nnx.split(self.units)
@@ -129,7 +133,7 @@ class Transformer(nnx.Module):
             unit = nnx.merge(graphdef, unit_state)
             # No key (evaluation): routers run without noise.
             key = None if routing_key is None else jax.random.fold_in(routing_key, index)
-            return unit(x, {**ctx, "routing_key": key, "cache": unit_cache})
+            return unit(x, ctx.replace(routing_key=key), unit_cache)
 
         if cfg.remat in _REMAT and cache is None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
