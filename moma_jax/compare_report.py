@@ -14,6 +14,7 @@ from moma_jax.eta import eta, mean_spread, smooth, step_ratio
 from moma_jax.experiments.aux import stage_name
 from moma_jax.experiments.suites import Suite
 from moma_jax.flops import count_params
+from moma_jax.metric_names import split_expert_load, split_layer_metric
 from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.tasks import TASKS
 from moma_jax.train.metrics import read_jsonl
@@ -63,9 +64,10 @@ def _layer_load(record: dict[str, Any]) -> dict[str, list[list[float]]]:
     a metrics record's layer_{i}/moe/{group}/load_{e} keys ({} for runs logged without them)."""
     found: dict[str, dict[int, dict[int, float]]] = {}
     for key, value in record.items():
-        parts = key.split("/")
-        if len(parts) == 4 and parts[0].startswith("layer_") and parts[3].startswith("load_"):
-            layer, group, expert = int(parts[0][6:]), parts[2], int(parts[3][5:])
+        per_layer = split_layer_metric(key)
+        load = split_expert_load(per_layer[1]) if per_layer else None
+        if per_layer and load:
+            (layer, _), (group, expert) = per_layer, load
             found.setdefault(group, {}).setdefault(layer, {})[expert] = float(value)
     return {
         g: [[layers[i][e] for e in sorted(layers[i])] for i in sorted(layers)]

@@ -31,6 +31,7 @@ from moma_jax import tasks
 from moma_jax.analysis import Run, load_run
 from moma_jax.config import ConfigError
 from moma_jax.losses import target_mask_np
+from moma_jax.metric_names import split_layer_metric
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model import aux_router, kinds
 from moma_jax.runtime import enable_compilation_cache
@@ -172,7 +173,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     rates = report.get("aux_routers", {})
-    per_layer = sorted(k for k in rates if k.startswith("layer_") and "balanced" in k)
+    per_layer = sorted(k for k in rates if split_layer_metric(k) and "balanced" in k)
     if per_layer:
         lines.append("  aux routers vs training routers (balanced accuracy, precision, recall):")
         for key in per_layer:

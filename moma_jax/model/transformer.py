@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
+from moma_jax.metric_names import layer_metric
 from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.context import Context
@@ -149,7 +150,7 @@ class Transformer(nnx.Module):
         for j, metrics in aux_U["per_block"].items():
             for k, v_U in metrics.items():
                 for u in range(cfg.n_units):
-                    aux["metrics"][f"layer_{u * blocks + j}/{k}"] = v_U[u]
+                    aux["metrics"][layer_metric(u * blocks + j, k)] = v_U[u]
         if cache is not None:
             aux["cache"] = aux_U["cache"]
         if capture:
