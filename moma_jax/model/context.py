@@ -1,4 +1,5 @@
-"""What a layer receives beside x: the batch's per-token data and the forward pass's modes.
+"""What a layer receives beside x (`Context`: the batch's per-token data and the forward pass's
+modes), and what a layer unit returns beside x (`UnitAux`).
 
 `Context` is a frozen pytree: the arrays are its leaves; the modes (causal routing, capture)
 and the decode cache object are static fields, so a layer branches on them in Python and a
@@ -54,3 +55,22 @@ class Context:
     def present(self) -> jax.Array:
         """[B, L] the tokens present in this layer: `keep`, or else the real tokens."""
         return self.segment_ids > 0 if self.keep is None else self.keep
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UnitAux:
+    """What one layer unit returns beside x; the scan over units stacks every leaf on [U].
+
+    losses: summed over the unit's blocks (added to the objective).
+    metrics: averaged over the unit's blocks.
+    per_block: {j: block j's own metrics}, for the per-layer report (`metric_names`).
+    capture: {j: block j's routing decisions} with `Context.capture`, else {}.
+    cache: {j: block j's updated decode state} when decoding, else {}.
+    """
+
+    losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+    per_block: dict[int, dict[str, jax.Array]]
+    capture: dict[int, Any]
+    cache: dict[int, dict[str, jax.Array]]

@@ -10,7 +10,7 @@ from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.metric_names import layer_metric
 from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.context import Context
+from moma_jax.model.context import Context, UnitAux
 from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
 from moma_jax.model.layers import RMSNorm, param
 
@@ -22,8 +22,8 @@ _REMAT = {
 }
 
 
-def merge_aux(auxes: list[dict]) -> dict:
-    """Combines aux dicts of several layers: losses add up, metrics are averaged."""
+def merge_aux(auxes: list[dict]) -> tuple[dict, dict]:
+    """Combines aux dicts of several layers: (losses added up, metrics averaged)."""
     losses: dict = {}
     metrics: dict = {}
     for aux in auxes:
@@ -31,7 +31,7 @@ def merge_aux(auxes: list[dict]) -> dict:
             losses[k] = losses.get(k, 0.0) + v
         for k, v in aux.get("metrics", {}).items():
             metrics.setdefault(k, []).append(v)
-    return {"losses": losses, "metrics": {k: sum(v) / len(v) for k, v in metrics.items()}}
+    return losses, {k: sum(v) / len(v) for k, v in metrics.items()}
 
 
 class Unit(nnx.Module):
@@ -46,10 +46,9 @@ class Unit(nnx.Module):
 
     def __call__(
         self, x_BxLxD: jax.Array, ctx: Context, cache: dict | None = None
-    ) -> tuple[jax.Array, dict]:
-        """Returns the output and the blocks' aux merged, plus each block's own metrics under
-        "per_block" ({j: metrics}) for the per-layer report. Decoding: `cache` holds this
-        unit's decode state per block ({j: arrays}), updated under aux["cache"]."""
+    ) -> tuple[jax.Array, UnitAux]:
+        """Returns the output and the blocks' aux (`UnitAux`). Decoding: `cache` holds this
+        unit's decode state per block ({j: arrays}), returned updated in UnitAux.cache."""
         auxes, caches = [], {}
         for i in range(self.n_blocks):
             block_ctx = ctx
@@ -59,11 +58,14 @@ class Unit(nnx.Module):
                 block_ctx = ctx.replace(kv=caches[i])
             x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, block_ctx)
             auxes.append(aux)
-        merged = merge_aux(auxes)
-        merged["per_block"] = {j: aux.get("metrics", {}) for j, aux in enumerate(auxes)}
-        merged["capture"] = {j: aux["capture"] for j, aux in enumerate(auxes) if "capture" in aux}
-        merged["cache"] = {j: c.arrays() for j, c in caches.items()}
-        return x_BxLxD, merged
+        losses, metrics = merge_aux(auxes)
+        return x_BxLxD, UnitAux(
+            losses=losses,
+            metrics=metrics,
+            per_block={j: aux.get("metrics", {}) for j, aux in enumerate(auxes)},
+            capture={j: aux["capture"] for j, aux in enumerate(auxes) if "capture" in aux},
+            cache={j: c.arrays() for j, c in caches.items()},
+        )
 
 
 class Transformer(nnx.Module):
@@ -142,21 +144,21 @@ class Transformer(nnx.Module):
             body, x_BxLxD, (units_state, jnp.arange(cfg.n_units), cache), unroll=cfg.scan_unroll
         )
         aux = {
-            "losses": {k: jnp.sum(v) for k, v in aux_U["losses"].items()},
-            "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U["metrics"].items()},
+            "losses": {k: jnp.sum(v) for k, v in aux_U.losses.items()},
+            "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U.metrics.items()},
         }
         # Each layer's own routing metrics beside the averages: layer u * blocks + j.
         blocks = len(cfg.layer_pattern)
-        for j, metrics in aux_U["per_block"].items():
+        for j, metrics in aux_U.per_block.items():
             for k, v_U in metrics.items():
                 for u in range(cfg.n_units):
                     aux["metrics"][layer_metric(u * blocks + j, k)] = v_U[u]
         if cache is not None:
-            aux["cache"] = aux_U["cache"]
+            aux["cache"] = aux_U.cache
         if capture:
             aux["capture"] = {
                 u * blocks + j: jax.tree.map(lambda a, u=u: a[u], groups)
-                for j, groups in aux_U["capture"].items()
+                for j, groups in aux_U.capture.items()
                 for u in range(cfg.n_units)
             }
         x_BxLxD = self.final_norm(x_BxLxD)
