@@ -1,5 +1,8 @@
 """Analytic FLOPs per token, by layer kind, "ideal" and "executed", and parameter counts.
 
+Each layer kind's row (`model/kinds.py`) names its formula here; the whole-model totals
+(`forward_flops_per_token`, `train_flops_per_token`) are summed there over the layer pattern.
+
 Conventions: a multiply-add is 2 FLOPs; training = 3 x forward (backward = 2 x forward; the
 recomputation of rematerialised layers is not model FLOPs). Attention scores and values use the
 causal convention by default: a token at position t attends to t+1 keys, so a row of L tokens
