@@ -31,7 +31,7 @@ from flax import nnx
 from moma_jax import data as data_lib
 from moma_jax.config import ExperimentConfig, MeshConfig
 from moma_jax.modality import IMAGE, MODALITY_NAMES
-from moma_jax.model import Transformer, aux_router
+from moma_jax.model import Transformer, aux_router, kinds
 from moma_jax.sharding import make_mesh
 from moma_jax.train.checkpoint import RunCheckpoints
 from moma_jax.train.metrics import read_jsonl
@@ -251,7 +251,7 @@ def generate(
     top_p, seed): {"text": str, "tokens": [...], "images": [pixels [H, W] or [H, W, C]]}."""
     from moma_jax import sampling as sampler
 
-    aux_router.require_for_causal(run.config, run.workdir)
+    kinds.require_for_causal(run.config, run.workdir)
     data_dir = data_lib.ensure_data(run.config.data.path or None)
     ids = sampler.encode_prompt(prompt, None, None, data_dir)
     options = sampler.Sampling(**sampling)

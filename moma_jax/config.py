@@ -91,22 +91,9 @@ class ModelConfig:
         return tuple(k.removeprefix("mod_") for k in self.layer_pattern)
 
     @property
-    def uses_modality_shares(self) -> bool:
-        """Whether a layer kind sizes its work by `model.moe.modality_shares` (sparse FFN, MoT)."""
-        return self.has_experts or "mot" in self.base_kinds
-
-    @property
     def has_experts(self) -> bool:
         """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN)."""
         return "moe" in self.base_kinds
-
-    @property
-    def needs_aux_routers(self) -> bool:
-        """Whether a router looks at a whole routing group (expert choice with more than one
-        expert in a group, or Mixture-of-Depths), so causal routing needs aux routers."""
-        moe = self.moe
-        ec = self.has_experts and moe.routing == "expert_choice"
-        return self.has_mod or (ec and any(e > 1 for e in moe.group_experts))
 
     @property
     def has_mod(self) -> bool:
@@ -221,8 +208,9 @@ RESUME_SAFE_KEYS = frozenset(
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Checks a config before anything is built; returns it unchanged.
 
-    Layer kinds are checked where layers are built (`model.kinds.check_layer_kinds`; the train
-    command calls it right after this), so config depends on no model code.
+    Layer kinds are checked against their table (`model.kinds.check_layer_kinds`: every kind
+    named and its row complete) by `runtime.experiment_config`, right after this, so config
+    depends on no model code; what a kind reads (modality shares, aux routers) is in its row.
     """
     m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
     for key, value in (

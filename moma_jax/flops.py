@@ -1,5 +1,8 @@
 """Analytic FLOPs per token, by layer kind, "ideal" and "executed", and parameter counts.
 
+Each layer kind's row (`model/kinds.py`) names its formula here; the whole-model totals
+(`forward_flops_per_token`, `train_flops_per_token`) are summed there over the layer pattern.
+
 Conventions: a multiply-add is 2 FLOPs; training = 3 x forward (backward = 2 x forward; the
 recomputation of rematerialised layers is not model FLOPs). Attention scores and values use the
 causal convention by default: a token at position t attends to t+1 keys, so a row of L tokens
@@ -38,7 +41,7 @@ def ffn_flops_per_token(cfg: ModelConfig) -> float:
     return 2 * 3 * cfg.d_model * cfg.resolved_ffn_hidden
 
 
-def _sparse_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+def sparse_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
     """Needs `model.moe.modality_shares` (ConfigError when unset): the ideal count weights each
     group by its token share, and the executed count is what the layer's buffers hold."""
     moe, d = cfg.moe, cfg.d_model
@@ -52,28 +55,20 @@ def _sparse_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float
     return ideal, executed
 
 
-def _dense_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+def dense_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
     flops = attention_flops_per_token(cfg, seq_len, attention) + ffn_flops_per_token(cfg)
     return flops, flops
 
 
-def _mot_layer(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+def mot_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
     """MoT runs each token's projections and FFN with its own modality's weights only
     (`mot.by_modality`): executed = ideal, up to the rounding of each modality's rows (to 8,
     or to a slab of `model.moe.tile_rows` rows where a batch exceeds its share)."""
-    ideal, _ = _dense_layer(cfg, seq_len, attention)
+    ideal, _ = dense_layer_flops(cfg, seq_len, attention)
     return ideal, ideal
 
 
-# Layer kind -> (ideal, executed) forward FLOPs per token.
-LAYER_FLOPS: dict[str, Callable[[ModelConfig, int, str], tuple[float, float]]] = {
-    "dense": _dense_layer,
-    "moe": _sparse_layer,
-    "mot": _mot_layer,
-}
-
-
-def _mod_layer(inner: Callable[[ModelConfig, int, str], tuple[float, float]]):
+def mod_layer_flops(inner: Callable[[ModelConfig, int, str], tuple[float, float]]):
     """Mixture-of-Depths: the router on every token, the wrapped block on the selected share of
     them only, whose attention sees the selected tokens of a sequence (capacity x seq_len)."""
 
@@ -84,20 +79,6 @@ def _mod_layer(inner: Callable[[ModelConfig, int, str], tuple[float, float]]):
         return router + capacity * ideal, router + capacity * executed
 
     return flops
-
-
-for _kind in list(LAYER_FLOPS):
-    LAYER_FLOPS[f"mod_{_kind}"] = _mod_layer(LAYER_FLOPS[_kind])
-
-
-def forward_flops_per_token(
-    cfg: ModelConfig, seq_len: int, attention: str = "causal", executed: bool = False
-) -> float:
-    """Whole-model forward FLOPs per token (LM head included)."""
-    per_unit = sum(
-        LAYER_FLOPS[kind](cfg, seq_len, attention)[int(executed)] for kind in cfg.layer_pattern
-    )
-    return cfg.n_units * per_unit + 2 * cfg.d_model * cfg.vocab_size
 
 
 def aux_router_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
@@ -119,10 +100,6 @@ def aux_router_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
                     routers += share
                     flops += share * (2 * d * (d // 2) + 2 * (d // 2) * experts)
     return cfg.n_units * routers, cfg.n_units * flops
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
-    return 3 * forward_flops_per_token(cfg, seq_len, executed=executed)
 
 
 def count_params(state: nnx.State) -> int:

@@ -12,7 +12,7 @@ from moma_jax import data as data_lib
 from moma_jax import registry
 from moma_jax.config import ExperimentConfig, validate
 from moma_jax.modality import MODALITY_NAMES
-from moma_jax.model.kinds import check_layer_kinds
+from moma_jax.model.kinds import check_layer_kinds, uses_modality_shares
 from moma_jax.overrides import apply_overrides
 
 
@@ -68,7 +68,7 @@ def enable_compilation_cache() -> None:
 def with_data_shares(cfg: ExperimentConfig, manifest: dict) -> ExperimentConfig:
     """Fills model.moe.modality_shares from the data manifest's train split when unset."""
     moe = cfg.model.moe
-    if moe.modality_shares or not cfg.model.uses_modality_shares:
+    if moe.modality_shares or not uses_modality_shares(cfg.model):
         return cfg
     shares = manifest["splits"]["train"]["modality_shares"]
     moe = dataclasses.replace(moe, modality_shares=tuple(shares[n] for n in MODALITY_NAMES))
@@ -78,7 +78,7 @@ def with_data_shares(cfg: ExperimentConfig, manifest: dict) -> ExperimentConfig:
 def resolve_shares(cfg: ExperimentConfig) -> ExperimentConfig:
     """Modality shares from the experiment's data manifest (the bundled data by default), when
     the config does not set them: what training will use, so describe and bench count the same."""
-    if cfg.model.moe.modality_shares or not cfg.model.uses_modality_shares:
+    if cfg.model.moe.modality_shares or not uses_modality_shares(cfg.model):
         return cfg
     manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
     return with_data_shares(cfg, manifest)

@@ -21,7 +21,7 @@ from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.data import text_tokenizers
 from moma_jax.data.images import load_image
-from moma_jax.model import Transformer, aux_router
+from moma_jax.model import Transformer, kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +156,7 @@ def generate(
     """Samples up to `max_tokens` after `prompt` from `model` (the run of `cfg`); returns the
     tokens, the logits each sampled token was drawn from ([N, V], before the grammar), and the
     codes of every image the sampled tokens complete."""
-    aux_router.require_for_causal(cfg)
+    kinds.require_for_causal(cfg)
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     manifest = data_lib.load_manifest(data_dir)
     vocab = data_lib.Vocab.from_dict(manifest["vocab"])

@@ -16,7 +16,7 @@ from moma_jax import registry
 from moma_jax.commands import evaluate, generate, hints
 from moma_jax.commands.cli import main as train_main
 from moma_jax.config import ModelConfig, SparseConfig
-from moma_jax.model import aux_router
+from moma_jax.model import aux_router, kinds
 from moma_jax.sharding import make_mesh
 from moma_jax.train.state import init_state, is_aux_path, make_optimizer
 from moma_jax.train.step import make_train_step
@@ -75,7 +75,7 @@ def test_a_causal_refusal_names_experiments_and_the_command_adds_its_line():
     """The library names the experiments that train the missing aux routers; only the command
     (commands/hints.py) knows the command line."""
     with pytest.raises(aux_router.NoAuxRoutersError) as refused:
-        aux_router.require_for_causal(registry.get("moma_4t4i_tiny"), "runs/base")
+        kinds.require_for_causal(registry.get("moma_4t4i_tiny"), "runs/base")
     assert "moma_4t4i_aux_tiny" in str(refused.value) and "scripts/" not in str(refused.value)
     assert hints.train_aux_routers(refused.value) == (
         "train them: python scripts/train.py --exp moma_4t4i_aux_tiny --init-from runs/base "

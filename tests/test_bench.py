@@ -8,7 +8,7 @@ import pytest
 from moma_jax.bench import runner
 from moma_jax.bench.report import targets
 from moma_jax.bench.runner import bench_config, expert_config
-from moma_jax.flops import train_flops_per_token
+from moma_jax.model.kinds import train_flops_per_token
 
 
 def _report(ratio: float, matmul: float, scaling: float, pipeline: float, executed: float):

@@ -11,8 +11,10 @@ from flax import nnx
 
 from moma_jax import registry
 from moma_jax.commands.describe import describe, main
-from moma_jax.flops import forward_flops_per_token, paper_params
+from moma_jax.flops import paper_params
 from moma_jax.model import Transformer
+from moma_jax.model.context import Context
+from moma_jax.model.kinds import forward_flops_per_token
 from moma_jax.runtime import resolve_shares
 
 
@@ -143,10 +145,8 @@ def test_executed_expert_rows_match_what_the_tiles_run(name):
     modality = np.random.default_rng(0).permutation(np.arange(n) >= n_text).astype(np.int32)
     layer = SparseFFN(cfg.model, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (n // seq, seq, cfg.model.d_model))
-    ctx = {
-        "modality": jnp.asarray(modality.reshape(-1, seq)),
-        "segment_ids": jnp.ones_like(x[..., 0], jnp.int32),
-    }
+    segment_ids = jnp.ones_like(x[..., 0], jnp.int32)
+    ctx = Context(segment_ids, segment_ids, jnp.asarray(modality.reshape(-1, seq)))
     metrics = jax.jit(lambda x: layer(x, ctx)[1]["metrics"])(x)
     assert round(float(metrics["moe/rows_used_frac"]) * moe.static_rows) == moe.executed_rows
     assert moe.executed_rows / (n * 1.0) <= 1.1

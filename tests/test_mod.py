@@ -11,9 +11,9 @@ from flax import nnx
 
 from moma_jax import registry
 from moma_jax.config import ModConfig, ModelConfig, SparseConfig
-from moma_jax.flops import LAYER_FLOPS
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.kinds import build_layer
+from moma_jax.model.context import Context
+from moma_jax.model.kinds import build_layer, layer_flops
 from moma_jax.model.mod import select
 
 
@@ -66,12 +66,12 @@ def _ctx(b=2, length=32, seed=0):
         for i in range(1, length):
             pos[r, i] = pos[r, i - 1] + 1 if seg[r, i] == seg[r, i - 1] else 0
     seg_j = jnp.asarray(seg)
-    return {
-        "segment_ids": seg_j,
-        "positions": jnp.asarray(pos),
-        "modality": jnp.asarray(rng.random((b, length)) < 0.3, jnp.int32),
-        "attn_mask": segment_causal_mask(seg_j),
-    }
+    return Context(
+        segment_ids=seg_j,
+        positions=jnp.asarray(pos),
+        modality=jnp.asarray(rng.random((b, length)) < 0.3, jnp.int32),
+        attn_mask=segment_causal_mask(seg_j),
+    )
 
 
 def _run(layer, x, ctx):
@@ -99,7 +99,7 @@ def test_attention_sees_only_the_selected_tokens():
     x = np.asarray(jax.random.normal(jax.random.key(2), (2, 32, 16)))
     y = np.asarray(_run(layer, jnp.asarray(x), ctx))
     selected = np.any(y != x, axis=-1)
-    r, i = np.argwhere(~selected & (np.asarray(ctx["segment_ids"]) > 0))[0]
+    r, i = np.argwhere(~selected & (np.asarray(ctx.segment_ids) > 0))[0]
     w = np.asarray(layer.router_Dx1[...])[:, 0]
     v = np.random.default_rng(0).normal(size=16).astype(np.float32)
     v -= (v @ w) / (w @ w) * w  # no change to the router logit
@@ -114,8 +114,8 @@ def test_attention_sees_only_the_selected_tokens():
 def test_executed_flops_drop_with_the_capacity():
     cfg, _ = _layer()
     for kind in ("dense", "moe", "mot"):
-        ideal, executed = LAYER_FLOPS[f"mod_{kind}"](cfg, 256, "causal")
-        dense_ideal, dense_executed = LAYER_FLOPS[kind](cfg, 256, "causal")
+        ideal, executed = layer_flops(cfg, f"mod_{kind}", 256)
+        dense_ideal, dense_executed = layer_flops(cfg, kind, 256)
         assert executed < 0.35 * dense_executed and ideal < 0.35 * dense_ideal, kind
 
 

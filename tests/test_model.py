@@ -12,6 +12,7 @@ from moma_jax.config import ModelConfig
 from moma_jax.losses import loss_sums, means_from_sums, target_mask
 from moma_jax.model import Transformer
 from moma_jax.model.attention import segment_causal_mask
+from moma_jax.model.context import Context
 from moma_jax.model.layers import rope
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, z_loss_weight=1e-4)
@@ -114,13 +115,13 @@ def test_scan_stack_equals_layers_applied_one_by_one():
     seg, pos = jnp.ones((2, 6), jnp.int32), jnp.broadcast_to(jnp.arange(6), (2, 6))
     logits, _ = jitted(model)(tokens, seg, pos, jnp.zeros_like(tokens))
     graphdef, state = nnx.split(model.units)
-    ctx = {
-        "positions": pos,
-        "segment_ids": seg,
-        "modality": jnp.zeros_like(tokens),
-        "attn_mask": segment_causal_mask(seg),
-        "routing_key": jax.random.key(0),
-    }
+    ctx = Context(
+        positions=pos,
+        segment_ids=seg,
+        modality=jnp.zeros_like(tokens),
+        attn_mask=segment_causal_mask(seg),
+        routing_key=jax.random.key(0),
+    )
     x = model.embed_VxD[...][tokens]
     for i in range(CFG.n_layers):
         unit = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))

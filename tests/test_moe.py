@@ -13,6 +13,7 @@ from flax import nnx
 
 from moma_jax import registry
 from moma_jax.config import ConfigError, ModelConfig, SparseConfig, validate
+from moma_jax.model.context import Context
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
 
@@ -79,7 +80,8 @@ def oracle(layer: SparseFFN, cfg: ModelConfig, x, modality, segment, concrete=No
 
 
 def run_layer(layer, x, modality, segment):
-    ctx = {"modality": jnp.asarray(modality), "segment_ids": jnp.asarray(segment)}
+    segment = jnp.asarray(segment)  # the sparse FFN reads no positions
+    ctx = Context(positions=segment, segment_ids=segment, modality=jnp.asarray(modality))
     return layer(jnp.asarray(x), ctx)[0]
 
 

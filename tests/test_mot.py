@@ -14,9 +14,11 @@ from flax import nnx
 from moma_jax.config import ModelConfig
 from moma_jax.flops import count_params
 from moma_jax.modality import N_MODALITIES
-from moma_jax.model import LAYER_KINDS, Transformer
+from moma_jax.model import Transformer
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.block import Block
+from moma_jax.model.context import Context
+from moma_jax.model.kinds import build_layer
 from moma_jax.model.mot import UntiedAttention
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, ffn_hidden=24)
@@ -41,23 +43,23 @@ def _build(make: Callable[[], nnx.Module], seed: int, std: float = 0.02) -> Any:
 
 
 def _mot(cfg: ModelConfig, seed: int = 0) -> Any:
-    block = _build(lambda: LAYER_KINDS["mot"](cfg, nnx.Rngs(0)), seed)
+    block = _build(lambda: build_layer(cfg, "mot", nnx.Rngs(0)), seed)
     assert isinstance(block, Block) and isinstance(block.attn, UntiedAttention)
     return block
 
 
-def _ctx(seg_rows, mod_rows) -> dict:
+def _ctx(seg_rows, mod_rows) -> Context:
     seg = np.asarray(seg_rows, np.int32)
     pos = np.zeros_like(seg)
     for i in range(1, seg.shape[1]):
         pos[:, i] = np.where(seg[:, i] == seg[:, i - 1], pos[:, i - 1] + 1, 0)
-    return {
-        "positions": jnp.asarray(pos),
-        "segment_ids": jnp.asarray(seg),
-        "modality": jnp.asarray(mod_rows, jnp.int8),
-        "attn_mask": jax.jit(segment_causal_mask)(seg),
-        "routing_key": jax.random.key(0),
-    }
+    return Context(
+        positions=jnp.asarray(pos),
+        segment_ids=jnp.asarray(seg),
+        modality=jnp.asarray(mod_rows, jnp.int8),
+        attn_mask=jax.jit(segment_causal_mask)(seg),
+        routing_key=jax.random.key(0),
+    )
 
 
 def _x(cfg: ModelConfig, seed: int) -> jax.Array:
@@ -69,13 +71,13 @@ def _apply(graphdef, state, x_BxLxD, ctx):
     return nnx.merge(graphdef, state)(x_BxLxD, ctx)
 
 
-def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: dict):
+def _forward(layer: nnx.Module, x_BxLxD: jax.Array, ctx: Context):
     return _apply(*nnx.split(layer), x_BxLxD, ctx)
 
 
 def _dense_copy(cfg: ModelConfig, mot: Any, m: int) -> Any:
     """A dense `Block` holding modality m's slice of the MoT weights."""
-    dense = _build(lambda: LAYER_KINDS["dense"](cfg, nnx.Rngs(0)), seed=99)
+    dense = _build(lambda: build_layer(cfg, "dense", nnx.Rngs(0)), seed=99)
     copies = [
         (dense.attn.wq_DxHxDh, mot.attn.wq_MxDxHxDh),
         (dense.attn.wk_DxHxDh, mot.attn.wk_MxDxHxDh),
@@ -209,7 +211,7 @@ def test_mixed_sequence_matches_numpy_reference(norm_order, qk_norm):
             "ks": f64(a.k_norm.scale_MxDh),
             "kb": f64(a.k_norm.bias_MxDh),
         }
-    pos = np.asarray(ctx["positions"])
+    pos = np.asarray(ctx.positions)
     for b in range(2):
         want = _np_mot_row(cfg, w, np.asarray(x[b], np.float64), SEG, pos[b], mod_rows[b])
         np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
@@ -264,7 +266,7 @@ def test_mot_transformer_runs_a_mixed_batch():
     ctx = _ctx([SEG], [MOD])
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (1, len(SEG))))
     fn = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
-    logits, aux = fn(state, tokens, ctx["segment_ids"], ctx["positions"], ctx["modality"])
+    logits, aux = fn(state, tokens, ctx.segment_ids, ctx.positions, ctx.modality)
     assert logits.shape == (1, len(SEG), cfg.vocab_size) and np.isfinite(logits).all()
     assert aux == {"losses": {}, "metrics": {}}
 
@@ -285,7 +287,7 @@ def _masked_block(mot, x, ctx):
     from moma_jax.model.attention import attend
     from moma_jax.model.layers import swiglu
 
-    mod, a = ctx["modality"], mot.attn
+    mod, a = ctx.modality, mot.attn
     w = {n: getattr(a, n)[...] for n in ("wq_MxDxHxDh", "wk_MxDxHxDh", "wv_MxDxHxDh")}
 
     def attn(h):

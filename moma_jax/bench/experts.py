@@ -27,6 +27,7 @@ from moma_jax import host_memory
 from moma_jax.bench.measure import machine, median
 from moma_jax.bench.report import gpu_peak
 from moma_jax.config import ModelConfig, SparseConfig
+from moma_jax.model.context import Context
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
 
@@ -79,7 +80,8 @@ def ffn_grad_fn(
     graphdef, params = nnx.split(layer)
 
     def total(params, x_BxLxD, modality_BxL, segment_ids_BxL):
-        ctx = {"modality": modality_BxL, "segment_ids": segment_ids_BxL}
+        # The feed-forward reads no positions.
+        ctx = Context(jnp.zeros_like(segment_ids_BxL), segment_ids_BxL, modality_BxL)
         y_BxLxD, _ = nnx.merge(graphdef, params)(x_BxLxD, ctx)
         return jnp.sum(y_BxLxD.astype(jnp.float32))
 

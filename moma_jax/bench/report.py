@@ -8,7 +8,8 @@ import jax
 
 from moma_jax.bench.measure import Sample, diagnostics, median, spread
 from moma_jax.config import ExperimentConfig, ModelConfig
-from moma_jax.flops import LAYER_FLOPS, attention_flops_per_token, train_flops_per_token
+from moma_jax.flops import attention_flops_per_token
+from moma_jax.model.kinds import layer_flops, train_flops_per_token
 
 DENSE = "dense"
 SPARSE_ARCHS = ("moe_8x", "moma_1t1i", "moma_4t4i", "mot", "mod_dense", "mod_moma_4t4i")
@@ -116,7 +117,7 @@ def ffn_side_executed_over_ideal(cfg: ModelConfig, seq_len: int) -> float:
     FFN side's buffer and masked-compute overhead (MoT's includes its untied projections)."""
     attention = len(cfg.layer_pattern) * attention_flops_per_token(cfg, seq_len)
     ideal, executed = (
-        sum(LAYER_FLOPS[k](cfg, seq_len, "causal")[i] for k in cfg.layer_pattern) for i in (0, 1)
+        sum(layer_flops(cfg, k, seq_len)[i] for k in cfg.layer_pattern) for i in (0, 1)
     )
     return (executed - attention) / (ideal - attention)
 

@@ -21,6 +21,7 @@ from moma_jax import host_memory
 from moma_jax.commands.compare_plots import plots
 from moma_jax.commands.compare_report import markdown, report, run_dir
 from moma_jax.config import ConfigError
+from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.registry import stage_name
 from moma_jax.runtime import (
     add_experiments_module_arg,
@@ -50,7 +51,11 @@ def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> N
             workdir = run_dir(root, suite, exp, seed)
             print(f"[compare] {exp} seed {seed} -> {workdir}", file=sys.stderr, flush=True)
             train(cfg, workdir)
-            if suite.aux_stages and cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
+            if (
+                suite.aux_stages
+                and needs_aux_routers(cfg.model)
+                and cfg.model.aux_routers == "none"
+            ):
                 # The post-hoc aux-router stage, for causal losses (docs/sparsity.md).
                 stage = stage_name(exp)
                 stage_cfg = experiment_config(stage, [*keys, f"run.init_from={workdir.absolute()}"])

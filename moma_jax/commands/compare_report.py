@@ -16,6 +16,8 @@ from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
 from moma_jax.eta import eta, mean_spread, smooth, step_ratio
 from moma_jax.flops import count_params
+from moma_jax.metric_names import split_expert_load, split_layer_metric
+from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.registry import stage_name
 from moma_jax.suites import Suite
 from moma_jax.tasks import TASKS
@@ -66,9 +68,10 @@ def _layer_load(record: dict[str, Any]) -> dict[str, list[list[float]]]:
     a metrics record's layer_{i}/moe/{group}/load_{e} keys ({} for runs logged without them)."""
     found: dict[str, dict[int, dict[int, float]]] = {}
     for key, value in record.items():
-        parts = key.split("/")
-        if len(parts) == 4 and parts[0].startswith("layer_") and parts[3].startswith("load_"):
-            layer, group, expert = int(parts[0][6:]), parts[2], int(parts[3][5:])
+        per_layer = split_layer_metric(key)
+        load = split_expert_load(per_layer[1]) if per_layer else None
+        if per_layer and load:
+            (layer, _), (group, expert) = per_layer, load
             found.setdefault(group, {}).setdefault(layer, {})[expert] = float(value)
     return {
         g: [[layers[i][e] for e in sorted(layers[i])] for i in sorted(layers)]
@@ -220,7 +223,7 @@ def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, 
     or "missing" (it needs aux routers and has none)."""
     workdir = run_dir(root, suite, exp, seed)
     cfg = load_run(workdir).config
-    if not cfg.model.needs_aux_routers:
+    if not needs_aux_routers(cfg.model):
         return workdir, "same"
     if cfg.model.aux_routers != "none":
         return workdir, "joint"

@@ -8,15 +8,9 @@ import sys
 
 from moma_jax.commands import aot
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.flops import (
-    LAYER_FLOPS,
-    active_params,
-    aux_router_flops_per_token,
-    count_params,
-    forward_flops_per_token,
-    paper_params,
-)
+from moma_jax.flops import active_params, aux_router_flops_per_token, count_params, paper_params
 from moma_jax.modality import MODALITY_NAMES
+from moma_jax.model.kinds import forward_flops_per_token, layer_flops, layer_kind
 from moma_jax.runtime import (
     add_experiment_args,
     experiment_config,
@@ -35,24 +29,9 @@ def describe(cfg: ExperimentConfig) -> dict:
     _, params = abstract_params(cfg)
     plan = []
     for kind in m.layer_pattern:
-        ideal, executed = LAYER_FLOPS[kind](m, seq, "causal")
+        ideal, executed = layer_flops(m, kind, seq)
         entry = {"kind": kind, "flops_ideal": ideal, "flops_executed": executed}
-        if kind == "moe":
-            entry.update(
-                groups=[
-                    {
-                        "name": moe.group_name(g),
-                        "experts": moe.group_experts[g],
-                        "slots": moe.group_slots(g),
-                        "first_slots": moe.first_slots(g),
-                        "slab_slots": moe.slab_slots(g),
-                    }
-                    for g in range(moe.n_groups)
-                ],
-                routing=moe.routing,
-                capacity=moe.capacity,
-                routing_group_tokens=moe.routing_group_tokens,
-            )
+        entry.update(layer_kind(kind).describe(m))  # the kind's own fields (expert groups)
         plan.append(entry)
     # Table 1's formula counts every expert of every group: E = sum of the groups' experts.
     experts = moe.n_experts if m.has_experts else 1
@@ -115,7 +94,7 @@ def table(info: dict) -> str:
     lines.append(f"    {'#':>2}  {'kind':6} {'ideal':>8} {'executed':>9}  routing")
     for i, entry in enumerate(plan["unit"]):
         routing = ""
-        if entry["kind"] == "moe":
+        if "groups" in entry:
             groups = "; ".join(
                 f"{g['name']}: {g['experts']} experts x {g['slots']} slots, "
                 f"{g['first_slots']} always run, then slabs of {g['slab_slots']}"

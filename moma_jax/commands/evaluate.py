@@ -32,8 +32,9 @@ from moma_jax.analysis import Run, load_run
 from moma_jax.commands import hints
 from moma_jax.config import ConfigError
 from moma_jax.losses import target_mask_np
+from moma_jax.metric_names import split_layer_metric
 from moma_jax.modality import MODALITY_NAMES
-from moma_jax.model import aux_router
+from moma_jax.model import aux_router, kinds
 from moma_jax.runtime import enable_compilation_cache
 from moma_jax.train.state import abstract_params
 
@@ -67,7 +68,7 @@ def evaluate(
     if routing not in ROUTINGS:
         raise ConfigError(f"--routing {routing!r} is not one of {ROUTINGS}")
     if routing == "causal":
-        aux_router.require_for_causal(cfg, run.workdir)
+        kinds.require_for_causal(cfg, run.workdir)
     if batches is not None and batches < 1:
         raise ConfigError(f"--batches {batches}: must be >= 1 (default: run.eval_batches)")
     step, params = run.restore(step)
@@ -119,7 +120,7 @@ def causality_leak(
     share of positions that moved by more than 1e-6, and the change of the loss on targets <= t."""
     cfg = run.config
     if routing == "causal":
-        aux_router.require_for_causal(cfg, run.workdir)
+        kinds.require_for_causal(cfg, run.workdir)
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     vocab = data_lib.Vocab.from_dict(data_lib.load_manifest(data_dir)["vocab"])
     batch = data_lib.eval_batches(
@@ -173,7 +174,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
     ]
     rates = report.get("aux_routers", {})
-    per_layer = sorted(k for k in rates if k.startswith("layer_") and "balanced" in k)
+    per_layer = sorted(k for k in rates if split_layer_metric(k) and "balanced" in k)
     if per_layer:
         lines.append("  aux routers vs training routers (balanced accuracy, precision, recall):")
         for key in per_layer:

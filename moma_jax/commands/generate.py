@@ -27,7 +27,7 @@ from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
 from moma_jax.commands import hints
 from moma_jax.config import ConfigError
-from moma_jax.model import aux_router
+from moma_jax.model import aux_router, kinds
 from moma_jax.runtime import enable_compilation_cache
 from moma_jax.safe_io import refuse_symlink, write_atomic, write_atomic_bytes
 from moma_jax.sampling import Sampling, decode, encode_prompt, generate
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.workdir)
         if not run.steps:
             raise ConfigError(f"{args.workdir} has no checkpoint yet")
-        aux_router.require_for_causal(run.config, run.workdir)
+        kinds.require_for_causal(run.config, run.workdir)
         ids = None
         if args.tokens is not None:
             try:

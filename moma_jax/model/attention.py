@@ -9,9 +9,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ModelConfig
+from moma_jax.model.context import Context
 from moma_jax.model.layers import LayerNorm, param, rope
 
-Norm = Callable[[jax.Array, dict], jax.Array]
+Norm = Callable[[jax.Array, Context], jax.Array]
 
 
 def segment_causal_mask(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -30,29 +31,27 @@ def attend(
     q_BxLxHxDh: jax.Array,
     k_BxLxHxDh: jax.Array,
     v_BxLxHxDh: jax.Array,
-    ctx: dict,
+    ctx: Context,
     qk_norm: tuple[Norm, Norm] | None,
     rope_theta: float,
 ) -> jax.Array:
     """The attention sequence every layer kind shares, after its own q/k/v projections:
 
     1. QK-norm (Chameleon: LayerNorm over head_dim, shared by heads), when enabled;
-    2. RoPE at each token's position (`ctx["positions"]`);
-    3. softmax attention under `ctx["attn_mask"]` (segment-aware causal), or, when decoding,
-       over the keys of `ctx["kv"]` (`model/cache.py`) after appending this call's.
+    2. RoPE at each token's position (`ctx.positions`);
+    3. softmax attention under `ctx.attn_mask` (segment-aware causal), or, when decoding,
+       over the keys of `ctx.kv` (`model/cache.py`) after appending this call's.
     Returns the per-head outputs [B, L, H, Dh], before the output projection.
     """
     if qk_norm is not None:
         q_norm, k_norm = qk_norm
         q_BxLxHxDh, k_BxLxHxDh = q_norm(q_BxLxHxDh, ctx), k_norm(k_BxLxHxDh, ctx)
-    q_BxLxHxDh = rope(q_BxLxHxDh, ctx["positions"], rope_theta)
-    k_BxLxHxDh = rope(k_BxLxHxDh, ctx["positions"], rope_theta)
-    cache = ctx.get("kv")
-    if cache is None:
-        mask = ctx["attn_mask"]
+    q_BxLxHxDh = rope(q_BxLxHxDh, ctx.positions, rope_theta)
+    k_BxLxHxDh = rope(k_BxLxHxDh, ctx.positions, rope_theta)
+    if ctx.kv is None:
+        mask = ctx.attn_mask
     else:
-        keep_BxL = ctx.get("keep", ctx["segment_ids"] > 0)
-        k_BxLxHxDh, v_BxLxHxDh, mask = cache.append(k_BxLxHxDh, v_BxLxHxDh, keep_BxL)
+        k_BxLxHxDh, v_BxLxHxDh, mask = ctx.kv.append(k_BxLxHxDh, v_BxLxHxDh, ctx.present())
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask=mask)
 
 
@@ -73,7 +72,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> jax.Array:
         dt = self.compute_dtype
         x = x_BxLxD.astype(dt)
         q, k, v = (

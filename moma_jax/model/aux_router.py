@@ -75,13 +75,6 @@ class NoAuxRoutersError(ConfigError):
         )
 
 
-def require_for_causal(cfg: ExperimentConfig, workdir: object = "the run") -> None:
-    """Causal routing needs aux routers where a router ranks whole routing groups; a run of
-    `cfg` without them is refused (NoAuxRoutersError)."""
-    if cfg.model.needs_aux_routers and cfg.model.aux_routers == "none":
-        raise NoAuxRoutersError(cfg, workdir)
-
-
 def bce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean binary cross-entropy over the masked entries (mask broadcasts against logits)."""
     t = targets.astype(jnp.float32)

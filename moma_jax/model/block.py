@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from moma_jax.config import ModelConfig
+from moma_jax.model.context import Context
 from moma_jax.sharding import constrain
 
 ACTIVATION = ("batch", "length", None)  # rows over the batch axes; D whole (FSDP shards weights)
@@ -20,7 +21,7 @@ class Block(nnx.Module):
     Every layer kind is this block with other parts (`model/kinds.py`): `attn` maps (x, ctx) ->
     y; `ffn` maps (x, ctx) -> (y, aux), where aux holds on-device values (entries under
     "losses" are added to the objective, entries under "metrics" are reported); norms map
-    (x, ctx) -> x (MoT's read each token's modality from ctx).
+    (x, ctx) -> x (MoT's read each token's modality from ctx, a `model.context.Context`).
     """
 
     def __init__(
@@ -38,7 +39,7 @@ class Block(nnx.Module):
         self.ffn_norm = ffn_norm
         self.post_norm = cfg.norm_order == "post"
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         """The residual stream enters and leaves sharded by rows (`sharding.constrain`: a
         no-op on one device)."""
         dt = x_BxLxD.dtype

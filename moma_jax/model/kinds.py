@@ -1,23 +1,186 @@
-"""Layer kinds: the names `model.layer_pattern` may use, each a constructor of one layer.
+"""Layer kinds: the names `model.layer_pattern` may use, one `LayerKind` row per name.
 
-A layer maps (x_BxLxD, ctx) -> (x_BxLxD, aux). Every kind is the one residual `Block` with
-different parts; layers never ask which model they belong to, and families differ only by the
-kinds in their pattern and by their config.
+A row holds everything the framework needs of a kind: how to build one layer, its forward
+FLOPs per token (ideal and executed), whether it reads `model.moe.modality_shares`, whether
+causal routing needs aux routers for it, what it carries between decode calls, the logical axes
+its parameters name (with their mesh axes) and its extra fields in the describe report. Config
+building (`runtime.experiment_config`), the FLOPs totals, describe, the decode cache and the
+sharding rules all read this table, so a kind missing an entry is refused when the config is
+built (`check_layer_kinds`), never after training starts. A new kind is one
+`register_layer_kind(name, LayerKind(...))`, from any module (tests/test_extend_kind.py).
+
+A layer maps (x_BxLxD, ctx) -> (x_BxLxD, aux). Every built-in kind is the one residual `Block`
+with different parts; layers never ask which model they belong to, and families differ only by
+the kinds in their pattern and by their config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
+import jax
 from flax import nnx
 
-from moma_jax.config import ConfigError, ModelConfig
+from moma_jax import flops as flops_lib
+from moma_jax import sharding
+from moma_jax.config import ConfigError, ExperimentConfig, ModelConfig
+from moma_jax.model import aux_router
+from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import Attention
 from moma_jax.model.block import Block
 from moma_jax.model.layers import RMSNorm, SwiGLU
 from moma_jax.model.mod import MoDBlock
 from moma_jax.model.moe import SparseFFN
 from moma_jax.model.mot import UntiedAttention, UntiedRMSNorm, UntiedSwiGLU
+
+Build = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
+# (cfg, seq_len, attention) -> (ideal, executed) forward FLOPs per token; see flops.py.
+Flops = Callable[[ModelConfig, int, str], tuple[float, float]]
+# (cfg, batch, length) -> the arrays one layer carries between decode calls (a KV cache).
+DecodeState = Callable[[ModelConfig, int, int], dict[str, jax.Array]]
+ShardingRules = Mapping[str, str | tuple[str, ...] | None]
+
+
+def _never(cfg: ModelConfig) -> bool:
+    return False
+
+
+def _no_fields(cfg: ModelConfig) -> dict[str, Any]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """One layer kind. `build`, `flops`, `sharding` and `decode_state` have no default that
+    could be right for every kind: a row leaving one unset is refused by `check_layer_kinds`.
+
+    build: (cfg, rngs) -> the layer, a module mapping (x_BxLxD, ctx) -> (x_BxLxD, aux).
+    flops: (cfg, seq_len, attention) -> (ideal, executed) forward FLOPs per token.
+    sharding: every logical axis its parameters name -> mesh axes (`sharding.LOGICAL_RULES`;
+        registering adds new names there and refuses a name mapped differently).
+    decode_state: (cfg, batch, length) -> the arrays it carries between decode calls, received
+        as `ctx.kv` (a `model.cache.KVCache`); "none" for a kind that carries nothing.
+    reads_modality_shares: whether it sizes its work by `model.moe.modality_shares`.
+    needs_aux_routers: (cfg) -> whether one of its routers ranks whole routing groups, so
+        causal routing needs aux routers.
+    describe: (cfg) -> extra fields of its entry in the describe report's layer plan.
+    """
+
+    build: Build | None = None
+    flops: Flops | None = None
+    sharding: ShardingRules | None = None
+    decode_state: DecodeState | Literal["none"] | None = None
+    reads_modality_shares: bool = False
+    needs_aux_routers: Callable[[ModelConfig], bool] = _never
+    describe: Callable[[ModelConfig], dict[str, Any]] = _no_fields
+
+    def missing(self) -> list[str]:
+        """The entries left unset."""
+        return [
+            f for f in ("build", "flops", "sharding", "decode_state") if getattr(self, f) is None
+        ]
+
+
+LAYER_KINDS: dict[str, LayerKind] = {}
+
+
+def register_layer_kind(name: str, row: LayerKind) -> LayerKind:
+    """Adds a kind to the table (ConfigError for a taken name or a logical axis that
+    `sharding.LOGICAL_RULES` maps differently). An incomplete row is accepted here and refused
+    by `check_layer_kinds` when a config naming it is built."""
+    if name in LAYER_KINDS:
+        raise ConfigError(f"layer kind {name!r} is already registered")
+    rules = sharding.LOGICAL_RULES
+    for axis, target in (row.sharding or {}).items():
+        if rules.get(axis, target) != target:
+            raise ConfigError(
+                f"layer kind {name!r} maps logical axis {axis!r} to {target!r}, but "
+                f"sharding.LOGICAL_RULES maps it to {rules[axis]!r}"
+            )
+    rules.update(row.sharding or {})
+    LAYER_KINDS[name] = row
+    return row
+
+
+def layer_kind(name: str) -> LayerKind:
+    """The row of `name` (ConfigError naming the known kinds otherwise)."""
+    if name not in LAYER_KINDS:
+        raise ConfigError(f"unknown layer kind {name!r}; known: {sorted(LAYER_KINDS)}")
+    return LAYER_KINDS[name]
+
+
+def check_layer_kinds(cfg: ModelConfig) -> None:
+    """Every entry of `model.layer_pattern` names a complete row (ConfigError otherwise)."""
+    unknown = [k for k in cfg.layer_pattern if k not in LAYER_KINDS]
+    if unknown:
+        raise ConfigError(
+            f"model.layer_pattern has unknown layer kinds {unknown}; known: {sorted(LAYER_KINDS)}"
+        )
+    for kind in dict.fromkeys(cfg.layer_pattern):
+        missing = LAYER_KINDS[kind].missing()
+        if missing:
+            raise ConfigError(
+                f"layer kind {kind!r} (model.layer_pattern) is registered without "
+                f"{', '.join(missing)}; give its LayerKind row every entry"
+            )
+
+
+def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:
+    build = layer_kind(kind).build
+    assert build is not None  # check_layer_kinds ran when the Transformer was built
+    return build(cfg, rngs)
+
+
+# ---- what the framework asks of a whole pattern ----------------------------------------------
+
+
+def layer_flops(
+    cfg: ModelConfig, kind: str, seq_len: int, attention: str = "causal"
+) -> tuple[float, float]:
+    """(ideal, executed) forward FLOPs per token of one layer of `kind`."""
+    flops = layer_kind(kind).flops
+    if flops is None:
+        raise ConfigError(f"layer kind {kind!r} is registered without flops")
+    return flops(cfg, seq_len, attention)
+
+
+def forward_flops_per_token(
+    cfg: ModelConfig, seq_len: int, attention: str = "causal", executed: bool = False
+) -> float:
+    """Whole-model forward FLOPs per token (LM head included)."""
+    per_unit = sum(
+        layer_flops(cfg, kind, seq_len, attention)[int(executed)] for kind in cfg.layer_pattern
+    )
+    return cfg.n_units * per_unit + 2 * cfg.d_model * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
+    """Training = 3 x forward (backward = 2 x forward; remat recomputation not counted)."""
+    return 3 * forward_flops_per_token(cfg, seq_len, executed=executed)
+
+
+def uses_modality_shares(cfg: ModelConfig) -> bool:
+    """Whether a layer kind of the pattern sizes its work by `model.moe.modality_shares`."""
+    return any(layer_kind(k).reads_modality_shares for k in cfg.layer_pattern)
+
+
+def needs_aux_routers(cfg: ModelConfig) -> bool:
+    """Whether a router of the pattern looks at a whole routing group (expert choice with more
+    than one expert in a group, or Mixture-of-Depths), so causal routing needs aux routers."""
+    return any(layer_kind(k).needs_aux_routers(cfg) for k in cfg.layer_pattern)
+
+
+def require_for_causal(cfg: ExperimentConfig, workdir: object = "the run") -> None:
+    """Causal routing needs aux routers where a router ranks whole routing groups; a run of
+    `cfg` without them is refused (`aux_router.NoAuxRoutersError`, naming the experiments that
+    train them)."""
+    if needs_aux_routers(cfg.model) and cfg.model.aux_routers == "none":
+        raise aux_router.NoAuxRoutersError(cfg, workdir)
+
+
+# ---- the built-in kinds ----------------------------------------------------------------------
 
 
 def _shared_attention_block(cfg: ModelConfig, ffn: nnx.Module, rngs: nnx.Rngs) -> Block:
@@ -52,34 +215,96 @@ def mot_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     )
 
 
-LAYER_KINDS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
-    "dense": dense_block,
-    "moe": sparse_block,
-    "mot": mot_block,
-}
+def kv_decode_state(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
+    """An attention layer's KV cache (`model/cache.py`)."""
+    dt = jax.numpy.dtype(cfg.compute_dtype)
+    return kv_cache.empty(batch, length, cfg.n_heads, cfg.resolved_head_dim, dt)
 
 
-def _mod(build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]):
+def _rules(*axes: str) -> dict[str, str | tuple[str, ...] | None]:
+    return {a: sharding.LOGICAL_RULES[a] for a in axes}
+
+
+def _sparse_needs_aux_routers(cfg: ModelConfig) -> bool:
+    moe = cfg.moe
+    return moe.routing == "expert_choice" and any(e > 1 for e in moe.group_experts)
+
+
+def _sparse_describe(cfg: ModelConfig) -> dict[str, Any]:
+    moe = cfg.moe
+    groups = [
+        {
+            "name": moe.group_name(g),
+            "experts": moe.group_experts[g],
+            "slots": moe.group_slots(g),
+            "first_slots": moe.first_slots(g),
+            "slab_slots": moe.slab_slots(g),
+        }
+        for g in range(moe.n_groups)
+    ]
+    return {
+        "groups": groups,
+        "routing": moe.routing,
+        "capacity": moe.capacity,
+        "routing_group_tokens": moe.routing_group_tokens,
+    }
+
+
+_ATTENTION_AXES = ("embed", "heads", "head_dim", "mlp", "norm")
+
+register_layer_kind(
+    "dense",
+    LayerKind(
+        build=dense_block,
+        flops=flops_lib.dense_layer_flops,
+        sharding=_rules(*_ATTENTION_AXES),
+        decode_state=kv_decode_state,
+    ),
+)
+register_layer_kind(
+    "moe",
+    LayerKind(
+        build=sparse_block,
+        flops=flops_lib.sparse_layer_flops,
+        sharding=_rules(*_ATTENTION_AXES, "expert"),
+        decode_state=kv_decode_state,
+        reads_modality_shares=True,
+        needs_aux_routers=_sparse_needs_aux_routers,
+        describe=_sparse_describe,
+    ),
+)
+register_layer_kind(
+    "mot",
+    LayerKind(
+        build=mot_block,
+        flops=flops_lib.mot_layer_flops,
+        sharding=_rules(*_ATTENTION_AXES, "modality"),
+        decode_state=kv_decode_state,
+        reads_modality_shares=True,
+    ),
+)
+
+
+def mod_kind(inner: LayerKind) -> LayerKind:
+    """Mixture-of-Depths around `inner` (model/mod.py): its router on every token, the inner
+    layer on the selected share of them; causal routing needs its aux router."""
+    build, flops = inner.build, inner.flops
+
     def mod_block(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         """Mixture-of-Depths around the kind (model/mod.py)."""
+        assert build is not None
         return MoDBlock(cfg, build, rngs=rngs)
 
-    return mod_block
+    return dataclasses.replace(
+        inner,
+        build=None if build is None else mod_block,
+        flops=None if flops is None else flops_lib.mod_layer_flops(flops),
+        sharding=None if inner.sharding is None else {**inner.sharding, **_rules("embed")},
+        needs_aux_routers=lambda cfg: True,
+        describe=_no_fields,
+    )
 
 
 # Mixture-of-Depths around each kind: mod_dense, mod_moe, mod_mot.
-for _kind, _build in list(LAYER_KINDS.items()):
-    LAYER_KINDS[f"mod_{_kind}"] = _mod(_build)
-
-
-def check_layer_kinds(cfg: ModelConfig) -> None:
-    """Every entry of `model.layer_pattern` names a layer kind (ConfigError otherwise)."""
-    unknown = [k for k in cfg.layer_pattern if k not in LAYER_KINDS]
-    if unknown:
-        raise ConfigError(
-            f"model.layer_pattern has unknown layer kinds {unknown}; known: {sorted(LAYER_KINDS)}"
-        )
-
-
-def build_layer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:
-    return LAYER_KINDS[kind](cfg, rngs)
+for _kind in ("dense", "moe", "mot"):
+    register_layer_kind(f"mod_{_kind}", mod_kind(LAYER_KINDS[_kind]))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ModelConfig
+from moma_jax.model.context import Context
 
 Axes = tuple[str | None, ...]
 
@@ -62,7 +63,7 @@ class RMSNorm(nnx.Module):
         self.scale = ones_param((dim,), ("norm",), cfg.param_dtype)
         self.eps = cfg.norm_eps
 
-    def __call__(self, x: jax.Array, ctx: dict | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: Context | None = None) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)
 
 
@@ -74,7 +75,7 @@ class LayerNorm(nnx.Module):
         self.bias = zeros_param((dim,), ("norm",), cfg.param_dtype)
         self.eps = cfg.norm_eps
 
-    def __call__(self, x: jax.Array, ctx: dict | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: Context | None = None) -> jax.Array:
         return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
@@ -124,7 +125,7 @@ class SwiGLU(nnx.Module):
         self.w_down_FxD = param(rngs, (f, d), ("mlp", "embed"), std, dt)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         dt = self.compute_dtype
         w_gate, w_up, w_down = (
             w[...].astype(dt) for w in (self.w_gate_DxF, self.w_up_DxF, self.w_down_FxD)

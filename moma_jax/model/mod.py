@@ -15,7 +15,7 @@ modality split:
 
 The executed FLOPs drop with the capacity (a gathered buffer, not a mask over all tokens).
 
-With `ctx["routing"] == "causal"` a token goes through the block iff its aux router's score is
+With `ctx.causal` a token goes through the block iff its aux router's score is
 > 0.5 (`model/aux_router.py`; the main router still gives the weight): no capacity, no
 regrouping, rows kept as they are; the block runs on every position with the skipped ones as
 segment 0 (so no selected token sees them; a KV cache marks them absent, `model/cache.py`).
@@ -33,6 +33,7 @@ from flax import nnx
 from moma_jax.config import ModelConfig, mod_inner_config, mod_selected_tokens
 from moma_jax.model import aux_router
 from moma_jax.model.attention import segment_causal_mask
+from moma_jax.model.context import Context
 from moma_jax.model.layers import param
 
 
@@ -60,8 +61,8 @@ class MoDBlock(nnx.Module):
         self.k = mod_selected_tokens(cfg)
         self.aux_router = aux_router.maybe_aux_router(cfg, 1, rngs)
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
-        if ctx.get("routing") == "causal":
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
+        if ctx.causal:
             return self._causal(x_BxLxD, ctx)
         b, length, d = x_BxLxD.shape
         n, k = self.group, self.k
@@ -71,7 +72,7 @@ class MoDBlock(nnx.Module):
         def grouped(a_BxL: jax.Array) -> jax.Array:
             return a_BxL.reshape(g, n)
 
-        segment_GxN = grouped(ctx["segment_ids"])
+        segment_GxN = grouped(ctx.segment_ids)
         w_D = self.router_Dx1[...][:, 0].astype(jnp.float32)
         logits_GxN = jnp.einsum("gnd,d->gn", x_GxNxD.astype(jnp.float32), w_D)
         index_GxK, chosen_GxK = select(logits_GxN, segment_GxN > 0, k)
@@ -85,13 +86,12 @@ class MoDBlock(nnx.Module):
         seg_GxK = jnp.where(
             chosen_GxK, gather(row_GxN) * (jnp.max(segment_GxN) + 1) + gather(segment_GxN), 0
         )
-        inner_ctx = {
-            **ctx,
-            "positions": gather(grouped(ctx["positions"])),
-            "segment_ids": seg_GxK,
-            "modality": gather(grouped(ctx["modality"])),
-            "attn_mask": segment_causal_mask(seg_GxK),
-        }
+        inner_ctx = ctx.replace(
+            positions=gather(grouped(ctx.positions)),
+            segment_ids=seg_GxK,
+            modality=gather(grouped(ctx.modality)),
+            attn_mask=segment_causal_mask(seg_GxK),
+        )
         xs_GxKxD = jnp.take_along_axis(x_GxNxD, index_GxK[..., None], axis=1)
         ys_GxKxD, aux = self.block(xs_GxKxD, inner_ctx)
         weight_GxK = jax.nn.sigmoid(gather(logits_GxN))
@@ -116,7 +116,7 @@ class MoDBlock(nnx.Module):
             aux["losses"] = {**aux.get("losses", {}), **{f"mod/{k}": v for k, v in losses.items()}}
             metrics.update({f"mod/{k}": v for k, v in counts.items()})
         aux["metrics"] = metrics
-        if ctx.get("capture"):  # the inner layer's view scattered back to token positions
+        if ctx.capture:  # the inner layer's view scattered back to token positions
 
             def scatter(a_GxKxX: jax.Array) -> jax.Array:
                 zeros = jnp.zeros((g, n) + a_GxKxX.shape[2:], a_GxKxX.dtype)
@@ -130,15 +130,15 @@ class MoDBlock(nnx.Module):
             aux["capture"] = {**jax.tree.map(scatter, inner), "mod": keep}
         return out_GxNxD.reshape(b, length, d), aux
 
-    def _causal(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+    def _causal(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         """Each token decides alone by its aux router; see the module docstring."""
         router = aux_router.require(self.aux_router, "Mixture-of-Depths layer")
-        real_BxL = ctx["segment_ids"] > 0
+        real_BxL = ctx.segment_ids > 0
         chosen_BxL = real_BxL & (router(x_BxLxD)[..., 0] > 0)
-        segment_BxL = jnp.where(chosen_BxL, ctx["segment_ids"], 0)
-        inner_ctx = {**ctx, "segment_ids": segment_BxL, "keep": chosen_BxL}
-        if "attn_mask" in ctx:
-            inner_ctx["attn_mask"] = segment_causal_mask(segment_BxL)
+        segment_BxL = jnp.where(chosen_BxL, ctx.segment_ids, 0)
+        inner_ctx = ctx.replace(segment_ids=segment_BxL, keep=chosen_BxL)
+        if ctx.attn_mask is not None:
+            inner_ctx = inner_ctx.replace(attn_mask=segment_causal_mask(segment_BxL))
         ys_BxLxD, aux = self.block(x_BxLxD, inner_ctx)
         w_D = self.router_Dx1[...][:, 0].astype(jnp.float32)
         weight_BxL = jax.nn.sigmoid(jnp.einsum("bld,d->bl", x_BxLxD.astype(jnp.float32), w_D))
@@ -147,7 +147,7 @@ class MoDBlock(nnx.Module):
         aux = dict(aux)
         real = jnp.maximum(jnp.sum(real_BxL), 1)
         aux["metrics"] = {**aux.get("metrics", {}), "mod/keep_frac": jnp.sum(chosen_BxL) / real}
-        if ctx.get("capture"):
+        if ctx.capture:
             keep = {"keep": chosen_BxL, "aux_score": jax.nn.sigmoid(router(x_BxLxD)[..., 0])}
             aux["capture"] = {**aux.get("capture", {}), "mod": keep}
         return out, aux

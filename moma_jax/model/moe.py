@@ -9,7 +9,7 @@ N tokens and per expert group:
    slot buffer holds floor(N * c / E_M), the most k_e can be, so nothing is ever dropped) or
    token choice (each token its top-k experts, capacity C: drops are the method's, counted);
    a one-expert group has no router: gate 1 for every token of its modalities, N slots;
-   with `ctx["routing"] == "causal"` every decision is the token's own (`_route_causal`): the
+   with `ctx.causal` every decision is the token's own (`_route_causal`): the
    aux router's score > 0.5 for expert choice, top-k without capacity for token choice, over
    each row as its own group, so no token is dropped or evicted by a later one, and no
    later token changes even the order in which an earlier token's expert outputs are summed;
@@ -29,6 +29,7 @@ from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.model import aux_router, grouped, routing
+from moma_jax.model.context import Context
 from moma_jax.model.layers import param
 
 W = ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")  # an expert group's stacked weights
@@ -59,10 +60,10 @@ class SparseFFN(nnx.Module):
         for g, n_experts in enumerate(cfg.moe.group_experts):
             setattr(self, f"group_{g}", ExpertGroup(cfg, n_experts, rngs=rngs))
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         moe = self.moe
         b, length, d = x_BxLxD.shape
-        causal = ctx.get("routing") == "causal"
+        causal = ctx.causal
         n = length if causal else moe.routing_group_tokens  # causal: a row's tokens only
         if (b * length) % n:
             raise ConfigError(
@@ -70,8 +71,8 @@ class SparseFFN(nnx.Module):
                 f"of model.moe.routing_group_tokens={n}"
             )
         x_GxNxD = x_BxLxD.reshape(-1, n, d)
-        modality_GxN = ctx["modality"].reshape(-1, n)
-        valid_GxN = (ctx["segment_ids"] > 0).reshape(-1, n)
+        modality_GxN = ctx.modality.reshape(-1, n)
+        valid_GxN = (ctx.segment_ids > 0).reshape(-1, n)
         losses: dict[str, jax.Array] = {}
         metrics: dict[str, jax.Array] = {}
         dispatches = []
@@ -83,7 +84,7 @@ class SparseFFN(nnx.Module):
                 eligible_GxN, count_G = jax.vmap(
                     lambda mod, val, ms=modalities: routing.modality_eligibility(mod, val, ms)
                 )(modality_GxN, valid_GxN)
-                key = ctx.get("routing_key")
+                key = ctx.routing_key
                 key = None if key is None else jax.random.fold_in(key, g)
                 route = self._route_causal if causal else self._route
                 dispatch, group_losses, group_metrics = route(
@@ -128,7 +129,7 @@ class SparseFFN(nnx.Module):
             metrics["moe/padding_frac"] = (used_rows - routed) / jnp.maximum(used_rows, 1.0)
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
         aux: dict[str, Any] = {"losses": losses, "metrics": metrics}
-        if ctx.get("capture"):  # routing decisions for analysis (moma_jax.analysis.route)
+        if ctx.capture:  # routing decisions for analysis (moma_jax.analysis.route)
             aux["capture"] = {}
             for g, dsp in enumerate(dispatches):
                 view = _token_view(dsp, n, b, length)

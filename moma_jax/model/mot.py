@@ -30,6 +30,7 @@ from moma_jax.config import ModelConfig
 from moma_jax.modality import N_MODALITIES
 from moma_jax.model import grouped, routing
 from moma_jax.model.attention import attend
+from moma_jax.model.context import Context
 from moma_jax.model.layers import layer_norm, ones_param, param, rms_norm, swiglu, zeros_param
 from moma_jax.model.routing import Dispatch
 
@@ -89,8 +90,8 @@ class UntiedRMSNorm(nnx.Module):
         self.scale_MxD = ones_param((N_MODALITIES, dim), ("modality", "norm"), cfg.param_dtype)
         self.eps = cfg.norm_eps
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> jax.Array:
-        scale_BxLxD = gather_modality(self.scale_MxD[...], ctx["modality"], x_BxLxD.ndim)
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> jax.Array:
+        scale_BxLxD = gather_modality(self.scale_MxD[...], ctx.modality, x_BxLxD.ndim)
         return rms_norm(x_BxLxD, scale_BxLxD, self.eps)
 
 
@@ -103,8 +104,8 @@ class UntiedLayerNorm(nnx.Module):
         self.bias_MxDh = zeros_param((m, dim), ("modality", "norm"), dt)
         self.eps = cfg.norm_eps
 
-    def __call__(self, x_BxLxHxDh: jax.Array, ctx: dict) -> jax.Array:
-        modality_BxL, ndim = ctx["modality"], x_BxLxHxDh.ndim
+    def __call__(self, x_BxLxHxDh: jax.Array, ctx: Context) -> jax.Array:
+        modality_BxL, ndim = ctx.modality, x_BxLxHxDh.ndim
         scale_BxLx1xDh = gather_modality(self.scale_MxDh[...], modality_BxL, ndim)
         bias_BxLx1xDh = gather_modality(self.bias_MxDh[...], modality_BxL, ndim)
         return layer_norm(x_BxLxHxDh, scale_BxLx1xDh, bias_BxLx1xDh, self.eps)
@@ -129,8 +130,8 @@ class UntiedAttention(nnx.Module):
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> jax.Array:
-        dt, modality_BxL, cfg = self.compute_dtype, ctx["modality"], self.cfg
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> jax.Array:
+        dt, modality_BxL, cfg = self.compute_dtype, ctx.modality, self.cfg
         b, length, d = x_BxLxD.shape
         h, dh = self.wq_MxDxHxDh.shape[2:]
         w_qkv = jnp.concatenate(
@@ -161,10 +162,10 @@ class UntiedSwiGLU(nnx.Module):
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         dt = self.compute_dtype
         weights = tuple(
             w[...].astype(dt) for w in (self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD)
         )
-        y = by_modality(swiglu, x_BxLxD.astype(dt), ctx["modality"], weights, self.cfg)
+        y = by_modality(swiglu, x_BxLxD.astype(dt), ctx.modality, weights, self.cfg)
         return y.astype(dt), {}

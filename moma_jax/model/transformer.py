@@ -7,9 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
+from moma_jax.metric_names import layer_metric
 from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
-from moma_jax.model.kinds import build_layer, check_layer_kinds
+from moma_jax.model.context import Context, UnitAux
+from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
 from moma_jax.model.layers import RMSNorm, param
 
 ROUTING = ("teacher_forced", "causal")  # see model/aux_router.py
@@ -20,8 +22,8 @@ _REMAT = {
 }
 
 
-def merge_aux(auxes: list[dict]) -> dict:
-    """Combines aux dicts of several layers: losses add up, metrics are averaged."""
+def merge_aux(auxes: list[dict]) -> tuple[dict, dict]:
+    """Combines aux dicts of several layers: (losses added up, metrics averaged)."""
     losses: dict = {}
     metrics: dict = {}
     for aux in auxes:
@@ -29,7 +31,7 @@ def merge_aux(auxes: list[dict]) -> dict:
             losses[k] = losses.get(k, 0.0) + v
         for k, v in aux.get("metrics", {}).items():
             metrics.setdefault(k, []).append(v)
-    return {"losses": losses, "metrics": {k: sum(v) / len(v) for k, v in metrics.items()}}
+    return losses, {k: sum(v) / len(v) for k, v in metrics.items()}
 
 
 class Unit(nnx.Module):
@@ -37,25 +39,33 @@ class Unit(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_blocks = len(cfg.layer_pattern)
+        # The blocks that carry decode state (a KV cache), by the kinds' rows.
+        self.stateful = tuple(layer_kind(k).decode_state != "none" for k in cfg.layer_pattern)
         for i, kind in enumerate(cfg.layer_pattern):
             setattr(self, f"block_{i}", build_layer(cfg, kind, rngs))
 
-    def __call__(self, x_BxLxD: jax.Array, ctx: dict) -> tuple[jax.Array, dict]:
-        """Returns the output and the blocks' aux merged, plus each block's own metrics under
-        "per_block" ({j: metrics}) for the per-layer report."""
+    def __call__(
+        self, x_BxLxD: jax.Array, ctx: Context, cache: dict | None = None
+    ) -> tuple[jax.Array, UnitAux]:
+        """Returns the output and the blocks' aux (`UnitAux`). Decoding: `cache` holds this
+        unit's decode state per block ({j: arrays}), returned updated in UnitAux.cache."""
         auxes, caches = [], {}
         for i in range(self.n_blocks):
             block_ctx = ctx
-            if ctx.get("cache") is not None:  # decoding: this block's keys and values
-                caches[i] = kv_cache.KVCache(ctx["cache"][i], ctx["cache_index"])
-                block_ctx = {**ctx, "kv": caches[i]}
+            if cache is not None and self.stateful[i]:  # decoding: keys and values
+                assert ctx.cache_index is not None  # Transformer.__call__ passes both
+                caches[i] = kv_cache.KVCache(cache[i], ctx.cache_index)
+                block_ctx = ctx.replace(kv=caches[i])
             x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, block_ctx)
             auxes.append(aux)
-        merged = merge_aux(auxes)
-        merged["per_block"] = {j: aux.get("metrics", {}) for j, aux in enumerate(auxes)}
-        merged["capture"] = {j: aux["capture"] for j, aux in enumerate(auxes) if "capture" in aux}
-        merged["cache"] = {j: c.arrays() for j, c in caches.items()}
-        return x_BxLxD, merged
+        losses, metrics = merge_aux(auxes)
+        return x_BxLxD, UnitAux(
+            losses=losses,
+            metrics=metrics,
+            per_block={j: aux.get("metrics", {}) for j, aux in enumerate(auxes)},
+            capture={j: aux["capture"] for j, aux in enumerate(auxes) if "capture" in aux},
+            cache={j: c.arrays() for j, c in caches.items()},
+        )
 
 
 class Transformer(nnx.Module):
@@ -108,16 +118,15 @@ class Transformer(nnx.Module):
         if cache is not None and routing != "causal":
             raise ConfigError("decoding with a KV cache routes causally: pass routing='causal'")
         dt = jnp.dtype(cfg.compute_dtype)
-        ctx = {
-            "positions": positions_BxL,
-            "segment_ids": segment_ids_BxL,
-            "modality": modality_BxL,
-            "capture": capture,
-            "routing": routing,
-            "cache_index": cache_index,
-        }
-        if cache is None:
-            ctx["attn_mask"] = segment_causal_mask(segment_ids_BxL)
+        ctx = Context(
+            positions=positions_BxL,
+            segment_ids=segment_ids_BxL,
+            modality=modality_BxL,
+            attn_mask=segment_causal_mask(segment_ids_BxL) if cache is None else None,
+            cache_index=cache_index,
+            causal=routing == "causal",
+            capture=capture,
+        )
         x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
 
         graphdef, units_state = nnx.split(self.units)
@@ -127,7 +136,7 @@ class Transformer(nnx.Module):
             unit = nnx.merge(graphdef, unit_state)
             # No key (evaluation): routers run without noise.
             key = None if routing_key is None else jax.random.fold_in(routing_key, index)
-            return unit(x, {**ctx, "routing_key": key, "cache": unit_cache})
+            return unit(x, ctx.replace(routing_key=key), unit_cache)
 
         if cfg.remat in _REMAT and cache is None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
@@ -135,21 +144,21 @@ class Transformer(nnx.Module):
             body, x_BxLxD, (units_state, jnp.arange(cfg.n_units), cache), unroll=cfg.scan_unroll
         )
         aux = {
-            "losses": {k: jnp.sum(v) for k, v in aux_U["losses"].items()},
-            "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U["metrics"].items()},
+            "losses": {k: jnp.sum(v) for k, v in aux_U.losses.items()},
+            "metrics": {k: jnp.mean(v, axis=0) for k, v in aux_U.metrics.items()},
         }
         # Each layer's own routing metrics beside the averages: layer u * blocks + j.
         blocks = len(cfg.layer_pattern)
-        for j, metrics in aux_U["per_block"].items():
+        for j, metrics in aux_U.per_block.items():
             for k, v_U in metrics.items():
                 for u in range(cfg.n_units):
-                    aux["metrics"][f"layer_{u * blocks + j}/{k}"] = v_U[u]
+                    aux["metrics"][layer_metric(u * blocks + j, k)] = v_U[u]
         if cache is not None:
-            aux["cache"] = aux_U["cache"]
+            aux["cache"] = aux_U.cache
         if capture:
             aux["capture"] = {
                 u * blocks + j: jax.tree.map(lambda a, u=u: a[u], groups)
-                for j, groups in aux_U["capture"].items()
+                for j, groups in aux_U.capture.items()
                 for u in range(cfg.n_units)
             }
         x_BxLxD = self.final_norm(x_BxLxD)
@@ -163,10 +172,12 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty KV cache for `batch` rows of up to `length` tokens: per block of the
-        layer pattern, k and v [U, B, S, H, Dh] and keep [U, B, S]."""
-        cfg = self.cfg
-        one = kv_cache.empty(
-            batch, length, cfg.n_heads, cfg.resolved_head_dim, jnp.dtype(cfg.compute_dtype)
-        )
-        stacked = {k: jnp.broadcast_to(v, (cfg.n_units, *v.shape)) for k, v in one.items()}
-        return {j: dict(stacked) for j in range(len(cfg.layer_pattern))}
+        layer pattern whose kind carries decode state (`LayerKind.decode_state`): k and v
+        [U, B, S, H, Dh] and keep [U, B, S]."""
+        cfg, cache = self.cfg, {}
+        for j, kind in enumerate(cfg.layer_pattern):
+            state = layer_kind(kind).decode_state
+            if callable(state):
+                one = state(cfg, batch, length)
+                cache[j] = {k: jnp.broadcast_to(v, (cfg.n_units, *v.shape)) for k, v in one.items()}
+        return cache

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 
 from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig, validate
-from moma_jax.flops import train_flops_per_token
 from moma_jax.losses import means_from_sums
 from moma_jax.model import aux_router
+from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.runtime import with_data_shares
 from moma_jax.safe_io import write_atomic
 from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated

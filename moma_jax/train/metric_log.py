@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from moma_jax.config import ExperimentConfig
-from moma_jax.flops import train_flops_per_token
+from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.train.metrics import MetricWriter, NullWriter
 
 INIT_FROM_FILE = "init_from.json"  # an upcycled run's starting tokens and FLOPs
