@@ -104,9 +104,7 @@ class ModelConfig:
     def needs_aux_routers(self) -> bool:
         """Whether a router looks at a whole routing group (expert choice with more than one
         expert in a group, or Mixture-of-Depths), so causal routing needs aux routers."""
-        moe = self.moe
-        ec = self.has_experts and moe.routing == "expert_choice"
-        return self.has_mod or (ec and any(e > 1 for e in moe.group_experts))
+        return self.has_mod or (self.has_experts and self.moe.needs_aux_routers)
 
     @property
     def has_mod(self) -> bool:
