@@ -127,9 +127,10 @@ class SparseConfig:
         first: `first_fraction` of `expected`, rounded up to 8 (real batches route fewer
         tokens than N x share: padding is never routed); all of `capacity` when less than
         one slab would be left, since an overflow slab reads (and its backward accumulates)
-        every expert's weights, which with many experts cost more than the rows it saves
-        (64 experts: 4.9x the FFN vs 2.6x). slab: the experts share `tile_rows` rows, at
-        least `MIN_SLAB_SLOTS` each (slabs of 4 slots ran 64 experts 5x slower than 32).
+        every expert's weights, which with many experts cost more than the rows it saves.
+        slab: the experts share `tile_rows` rows, at least `MIN_SLAB_SLOTS` each (small slabs
+        ran many experts far slower). Measurements: docs/benchmarks.md, "Where the
+        expert-compute defaults come from".
         """
         first = min(math.ceil(round(self.first_fraction * expected, 6) / 8) * 8, capacity)
         if capacity - first < MIN_SLAB_SLOTS:
