@@ -6,7 +6,7 @@ whether it has a learned D x E router, whether causal routing needs an aux route
 (`model/aux_router.py`), its teacher-forced route over the routing groups (dispatch, stats,
 scores, auxiliary losses) and its causal route (each token decides alone, N slots per expert).
 The layer (`model/moe.py`), the config checks, flops and describe ask the row; none of them
-names a method. A one-expert group is the `take-all` row, whatever `model.moe.routing` says.
+names a method. A one-expert group is the `take_all` row, whatever `model.moe.routing` says.
 
 Add a method with `register_router(row)` (a test or an `--experiments` module can): the row's
 route functions are JAX over [G, N, ...] arrays, built from `model/routing.py`.

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import pytest
 from cli_args import small
 
-from moma_jax import routers
+from moma_jax import routers, sparse_config
 from moma_jax.cli import main as train_main
 from moma_jax.config import ConfigError
 from moma_jax.describe import main as describe_main
-from moma_jax.model import routing
+from moma_jax.model import moe, routing
 from moma_jax.routers import GroupRouting, Routed, Router
 
 
@@ -75,3 +75,7 @@ def test_the_registered_router_describes_and_trains(tmp_path, data_dir, capsys):
     trained = [m for m in lines if "moe/text+image/entropy_loss" in m]
     assert trained, lines[-1].keys()
     assert all(jax.numpy.isfinite(m["loss"]) for m in trained)
+
+
+def test_every_expert_compute_path_has_a_row():
+    assert set(moe.EXPERT_COMPUTE) == set(sparse_config.EXPERT_COMPUTE)
