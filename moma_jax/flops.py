@@ -48,7 +48,7 @@ def sparse_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[
     ffn, attn = ffn_flops_per_token(cfg), attention_flops_per_token(cfg, seq_len, attention)
     ideal = executed = attn
     for g, experts in enumerate(moe.group_experts):
-        router = 2 * d * experts if experts > 1 else 0.0
+        router = 2 * d * experts if moe.router(g).has_router else 0.0
         ideal += moe.group_share(g) * (router + moe.experts_per_token(g) * ffn)
         executed += router  # every group's router scores every token of the routing group
     executed += moe.executed_rows / moe.routing_group_tokens * ffn
@@ -93,9 +93,9 @@ def aux_router_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
     for kind in cfg.layer_pattern:
         if kind.startswith("mod_"):
             routers, flops = routers + 1, flops + 2 * d * (d // 2) + 2 * (d // 2)
-        if kind.removeprefix("mod_") == "moe" and moe.routing == "expert_choice":
+        if kind.removeprefix("mod_") == "moe":
             for g, experts in enumerate(moe.group_experts):
-                if experts > 1:
+                if moe.router(g).needs_aux_router:
                     share = moe.group_share(g)
                     routers += share
                     flops += share * (2 * d * (d // 2) + 2 * (d // 2) * experts)
@@ -116,11 +116,11 @@ def active_params(cfg: ModelConfig, state: nnx.State) -> float:
     counts by its group's share. Everything else counts whole.
     """
     total = 0.0
-    for path, var in nnx.to_flat_state(state):
+    for _, var in nnx.to_flat_state(state):
         size = math.prod(var.shape)
-        axes = var.get_metadata().get("out_sharding") or ()
-        names = [str(p) for p in path]
-        group = next((int(n.split("_")[1]) for n in names if n.startswith("group_")), None)
+        metadata = var.get_metadata()
+        axes = metadata.get("out_sharding") or ()
+        group = metadata.get("expert_group")  # set by the sparse FFN's expert groups
         if "modality" in axes:
             total += size / var.shape[axes.index("modality")]
         elif group is not None and "expert" in axes:

@@ -9,10 +9,13 @@ import math
 
 import numpy as np
 
+from moma_jax import routers
 from moma_jax.errors import ConfigError, require
 from moma_jax.modality import MODALITY_NAMES
 
 MIN_SLAB_SLOTS = 32  # per expert: a slab reads every expert's weights once
+# How the expert slots run (`model/moe.py` EXPERT_COMPUTE holds one function per name).
+EXPERT_COMPUTE = ("slabs", "ragged_dot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +29,7 @@ class SparseConfig:
 
     group_experts: tuple[int, ...] = (4, 4)  # experts in each group
     modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
-    routing: str = "expert_choice"  # "expert_choice" (MoMa, Zhou et al.) | "token_choice"
+    routing: str = "expert_choice"  # a row of `moma_jax/routers.py`: expert_choice | token_choice
     router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
     # Expert choice: average experts per token c; each expert of group M takes
     # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor.
@@ -36,12 +39,13 @@ class SparseConfig:
     # with the configured modality shares gives always runs, in one batched call; the rest in
     # slabs of tile_rows rows shared by a group's experts, only as many as the batch needs.
     # Real batches hold fewer routed tokens than N * share (padding is never routed; images
-    # come in whole documents), so a first part at the full share ran 1.18x the routed rows on
-    # the README main job; 0.75 leaves the rest to the slabs.
+    # come in whole documents), hence a first part below the full share (measured:
+    # docs/benchmarks.md, "Where the expert-compute defaults come from").
     first_fraction: float = 0.75
     tile_rows: int = 256
-    # How the expert slots run: "slabs" (batched SwiGLU per slab; the default) or "ragged_dot"
-    # (sorted rows and jax.lax.ragged_dot grouped GEMMs, no padding; measured slower).
+    # How the expert slots run (EXPERT_COMPUTE): "slabs" (batched SwiGLU per slab; the
+    # default) or "ragged_dot" (sorted rows, jax.lax.ragged_dot grouped GEMMs, no padding;
+    # slower where measured, docs/benchmarks.md).
     expert_compute: str = "slabs"
     # Routing is done inside fixed groups of this many tokens (whole packed rows or equal parts
     # of a row), so routing and the loss do not depend on the mesh, device count or batch size.
@@ -84,11 +88,19 @@ class SparseConfig:
             )
         return sum(self.modality_shares[m] for m in self.modalities(group))
 
+    def router(self, group: int) -> routers.Router:
+        """The routing method's row for expert group `group` (take-all for one expert)."""
+        return routers.router_for(self, group)
+
+    @property
+    def needs_aux_routers(self) -> bool:
+        """Whether a group's router ranks whole routing groups (causal routing needs aux
+        routers)."""
+        return any(self.router(g).needs_aux_router for g in range(self.n_groups))
+
     def experts_per_token(self, group: int) -> float:
         """Expert FFNs one token of the group uses under ideal routing (the paper's count)."""
-        if self.group_experts[group] == 1:
-            return 1.0
-        return float(self.top_k) if self.routing == "token_choice" else self.capacity
+        return self.router(group).experts_per_token(self, group)
 
     def group_slots(self, group: int) -> int:
         """Slots per expert of one group (C) in the routing result, per routing group of N.
@@ -98,23 +110,13 @@ class SparseConfig:
         keeps the method's capacity, ceil(capacity * N * share * top_k / E): its drops are
         part of the algorithm (Switch, GShard), counted in `dropped_frac`.
         """
-        n, experts = self.routing_group_tokens, self.group_experts[group]
-        if experts == 1:
-            return n
-        if self.routing == "token_choice":
-            share = self.group_share(group)
-            return max(1, min(n, math.ceil(self.capacity * n * share * self.top_k / experts)))
-        # float32, as routing computes k_e (`routing.ec_k`), so that k_e <= C always holds.
-        per_expert = np.float32(n) * np.float32(self.capacity) / np.float32(experts)
-        return max(1, min(n, int(np.floor(per_expert))))
+        return self.router(group).slots(self, group)
 
     def routed_slots(self, group: int, tokens: int) -> int:
         """Slots each expert of the group fills when `tokens` tokens of its modalities are
         routed: k_e for expert choice (float32, as `routing.ec_k`), all of them for a
         one-expert group, up to the capacity for token choice (balanced)."""
         experts = self.group_experts[group]
-        if experts == 1:
-            return tokens
         per_expert = np.float32(tokens) * np.float32(self.experts_per_token(group))
         return min(int(np.floor(per_expert / np.float32(experts))), self.group_slots(group))
 
@@ -125,9 +127,10 @@ class SparseConfig:
         first: `first_fraction` of `expected`, rounded up to 8 (real batches route fewer
         tokens than N x share: padding is never routed); all of `capacity` when less than
         one slab would be left, since an overflow slab reads (and its backward accumulates)
-        every expert's weights, which with many experts cost more than the rows it saves
-        (64 experts: 4.9x the FFN vs 2.6x). slab: the experts share `tile_rows` rows, at
-        least `MIN_SLAB_SLOTS` each (slabs of 4 slots ran 64 experts 5x slower than 32).
+        every expert's weights, which with many experts cost more than the rows it saves.
+        slab: the experts share `tile_rows` rows, at least `MIN_SLAB_SLOTS` each (small slabs
+        ran many experts far slower). Measurements: docs/benchmarks.md, "Where the
+        expert-compute defaults come from".
         """
         first = min(math.ceil(round(self.first_fraction * expected, 6) / 8) * 8, capacity)
         if capacity - first < MIN_SLAB_SLOTS:
@@ -202,6 +205,7 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
         )
     unused = sorted(set(range(n_groups)) - set(moe.modality_group))
     require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
+    routers.get_router(moe.routing)  # ConfigError with the close matches
     require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
     require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     require(
@@ -209,8 +213,7 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
         f"model.moe.first_fraction must be in [0, 1], got {moe.first_fraction}",
     )
     for key, value, choices in (
-        ("expert_compute", moe.expert_compute, ("slabs", "ragged_dot")),
-        ("routing", moe.routing, ("expert_choice", "token_choice")),
+        ("expert_compute", moe.expert_compute, EXPERT_COMPUTE),
         ("router_score", moe.router_score, ("sigmoid", "softmax")),
         ("router_noise", moe.router_noise, ("none", "gumbel")),
     ):

@@ -183,7 +183,8 @@ def test_routing_group_output_independent_of_batch(name):
         ("model.moe.capacity=-1", "capacity must be positive"),
         ("model.moe.routing_group_tokens=2", "smaller than the number of experts"),
         ("model.moe.routing_group_tokens=100", "multiple or a divisor"),
-        ("model.moe.routing=random", "expert_choice or token_choice"),
+        ("model.moe.routing=random", "not a routing method"),
+        ("model.moe.routing=expert_chioce", "did you mean expert_choice"),
         ("model.moe.top_k=5", "top_k"),
         ("model.moe.modality_shares=0.5,0.7", "sum to 1"),
     ],
@@ -246,3 +247,15 @@ def test_ragged_dot_path_equals_the_tile_path(image_share):
         out["slabs"],
         out["ragged"],
     )
+
+
+def test_expert_groups_keep_their_checkpoint_paths():
+    """Checkpoints name expert group g's parameters `group_{g}/...` (kept, so old runs
+    restore); the layer reads them through `groups`, flops through `expert_group` metadata."""
+    layer = SparseFFN(model_cfg(group_experts=(4, 1)), rngs=nnx.Rngs(0))
+    params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(layer))}
+    assert {"group_0/router_DxE", "group_0/w_gate_ExDxF", "group_1/w_down_ExFxD"} <= set(params)
+    assert "group_1/router_DxE" not in params  # a one-expert group has no router
+    for path, var in params.items():
+        assert var.get_metadata()["expert_group"] == int(path.split("/")[0].removeprefix("group_"))
+    assert [g.n_experts for g in layer.groups] == [4, 1]

@@ -19,8 +19,8 @@ token of the routing group in this modality); `slab_swiglu` runs only the slots 
 
 `ragged_swiglu` is the other way to run the experts (`model.moe.expert_compute="ragged_dot"`):
 the valid slots of all groups sorted by expert, one `jax.lax.ragged_dot` per projection, no
-padding at all. On this CPU and on an H100 with JAX 0.11 it measured slower than the slabs
-(docs/benchmarks.md), so it is an option, kept exact by the tests.
+padding at all. It measured slower than the slabs wherever it ran (docs/benchmarks.md, "Where
+the expert-compute defaults come from"), so it is an option, kept exact by the tests.
 """
 
 from __future__ import annotations

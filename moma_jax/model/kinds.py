@@ -226,8 +226,8 @@ def _rules(*axes: str) -> dict[str, str | tuple[str, ...] | None]:
 
 
 def _sparse_needs_aux_routers(cfg: ModelConfig) -> bool:
-    moe = cfg.moe
-    return moe.routing == "expert_choice" and any(e > 1 for e in moe.group_experts)
+    """A group's routing row decides (expert choice ranks the whole routing group)."""
+    return cfg.moe.needs_aux_routers
 
 
 def _sparse_describe(cfg: ModelConfig) -> dict[str, Any]:
