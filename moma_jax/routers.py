@@ -241,7 +241,7 @@ TAKE_ALL = TakeAll()  # every one-expert group's row; not a `model.moe.routing` 
 def register_router(row: Router) -> Router:
     """Adds a routing method under `row.name` (a name may be registered once)."""
     if not row.name or row.name in ROUTERS:
-        raise ValueError(f"routing method {row.name!r} is unnamed or registered already")
+        raise ConfigError(f"routing method {row.name!r} is unnamed or registered already")
     ROUTERS[row.name] = row
     return row
 

@@ -17,6 +17,7 @@ the kinds in their pattern and by their config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -91,7 +92,7 @@ def register_layer_kind(name: str, row: LayerKind) -> LayerKind:
     `sharding.LOGICAL_RULES` maps differently). An incomplete row is accepted here and refused
     by `check_layer_kinds` when a config naming it is built."""
     if name in LAYER_KINDS:
-        raise ConfigError(f"layer kind {name!r} is already registered")
+        raise ConfigError(f"layer kind {name!r} is registered already")
     rules = sharding.LOGICAL_RULES
     for axis, target in (row.sharding or {}).items():
         if rules.get(axis, target) != target:
@@ -107,7 +108,9 @@ def register_layer_kind(name: str, row: LayerKind) -> LayerKind:
 def layer_kind(name: str) -> LayerKind:
     """The row of `name` (ConfigError naming the known kinds otherwise)."""
     if name not in LAYER_KINDS:
-        raise ConfigError(f"unknown layer kind {name!r}; known: {sorted(LAYER_KINDS)}")
+        close = difflib.get_close_matches(name, LAYER_KINDS, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown layer kind {name!r}; known: {sorted(LAYER_KINDS)}{hint}")
     return LAYER_KINDS[name]
 
 
@@ -115,8 +118,11 @@ def check_layer_kinds(cfg: ModelConfig) -> None:
     """Every entry of `model.layer_pattern` names a complete row (ConfigError otherwise)."""
     unknown = [k for k in cfg.layer_pattern if k not in LAYER_KINDS]
     if unknown:
+        close = [c for k in unknown for c in difflib.get_close_matches(k, LAYER_KINDS, n=2)]
+        hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
         raise ConfigError(
-            f"model.layer_pattern has unknown layer kinds {unknown}; known: {sorted(LAYER_KINDS)}"
+            f"model.layer_pattern has unknown layer kinds {unknown}; known: "
+            f"{sorted(LAYER_KINDS)}{hint}"
         )
     for kind in dict.fromkeys(cfg.layer_pattern):
         missing = LAYER_KINDS[kind].missing()
