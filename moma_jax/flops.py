@@ -81,25 +81,32 @@ def mod_layer_flops(inner: Callable[[ModelConfig, int, str], tuple[float, float]
     return flops
 
 
-def aux_router_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
-    """(aux routers a token passes, their forward FLOPs per token) at inference with causal
-    routing (`model/aux_router.py`: D x D/2, then D/2 x out). One per Mixture-of-Depths layer,
-    and one per sparse layer for the token's modality group where that group ranks tokens
-    (expert choice, more than one expert), inside MoD layers too: causal inference runs every
-    token through them. Not part of the ideal FLOPs (the training routers' model); reported
-    beside them."""
-    d, moe = cfg.d_model, cfg.moe
-    routers = flops = 0.0
-    for kind in cfg.layer_pattern:
-        if kind.startswith("mod_"):
-            routers, flops = routers + 1, flops + 2 * d * (d // 2) + 2 * (d // 2)
-        if kind.removeprefix("mod_") == "moe":
-            for g, experts in enumerate(moe.group_experts):
-                if moe.router(g).needs_aux_router:
-                    share = moe.group_share(g)
-                    routers += share
-                    flops += share * (2 * d * (d // 2) + 2 * (d // 2) * experts)
-    return cfg.n_units * routers, cfg.n_units * flops
+def aux_router_flops(out: float, d: int) -> float:
+    """Forward FLOPs of one aux router (`model/aux_router.py`: D x D/2, then D/2 x out)."""
+    return 2 * d * (d // 2) + 2 * (d // 2) * out
+
+
+def sparse_aux_routers(cfg: ModelConfig) -> tuple[float, float]:
+    """(aux routers a token passes, their FLOPs) in one sparse layer at causal inference: the
+    token's modality group's, where that group's routing row needs one (expert choice with more
+    than one expert), weighted by the group's token share."""
+    moe, routers, flops = cfg.moe, 0.0, 0.0
+    for g, experts in enumerate(moe.group_experts):
+        if moe.router(g).needs_aux_router:
+            routers += moe.group_share(g)
+            flops += moe.group_share(g) * aux_router_flops(experts, cfg.d_model)
+    return routers, flops
+
+
+def mod_aux_routers(inner: Callable[[ModelConfig], tuple[float, float]]):
+    """A Mixture-of-Depths layer's: its own aux router on every token, plus the inner layer's
+    (causal inference runs every token through them)."""
+
+    def aux_routers(cfg: ModelConfig) -> tuple[float, float]:
+        routers, flops = inner(cfg)
+        return routers + 1, flops + aux_router_flops(1, cfg.d_model)
+
+    return aux_routers
 
 
 def count_params(state: nnx.State) -> int:

@@ -8,9 +8,14 @@ import sys
 
 from moma_jax.commands import aot
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.flops import active_params, aux_router_flops_per_token, count_params, paper_params
+from moma_jax.flops import active_params, count_params, paper_params
 from moma_jax.modality import MODALITY_NAMES
-from moma_jax.model.kinds import forward_flops_per_token, layer_flops, layer_kind
+from moma_jax.model.kinds import (
+    aux_router_flops_per_token,
+    forward_flops_per_token,
+    layer_flops,
+    layer_kind,
+)
 from moma_jax.runtime import (
     add_experiment_args,
     experiment_config,

@@ -52,6 +52,10 @@ def _no_fields(cfg: ModelConfig) -> dict[str, Any]:
     return {}
 
 
+def _no_aux_routers(cfg: ModelConfig) -> tuple[float, float]:
+    return 0.0, 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
     """One layer kind. `build`, `flops`, `sharding` and `decode_state` have no default that
@@ -67,6 +71,8 @@ class LayerKind:
     needs_aux_routers: (cfg) -> whether one of its routers ranks whole routing groups, so
         causal routing needs aux routers.
     describe: (cfg) -> extra fields of its entry in the describe report's layer plan.
+    aux_routers: (cfg) -> (aux routers a token passes, their forward FLOPs per token) in one
+        layer at causal inference (reported beside the ideal FLOPs, not part of them).
     """
 
     build: Build | None = None
@@ -76,6 +82,7 @@ class LayerKind:
     reads_modality_shares: bool = False
     needs_aux_routers: Callable[[ModelConfig], bool] = _never
     describe: Callable[[ModelConfig], dict[str, Any]] = _no_fields
+    aux_routers: Callable[[ModelConfig], tuple[float, float]] = _no_aux_routers
 
     def missing(self) -> list[str]:
         """The entries left unset."""
@@ -165,6 +172,13 @@ def forward_flops_per_token(
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
     """Training = 3 x forward (backward = 2 x forward; remat recomputation not counted)."""
     return 3 * forward_flops_per_token(cfg, seq_len, executed=executed)
+
+
+def aux_router_flops_per_token(cfg: ModelConfig) -> tuple[float, float]:
+    """(aux routers a token passes, their forward FLOPs per token) over the whole model at
+    causal inference (`model/aux_router.py`), from each kind's row."""
+    per_unit = [layer_kind(k).aux_routers(cfg) for k in cfg.layer_pattern]
+    return cfg.n_units * sum(r for r, _ in per_unit), cfg.n_units * sum(f for _, f in per_unit)
 
 
 def uses_modality_shares(cfg: ModelConfig) -> bool:
@@ -277,6 +291,7 @@ register_layer_kind(
         reads_modality_shares=True,
         needs_aux_routers=_sparse_needs_aux_routers,
         describe=_sparse_describe,
+        aux_routers=flops_lib.sparse_aux_routers,
     ),
 )
 register_layer_kind(
@@ -308,6 +323,7 @@ def mod_kind(inner: LayerKind) -> LayerKind:
         sharding=None if inner.sharding is None else {**inner.sharding, **_rules("embed")},
         needs_aux_routers=lambda cfg: True,
         describe=_no_fields,
+        aux_routers=flops_lib.mod_aux_routers(inner.aux_routers),
     )
 
 
