@@ -150,6 +150,12 @@ def load_module(spec: str) -> None:
                 sys.path.insert(0, str(Path.cwd()))  # scripts/ is sys.path[0] for entry points
             importlib.import_module(spec)
     except ModuleNotFoundError as e:
+        if (e.name or "").startswith("moma_jax.experiments"):  # a module written before the move
+            raise ConfigError(
+                f"--experiments {spec}: it imports {e.name}, which moved: the bundled experiments "
+                "are the top-level package `experiments` (e.g. `from experiments.dense import "
+                "dense`), and the registry is `moma_jax.registry`"
+            ) from e
         raise ConfigError(
             f"--experiments {spec}: cannot import it ({e}); give a module importable from the "
             "current directory or a path to a .py file"

@@ -253,7 +253,8 @@ def get_router(name: str) -> Router:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ConfigError(
             f"model.moe.routing={name!r} is not a routing method (known: "
-            f"{', '.join(sorted(ROUTERS))}){hint}"
+            f"{', '.join(sorted(ROUTERS))}){hint}; a method your own module registers needs "
+            "that module: --experiments MODULE"
         )
     return ROUTERS[name]
 

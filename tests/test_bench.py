@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from moma_jax.bench import runner
+from moma_jax.bench import experts, runner
 from moma_jax.bench.report import targets
 from moma_jax.bench.runner import bench_config, expert_config
 from moma_jax.model.kinds import train_flops_per_token
@@ -80,3 +80,14 @@ def test_expert_bench_needs_no_data_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert runner.QUICK.rounds < runner.FULL.rounds
+
+
+def test_expert_paths_agree_at_a_tiny_shape():
+    """The device bench's last check (slabs vs ragged_dot on one layer of each layout) runs on
+    the CPU too, and the two expert-compute paths compute the same layer."""
+    tiny = experts.Shape(
+        d_model=16, ffn_hidden=32, group_tokens=64, groups=1, dtype="float32", rounds=1
+    )
+    diffs = experts.check_paths_agree(tiny)
+    assert set(diffs) == set(experts.LAYOUTS)
+    assert all(d < 1e-5 for d in diffs.values()), diffs

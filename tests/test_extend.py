@@ -16,6 +16,7 @@ from flax import nnx
 from moma_jax import routers, sparse_config
 from moma_jax.commands.cli import main
 from moma_jax.commands.describe import describe
+from moma_jax.commands.evaluate import main as evaluate_main
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model import LayerKind, moe, register_layer_kind, routing
@@ -111,7 +112,7 @@ def test_a_model_of_both_is_described_with_their_flops():
     assert LOGICAL_RULES["toy_gate"] is None  # registered with the kind
 
 
-def test_a_model_of_both_trains_two_steps(tmp_path, data_dir):
+def test_a_model_of_both_trains_two_steps_and_evaluates(tmp_path, data_dir, capsys):
     args = ["--exp", "moe_8x_tiny", "--workdir", str(tmp_path), "--steps", "2", *small(*KEYS)]
     assert main(args) == 0
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -122,6 +123,10 @@ def test_a_model_of_both_trains_two_steps(tmp_path, data_dir):
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert any(k.endswith("toy/gate") for k in rows[-1])  # the kind's own metric
     assert "moe/text+image/entropy_loss" in rows[-1]  # the router's own loss
+    # Evaluated like any run (a command line would name the module: --experiments MODULE).
+    capsys.readouterr()
+    assert evaluate_main(["--workdir", str(tmp_path), "--batches", "1", "--json"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])
 
 
 # --- Refused at config time, never after training starts -------------------------------------

@@ -134,5 +134,10 @@ def test_user_experiments_register_from_a_file_or_a_module(tmp_path, monkeypatch
 
     assert train_main(["--experiments", "no_such_module_xyz", "--list"]) == 2
     assert "cannot import" in capsys.readouterr().err
+    # A module written before the bundled experiments moved out of the library says where.
+    old = tmp_path / "lab_old_exps.py"
+    old.write_text("from moma_jax.experiments.dense import dense_tiny\n")
+    assert train_main(["--experiments", str(old), "--list"]) == 2
+    assert "top-level package `experiments`" in capsys.readouterr().err
     assert train_main(["--exp", "user_missing_tiny"]) == 2
     assert "--experiments MODULE" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from moma_jax.config import ModelConfig, SparseConfig
 from moma_jax.model.context import Context
 from moma_jax.model.layers import SwiGLU
 from moma_jax.model.moe import SparseFFN
+from moma_jax.sparse_config import EXPERT_COMPUTE
 
 LAYOUTS: dict[str, dict[str, Any]] = {
     "moe_8x": dict(group_experts=(8,), modality_group=(0, 0)),
@@ -123,15 +124,16 @@ def check_paths_agree(shape: Shape) -> dict[str, float]:
     out = {}
     for name, layout in LAYOUTS.items():
         ys = []
-        for compute in ("slabs", "ragged_dot"):
+        for compute in EXPERT_COMPUTE:
             cfg = model_config(small, layout, expert_compute=compute)
             layer = SparseFFN(cfg, rngs=nnx.Rngs(0))
             rng = np.random.default_rng(0)
             modality = rng.random((1, small.group_tokens)) < SHARES[1]
-            ctx = {
-                "modality": jnp.asarray(modality, jnp.int32),
-                "segment_ids": jnp.ones((1, small.group_tokens), jnp.int32),
-            }
+            ctx = Context(
+                positions=jnp.zeros((1, small.group_tokens), jnp.int32),
+                segment_ids=jnp.ones((1, small.group_tokens), jnp.int32),
+                modality=jnp.asarray(modality, jnp.int32),
+            )
             x = jax.random.normal(jax.random.key(1), (1, small.group_tokens, small.d_model))
             ys.append(np.asarray(jax.jit(lambda x, layer=layer, ctx=ctx: layer(x, ctx)[0])(x)))
         out[name] = float(np.max(np.abs(ys[0] - ys[1])))
@@ -158,7 +160,7 @@ def run(shape: Shape) -> dict[str, Any]:
     dense_cfg = model_config(shape, None)
     fns = {"dense": layer_step(dense_cfg, shape)}
     for name, layout in LAYOUTS.items():
-        for compute in ("slabs", "ragged_dot"):
+        for compute in EXPERT_COMPUTE:
             cfg = model_config(shape, layout, expert_compute=compute)
             fns[f"{name}/{compute}"] = layer_step(cfg, shape)
     fns.update(gemm_pair(shape, 8))

@@ -35,7 +35,11 @@ from moma_jax.losses import target_mask_np
 from moma_jax.metric_names import split_layer_metric
 from moma_jax.modality import MODALITY_NAMES
 from moma_jax.model import aux_router, kinds
-from moma_jax.runtime import enable_compilation_cache
+from moma_jax.runtime import (
+    add_experiments_module_arg,
+    enable_compilation_cache,
+    load_experiment_modules,
+)
 from moma_jax.train.state import abstract_params
 
 ROUTINGS = ("teacher_forced", "causal")
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", required=True, help="the run's directory")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    add_experiments_module_arg(p)  # the modules that registered the run's kinds or routers
     p.add_argument("--routing", choices=ROUTINGS, default="teacher_forced")
     p.add_argument("--batches", type=int, help="held-out batches (default: run.eval_batches)")
     p.add_argument("--leak", action="store_true", help="also measure the causality leak")
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         enable_compilation_cache()
+        load_experiment_modules(args)
         run = load_run(args.workdir)
         if not run.steps:
             raise ConfigError(f"{args.workdir} has no checkpoint yet")

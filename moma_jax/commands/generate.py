@@ -28,7 +28,11 @@ from moma_jax.analysis import Run, load_run
 from moma_jax.commands import hints
 from moma_jax.config import ConfigError
 from moma_jax.model import aux_router, kinds
-from moma_jax.runtime import enable_compilation_cache
+from moma_jax.runtime import (
+    add_experiments_module_arg,
+    enable_compilation_cache,
+    load_experiment_modules,
+)
 from moma_jax.safe_io import refuse_symlink, write_atomic, write_atomic_bytes
 from moma_jax.sampling import Sampling, decode, encode_prompt, generate
 
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    add_experiments_module_arg(p)  # the modules that registered the run's kinds or routers
     p.add_argument("--prompt", default="", help="text after the image (if any)")
     p.add_argument("--image", help="an image file the prompt starts with")
     p.add_argument("--tokens", help="the prompt as comma-separated token ids instead")
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.top_k < 0:
             raise ConfigError("--max-tokens must be >= 1, --top-p in (0, 1], --top-k >= 0")
         enable_compilation_cache()
+        load_experiment_modules(args)
         run = load_run(args.workdir)
         if not run.steps:
             raise ConfigError(f"{args.workdir} has no checkpoint yet")

@@ -51,8 +51,8 @@ def require(router: AuxRouter | None, what: str) -> AuxRouter:
     if router is None:
         raise ConfigError(
             f"causal routing needs auxiliary routers, and this model's {what} has none: "
-            "train them with the run's `{arch}_aux_{size}` experiment, initialised from the "
-            "run (or train `{arch}_joint_aux_{size}` from scratch)"
+            "train them with the run's ARCH_aux_SIZE experiment, initialised from the run (or "
+            "ARCH_joint_aux_SIZE from scratch)"
         )
     return router
 

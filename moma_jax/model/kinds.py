@@ -129,7 +129,8 @@ def check_layer_kinds(cfg: ModelConfig) -> None:
         hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
         raise ConfigError(
             f"model.layer_pattern has unknown layer kinds {unknown}; known: "
-            f"{sorted(LAYER_KINDS)}{hint}"
+            f"{sorted(LAYER_KINDS)}{hint}; a kind your own module registers needs that "
+            "module: --experiments MODULE"
         )
     for kind in dict.fromkeys(cfg.layer_pattern):
         missing = LAYER_KINDS[kind].missing()
