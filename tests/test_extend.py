@@ -19,7 +19,7 @@ from moma_jax.commands.describe import describe
 from moma_jax.commands.evaluate import main as evaluate_main
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.modality import MODALITY_NAMES
-from moma_jax.model import LayerKind, moe, register_layer_kind, routing
+from moma_jax.model import LayerKind, mod_kind, moe, register_layer_kind, routing
 from moma_jax.model.context import Context
 from moma_jax.model.kinds import LAYER_KINDS, forward_flops_per_token
 from moma_jax.model.layers import param
@@ -64,6 +64,9 @@ TOY_KIND = register_layer_kind(
         decode_state="none",
     ),
 )
+
+# Mixture-of-Depths around it is derived from its row, registered like any kind.
+TOY_MOD_KIND = register_layer_kind("mod_test_gated", mod_kind(TOY_KIND))
 
 # --- A routing method ----------------------------------------------------------------------
 
@@ -110,6 +113,14 @@ def test_a_model_of_both_is_described_with_their_flops():
     assert info["flops_per_token_ideal"] == forward_flops_per_token(cfg.model, cfg.data.seq_len)
     assert info["flops_per_token_executed"] >= info["flops_per_token_ideal"] > 0
     assert LOGICAL_RULES["toy_gate"] is None  # registered with the kind
+
+
+def test_mixture_of_depths_around_the_kind_is_derived_from_its_row():
+    cfg = experiment_config("dense_tiny", ["model.layer_pattern=mod_test_gated,dense"])
+    (mod, _), full = describe(cfg)["layer_plan"]["unit"], _toy_flops(cfg.model, 0, "causal")[0]
+    assert mod["kind"] == "mod_test_gated"
+    assert 0 < mod["flops_ideal"] < full  # the capacity's share of the tokens, plus its router
+    assert TOY_MOD_KIND.needs_aux_routers(cfg.model)  # a MoD router ranks the routing group
 
 
 def test_a_model_of_both_trains_two_steps_and_evaluates(tmp_path, data_dir, capsys):

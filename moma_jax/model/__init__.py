@@ -20,7 +20,7 @@ Norm scales and biases are vectors over the normalised axis: `scale`, `bias` whe
 """
 
 from moma_jax.model.block import Block
-from moma_jax.model.kinds import LAYER_KINDS, LayerKind, register_layer_kind
+from moma_jax.model.kinds import LAYER_KINDS, LayerKind, mod_kind, register_layer_kind
 from moma_jax.model.transformer import Transformer
 
-__all__ = ["LAYER_KINDS", "Block", "LayerKind", "Transformer", "register_layer_kind"]
+__all__ = ["LAYER_KINDS", "Block", "LayerKind", "Transformer", "mod_kind", "register_layer_kind"]
