@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moma_jax.config import ConfigError, ExperimentConfig, MeshConfig
+from moma_jax.sparse_config import EXPERT_COMPUTE
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -133,10 +134,11 @@ def check_mesh(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
     shards = d * f * e
     rows = data.batch_size // data.micro_batches
     if m.has_experts:
-        if e > 1 and m.moe.expert_compute == "ragged_dot":
+        if e > 1 and not EXPERT_COMPUTE[m.moe.expert_compute]["expert_parallel"]:
+            paths = [name for name, row in EXPERT_COMPUTE.items() if row["expert_parallel"]]
             raise ConfigError(
-                f"model.moe.expert_compute=ragged_dot has no expert-parallel path; with "
-                f"mesh.expert={e} use expert_compute=slabs"
+                f"model.moe.expert_compute={m.moe.expert_compute} has no expert-parallel path; "
+                f"with mesh.expert={e} use expert_compute={' or '.join(paths)}"
             )
         for g, n_experts in enumerate(m.moe.group_experts):
             if n_experts > 1 and n_experts % e:  # one-expert groups are replicated

@@ -14,8 +14,12 @@ from moma_jax.errors import ConfigError, require
 from moma_jax.modality import MODALITY_NAMES
 
 MIN_SLAB_SLOTS = 32  # per expert: a slab reads every expert's weights once
-# How the expert slots run (`model/moe.py` EXPERT_COMPUTE holds one function per name).
-EXPERT_COMPUTE = ("slabs", "ragged_dot")
+# How the expert slots run, one row per path (`model/moe.py` EXPERT_COMPUTE holds the function
+# of each name): whether the path runs with experts sharded over `mesh.expert`.
+EXPERT_COMPUTE = {
+    "slabs": {"expert_parallel": True},
+    "ragged_dot": {"expert_parallel": False},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +217,7 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
         f"model.moe.first_fraction must be in [0, 1], got {moe.first_fraction}",
     )
     for key, value, choices in (
-        ("expert_compute", moe.expert_compute, EXPERT_COMPUTE),
+        ("expert_compute", moe.expert_compute, tuple(EXPERT_COMPUTE)),
         ("router_score", moe.router_score, ("sigmoid", "softmax")),
         ("router_noise", moe.router_noise, ("none", "gumbel")),
     ):

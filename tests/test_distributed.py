@@ -145,6 +145,12 @@ def _sizes(**axes: int) -> dict[str, int]:
             "does not split over the batch shards mesh.data x mesh.fsdp x mesh.expert = 3x1x1 = 3",
         ),
         (_cfg(), _sizes(data=4, expert=2), "would split a routing group"),
+        (
+            _cfg(moe=dataclasses.replace(_cfg().model.moe, expert_compute="ragged_dot")),
+            _sizes(expert=2),
+            "model.moe.expert_compute=ragged_dot has no expert-parallel path; with mesh.expert=2 "
+            "use expert_compute=slabs",
+        ),
         (_cfg("dense_tiny"), _sizes(tensor=3), "model.n_heads=4 is not divisible by mesh.tensor=3"),
         (
             _cfg("dense_tiny", n_heads=6),
