@@ -228,6 +228,17 @@ def run_chunks(
         pool.close()
 
 
+class WorkerDiedError(ChildProcessError):
+    """A worker process died; an OSError, so prepare_data prints it in one line, exit 2."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a worker process of the preparation died (killed, or out of memory); the chunks "
+            "committed so far are kept: rerun the same command, with fewer --workers or a "
+            "smaller --max-memory if memory ran out"
+        )
+
+
 class _Workers:
     """Worker processes for chunks (spawned, so no JAX or XLA thread is forked).
 
@@ -248,24 +259,25 @@ class _Workers:
         )
 
     def submit(self, task: tuple[int, int, list[inputs.Raw]]) -> Future:
-        if threading.current_thread() is not threading.main_thread():
-            return self.executor.submit(_worker_run, task)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker may start here
+        """The chunk on a worker; `WorkerDiedError` if a worker has died (seen here or in
+        `result`, whichever comes first)."""
         try:
-            return self.executor.submit(_worker_run, task)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+            if threading.current_thread() is not threading.main_thread():
+                return self.executor.submit(_worker_run, task)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker may start here
+            try:
+                return self.executor.submit(_worker_run, task)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        except BrokenProcessPool as e:
+            raise WorkerDiedError() from e
 
     @staticmethod
     def result(pending: Future) -> dict[str, Any]:
         try:
             return pending.result()
         except BrokenProcessPool as e:
-            raise ChildProcessError(  # an OSError: prepare_data prints it in one line
-                "a worker process of the preparation died (killed, or out of memory); the "
-                "chunks committed so far are kept: rerun the same command, with fewer --workers "
-                "or a smaller --max-memory if memory ran out"
-            ) from e
+            raise WorkerDiedError() from e
 
     def close(self) -> None:
         """Cancel what has not started and wait for the running chunks (each removes its own
