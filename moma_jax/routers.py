@@ -17,6 +17,7 @@ primitives are imported inside the route functions, where the model is already l
 
 from __future__ import annotations
 
+import abc
 import difflib
 import math
 from typing import Any, NamedTuple, Protocol
@@ -74,28 +75,29 @@ class Routed(NamedTuple):
     losses: dict[str, Any]
 
 
-class Router:
-    """One routing method. Subclass it and fill every attribute and method."""
+class Router(abc.ABC):
+    """One routing method. Subclass it, name it and define every method (an abstract base: a
+    row leaving one undefined cannot be made)."""
 
     name: str = ""
     has_router: bool = True  # a learned D x E router (`router_DxE`, 2 D E FLOPs per token)
     needs_aux_router: bool = False  # ranks whole routing groups: causal routing needs one
 
+    @abc.abstractmethod
     def slots(self, moe: SparseSettings, group: int) -> int:
         """Slots per expert (C) in the teacher-forced dispatch of a routing group of N."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def experts_per_token(self, moe: SparseSettings, group: int) -> float:
         """Expert FFNs one token of the group uses under ideal routing (the ideal FLOPs)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def route(self, r: GroupRouting) -> Routed:
         """Teacher-forced: the routing groups' tokens decided together."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def route_causal(self, r: GroupRouting) -> Routed:
         """Causal: every token decides alone (r.slots = N, nothing dropped)."""
-        raise NotImplementedError
 
 
 def threshold(r: GroupRouting, taken_GxNxE: Any, gate_GxNxE: Any, scores_GxNxE: Any) -> Routed:

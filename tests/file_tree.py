@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 
 def snapshot(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, tuple]:
     """Every entry under `root` but `exclude`: a file's bytes (hashed) and mtime, a link's
@@ -72,3 +75,11 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def picture(path: Path, seed: int = 0) -> Path:
+    """A small random RGB PNG at `path` (its folders made)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8)).save(path)
+    return path
