@@ -26,7 +26,7 @@ TINY = ExperimentConfig(
     model=ModelConfig(vocab_size=1024, d_model=128, n_layers=4, n_heads=4),
     data=DataConfig(seq_len=256, batch_size=16),
     optim=OptimConfig(peak_lr=3e-3, warmup_steps=30, total_steps=300, weight_decay=0.1),
-    run=RunConfig(log_every=10, eval_every=50, eval_batches=4, checkpoint_every=100),
+    run=RunConfig(log_every=10, eval_every=50, eval_batches=30, checkpoint_every=100),
 )
 
 

@@ -16,10 +16,10 @@ register_suite(
     Suite(
         "paper_tiny",
         (*(f"{a}_tiny" for a in _ARCHS), "mod_moma_4t4i_tiny"),
-        seeds=2,
+        seeds=5,
         description="The MoMa paper's comparison at the tiny size on the bundled data: dense, "
-        "moe_8x, moma_1t1i, moma_4t4i, mot and mod_moma_4t4i, 2 seeds, with the post-hoc "
-        "aux-router stages for causal losses (~40 min on a 2-core CPU).",
+        "moe_8x, moma_1t1i, moma_4t4i, mot and mod_moma_4t4i, 5 seeds, with the post-hoc "
+        "aux-router stages for causal losses (~2 h on a 2-core CPU).",
         aux_stages=True,
     )
 )
@@ -35,7 +35,7 @@ for size in ("90m", "435m", "1.4b"):
     )
 
 
-# Ablations of the tiny comparison (experiments/ablations.py), one seed each; the first entry
+# Ablations of the tiny comparison (experiments/ablations.py), 3 seeds each; the first entry
 # of each suite is its dense reference.
 register_suite(
     Suite(
@@ -44,13 +44,17 @@ register_suite(
             "dense_tiny",
             "moma_4t4i_tiny",
             "moe_8x_tiny",
+            "switch_8x_tiny",
             "moma_4t4i_c2_tiny",
             "moe_8x_c2_tiny",
             "moma_4t4i_lrhalf_tiny",
             "moma_4t4i_lrdouble_tiny",
         ),  # fmt: skip
-        seeds=1,
-        description="Capacity 2 and the sparse learning rate against dense_tiny.",
+        seeds=3,
+        match_flops=True,
+        description="Capacity 2, token choice (switch_8x: only capacity overflow goes untaken, "
+        "counted) and the sparse learning rate against dense_tiny, every run trained to "
+        "dense's total FLOPs (capacity 2: fewer steps).",
     )
 )
 for _variant in ("prenorm", "wide"):
@@ -58,8 +62,9 @@ for _variant in ("prenorm", "wide"):
         Suite(
             f"ablation_{_variant}_tiny",
             (f"dense_{_variant}_tiny", f"moma_4t4i_{_variant}_tiny"),
-            seeds=1,
-            description=f"dense vs moma_4t4i, both {_variant}.",
+            seeds=3,
+            match_flops=True,
+            description=f"dense vs moma_4t4i, both {_variant}, at equal total FLOPs.",
         )
     )
 
@@ -75,7 +80,7 @@ for _name, _data in (("large", "bundled-large"), ("standard", "")):
         Suite(
             f"ablation_data_micro_{_name}",
             ("dense_tiny", "moma_4t4i_tiny"),
-            seeds=1,
+            seeds=3,
             overrides=(*MICRO, f"data.path={_data}"),
             description=f"dense vs moma_4t4i at 4 x 64, 20 tokens per dense parameter, on the "
             f"{_name} bundle.",
@@ -88,10 +93,38 @@ register_suite(
     Suite(
         "paper_micro",
         (*(f"{a}_tiny" for a in _ARCHS), "mod_moma_4t4i_tiny"),
-        seeds=2,
+        seeds=3,
         overrides=(*MICRO, "data.path=bundled-large"),
         description="paper_tiny's experiments at 4 x 64 on the large bundle, 1,600 steps: 20 "
-        "tokens per dense parameter in 0.51 epochs (~100 min on a 2-core CPU).",
+        "tokens per dense parameter in 0.51 epochs (~2.5 h on a 2-core CPU).",
         aux_stages=True,
+    )
+)
+
+# The data regime at fixed width: every budget (real training tokens per dense parameter) its
+# own runs with its own schedule, so the gap from dense can be read against the budget with
+# nothing else changing; scaling.md fits L(F) = E + A F^-alpha per architecture.
+register_suite(
+    Suite(
+        "tokens_per_param_64",
+        ("dense_tiny", "moma_4t4i_tiny", "moe_8x_tiny", "mot_tiny"),
+        seeds=3,
+        overrides=("model.d_model=64", "model.n_heads=2", "data.path=bundled-large"),
+        match_flops=True,
+        tokens_per_param=(1, 4, 10, 20),
+        description="4 x 64 (328K dense parameters) at 1, 4, 10 and 20 real tokens per dense "
+        "parameter on the large bundle, 3 seeds (~2.5 h on a 2-core CPU).",
+    )
+)
+register_suite(
+    Suite(
+        "tokens_per_param_128",
+        ("dense_tiny", "moma_4t4i_tiny"),
+        seeds=3,
+        overrides=("data.path=bundled-large",),
+        match_flops=True,
+        tokens_per_param=(1, 4, 10),
+        description="4 x 128 at 1, 4 and 10 real tokens per dense parameter on the large "
+        "bundle, 3 seeds (~5 h on a 2-core CPU).",
     )
 )

@@ -1,30 +1,81 @@
 """FLOPs-matched comparison: the MoMa paper's eta and the MoT paper's step-matching ratio.
 
-eta = (dense run's total training FLOPs) / (FLOPs the other run needs to reach the dense run's
-final loss). eta = 2 means the sparse model reaches dense's final loss with half the compute.
+eta compares a run with the dense run at the loss dense ends on, and gives every run a number:
 
-How the crossing is found (`flops_to_reach`): walk the run's evaluation points in FLOPs order;
-at the first point whose loss is <= the target, interpolate between it and the point before,
-with the loss linear in log(FLOPs) (loss curves are close to straight there, and two runs never
-share an evaluation grid); at the very first point the FLOPs of that point are used. A run whose
-loss never reaches the target gives None, reported as "not reached", never a number.
+- Both curves are first replaced by their running minimum (a held-out curve that rises at the
+  end, from overfitting or noise, keeps its best value), and the target is dense's final
+  running-minimum loss, i.e. the best loss dense reached.
+- "reached": the run gets to the target. eta = FLOPs dense needs to first reach the target /
+  FLOPs the run needs to first reach it. Dense against itself is exactly 1; eta = 2 means the
+  run gets there with half the compute.
+- "reverse": the run never gets to the target. eta = FLOPs dense needs to first reach the
+  run's own best loss / FLOPs the run needs to first reach it (for a curve that falls to its end,
+  its total FLOPs): a number below 1, on the same scale (0.7: the run is worth 70% of its
+  compute in dense FLOPs).
+- "capped": the crossing lies before a curve's first evaluation, so the interpolation has no
+  point before it and the FLOPs of that first evaluation stand in. Then the number is a bound,
+  not a value (`bound` "lower" if the run was already at the target at its first evaluation,
+  "upper" if dense was already at the run's best loss at its first one); tables print >= / <=.
 
-Held-out losses are the primary numbers (evaluated on the same held-out batches at every
-evaluation). The paper's own eta is on training loss, which is noisy per step: `smooth` takes a
-trailing mean over a window of logged steps, and the dense target is the smoothed final value.
+How a crossing is found (`flops_to_reach`): walk the points in FLOPs order; at the first point
+whose loss is <= the target, interpolate between it and the point before, with the loss linear
+in log(FLOPs) (curves are close to straight there, and two runs never share an evaluation grid).
+
+Held-out losses are the primary numbers (the same held-out batches at every evaluation). The
+paper's own eta is on training loss; the loop logs the mean training loss over every step since
+the previous log (`loss_mean*`), which the report places at the window's middle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+Kind = Literal["reached", "reverse", "capped"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Eta:
+    """One comparison's eta: a value, and how it was obtained (see the module docstring)."""
+
+    value: float
+    kind: Kind
+    bound: Literal["lower", "upper"] | None = None  # only for kind "capped"
+
+    def __float__(self) -> float:
+        return self.value
+
+    def text(self, digits: int = 2) -> str:
+        """As tables print it: 1.24, 0.87 (r) for reverse, >=3.10 or <=0.40 for a bound."""
+        number = f"{self.value:.{digits}f}"
+        if self.kind == "capped":
+            return (">=" if self.bound == "lower" else "<=") + number
+        return number + (" (r)" if self.kind == "reverse" else "")
+
+    def to_json(self) -> dict[str, object]:
+        return {"value": self.value, "kind": self.kind, "bound": self.bound}
+
+
+def curve(flops: ArrayLike, loss: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The points with positive FLOPs and finite loss, in FLOPs order, the loss replaced by its
+    running minimum."""
+    f = np.asarray(flops, dtype=np.float64)
+    v = np.asarray(loss, dtype=np.float64)
+    keep = (f > 0) & np.isfinite(v)
+    order = np.argsort(f[keep], kind="stable")
+    f, v = f[keep][order], v[keep][order]
+    if not len(f):
+        raise ValueError("a curve has no point with positive FLOPs and a finite loss")
+    return f, np.minimum.accumulate(v)
+
 
 def flops_to_reach(flops: ArrayLike, loss: ArrayLike, target: float) -> float | None:
-    """Training FLOPs at which the curve first reaches `target` (see the module docstring)."""
+    """Training FLOPs at which the curve first reaches `target` (see the module docstring);
+    None if it never does. At the very first point, that point's FLOPs."""
     pairs = zip(np.asarray(flops).tolist(), np.asarray(loss).tolist(), strict=True)
     points = sorted((f, v) for f, v in pairs if f > 0 and math.isfinite(v))
     previous = None
@@ -33,7 +84,7 @@ def flops_to_reach(flops: ArrayLike, loss: ArrayLike, target: float) -> float | 
             if previous is None or previous[1] == v:
                 return f
             (f0, v0), (f1, v1) = previous, (f, v)
-            t = (v0 - target) / (v0 - v1)  # in [0, 1): where the target lies between the points
+            t = (v0 - target) / (v0 - v1)  # in (0, 1]: where the target lies between the points
             return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
         previous = (f, v)
     return None
@@ -44,13 +95,28 @@ def eta(
     dense_loss: ArrayLike,
     flops: ArrayLike,
     loss: ArrayLike,
-) -> float | None:
-    """Dense total FLOPs / FLOPs the run needs to reach dense's final loss; None: not reached."""
-    order = np.argsort(dense_flops)
-    total = float(np.asarray(dense_flops)[order][-1])
-    target = float(np.asarray(dense_loss)[order][-1])
-    needed = flops_to_reach(flops, loss, target)
-    return None if needed is None else total / needed
+) -> Eta:
+    """The run's eta against dense (module docstring): reached, reverse or capped."""
+    df, dl = curve(dense_flops, dense_loss)
+    f, v = curve(flops, loss)
+    target = float(dl[-1])
+    dense_needs = flops_to_reach(df, dl, target)
+    assert dense_needs is not None  # dense reaches its own running minimum
+    if v[-1] <= target:
+        needs = flops_to_reach(f, v, target)
+        assert needs is not None
+        if v[0] <= target:
+            # Already at the target at its first evaluation: it needed at most f[0].
+            return Eta(dense_needs / needs, "capped", "lower")
+        return Eta(dense_needs / needs, "reached")
+    best = float(v[-1])
+    needs = flops_to_reach(f, v, best)
+    dense_needs = flops_to_reach(df, dl, best)
+    assert needs is not None and dense_needs is not None  # best > target: dense reaches it
+    if dl[0] <= best:
+        # Dense was already at the run's best loss at its first evaluation: at most df[0].
+        return Eta(dense_needs / needs, "capped", "upper")
+    return Eta(dense_needs / needs, "reverse")
 
 
 def step_ratio(
@@ -58,32 +124,26 @@ def step_ratio(
     dense_loss: ArrayLike,
     steps: ArrayLike,
     loss: ArrayLike,
-) -> float | None:
-    """The MoT paper's step matching: fraction of dense's steps the run needs to reach dense's
-    final loss (the inverse of eta on a steps axis); None: not reached."""
-    ratio = eta(dense_steps, dense_loss, steps, loss)
-    return None if ratio is None else 1.0 / ratio
+) -> Eta:
+    """The MoT paper's step matching: the fraction of dense's steps the run needs to reach
+    dense's best loss, i.e. 1 / eta on a steps axis (a lower bound on eta is an upper bound
+    here)."""
+    e = eta(dense_steps, dense_loss, steps, loss)
+    flipped = {"lower": "upper", "upper": "lower", None: None}[e.bound]
+    return Eta(1.0 / e.value, e.kind, flipped)  # type: ignore[arg-type]
 
 
-def smooth(values: ArrayLike, window: int) -> np.ndarray:
-    """Trailing mean over `window` points (fewer at the start)."""
-    x = np.asarray(values, dtype=np.float64)
-    cumsum = np.concatenate([[0.0], np.cumsum(x)])
-    idx = np.arange(1, len(x) + 1)
-    start = np.maximum(idx - window, 0)
-    return (cumsum[idx] - cumsum[start]) / (idx - start)
-
-
-def mean_spread(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    """Mean and spread (min, max, std) over seeds of the reached values; how many reached."""
-    reached = [v for v in values if v is not None]
-    if not reached:
-        return {"mean": None, "min": None, "max": None, "std": None, "reached": 0, "n": len(values)}
-    return {
-        "mean": float(np.mean(reached)),
-        "min": float(np.min(reached)),
-        "max": float(np.max(reached)),
-        "std": float(np.std(reached)),
-        "reached": len(reached),
-        "n": len(values),
-    }
+def eta_vs_flops(
+    dense_flops: ArrayLike, dense_loss: ArrayLike, flops: ArrayLike, loss: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """eta along the run's curve: at each of its evaluations (FLOPs F, best loss so far L), the
+    FLOPs dense needs to first reach L / F. NaN where dense never gets to L (the run is ahead
+    of dense's whole curve) or where L was reached before dense's first evaluation."""
+    df, dl = curve(dense_flops, dense_loss)
+    f, v = curve(flops, loss)
+    out = np.full(len(f), np.nan)
+    for i, (fi, vi) in enumerate(zip(f, v, strict=True)):
+        needs = flops_to_reach(df, dl, float(vi))
+        if needs is not None and dl[0] > vi:
+            out[i] = needs / fi
+    return f, out

@@ -5,12 +5,20 @@ This is the mechanism; the bundled suites are declared in `experiments/suites.py
 the bundled experiments. Seed s of a suite sets `run.param_seed`, `run.routing_seed` and
 `data.seed` to s for every experiment, so each sparse run is compared with the dense run of the
 same seed.
+
+Budgets: by default every run trains the steps of its own config. `match_flops` trains every
+experiment to the dense run's total training FLOPs (its steps derived from its own FLOPs per
+step, with its own full schedule), so a model with fewer or more FLOPs per step (MoD, capacity 2)
+competes at equal compute. `tokens_per_param` runs the whole suite once per budget (real,
+non-padding training tokens per dense parameter; each budget its own runs with its own schedule,
+in ROOT/SUITE/tpp{B}/...), for scaling fits across budgets (`moma_jax.scaling`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 
 from moma_jax.errors import ConfigError
 from moma_jax.registry import load_bundled
@@ -26,6 +34,18 @@ class Suite:
     # After each run whose routers rank whole routing groups, train its post-hoc aux-router
     # stage (`{arch}_aux_{size}`, experiments/aux.py), so the report has causal losses.
     aux_stages: bool = False
+    match_flops: bool = False  # every run to dense's total training FLOPs (module docstring)
+    tokens_per_param: tuple[float, ...] = ()  # one run of the suite per budget
+
+    def at_budget(self, tokens_per_param: float, keys: Sequence[str]) -> Suite:
+        """The suite at one of its budgets, `keys` setting its schedule; its runs live in
+        ROOT/SUITE/tpp{B}/."""
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}/tpp{tokens_per_param:g}",
+            overrides=(*self.overrides, *keys),
+            tokens_per_param=(),
+        )
 
 
 SUITES: dict[str, Suite] = {}

@@ -51,14 +51,25 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     rep = json.loads((tmp_path / "test_pair" / "report.json").read_text())
     dense = rep["experiments"]["dense_tiny"]
     for m in ("overall", "text", "image"):
-        assert dense[m]["eta_heldout"]["mean"] == pytest.approx(1.0)  # dense against itself
+        assert dense[m]["eta_heldout"]["per_seed"] == [  # dense against itself: exactly 1
+            {"value": 1.0, "kind": "reached", "bound": None}
+        ]
+        assert dense[m]["loss_diff_vs_dense"]["mean"] == 0.0
         other = rep["experiments"]["moma_1t1i_tiny"][m]
-        assert other["eta_heldout"]["n"] == 1
+        assert other["eta_heldout"]["n"] == 1 and other["eta_heldout"]["low"] is None
         assert other["final_heldout_loss"]["mean"] > 0
+        assert other["eta_heldout"]["per_seed"][0]["kind"] in ("reached", "reverse", "capped")
+        assert len(other["loss_diff_curve"]["flops"]) == 24
+        part = "overall" if m == "overall" else f"modality:{m}"
+        doc = rep["experiments"]["moma_1t1i_tiny"]["tasks"][part]["per_seed"][0]["diff_vs_dense"]
+        assert doc["low"] <= doc["mean"] <= doc["high"]  # an interval over held-out documents
+    assert rep["noise_floor"]["overall"] is None  # one seed: no noise floor
     text = (tmp_path / "test_pair" / "report.md").read_text()
     assert "| moma_1t1i_tiny | image |" in text
     assert (tmp_path / "test_pair" / "loss_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "test_pair" / "eta.png").stat().st_size > 1000
+    assert (tmp_path / "test_pair" / "loss_diff.png").stat().st_size > 1000
+    assert "Noise floor: one seed, none measured" in text
     curves = rep["curves"]["moma_1t1i_tiny/seed0"]
     assert set(curves["layer_load"]) == {"text", "image"}  # one expert each: load 1 per layer
     assert curves["layer_load"]["image"] == [[1.0]] * 2
@@ -76,8 +87,8 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert joint["source"] == "joint" and joint["text"]["eta"]["n"] == 1
     assert joint["overall"]["final"]["mean"] > 0
     tasks = rep["experiments"]["moe_8x_tiny"]["tasks"]
-    assert tasks["routing"] == "causal" and tasks["interleaved"] is None
-    assert any(tasks[t] for t in ("text", "text_to_image", "image_to_text"))
+    assert tasks["routing"] == "causal" and tasks["task:interleaved"] is None
+    assert any(tasks[f"task:{t}"] for t in ("text", "text_to_image", "image_to_text"))
     assert rep["data"]["epochs"] == pytest.approx(20 * 8 * 128 / rep["data"]["train_split_tokens"])
     assert "| moe_8x_tiny | posthoc |" in text and "| dense_tiny | causal |" in text
 
@@ -96,3 +107,38 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
 def test_unknown_suite_lists_the_close_ones():
     with pytest.raises(Exception, match="did you mean paper_tiny"):
         get_suite("paper_tin")
+
+
+def test_budgets_train_each_model_to_equal_flops_and_fit_across_budgets(tmp_path, capsys):
+    keys = (*KEYS, "run.log_every=2")
+    suite = register_suite(
+        Suite(
+            "test_budgets",
+            ("dense_tiny", "moma_4t4i_c2_tiny"),
+            1,
+            keys,
+            match_flops=True,
+            tokens_per_param=(0.05, 0.2),
+        )
+    )
+    try:
+        assert main(["--suite", "test_budgets", "--root", str(tmp_path)]) == 0
+    finally:
+        SUITES.pop(suite.name)
+    steps = {}
+    for budget in ("0.05", "0.2"):
+        rep = json.loads((tmp_path / "test_budgets" / f"tpp{budget}" / "report.json").read_text())
+        dense, c2 = (rep["experiments"][e] for e in ("dense_tiny", "moma_4t4i_c2_tiny"))
+        steps[budget] = dense["steps"]
+        # Equal compute: capacity 2 (~1.5x FLOPs per step here) trains fewer steps, to within
+        # one step of dense's total FLOPs.
+        assert c2["steps"] < dense["steps"]
+        per_step = c2["total_flops"] / c2["steps"]
+        assert abs(c2["total_flops"] - dense["total_flops"]) <= per_step / 2 + 1
+    assert steps["0.2"] == pytest.approx(4 * steps["0.05"], abs=2)  # each its own schedule
+    scaling = json.loads((tmp_path / "test_budgets" / "scaling.json").read_text())
+    # Two points per architecture: too few for E + A F^-alpha, and the report says so.
+    assert "needs >= 3 points" in scaling["fits"]["dense_tiny"]["error"]
+    assert (tmp_path / "test_budgets" / "scaling.png").stat().st_size > 1000
+    assert "| 0.2 |" in (tmp_path / "test_budgets" / "scaling.md").read_text()
+    assert "scaling: " in capsys.readouterr().out

@@ -5,7 +5,9 @@ stopped), then report it at equal FLOPs.
     python scripts/compare.py --suite paper_tiny --report-only
 
 Runs live in ROOT/SUITE/EXPERIMENT/seedS (default ROOT: runs/suites). The report goes to
-ROOT/SUITE/report.md, report.json and PNG plots (docs/comparison.md explains every number).
+ROOT/SUITE/report.md, report.json and PNG plots (docs/comparison.md explains every number). A
+suite with tokens-per-parameter budgets keeps each budget in ROOT/SUITE/tpp{B}/ with its own
+report, and writes ROOT/SUITE/scaling.md (fits across budgets).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moma_jax import host_memory
+from moma_jax import budgets, host_memory
+from moma_jax.commands.compare_markdown import markdown
 from moma_jax.commands.compare_plots import plots
-from moma_jax.commands.compare_report import markdown, report, run_dir
+from moma_jax.commands.compare_report import report, run_dir
+from moma_jax.commands.compare_scaling import write_scaling
 from moma_jax.config import ConfigError
 from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.registry import stage_name
@@ -39,6 +43,30 @@ def seed_keys(seed: int) -> list[str]:
     return [f"run.param_seed={seed}", f"run.routing_seed={seed}", f"data.seed={seed}"]
 
 
+def budget_suites(suite: Suite, overrides: list[str]) -> list[Suite]:
+    """The suite itself, or one suite per tokens-per-parameter budget (steps from the dense
+    model's parameters and the real tokens of its training stream, seed 0, for every seed)."""
+    if not suite.tokens_per_param:
+        return [suite]
+    dense = experiment_config(suite.experiments[0], [*suite.overrides, *overrides])
+    return [
+        suite.at_budget(
+            b, budgets.schedule_keys(dense, budgets.steps_for_tokens_per_param(dense, b), True)
+        )
+        for b in suite.tokens_per_param
+    ]
+
+
+def run_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list[str]:
+    """The --set keys of one run; with `match_flops`, its steps for dense's total FLOPs."""
+    keys = [*suite.overrides, *overrides, *seed_keys(seed)]
+    if suite.match_flops and exp != suite.experiments[0]:
+        cfg = experiment_config(exp, keys)
+        dense_flops = budgets.total_flops(experiment_config(suite.experiments[0], keys))
+        keys += budgets.schedule_keys(cfg, budgets.steps_for_flops(cfg, dense_flops))
+    return keys
+
+
 def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> None:
     """Trains every (experiment, seed) of the suite to its schedule's end; finished runs are
     skipped and partial ones resume from their checkpoints."""
@@ -46,7 +74,7 @@ def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> N
 
     for seed in range(seeds):
         for exp in suite.experiments:
-            keys = [*suite.overrides, *overrides, *seed_keys(seed)]
+            keys = run_keys(suite, exp, seed, overrides)
             cfg = experiment_config(exp, keys)
             workdir = run_dir(root, suite, exp, seed)
             print(f"[compare] {exp} seed {seed} -> {workdir}", file=sys.stderr, flush=True)
@@ -58,7 +86,8 @@ def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> N
             ):
                 # The post-hoc aux-router stage, for causal losses (docs/sparsity.md).
                 stage = stage_name(exp)
-                stage_cfg = experiment_config(stage, [*keys, f"run.init_from={workdir.absolute()}"])
+                base = [*suite.overrides, *overrides, *seed_keys(seed)]  # its own schedule
+                stage_cfg = experiment_config(stage, [*base, f"run.init_from={workdir.absolute()}"])
                 stage_dir = run_dir(root, suite, stage, seed)
                 print(f"[compare] {stage} seed {seed} -> {stage_dir}", file=sys.stderr, flush=True)
                 train(stage_cfg, stage_dir)
@@ -90,13 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root)
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):
+            parts = budget_suites(suite, list(args.overrides))
             if not args.report_only:
                 enable_compilation_cache()
-                train_suite(suite, seeds, root, list(args.overrides))
-            rep = write_report(suite, seeds, root)
+                for part in parts:
+                    train_suite(part, seeds, root, list(args.overrides))
+            reps = [write_report(part, seeds, root) for part in parts]
+            extra = write_scaling(suite, reps, root) if suite.tokens_per_param else []
     except (ConfigError, ValueError, FileNotFoundError, WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown(rep))
-    print(f"report: {root / suite.name / 'report.md'}; plots: {', '.join(rep['plots'])}")
+    for part, rep in zip(parts, reps, strict=True):
+        print(markdown(rep))
+        print(f"report: {root / part.name / 'report.md'}; plots: {', '.join(rep['plots'])}")
+    if extra:
+        print(f"scaling: {', '.join(str(p) for p in extra)}")
     return 0

@@ -14,53 +14,92 @@ import numpy as np
 
 from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
-from moma_jax.eta import eta, mean_spread, smooth, step_ratio
+from moma_jax.commands.compare_stats import (
+    eta_curves,
+    loss_diff_curve,
+    modality_entry,
+    noise_floor,
+    summarize,
+    summarize_etas,
+)
+from moma_jax.eta import Eta, eta
 from moma_jax.flops import count_params
 from moma_jax.metric_names import split_expert_load, split_layer_metric
-from moma_jax.model.kinds import needs_aux_routers
+from moma_jax.model.kinds import (
+    aux_router_flops_per_token,
+    needs_aux_routers,
+    train_flops_per_token,
+)
 from moma_jax.registry import stage_name
+from moma_jax.stats import bootstrap_pooled
 from moma_jax.suites import Suite
-from moma_jax.tasks import TASKS
 from moma_jax.train.state import abstract_params
 
 MODALITIES = {"overall": "", "text": "_text", "image": "_image"}
-TRAIN_WINDOW = 20  # logged steps in the trailing mean of the training loss (the paper's eta)
 
 
 def run_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
     return root / suite.name / exp / f"seed{seed}"
 
 
+def _points(records: list[dict[str, Any]], key: str) -> tuple[list, list, list] | None:
+    """(flops, values, steps) of the records that have `key`; None if none has it."""
+    rows = [r for r in records if key in r]
+    if not rows:
+        return None
+    return [r["flops"] for r in rows], [r[key] for r in rows], [r["step"] for r in rows]
+
+
+def _window_points(trains: list[dict[str, Any]], suffix: str) -> tuple[list, list, list] | None:
+    """The mean training loss over each logging window (`loss_mean*`, every step since the
+    previous log), placed at the window's middle step and FLOPs; None for runs logged before
+    the loop wrote it (their single-batch losses are not comparable across models)."""
+    rows = [r for r in trains if f"loss_mean{suffix}" in r and "loss_mean_steps" in r]
+    if not rows or len(rows) < len(trains) - 1:
+        return None
+    mids = [r["step"] - (r["loss_mean_steps"] - 1) / 2 for r in rows]
+    flops = [r["flops"] * mid / r["step"] for r, mid in zip(rows, mids, strict=True)]
+    return flops, [r[f"loss_mean{suffix}"] for r in rows], mids
+
+
 def _curves(run: Run) -> dict[str, Any]:
     records = run.records  # a torn last line: skipped, with a warning
     if not records:
         raise ValueError(f"{run.workdir} has no metrics yet (metrics.jsonl)")
-    evals = [r for r in records if "eval_loss" in r]
     trains = [r for r in records if "loss" in r]
     out: dict[str, Any] = {"steps": int(max(r["step"] for r in records))}
+    out["step_time_s"] = _step_time(trains)
+    extra = aux_router_charge(run.config)
     for m, suffix in MODALITIES.items():
-        out[f"eval_{m}"] = (
-            [r["flops"] for r in evals],
-            [r[f"eval_loss{suffix}"] for r in evals],
-            [r["step"] for r in evals],
+        evals = _points(records, f"eval_loss{suffix}")
+        if evals is None:
+            raise ValueError(f"{run.workdir} has no held-out evaluation (eval_loss{suffix})")
+        out[f"eval_{m}"] = evals
+        out[f"train_{m}"] = _window_points(trains, suffix)
+        time = out["step_time_s"]
+        out[f"time_{m}"] = (
+            None if time is None else ([s * time for s in evals[2]], evals[1], evals[2])
         )
-        loss = smooth([r[f"loss{suffix}"] for r in trains], TRAIN_WINDOW)
-        out[f"train_{m}"] = ([r["flops"] for r in trains], list(loss), [r["step"] for r in trains])
-        causal = [r for r in evals if f"eval_causal_loss{suffix}" in r]
-        if causal:  # a run with jointly trained aux routers
-            out[f"causal_{m}"] = (
-                [r["flops"] for r in causal],
-                [r[f"eval_causal_loss{suffix}"] for r in causal],
-                [r["step"] for r in causal],
-            )
+        causal = _points(records, f"eval_causal_loss{suffix}")
+        if causal is not None:  # jointly trained aux routers: charged their training FLOPs
+            out[f"causal_{m}"] = ([f * (1 + extra) for f in causal[0]], *causal[1:])
+    out["aux_router_charge"] = extra
     last = trains[-1]
     out["tokens"] = last["tokens"]
-    out["step_time_s"] = _step_time(trains)
     out["layer_load"] = _layer_load(trains[-1])
     out["tokens_per_step"] = last["tokens"] / last["step"]
     out["flops_per_token"] = last["flops"] / last["tokens"]
     out["flops_per_token_executed"] = last.get("flops_executed", last["flops"]) / last["tokens"]
     return out
+
+
+def aux_router_charge(cfg: Any) -> float:
+    """The aux routers' training FLOPs as a share of the model's (forward and backward through
+    the routers: 3 x their forward FLOPs per token); 0 for a run without them."""
+    if cfg.model.aux_routers == "none":
+        return 0.0
+    _, forward = aux_router_flops_per_token(cfg.model)
+    return 3 * forward / train_flops_per_token(cfg.model, cfg.data.seq_len)
 
 
 def _layer_load(record: dict[str, Any]) -> dict[str, list[list[float]]]:
@@ -91,8 +130,11 @@ def _step_time(trains: list[dict[str, Any]]) -> float | None:
 
 
 def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
-    """Per experiment and modality: final held-out loss, eta (held-out and training loss) and
-    the step-matching ratio against the dense run of the same seed, mean and spread over seeds."""
+    """Per experiment and modality, against the dense run of the same seed: the final held-out
+    loss and its difference from dense, eta (held-out, training loss, measured time) and the
+    step-matching ratio, each per seed with the mean and a 95% t-interval; the loss difference
+    and eta along the curve; the noise floor (dense seeds against each other); causal losses;
+    losses by task with intervals over held-out documents."""
     dense = suite.experiments[0]
     curves = {
         (exp, s): _curves(load_run(run_dir(root, suite, exp, s)))
@@ -100,121 +142,31 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
         for s in range(seeds)
     }
     out: dict[str, Any] = {"suite": suite.name, "seeds": seeds, "dense": dense, "experiments": {}}
+    out["noise_floor"] = {m: noise_floor(curves, dense, seeds, m) for m in MODALITIES}
+    scored = {  # each run's last checkpoint on the held-out pieces, as causally as it can be
+        (exp, s): score(root, suite, exp, s) for exp in suite.experiments for s in range(seeds)
+    }
     for exp in suite.experiments:
         entry: dict[str, Any] = {}
         for m in MODALITIES:
-            finals, etas, train_etas, ratios = [], [], [], []
-            for s in range(seeds):
-                c, d = curves[(exp, s)], curves[(dense, s)]
-                finals.append(c[f"eval_{m}"][1][-1])
-                etas.append(eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"eval_{m}"][:2]))
-                train_etas.append(eta(d[f"train_{m}"][0], d[f"train_{m}"][1], *c[f"train_{m}"][:2]))
-                de, ce = d[f"eval_{m}"], c[f"eval_{m}"]
-                ratios.append(step_ratio(de[2], de[1], ce[2], ce[1]))
-            entry[m] = {
-                "final_heldout_loss": mean_spread(finals),
-                "eta_heldout": mean_spread(etas),
-                "eta_train_loss": mean_spread(train_etas),
-                "step_ratio_heldout": mean_spread(ratios),
-                "per_seed": {"eta_heldout": etas, "final_heldout_loss": finals},
-            }
+            entry[m] = modality_entry(curves, exp, dense, seeds, m)
+            entry[m]["loss_diff_curve"] = loss_diff_curve(curves, exp, dense, seeds, m)
+            entry[m]["eta_curves"] = eta_curves(curves, exp, dense, seeds, m)
         c0 = curves[(exp, 0)]
         entry["flops_per_token"] = c0["flops_per_token"]
         entry["flops_per_token_executed"] = c0["flops_per_token_executed"]
         entry["steps"] = c0["steps"]
-        times = [curves[(exp, s)]["step_time_s"] for s in range(seeds)]
-        entry["step_time_s"] = mean_spread(times)
-        entry["tokens_per_s"] = (
-            c0["tokens_per_step"] / entry["step_time_s"]["mean"]
-            if entry["step_time_s"]["mean"]
-            else None
-        )
+        entry["total_flops"] = c0["eval_overall"][0][-1]
+        entry["aux_router_charge"] = c0["aux_router_charge"]
+        entry["step_time_s"] = summarize([curves[(exp, s)]["step_time_s"] for s in range(seeds)])
+        mean_time = entry["step_time_s"]["mean"]
+        entry["tokens_per_s"] = c0["tokens_per_step"] / mean_time if mean_time else None
         entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense)
-        entry["tasks"] = task_entry(root, suite, exp, seeds)
+        entry["tasks"] = task_entry(scored, exp, dense, seeds)
         out["experiments"][exp] = entry
     out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"])
     out["curves"] = {f"{e}/seed{s}": c for (e, s), c in curves.items()}
     return out
-
-
-def _fmt(stat: dict[str, Any], digits: int = 3) -> str:
-    if stat["mean"] is None:
-        return "not reached"
-    text = f"{stat['mean']:.{digits}f}"
-    if stat["n"] > 1:
-        text += f" ± {(stat['max'] - stat['min']) / 2:.{digits}f}"
-    if stat["reached"] < stat["n"]:
-        text += f" ({stat['n'] - stat['reached']} of {stat['n']} not reached)"
-    return text
-
-
-def markdown(rep: dict[str, Any]) -> str:
-    lines = [
-        f"# Suite {rep['suite']}: {rep['seeds']} seed(s), against {rep['dense']}",
-        "",
-        "eta = dense total training FLOPs / FLOPs to reach dense's final loss (held-out loss, "
-        "interpolated in log-FLOPs between evaluations; > 1: better than dense at equal FLOPs). "
-        f"Training-loss eta uses a trailing mean over {TRAIN_WINDOW} logged steps. Values are "
-        "mean ± half the range over seeds.",
-        "",
-        "| experiment | modality | final held-out loss | eta (held-out) | eta (training loss) "
-        "| dense steps needed |",
-        "|---|---|---|---|---|---|",
-    ]
-    for exp, entry in rep["experiments"].items():
-        for m in MODALITIES:
-            e = entry[m]
-            lines.append(
-                f"| {exp} | {m} | {_fmt(e['final_heldout_loss'])} | {_fmt(e['eta_heldout'], 2)} "
-                f"| {_fmt(e['eta_train_loss'], 2)} | {_fmt(e['step_ratio_heldout'], 2)} |"
-            )
-    lines += [
-        "",
-        "| experiment | steps | FLOPs/token ideal | executed | step time (s) | tokens/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for exp, entry in rep["experiments"].items():
-        tps = entry["tokens_per_s"]
-        lines.append(
-            f"| {exp} | {entry['steps']} | {entry['flops_per_token']:.4g} "
-            f"| {entry['flops_per_token_executed']:.4g} "
-            f"| {'-' if entry['step_time_s']['mean'] is None else _fmt(entry['step_time_s'])} "
-            f"| {'-' if tps is None else f'{tps:,.0f}'} |"
-        )
-    data = rep["data"]
-    lines += [
-        "",
-        f"Data regime: {data['tokens']:,.0f} tokens per run = {data['tokens_per_dense_param']:.1f} "
-        f"tokens per dense parameter ({data['dense_params']:,}), {data['epochs']:.2f} epochs of "
-        f"the training split ({data['train_split_tokens']:,} tokens).",
-        "",
-        "Causal held-out loss: every token routed alone (aux routers where a router ranks whole "
-        "routing groups; docs/sparsity.md). Source: same = no such router (equals the held-out "
-        "loss above), joint = the run's own aux routers (causal eta against dense's held-out "
-        "curve), posthoc = its `*_aux_*` stage (final value only), missing = none trained.",
-        "",
-        "| experiment | source | overall | text | image | causal eta overall | text | image |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for exp, entry in rep["experiments"].items():
-        c = entry["causal"]
-        finals = [_fmt(c[m]["final"]) if c[m]["final"] else "-" for m in MODALITIES]
-        etas = [_fmt(c[m]["eta"], 2) if c[m]["eta"] else "-" for m in MODALITIES]
-        lines.append(f"| {exp} | {c['source']} | " + " | ".join(finals + etas) + " |")
-    lines += [
-        "",
-        "Held-out loss by task (the MoMa paper's causal evaluation; text: all of a text-only "
-        "document; text_to_image: the image codes after a caption; image_to_text: the caption "
-        "after an image; interleaved: anything else), mean over seeds:",
-        "",
-        "| experiment | routing | " + " | ".join(TASKS) + " |",
-        "|---|---|" + "---|" * len(TASKS),
-    ]
-    for exp, entry in rep["experiments"].items():
-        t = entry["tasks"]
-        cells = [f"{t[k]:.3f}" if t[k] is not None else "n/a" for k in TASKS]
-        lines.append(f"| {exp} | {t['routing']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, str]:
@@ -234,14 +186,15 @@ def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, 
 def causal_entry(
     root: Path, suite: Suite, exp: str, seeds: int, curves: dict, dense: str
 ) -> dict[str, Any]:
-    """Final causal held-out loss per modality (mean and spread over seeds) and, for runs with
-    jointly trained aux routers, causal eta against the dense run's held-out curve."""
+    """Final causal held-out loss per modality (per seed, mean, t-interval) and, for runs with
+    jointly trained aux routers, causal eta against the dense run's held-out curve, the aux
+    routers' training FLOPs charged to the run."""
     sources = [causal_source(root, suite, exp, s) for s in range(seeds)]
     how = {h for _, h in sources}
     out: dict[str, Any] = {"source": "/".join(sorted(how))}
     for m, suffix in MODALITIES.items():
         finals: list[float | None] = []
-        etas: list[float | None] = []
+        etas: list[Eta | None] = []
         for s, (path, kind) in enumerate(sources):
             c, d = curves[(exp, s)], curves[(dense, s)]
             if kind == "same":
@@ -257,30 +210,48 @@ def causal_entry(
                 finals.append(None)
         known = [f for f in finals if f is not None]
         out[m] = {
-            "final": mean_spread(known) if known else None,
-            "eta": mean_spread(etas) if etas else None,
+            "final": summarize(known) if known else None,
+            "eta": summarize_etas(etas) if etas else None,
         }
     return out
 
 
-def task_entry(root: Path, suite: Suite, exp: str, seeds: int) -> dict[str, Any]:
-    """Held-out loss by task (tasks.py) at each run's last checkpoint, routed causally where the
+def score(root: Path, suite: Suite, exp: str, seed: int) -> dict[str, Any]:
+    """The run's last checkpoint on the held-out pieces (`evaluate`), routed causally where the
     run can be (its own or its aux stage's aux routers, or no group-ranking router), else
-    teacher forced; mean over seeds."""
+    teacher forced."""
     from moma_jax.commands.evaluate import evaluate
 
-    per_task: dict[str, list[float]] = {t: [] for t in TASKS}
-    routings = set()
-    for s in range(seeds):
-        path, kind = causal_source(root, suite, exp, s)
-        routing = "teacher_forced" if kind in ("same", "missing") else "causal"
-        routings.add("causal" if kind != "missing" else "teacher_forced")
-        rep = evaluate(load_run(path), routing)
-        for t in TASKS:
-            if rep["tasks"][t]["tokens"]:
-                per_task[t].append(rep["tasks"][t]["loss"])
-    out: dict[str, Any] = {t: float(np.mean(v)) if v else None for t, v in per_task.items()}
-    out["routing"] = "/".join(sorted(routings))
+    path, kind = causal_source(root, suite, exp, seed)
+    rep = evaluate(load_run(path), "teacher_forced" if kind in ("same", "missing") else "causal")
+    rep["routing"] = "teacher_forced" if kind == "missing" else "causal"
+    return rep
+
+
+def task_entry(scored: dict, exp: str, dense: str, seeds: int) -> dict[str, Any]:
+    """Held-out loss by task (tasks.py) and modality at each run's last checkpoint: per seed a
+    bootstrap interval over held-out document pieces of the loss and of its paired difference
+    from dense's; over seeds the mean and t-interval."""
+    routings = {scored[(exp, s)]["routing"] for s in range(seeds)}
+    out: dict[str, Any] = {"routing": "/".join(sorted(routings))}
+    columns = scored[(exp, 0)]["pieces"]["columns"]
+    for i, name in enumerate(columns):
+        losses, diffs, per_seed = [], [], []
+        for s in range(seeds):
+            mine, ref = scored[(exp, s)]["pieces"], scored[(dense, s)]["pieces"]
+            counts = mine["counts"][:, i]
+            if not counts.sum():
+                continue
+            loss = bootstrap_pooled(mine["sums"][:, i], counts, seed=s)
+            diff = bootstrap_pooled(mine["sums"][:, i], counts, ref["sums"][:, i], seed=s)
+            losses.append(loss.mean)
+            diffs.append(diff.mean)
+            per_seed.append({"loss": loss.to_json(), "diff_vs_dense": diff.to_json()})
+        out[name] = (
+            {"loss": summarize(losses), "diff_vs_dense": summarize(diffs), "per_seed": per_seed}
+            if losses
+            else None
+        )
     return out
 
 

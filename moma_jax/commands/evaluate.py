@@ -86,14 +86,16 @@ def evaluate(
     )
     graphdef, state = nnx.split(nnx.merge(abstract_params(cfg)[0], params))
     log_probs = _log_probs_fn(graphdef, routing)
-    ce, valid, target_mod, task, counts = [], [], [], [], []
-    for batch in held_out:
+    ce, valid, target_mod, task, counts, piece = [], [], [], [], [], []
+    for b, batch in enumerate(held_out):
         lp, c = log_probs(state, {k: jnp.asarray(batch[k]) for k in FIELDS})
         ce.append(_ce(np.asarray(lp), batch["tokens"]))
         valid.append(target_mask_np(batch["segment_ids"]))
         target_mod.append(batch["modality"][:, 1:])
         task.append(tasks.target_tasks(batch, vocab.bos, vocab.eos))
         counts.append(jax.device_get(c))
+        rows = np.arange(len(batch["tokens"]))[:, None] + b * len(batch["tokens"])
+        piece.append(rows * (cfg.data.seq_len + 1) + batch["segment_ids"][:, 1:])
     ce_all, valid_all = np.concatenate(ce), np.concatenate(valid)
     mod_all = np.concatenate(target_mod)
     report: dict[str, Any] = {
@@ -108,11 +110,37 @@ def evaluate(
     for m, name in enumerate(MODALITY_NAMES):
         mask = valid_all & (mod_all == m)
         report[f"loss_{name}"] = float(ce_all[mask].mean()) if mask.any() else float("nan")
-    report["tasks"] = tasks.task_losses(ce_all, np.concatenate(task))
+    task_all = np.concatenate(task)
+    report["tasks"] = tasks.task_losses(ce_all, task_all)
+    report["pieces"] = piece_sums(ce_all, valid_all, mod_all, task_all, np.concatenate(piece))
     if counts and counts[0]:
         total = {k: float(sum(c[k] for c in counts)) for k in counts[0]}
         report["aux_routers"] = {k: float(v) for k, v in aux_router.with_rates(total).items()}
     return report
+
+
+def piece_sums(
+    ce_BxT: np.ndarray,
+    valid_BxT: np.ndarray,
+    target_mod_BxT: np.ndarray,
+    task_BxT: np.ndarray,
+    piece_BxT: np.ndarray,
+) -> dict[str, Any]:
+    """Per held-out piece (one document's part in one packed row): the sum of target losses and
+    the count of targets, overall, per target modality and per task, for intervals over
+    documents (`stats.bootstrap_pooled`). {"columns", "sums" [P, C], "counts" [P, C]}."""
+    columns = ["overall", *(f"modality:{m}" for m in MODALITY_NAMES)]
+    columns += [f"task:{t}" for t in tasks.TASKS]
+    masks = [valid_BxT] + [valid_BxT & (target_mod_BxT == m) for m in range(len(MODALITY_NAMES))]
+    masks += [task_BxT == i for i in range(len(tasks.TASKS))]
+    ids, index = np.unique(piece_BxT[valid_BxT], return_inverse=True)
+    sums = np.zeros((len(ids), len(columns)))
+    counts = np.zeros((len(ids), len(columns)))
+    for c, mask in enumerate(masks):
+        inside = mask[valid_BxT]
+        np.add.at(sums[:, c], index[inside], ce_BxT[valid_BxT][inside])
+        np.add.at(counts[:, c], index[inside], 1)
+    return {"columns": columns, "sums": sums, "counts": counts}
 
 
 def causality_leak(
@@ -224,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.step is not None and args.step not in run.steps:
             raise ConfigError(f"--step {args.step}: the checkpoints are at steps {run.steps}")
         report = evaluate(run, args.routing, args.step, args.batches)
+        report.pop("pieces")  # per-document sums, for compare.py's intervals
         if args.leak:  # the step evaluated (a damaged newer one was skipped with a warning)
             report["leak"] = causality_leak(run, args.routing, report["step"])
     except aux_router.NoAuxRoutersError as e:

@@ -1,6 +1,7 @@
 """The metrics of each training step: fetched from the device, checked for NaN (a non-finite
 loss or gradient norm stops the run before its state is saved), and written on logging steps
-with the cumulative tokens and FLOPs (an `--init-from` run counting from its source's)."""
+with the cumulative tokens and FLOPs (an `--init-from` run counting from its source's) and the
+mean training loss over the steps since the previous write (`loss_mean*`, `loss_mean_steps`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.train.metrics import MetricWriter, NullWriter
 
 INIT_FROM_FILE = "init_from.json"  # an upcycled run's starting tokens and FLOPs
+WINDOW_KEYS = ("loss", "loss_text", "loss_image")  # logged also as loss_mean* over the window
 
 
 class TrainingDivergedError(RuntimeError):
@@ -43,16 +45,28 @@ class MetricLog:
         }
         self.last: dict[str, float] = {}
         self.start = time.perf_counter()
+        self.window: dict[str, list[float]] = {}  # training losses since the last write
 
     def finish(self, step: int, metrics: dict, extra: dict[str, float]) -> None:
         """Fetches one step's metrics (raising on NaN) and logs them on logging steps."""
         host = host_values(metrics)
         _check_finite(step, host)
+        for key in WINDOW_KEYS:
+            if host.get(key):  # 0: the modality was absent from this batch (losses.py)
+                self.window.setdefault(key, []).append(host[key])
         if step % self.log_every == 0 or extra or step == self.stop:
             tokens = step * self.tokens_per_step
             last = {"tokens": tokens, **{k: tokens * v for k, v in self.per_token.items()}}
             last = {k: v + self.offsets.get(k, 0) for k, v in last.items()}
             last.update({**host, **extra})
+            # The mean over every step since the previous write: the training-loss curve a
+            # comparison can use (one batch's loss is noisy; a trailing mean of logged batches
+            # lags by a different number of FLOPs for each model).
+            for key, values in self.window.items():
+                last[key.replace("loss", "loss_mean", 1)] = float(np.mean(values))
+            if "loss" in self.window:
+                last["loss_mean_steps"] = len(self.window["loss"])
+            self.window = {}
             # Seconds since this process's loop started (compare.py measures step time from it).
             last["time_s"] = time.perf_counter() - self.start
             self.writer.write(step, last)

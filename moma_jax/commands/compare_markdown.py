@@ -1,0 +1,192 @@
+"""report.md: a suite's report (compare_report.report) as tables a reader can check, each number
+with its interval and how many seeds it rests on (docs/comparison.md explains every number)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moma_jax.commands.compare_report import MODALITIES
+from moma_jax.eta import Eta
+
+LEGEND = (
+    "eta: FLOPs dense needs to first reach its best held-out loss / FLOPs the run needs to first "
+    "reach it (both curves as running minima, interpolated in log FLOPs; > 1: better than dense "
+    "at equal FLOPs). A run that never reaches it gets the reverse ratio, marked (r): dense's "
+    "FLOPs to reach the run's best loss / the run's FLOPs to reach it, below 1. >= / <= mark a "
+    "bound: the crossing lies before a curve's first evaluation. Every interval is 95%: over "
+    "seeds a t-interval (paired by seed for differences from dense; for eta the geometric mean "
+    "and the t-interval of log eta), over held-out document pieces a bootstrap. n=1: one seed, "
+    "no interval."
+)
+
+
+def interval(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "-"
+    text = f"{stat['mean']:.{digits}f}"
+    if stat.get("low") is None:
+        return text + " (n=1)"
+    return text + f" [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]"
+
+
+def eta_cell(stat: dict[str, Any] | None) -> str:
+    """Mean [interval] of the per-seed values, and the kinds that are not "reached"."""
+    if stat is None:
+        return "-"
+    text = interval(stat, 2)
+    notes = [f"{n} {k}" for k, n in stat["kinds"].items() if n and k != "reached"]
+    if stat["kinds"].get("capped"):
+        text = "bound: " + text
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def per_seed(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "-"
+    etas = [None if e is None else Eta(e["value"], e["kind"], e["bound"]) for e in stat["per_seed"]]
+    return ", ".join("-" if e is None else e.text() for e in etas)
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    seeds = rep["seeds"]
+    lines = [
+        f"# Suite {rep['suite']}: {seeds} seed(s), against {rep['dense']}",
+        "",
+        LEGEND,
+        "",
+        "| experiment | modality | final held-out loss | minus dense | eta (held-out) "
+        "| per seed | dense steps needed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for exp, entry in rep["experiments"].items():
+        for m in MODALITIES:
+            e = entry[m]
+            lines.append(
+                f"| {exp} | {m} | {interval(e['final_heldout_loss'])} "
+                f"| {interval(e['loss_diff_vs_dense'])} | {eta_cell(e['eta_heldout'])} "
+                f"| {per_seed(e['eta_heldout'])} | {interval(e['step_ratio_heldout'], 2)} |"
+            )
+    lines += ["", *noise_floor_lines(rep), "", *time_lines(rep), "", *compute_lines(rep)]
+    data = rep["data"]
+    lines += [
+        "",
+        f"Data regime: {data['tokens']:,.0f} token slots per run (padding included) = "
+        f"{data['tokens_per_dense_param']:.1f} per dense parameter ({data['dense_params']:,}), "
+        f"{data['epochs']:.2f} epochs of the training split ({data['train_split_tokens']:,} "
+        "tokens).",
+        "",
+        *causal_lines(rep),
+        "",
+        *task_lines(rep),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def noise_floor_lines(rep: dict[str, Any]) -> list[str]:
+    floor = rep["noise_floor"]
+    if floor["overall"] is None:
+        return ["Noise floor: one seed, none measured; no difference here can be told from chance."]
+    lines = [
+        f"Noise floor: the dense runs of different seeds against each other "
+        f"({len(floor['overall']['pairs'])} pairs). A difference inside this range is not "
+        "evidence.",
+        "",
+        "| modality | eta, dense vs dense | largest final-loss difference |",
+        "|---|---|---|",
+    ]
+    for m in MODALITIES:
+        f = floor[m]
+        lines.append(
+            f"| {m} | {f['eta_range'][0]:.2f} to {f['eta_range'][1]:.2f} "
+            f"| {f['loss_diff_max_abs']:.4f} |"
+        )
+    return lines
+
+
+def time_lines(rep: dict[str, Any]) -> list[str]:
+    lines = [
+        "FLOPs savings and time savings side by side (time: steps x the run's median measured "
+        "step time on this machine; training-loss eta: the mean loss of each logging window, "
+        "placed at its middle):",
+        "",
+        "| experiment | modality | eta (held-out) | eta (measured time) | eta (training loss) |",
+        "|---|---|---|---|---|",
+    ]
+    for exp, entry in rep["experiments"].items():
+        for m in MODALITIES:
+            e = entry[m]
+            lines.append(
+                f"| {exp} | {m} | {eta_cell(e['eta_heldout'])} | {eta_cell(e['eta_time'])} "
+                f"| {eta_cell(e['eta_train_loss'])} |"
+            )
+    if all(entry["overall"]["eta_train_loss"] is None for entry in rep["experiments"].values()):
+        lines += ["", "Training-loss eta: these runs did not log window means (loss_mean)."]
+    return lines
+
+
+def compute_lines(rep: dict[str, Any]) -> list[str]:
+    lines = [
+        "| experiment | steps | total FLOPs | FLOPs/token ideal | executed | aux routers "
+        "| step time (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for exp, entry in rep["experiments"].items():
+        tps = entry["tokens_per_s"]
+        lines.append(
+            f"| {exp} | {entry['steps']} | {entry['total_flops']:.3g} "
+            f"| {entry['flops_per_token']:.4g} | {entry['flops_per_token_executed']:.4g} "
+            f"| {entry['aux_router_charge']:+.1%} | {interval(entry['step_time_s'])} "
+            f"| {'-' if tps is None else f'{tps:,.0f}'} |"
+        )
+    return lines
+
+
+def causal_lines(rep: dict[str, Any]) -> list[str]:
+    lines = [
+        "Causal held-out loss: every token routed alone (aux routers where a router ranks whole "
+        "routing groups; docs/sparsity.md). Source: same = no such router (equals the held-out "
+        "loss above), joint = the run's own aux routers (causal eta against dense's held-out "
+        "curve, the aux routers' training FLOPs charged), posthoc = its `*_aux_*` stage (final "
+        "value only), missing = none trained.",
+        "",
+        "| experiment | source | overall | text | image | causal eta overall | text | image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for exp, entry in rep["experiments"].items():
+        c = entry["causal"]
+        finals = [interval(c[m]["final"]) for m in MODALITIES]
+        etas = [eta_cell(c[m]["eta"]) for m in MODALITIES]
+        lines.append(f"| {exp} | {c['source']} | " + " | ".join(finals + etas) + " |")
+    return lines
+
+
+def task_lines(rep: dict[str, Any]) -> list[str]:
+    lines = [
+        "Held-out loss by task and modality at the last checkpoint (the MoMa paper's causal "
+        "evaluation; text: all of a text-only document; text_to_image: the image codes after a "
+        "caption; image_to_text: the caption after an image; interleaved: anything else). Over "
+        "seeds: mean [t-interval]; docs: the widest per-seed bootstrap interval over held-out "
+        "document pieces of the difference from dense.",
+        "",
+        "| experiment | routing | part | loss | minus dense | docs interval (minus dense) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for exp, entry in rep["experiments"].items():
+        t = entry["tasks"]
+        for part, value in t.items():
+            if part == "routing" or value is None:
+                continue
+            widths = [
+                (p["diff_vs_dense"]["low"], p["diff_vs_dense"]["high"])
+                for p in value["per_seed"]
+                if p["diff_vs_dense"]["low"] is not None
+            ]
+            docs = "-"
+            if widths and exp != rep["dense"]:
+                low, high = max(widths, key=lambda w: w[1] - w[0])
+                docs = f"[{low:+.4f}, {high:+.4f}]"
+            lines.append(
+                f"| {exp} | {t['routing']} | {part} | {interval(value['loss'])} "
+                f"| {interval(value['diff_vs_dense'], 4)} | {docs} |"
+            )
+    return lines

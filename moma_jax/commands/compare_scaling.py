@@ -1,0 +1,133 @@
+"""A budget suite's scaling report (`Suite.tokens_per_param`): per architecture a power-law fit
+of the final held-out loss against training FLOPs across budgets (`moma_jax.scaling`), and the
+gap from dense against tokens per parameter, paired by seed; scaling.md, scaling.json and
+scaling.png beside the per-budget reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moma_jax.commands.compare_markdown import eta_cell, interval
+from moma_jax.safe_io import write_atomic
+from moma_jax.scaling import fit_power_law
+from moma_jax.suites import Suite
+
+
+def scaling(suite: Suite, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fits and gaps from the per-budget reports (in the order of suite.tokens_per_param)."""
+    out: dict[str, Any] = {"suite": suite.name, "dense": suite.experiments[0], "budgets": []}
+    points: dict[str, tuple[list[float], list[float]]] = {e: ([], []) for e in suite.experiments}
+    for budget, rep in zip(suite.tokens_per_param, reports, strict=True):
+        row: dict[str, Any] = {"tokens_per_param": budget, "epochs": rep["data"]["epochs"]}
+        for exp, entry in rep["experiments"].items():
+            finals = [v for v in entry["overall"]["final_heldout_loss"]["per_seed"] if v]
+            points[exp][0].extend([entry["total_flops"]] * len(finals))
+            points[exp][1].extend(finals)
+            row[exp] = {
+                "total_flops": entry["total_flops"],
+                "final": entry["overall"]["final_heldout_loss"],
+                "diff_vs_dense": entry["overall"]["loss_diff_vs_dense"],
+                "eta": entry["overall"]["eta_heldout"],
+            }
+        out["budgets"].append(row)
+    out["fits"] = {}
+    for exp, (flops, losses) in points.items():
+        try:
+            out["fits"][exp] = fit_power_law(flops, losses).to_json()
+        except (ValueError, RuntimeError) as e:  # too few points, or no convergence
+            out["fits"][exp] = {"error": str(e)}
+    out["points"] = points
+    return out
+
+
+def _range(fit: dict[str, Any], key: str, digits: int) -> str:
+    iv = fit["intervals"][key]
+    text = f"{fit[key]:.{digits}f}"
+    return text + ("" if iv is None else f" [{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]")
+
+
+def markdown(sc: dict[str, Any]) -> str:
+    exps = list(sc["fits"])
+    lines = [
+        f"# Scaling: {sc['suite']}",
+        "",
+        "Final held-out loss (overall) against training FLOPs, each budget its own runs with its "
+        "own schedule: L(F) = E + A (F / F0)^-alpha, least squares over every seed, 95% "
+        "intervals from the fit's covariance.",
+        "",
+        "| experiment | E | A | alpha | points | rms residual |",
+        "|---|---|---|---|---|---|",
+    ]
+    for exp, fit in sc["fits"].items():
+        if "error" in fit:
+            lines.append(f"| {exp} | no fit: {fit['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {exp} | {_range(fit, 'e', 3)} | {_range(fit, 'a', 3)} "
+            f"| {_range(fit, 'alpha', 3)} | {fit['n']} | {fit['rms']:.4f} |"
+        )
+    lines += [
+        "",
+        "The gap from dense at each budget (final held-out loss minus dense's, paired by seed, "
+        "mean [95% t-interval]; eta as in the per-budget reports):",
+        "",
+        "| tokens per parameter | epochs | " + " | ".join(exps[1:]) + " |",
+        "|---|---|" + "---|" * len(exps[1:]),
+    ]
+    for row in sc["budgets"]:
+        cells = [
+            f"{interval(row[e]['diff_vs_dense'], 4)}; eta {eta_cell(row[e]['eta'])}"
+            for e in exps[1:]
+        ]
+        head = f"| {row['tokens_per_param']:g} | {row['epochs']:.2f} | "
+        lines.append(head + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(sc: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for exp, (flops, losses) in sc["points"].items():
+        (line,) = left.plot(flops, losses, "o", ms=4, label=exp)
+        fit = sc["fits"][exp]
+        if flops and "error" not in fit:
+            grid = np.geomspace(min(flops), max(flops), 50)
+            model = fit["e"] + fit["a"] * (grid / fit["f0"]) ** -fit["alpha"]
+            left.plot(grid, model, color=line.get_color(), lw=1)
+        if exp == sc["dense"]:
+            continue
+        x = [row["tokens_per_param"] for row in sc["budgets"]]
+        d = [row[exp]["diff_vs_dense"] for row in sc["budgets"]]
+        mean = np.asarray([v["mean"] for v in d])
+        low = np.asarray([v["mean"] if v["low"] is None else v["low"] for v in d])
+        high = np.asarray([v["mean"] if v["high"] is None else v["high"] for v in d])
+        right.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o-", capsize=3, label=exp)
+    left.set_xscale("log")
+    left.set_xlabel("training FLOPs")
+    left.set_ylabel("final held-out loss (overall)")
+    left.legend(fontsize=8)
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set_xscale("log")
+    right.set_xlabel("real training tokens per dense parameter")
+    right.set_ylabel("final loss minus dense (paired, 95% t)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_scaling(suite: Suite, reports: list[dict[str, Any]], root: Path) -> list[Path]:
+    sc = scaling(suite, reports)
+    out = root / suite.name
+    write_atomic(out / "scaling.json", json.dumps(sc, indent=1) + "\n")
+    write_atomic(out / "scaling.md", markdown(sc))
+    return [out / "scaling.md", plot(sc, out / "scaling.png")]

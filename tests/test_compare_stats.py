@@ -1,0 +1,78 @@
+"""A suite's statistics on synthetic curves of known answer, 3 seeds: per-seed eta and its
+t-interval, the paired loss difference along the curve, and the noise floor."""
+
+import numpy as np
+import pytest
+
+from moma_jax.commands.compare_stats import (
+    loss_diff_curve,
+    modality_entry,
+    noise_floor,
+    summarize_etas,
+)
+from moma_jax.eta import Eta
+
+F = np.geomspace(1e12, 1e15, 20)
+
+
+def law(f, offset=0.0):
+    return 2.0 + 10.0 * np.asarray(f) ** -0.1 + offset
+
+
+def curves_for(offsets, speedup):
+    """Per seed: dense with a seed offset; the other model reaches every loss `speedup` x
+    sooner, with the same seed offset (a paired design)."""
+    out: dict = {}
+    for s, off in enumerate(offsets):
+        for exp, gain in (("dense", 1.0), ("sparse", speedup)):
+            points = (F.tolist(), law(gain * F, off).tolist(), (F / 1e12).tolist())
+            run: dict = {f"eval_{m}": points for m in ("overall", "text", "image")}
+            run.update(
+                {f"{k}_{m}": None for k in ("train", "time") for m in ("overall", "text", "image")}
+            )
+            out[(exp, s)] = run
+    return out
+
+
+def test_a_paired_speedup_is_recovered_with_an_interval():
+    curves = curves_for([0.0, 0.02, -0.01], speedup=1.5)
+    entry = modality_entry(curves, "sparse", "dense", 3, "overall")
+    eta = entry["eta_heldout"]
+    assert [e["kind"] for e in eta["per_seed"]] == ["reached"] * 3
+    assert eta["mean"] == pytest.approx(1.5, rel=0.01) and eta["n"] == 3
+    assert eta["low"] <= eta["mean"] <= eta["high"]
+    # The seed offsets cancel in the paired difference: the same at every seed.
+    diff = entry["loss_diff_vs_dense"]
+    expected = law(1.5 * F[-1]) - law(F[-1])
+    assert diff["mean"] == pytest.approx(expected) and diff["high"] - diff["low"] < 1e-9
+    assert entry["eta_train_loss"] is None and entry["eta_time"] is None  # not logged
+    assert entry["step_ratio_heldout"]["mean"] == pytest.approx(1 / 1.5, rel=0.02)
+
+
+def test_loss_difference_along_the_curve_and_the_noise_floor():
+    curves = curves_for([0.0, 0.02, -0.01], speedup=2.0)
+    d = loss_diff_curve(curves, "sparse", "dense", 3, "overall", points=5)
+    f = np.asarray(d["flops"])
+    assert f[0] == F[0] and f[-1] == pytest.approx(F[-1])
+    truth = law(2 * f) - law(f)
+    # Linear interpolation in log FLOPs between 20 points: close to the true difference.
+    np.testing.assert_allclose(np.asarray(d["mean"], float), truth, atol=2e-3)
+    floor = noise_floor(curves, "dense", 3, "overall")
+    assert floor is not None
+    assert floor["pairs"] == [(0, 1), (0, 2), (1, 2)]
+    assert floor["loss_diff"] == pytest.approx([0.02, -0.01, -0.03])
+    assert floor["eta_range"][0] < 1 < floor["eta_range"][1]  # offsets both ways
+    assert noise_floor(curves, "dense", 1, "overall") is None
+
+
+def test_kinds_are_counted_and_missing_seeds_kept_in_place():
+    s = summarize_etas(
+        [Eta(1.2, "reached"), None, Eta(0.8, "reverse"), Eta(3.0, "capped", "lower")]
+    )
+    assert s is not None
+    assert s["kinds"] == {"reached": 1, "reverse": 1, "capped": 1}
+    assert s["per_seed"][1] is None and s["n"] == 3
+    assert s["mean"] == pytest.approx((1.2 * 0.8 * 3.0) ** (1 / 3))  # geometric
+    pair = summarize_etas([Eta(2.0, "reached"), Eta(0.5, "reverse")])
+    assert pair is not None and pair["mean"] == pytest.approx(1)
+    assert summarize_etas([None]) is None

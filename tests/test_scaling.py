@@ -1,0 +1,34 @@
+"""The power-law fit across budgets recovers a known law, and its intervals cover the truth at
+about their nominal rate on noisy synthetic points."""
+
+import numpy as np
+import pytest
+
+from moma_jax.scaling import fit_power_law
+
+FLOPS = np.repeat(np.geomspace(1e12, 2e13, 4), 3)  # 4 budgets x 3 seeds
+
+
+def law(f):
+    return 1.8 + 0.9 * (f / 1e12) ** -0.35
+
+
+def test_exact_points_give_the_law_back():
+    fit = fit_power_law(FLOPS, law(FLOPS))
+    assert (fit.e, fit.a, fit.alpha) == pytest.approx((1.8, 0.9, 0.35), rel=1e-4)
+    assert fit.rms < 1e-8 and fit.n == 12
+    np.testing.assert_allclose(fit(FLOPS), law(FLOPS), rtol=1e-6)
+
+
+def test_intervals_cover_the_true_exponent_and_too_few_points_are_refused():
+    rng = np.random.default_rng(0)
+    hits = total = 0
+    for _ in range(200):
+        fit = fit_power_law(FLOPS, law(FLOPS) + rng.normal(0, 0.005, len(FLOPS)))
+        if fit.intervals["alpha"] is not None:
+            low, high = fit.intervals["alpha"]
+            hits += low <= 0.35 <= high
+            total += 1
+    assert total > 190 and 0.88 <= hits / total <= 0.99
+    with pytest.raises(ValueError, match="needs >= 3 points at >= 2 budgets"):
+        fit_power_law([1e12, 1e12, 1e12], [3.0, 3.1, 3.0])
