@@ -70,10 +70,10 @@ def markdown(rep: dict[str, Any]) -> str:
     data = rep["data"]
     lines += [
         "",
-        f"Data regime: {data['tokens']:,.0f} token slots per run (padding included) = "
-        f"{data['tokens_per_dense_param']:.1f} per dense parameter ({data['dense_params']:,}), "
-        f"{data['epochs']:.2f} epochs of the training split ({data['train_split_tokens']:,} "
-        "tokens).",
+        f"Data regime: {data['real_tokens']:,.0f} real training tokens per dense run "
+        f"({data['tokens']:,.0f} slots with padding) = {data['real_tokens_per_dense_param']:.2f} "
+        f"per dense parameter ({data['dense_params']:,}), {data['epochs']:.2f} epochs of the "
+        f"training split ({data['train_split_tokens']:,} tokens).",
         "",
         *causal_lines(rep),
         "",

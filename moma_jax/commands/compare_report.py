@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from moma_jax import budgets
 from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
 from moma_jax.commands.compare_stats import (
@@ -23,7 +24,6 @@ from moma_jax.commands.compare_stats import (
     summarize_etas,
 )
 from moma_jax.eta import Eta, eta
-from moma_jax.flops import count_params
 from moma_jax.metric_names import split_expert_load, split_layer_metric
 from moma_jax.model.kinds import (
     aux_router_flops_per_token,
@@ -33,7 +33,6 @@ from moma_jax.model.kinds import (
 from moma_jax.registry import stage_name
 from moma_jax.stats import bootstrap_pooled
 from moma_jax.suites import Suite
-from moma_jax.train.state import abstract_params
 
 MODALITIES = {"overall": "", "text": "_text", "image": "_image"}
 
@@ -256,16 +255,19 @@ def task_entry(scored: dict, exp: str, dense: str, seeds: int) -> dict[str, Any]
 
 
 def data_regime(root: Path, suite: Suite, dense: str, tokens: float) -> dict[str, Any]:
-    """Tokens trained on per dense-model parameter, and epochs of the training split."""
+    """Token slots and real (non-padding) tokens trained on per dense-model parameter, and
+    epochs of the training split (real tokens / the split's tokens)."""
     cfg = load_run(run_dir(root, suite, dense, 0)).config
-    _, params = abstract_params(cfg)
     manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
     train_tokens = manifest["splits"]["train"]["tokens"]
-    n = count_params(params)
+    n = budgets.dense_params(cfg)
+    real = tokens * budgets.real_token_share(cfg)
     return {
         "tokens": tokens,
+        "real_tokens": real,
         "dense_params": n,
         "tokens_per_dense_param": tokens / n,
+        "real_tokens_per_dense_param": real / n,
         "train_split_tokens": train_tokens,
-        "epochs": tokens / train_tokens,
+        "epochs": real / train_tokens,
     }
