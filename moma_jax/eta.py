@@ -10,12 +10,13 @@ eta compares a run with the dense run at the loss dense ends on, and gives every
   run gets there with half the compute.
 - "reverse": the run never gets to the target. eta = FLOPs dense needs to first reach the
   run's own best loss / FLOPs the run needs to first reach it (for a curve that falls to its end,
-  its total FLOPs): a number below 1, on the same scale (0.7: the run is worth 70% of its
-  compute in dense FLOPs).
-- "capped": the crossing lies before a curve's first evaluation, so the interpolation has no
+  its total FLOPs), on the same scale (0.7: the run is worth 70% of its compute in dense FLOPs).
+  It is below 1 when the run trained at least dense's FLOPs; a run with a smaller budget (MoD at
+  the same steps) can end above dense's loss and still read above 1.
+- "capped": a crossing lies before a curve's first evaluation, so the interpolation has no
   point before it and the FLOPs of that first evaluation stand in. Then the number is a bound,
-  not a value (`bound` "lower" if the run was already at the target at its first evaluation,
-  "upper" if dense was already at the run's best loss at its first one); tables print >= / <=.
+  not a value: `bound` "lower" if the run was already at the target at its first evaluation,
+  "upper" if dense was, "both" if both were (no bound either way); tables print >=, <=, or ?.
 
 How a crossing is found (`flops_to_reach`): walk the points in FLOPs order; at the first point
 whose loss is <= the target, interpolate between it and the point before, with the loss linear
@@ -44,16 +45,23 @@ class Eta:
 
     value: float
     kind: Kind
-    bound: Literal["lower", "upper"] | None = None  # only for kind "capped"
+    # Only for kind "capped": "lower" (the run's crossing is before its first evaluation),
+    # "upper" (dense's is), "both" (no bound either way).
+    bound: Literal["lower", "upper", "both"] | None = None
 
     def __float__(self) -> float:
         return self.value
 
     def text(self, digits: int = 2) -> str:
-        """As tables print it: 1.24, 0.87 (r) for reverse, >=3.10 or <=0.40 for a bound."""
+        """As tables print it: 1.24, 0.87 (r) for reverse, >=3.10 or <=0.40 for a bound, 1.00?
+        when both crossings lie before the first evaluations (no bound)."""
         number = f"{self.value:.{digits}f}"
         if self.kind == "capped":
-            return (">=" if self.bound == "lower" else "<=") + number
+            return (
+                {"lower": ">=", "upper": "<="}.get(self.bound or "", "")
+                + number
+                + ("?" if self.bound == "both" else "")
+            )
         return number + (" (r)" if self.kind == "reverse" else "")
 
     def to_json(self) -> dict[str, object]:
@@ -100,23 +108,18 @@ def eta(
     df, dl = curve(dense_flops, dense_loss)
     f, v = curve(flops, loss)
     target = float(dl[-1])
+    if v[-1] > target:  # never reached: compare at the run's own best loss instead
+        target = float(v[-1])
     dense_needs = flops_to_reach(df, dl, target)
-    assert dense_needs is not None  # dense reaches its own running minimum
-    if v[-1] <= target:
-        needs = flops_to_reach(f, v, target)
-        assert needs is not None
-        if v[0] <= target:
-            # Already at the target at its first evaluation: it needed at most f[0].
-            return Eta(dense_needs / needs, "capped", "lower")
-        return Eta(dense_needs / needs, "reached")
-    best = float(v[-1])
-    needs = flops_to_reach(f, v, best)
-    dense_needs = flops_to_reach(df, dl, best)
-    assert needs is not None and dense_needs is not None  # best > target: dense reaches it
-    if dl[0] <= best:
-        # Dense was already at the run's best loss at its first evaluation: at most df[0].
-        return Eta(dense_needs / needs, "capped", "upper")
-    return Eta(dense_needs / needs, "reverse")
+    needs = flops_to_reach(f, v, target)
+    assert dense_needs is not None and needs is not None  # both curves reach the target
+    kind: Kind = "reached" if v[-1] <= dl[-1] else "reverse"
+    # A curve at the target already at its first evaluation needed at most those FLOPs.
+    run_capped, dense_capped = bool(v[0] <= target), bool(dl[0] <= target)
+    if run_capped or dense_capped:
+        bound = "both" if run_capped and dense_capped else ("lower" if run_capped else "upper")
+        return Eta(dense_needs / needs, "capped", bound)  # type: ignore[arg-type]
+    return Eta(dense_needs / needs, kind)
 
 
 def step_ratio(
@@ -129,7 +132,7 @@ def step_ratio(
     dense's best loss, i.e. 1 / eta on a steps axis (a lower bound on eta is an upper bound
     here)."""
     e = eta(dense_steps, dense_loss, steps, loss)
-    flipped = {"lower": "upper", "upper": "lower", None: None}[e.bound]
+    flipped = {"lower": "upper", "upper": "lower", "both": "both", None: None}[e.bound]
     return Eta(1.0 / e.value, e.kind, flipped)  # type: ignore[arg-type]
 
 

@@ -1,10 +1,12 @@
 """Scaling fits on final losses of runs trained to different budgets (each its own schedule,
 not points along one schedule): L(F) = E + A * F^-alpha per architecture.
 
-The fit is least squares on every (budget, seed) final loss, with FLOPs scaled by the smallest
-budget's for conditioning; the intervals are 95% t-intervals from the fit's covariance with
-n - 3 degrees of freedom. Few budgets leave E and alpha poorly determined: the interval says so,
-and it is only as good as the power-law form is for these points.
+The fit is least squares on the mean final loss of each budget (seeds share their data order
+across budgets, so they are not independent points), with FLOPs scaled by the smallest budget's
+for conditioning. The intervals are 95% t-intervals from the fit's covariance with (budgets - 3)
+degrees of freedom: none with 3 budgets (the law then passes through every mean and nothing
+tests its form), very wide with 4. A fit that ends on a bound of its search (E = 0, A = 0 or
+alpha = 5) is flagged and gets no interval.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class PowerLaw:
     alpha: float
     f0: float
     intervals: dict[str, tuple[float, float] | None]
-    n: int
-    rms: float  # root-mean-square residual of the fit
+    n: int  # budgets (distinct FLOPs) fitted
+    rms: float  # root-mean-square residual of the fit to the budget means
+    at_bound: bool = False  # the fit ended on a bound of its search: no interval
 
     def __call__(self, flops: ArrayLike) -> np.ndarray:
         return self.e + self.a * (np.asarray(flops, np.float64) / self.f0) ** -self.alpha
@@ -44,30 +47,30 @@ def _law(x: np.ndarray, e: float, a: float, alpha: float) -> np.ndarray:
 
 
 def fit_power_law(flops: ArrayLike, loss: ArrayLike) -> PowerLaw:
-    """Least-squares L = E + A F^-alpha through the points (at least 3, at 2 distinct FLOPs)."""
-    f = np.asarray(flops, np.float64)
-    v = np.asarray(loss, np.float64)
-    if len(f) < 3 or len(np.unique(f)) < 2:
-        raise ValueError(f"a power-law fit needs >= 3 points at >= 2 budgets, got {len(f)}")
+    """Least-squares L = E + A F^-alpha through the mean loss at each distinct FLOPs (at least 3
+    budgets); `n` counts the budgets."""
+    f_all = np.asarray(flops, np.float64)
+    v_all = np.asarray(loss, np.float64)
+    f = np.unique(f_all)
+    if len(f) < 3:
+        raise ValueError(f"a power-law fit needs >= 3 budgets, got {len(f)}")
+    v = np.asarray([v_all[f_all == x].mean() for x in f])
     f0 = float(f.min())
     x = f / f0
     start = (0.9 * float(v.min()), max(float(v.max() - 0.9 * v.min()), 1e-3), 0.3)
+    upper = (np.inf, np.inf, 5.0)
     with warnings.catch_warnings():  # no covariance (no degree of freedom): intervals None
         warnings.simplefilter("ignore", optimize.OptimizeWarning)
         params, cov = optimize.curve_fit(
-            _law,
-            x,
-            v,
-            p0=start,
-            bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, 5.0]),
-            maxfev=20_000,
+            _law, x, v, p0=start, bounds=([0.0, 0.0, 0.0], upper), maxfev=20_000
         )
     residual = v - _law(x, *params)
+    at_bound = bool(np.any(params <= 1e-9) or params[2] >= upper[2] - 1e-6)
     dof = len(v) - 3
     intervals: dict[str, tuple[float, float] | None] = {}
     for i, name in enumerate(("e", "a", "alpha")):
         sd = math.sqrt(cov[i, i]) if dof > 0 and np.isfinite(cov[i, i]) else None
-        if sd is None:
+        if sd is None or at_bound:
             intervals[name] = None
         else:
             half = float(scipy_stats.t.ppf(0.975, dof)) * sd
@@ -80,4 +83,5 @@ def fit_power_law(flops: ArrayLike, loss: ArrayLike) -> PowerLaw:
         intervals=intervals,
         n=len(v),
         rms=float(np.sqrt(np.mean(residual**2))),
+        at_bound=at_bound,
     )

@@ -102,6 +102,6 @@ def bootstrap_pooled(
     return Interval(mean, float(low), float(high), len(s))
 
 
-def pairs(n: int) -> list[tuple[int, int]]:
+def disjoint_pairs(n: int) -> list[tuple[int, int]]:
     """Disjoint pairs of seeds (0, 1), (2, 3), ...: independent comparisons for a noise floor."""
     return [(i, i + 1) for i in range(0, n - 1, 2)]

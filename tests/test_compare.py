@@ -90,7 +90,7 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert tasks["routing"] == "causal" and tasks["task:interleaved"] is None
     assert any(tasks[f"task:{t}"] for t in ("text", "text_to_image", "image_to_text"))
     slots = 20 * 8 * 128
-    assert rep["data"]["tokens"] == slots and 0.8 * slots < rep["data"]["real_tokens"] < slots
+    assert rep["data"]["tokens"] == slots and 0.6 * slots < rep["data"]["real_tokens"] < slots
     assert rep["data"]["epochs"] == rep["data"]["real_tokens"] / rep["data"]["train_split_tokens"]
     assert "| moe_8x_tiny | posthoc |" in text and "| dense_tiny | causal |" in text
 
@@ -140,7 +140,7 @@ def test_budgets_train_each_model_to_equal_flops_and_fit_across_budgets(tmp_path
     assert steps["0.2"] == pytest.approx(4 * steps["0.05"], abs=2)  # each its own schedule
     scaling = json.loads((tmp_path / "test_budgets" / "scaling.json").read_text())
     # Two points per architecture: too few for E + A F^-alpha, and the report says so.
-    assert "needs >= 3 points" in scaling["fits"]["dense_tiny"]["error"]
+    assert "needs >= 3 budgets" in scaling["fits"]["dense_tiny"]["error"]
     assert (tmp_path / "test_budgets" / "scaling.png").stat().st_size > 1000
     assert "| 0.2 |" in (tmp_path / "test_budgets" / "scaling.md").read_text()
     assert "scaling: " in capsys.readouterr().out

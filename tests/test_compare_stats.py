@@ -60,8 +60,11 @@ def test_loss_difference_along_the_curve_and_the_noise_floor():
     floor = noise_floor(curves, "dense", 3, "overall")
     assert floor is not None
     assert floor["pairs"] == [(0, 1), (0, 2), (1, 2)]
-    assert floor["loss_diff"] == pytest.approx([0.02, -0.01, -0.03])
-    assert floor["eta_range"][0] < 1 < floor["eta_range"][1]  # offsets both ways
+    assert floor["loss_diff_max_abs"] == pytest.approx(0.03)
+    assert floor["loss_sd"] == pytest.approx(np.std([0.0, 0.02, -0.01], ddof=1))
+    low, high = floor["eta_range"]
+    assert low == pytest.approx(1 / high) and high > 1  # symmetric: eta(i, j) = 1 / eta(j, i)
+    assert floor["eta_disjoint_pairs"]["n"] == 1  # (0, 1) only, with 3 seeds
     assert noise_floor(curves, "dense", 1, "overall") is None
 
 
@@ -70,7 +73,7 @@ def test_kinds_are_counted_and_missing_seeds_kept_in_place():
         [Eta(1.2, "reached"), None, Eta(0.8, "reverse"), Eta(3.0, "capped", "lower")]
     )
     assert s is not None
-    assert s["kinds"] == {"reached": 1, "reverse": 1, "capped": 1}
+    assert s["kinds"] == {"reached": 1, "reverse": 1, "capped": 1} and s["bound"] == "lower"
     assert s["per_seed"][1] is None and s["n"] == 3
     assert s["mean"] == pytest.approx((1.2 * 0.8 * 3.0) ** (1 / 3))  # geometric
     pair = summarize_etas([Eta(2.0, "reached"), Eta(0.5, "reverse")])

@@ -83,3 +83,16 @@ def test_eta_along_the_curve():
     inside = (f > 1e12) & (f < 4e14)  # dense reaches the run's loss inside its own grid
     np.testing.assert_allclose(e[inside], 2.0, rtol=0.01)
     assert np.isnan(e[f > 6e14]).all()  # past dense's best loss: no dense FLOPs to compare
+
+
+def test_bounds_are_checked_on_both_curves_in_both_directions():
+    f = [1.0, 2.0, 4.0, 8.0]
+    dense = [3.0, 2.5, 2.2, 2.0]
+    # The run's first evaluation is its best and dense never gets there first: a lower bound.
+    unstable = eta(f, dense, f, [2.3, 2.4, 2.5, 2.6])
+    assert (unstable.kind, unstable.bound) == ("capped", "lower")
+    # Dense's first evaluation is its best: the crossing of dense is not seen, an upper bound.
+    early = eta(f, [2.0, 2.1, 2.2, 2.3], f, [3.0, 2.5, 2.0, 1.9])
+    assert (early.kind, early.bound) == ("capped", "upper") and early.text().startswith("<=")
+    both = eta(f, [2.0, 2.1, 2.2, 2.3], f, [1.9, 2.0, 2.1, 2.2])
+    assert (both.kind, both.bound) == ("capped", "both") and both.text() == "1.00?"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from moma_jax.commands.evaluate import piece_sums
+from moma_jax.commands.evaluate import document_sums, target_documents
 from moma_jax.stats import bootstrap_pooled, paired_t_interval, t_interval
 
 
@@ -59,14 +59,14 @@ def test_pairing_by_document_removes_the_documents_own_spread():
     assert high - low < (alone_high - alone_low) / 10
 
 
-def test_piece_sums_by_hand():
+def test_document_sums_by_hand():
     # Two rows; row 0 holds pieces 1 and 2, row 1 piece 1. Targets: 2 text, 1 image, 1 text.
     ce = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     valid = np.array([[True, False, True], [True, True, False]])
     mod = np.array([[0, 0, 1], [0, 1, 0]])
     task = np.array([[3, -1, 1], [0, 0, -1]], np.int8)
     piece = np.array([[1, 2, 2], [5, 5, 5]])
-    out = piece_sums(ce, valid, mod, task, piece)
+    out = document_sums(ce, valid, mod, task, piece)
     cols = out["columns"]
     assert cols[:3] == ["overall", "modality:text", "modality:image"]
     np.testing.assert_array_equal(out["sums"][:, 0], [1.0, 3.0, 9.0])
@@ -74,3 +74,13 @@ def test_piece_sums_by_hand():
     np.testing.assert_array_equal(out["sums"][:, cols.index("modality:image")], [0.0, 3.0, 5.0])
     np.testing.assert_array_equal(out["sums"][:, cols.index("modality:text")], [1.0, 0.0, 4.0])
     np.testing.assert_array_equal(out["counts"][:, cols.index("task:interleaved")], [0, 0, 2])
+
+
+def test_a_document_cut_across_rows_is_one_document():
+    bos = 9
+    tokens = np.array([[9, 1, 2, 9, 3], [4, 5, 6, 7, 8], [1, 2, 0, 0, 0], [9, 1, 0, 0, 0]])
+    segments = np.array([[1, 1, 1, 2, 2], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    docs = target_documents(tokens, segments, bos)  # [R, L-1]: the document of target t+1
+    np.testing.assert_array_equal(
+        docs, [[0, 0, 1, 1], [1, 1, 1, 1], [1, -1, -1, -1], [2, -1, -1, -1]]
+    )

@@ -46,6 +46,14 @@ def seed_keys(seed: int) -> list[str]:
 def budget_suites(suite: Suite, overrides: list[str]) -> list[Suite]:
     """The suite itself, or one suite per tokens-per-parameter budget (steps from the dense
     model's parameters and the real tokens of its training stream, seed 0, for every seed)."""
+    schedule = [
+        k for k in overrides if k.split("=")[0] in ("optim.total_steps", "optim.warmup_steps")
+    ]
+    if schedule and (suite.tokens_per_param or suite.match_flops):
+        raise ConfigError(
+            f"--set {schedule[0]}: suite {suite.name} sets every run's steps from its budget "
+            "(match_flops or tokens_per_param); change the budget in the suite instead"
+        )
     if not suite.tokens_per_param:
         return [suite]
     dense = experiment_config(suite.experiments[0], [*suite.overrides, *overrides])

@@ -12,11 +12,13 @@ LEGEND = (
     "eta: FLOPs dense needs to first reach its best held-out loss / FLOPs the run needs to first "
     "reach it (both curves as running minima, interpolated in log FLOPs; > 1: better than dense "
     "at equal FLOPs). A run that never reaches it gets the reverse ratio, marked (r): dense's "
-    "FLOPs to reach the run's best loss / the run's FLOPs to reach it, below 1. >= / <= mark a "
-    "bound: the crossing lies before a curve's first evaluation. Every interval is 95%: over "
-    "seeds a t-interval (paired by seed for differences from dense; for eta the geometric mean "
-    "and the t-interval of log eta), over held-out document pieces a bootstrap. n=1: one seed, "
-    "no interval."
+    "FLOPs to reach the run's best loss / the run's FLOPs to reach it (below 1 when the run "
+    "trained at least dense's FLOPs). >= / <= mark a bound: a crossing lies before a curve's "
+    "first evaluation; ? marks a value bounded neither way. Every interval is 95%: over seeds a "
+    "t-interval (paired by seed for differences from dense; for eta the geometric mean and the "
+    "t-interval of log eta), over held-out documents a bootstrap. n=1: one seed, no interval. "
+    "'minus dense' is the difference of the best held-out losses at equal FLOPs (the end of the "
+    "shorter of the two curves), paired by seed."
 )
 
 
@@ -30,13 +32,13 @@ def interval(stat: dict[str, Any] | None, digits: int = 3) -> str:
 
 
 def eta_cell(stat: dict[str, Any] | None) -> str:
-    """Mean [interval] of the per-seed values, and the kinds that are not "reached"."""
+    """Geometric mean [interval] of the per-seed values, marked as a bound where a seed's value
+    is one, and the kinds that are not "reached"."""
     if stat is None:
         return "-"
     text = interval(stat, 2)
+    text = {"lower": ">=", "upper": "<=", "none": "?"}.get(stat.get("bound") or "", "") + text
     notes = [f"{n} {k}" for k, n in stat["kinds"].items() if n and k != "reached"]
-    if stat["kinds"].get("capped"):
-        text = "bound: " + text
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -54,17 +56,19 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         LEGEND,
         "",
-        "| experiment | modality | final held-out loss | minus dense | eta (held-out) "
-        "| per seed | dense steps needed |",
-        "|---|---|---|---|---|---|---|",
+        "| experiment | modality | FLOPs / dense | final held-out loss | minus dense "
+        "| eta (held-out) | per seed | dense steps needed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    dense_flops = rep["experiments"][rep["dense"]]["total_flops"]
     for exp, entry in rep["experiments"].items():
         for m in MODALITIES:
             e = entry[m]
             lines.append(
-                f"| {exp} | {m} | {interval(e['final_heldout_loss'])} "
-                f"| {interval(e['loss_diff_vs_dense'])} | {eta_cell(e['eta_heldout'])} "
-                f"| {per_seed(e['eta_heldout'])} | {interval(e['step_ratio_heldout'], 2)} |"
+                f"| {exp} | {m} | {entry['total_flops'] / dense_flops:.2f} "
+                f"| {interval(e['final_heldout_loss'])} "
+                f"| {interval(e['loss_diff_at_equal_flops'])} | {eta_cell(e['eta_heldout'])} "
+                f"| {per_seed(e['eta_heldout'])} | {eta_cell(e['step_ratio_heldout'])} |"
             )
     lines += ["", *noise_floor_lines(rep), "", *time_lines(rep), "", *compute_lines(rep)]
     data = rep["data"]
@@ -73,7 +77,9 @@ def markdown(rep: dict[str, Any]) -> str:
         f"Data regime: {data['real_tokens']:,.0f} real training tokens per dense run "
         f"({data['tokens']:,.0f} slots with padding) = {data['real_tokens_per_dense_param']:.2f} "
         f"per dense parameter ({data['dense_params']:,}), {data['epochs']:.2f} epochs of the "
-        f"training split ({data['train_split_tokens']:,} tokens).",
+        f"training split ({data['train_split_tokens']:,} tokens). Held-out: "
+        f"{rep['heldout']['batches']} batches, {rep['heldout']['targets']:,} target tokens, the "
+        "same for every run.",
         "",
         *causal_lines(rep),
         "",
@@ -88,16 +94,18 @@ def noise_floor_lines(rep: dict[str, Any]) -> list[str]:
         return ["Noise floor: one seed, none measured; no difference here can be told from chance."]
     lines = [
         f"Noise floor: the dense runs of different seeds against each other "
-        f"({len(floor['overall']['pairs'])} pairs). A difference inside this range is not "
-        "evidence.",
+        f"({len(floor['overall']['pairs'])} pairs; disjoint pairs for the mean). A difference "
+        "inside this range is not evidence.",
         "",
-        "| modality | eta, dense vs dense | largest final-loss difference |",
-        "|---|---|---|",
+        "| modality | eta, dense vs dense, every pair | disjoint pairs | per-run sd of the final "
+        "loss | largest difference of two |",
+        "|---|---|---|---|---|",
     ]
     for m in MODALITIES:
         f = floor[m]
         lines.append(
             f"| {m} | {f['eta_range'][0]:.2f} to {f['eta_range'][1]:.2f} "
+            f"| {eta_cell(f['eta_disjoint_pairs'])} | {f['loss_sd']:.4f} "
             f"| {f['loss_diff_max_abs']:.4f} |"
         )
     return lines
@@ -166,7 +174,7 @@ def task_lines(rep: dict[str, Any]) -> list[str]:
         "evaluation; text: all of a text-only document; text_to_image: the image codes after a "
         "caption; image_to_text: the caption after an image; interleaved: anything else). Over "
         "seeds: mean [t-interval]; docs: the widest per-seed bootstrap interval over held-out "
-        "document pieces of the difference from dense.",
+        "documents of the difference from dense.",
         "",
         "| experiment | routing | part | loss | minus dense | docs interval (minus dense) |",
         "|---|---|---|---|---|---|",
@@ -179,7 +187,7 @@ def task_lines(rep: dict[str, Any]) -> list[str]:
             widths = [
                 (p["diff_vs_dense"]["low"], p["diff_vs_dense"]["high"])
                 for p in value["per_seed"]
-                if p["diff_vs_dense"]["low"] is not None
+                if p is not None and p["diff_vs_dense"]["low"] is not None
             ]
             docs = "-"
             if widths and exp != rep["dense"]:

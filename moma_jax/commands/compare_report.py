@@ -56,8 +56,11 @@ def _window_points(trains: list[dict[str, Any]], suffix: str) -> tuple[list, lis
     rows = [r for r in trains if f"loss_mean{suffix}" in r and "loss_mean_steps" in r]
     if not rows or len(rows) < len(trains) - 1:
         return None
-    mids = [r["step"] - (r["loss_mean_steps"] - 1) / 2 for r in rows]
-    flops = [r["flops"] * mid / r["step"] for r, mid in zip(rows, mids, strict=True)]
+    first, last = trains[0], trains[-1]
+    per_step = (last["flops"] - first["flops"]) / max(last["step"] - first["step"], 1)
+    back = [(r["loss_mean_steps"] - 1) / 2 for r in rows]  # steps from the window's middle
+    flops = [r["flops"] - b * per_step for r, b in zip(rows, back, strict=True)]
+    mids = [r["step"] - b for r, b in zip(rows, back, strict=True)]
     return flops, [r[f"loss_mean{suffix}"] for r in rows], mids
 
 
@@ -93,12 +96,13 @@ def _curves(run: Run) -> dict[str, Any]:
 
 
 def aux_router_charge(cfg: Any) -> float:
-    """The aux routers' training FLOPs as a share of the model's (forward and backward through
-    the routers: 3 x their forward FLOPs per token); 0 for a run without them."""
+    """The aux routers' training FLOPs as a share of the model's: their forward and the gradient
+    of their weights (their input is stop-gradient, so no input gradient): 2 x their forward
+    FLOPs per token; 0 for a run without them."""
     if cfg.model.aux_routers == "none":
         return 0.0
     _, forward = aux_router_flops_per_token(cfg.model)
-    return 3 * forward / train_flops_per_token(cfg.model, cfg.data.seq_len)
+    return 2 * forward / train_flops_per_token(cfg.model, cfg.data.seq_len)
 
 
 def _layer_load(record: dict[str, Any]) -> dict[str, list[list[float]]]:
@@ -142,9 +146,10 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"suite": suite.name, "seeds": seeds, "dense": dense, "experiments": {}}
     out["noise_floor"] = {m: noise_floor(curves, dense, seeds, m) for m in MODALITIES}
-    scored = {  # each run's last checkpoint on the held-out pieces, as causally as it can be
+    scored = {  # each run's last checkpoint on the held-out set, as causally as it can be
         (exp, s): score(root, suite, exp, s) for exp in suite.experiments for s in range(seeds)
     }
+    out["heldout"] = same_heldout_set(scored)
     for exp in suite.experiments:
         entry: dict[str, Any] = {}
         for m in MODALITIES:
@@ -166,6 +171,24 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
     out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"])
     out["curves"] = {f"{e}/seed{s}": c for (e, s), c in curves.items()}
     return out
+
+
+def same_heldout_set(scored: dict[tuple[str, int], dict[str, Any]]) -> dict[str, int]:
+    """The held-out set every run was scored on ({"batches", "targets"}); a ValueError naming
+    the runs if they differ (e.g. finished under another run.eval_batches): their losses would
+    not be comparable."""
+    sets = {(r["batches"], r["tokens"]): key for key, r in scored.items()}
+    if len(sets) > 1:
+        seen = ", ".join(
+            f"{e}/seed{s}: {b} batches, {t:,} targets" for (b, t), (e, s) in sets.items()
+        )
+        raise ValueError(
+            f"the suite's runs were evaluated on different held-out sets ({seen}); give every "
+            "run the same run.eval_batches and data.seq_len/batch_size (rerun the odd ones with "
+            "--restart, or report them in a suite of their own)"
+        )
+    (batches, targets), _ = sets.popitem()
+    return {"batches": batches, "targets": targets}
 
 
 def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, str]:
@@ -196,29 +219,29 @@ def causal_entry(
         etas: list[Eta | None] = []
         for s, (path, kind) in enumerate(sources):
             c, d = curves[(exp, s)], curves[(dense, s)]
+            etas.append(None)
             if kind == "same":
                 finals.append(c[f"eval_{m}"][1][-1])
             elif kind == "joint":
                 finals.append(c[f"causal_{m}"][1][-1])
-                etas.append(eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"causal_{m}"][:2]))
+                etas[-1] = eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"causal_{m}"][:2])
             elif kind == "posthoc":
                 last = load_run(path).records
                 last = [r for r in last if f"eval_causal_loss{suffix}" in r]
                 finals.append(last[-1][f"eval_causal_loss{suffix}"] if last else None)
             else:
                 finals.append(None)
-        known = [f for f in finals if f is not None]
         out[m] = {
-            "final": summarize(known) if known else None,
-            "eta": summarize_etas(etas) if etas else None,
+            "final": summarize(finals) if any(f is not None for f in finals) else None,
+            "eta": summarize_etas(etas),
         }
     return out
 
 
 def score(root: Path, suite: Suite, exp: str, seed: int) -> dict[str, Any]:
-    """The run's last checkpoint on the held-out pieces (`evaluate`), routed causally where the
-    run can be (its own or its aux stage's aux routers, or no group-ranking router), else
-    teacher forced."""
+    """The run's last checkpoint on the held-out set (`evaluate`), per document, routed
+    causally where the run can be (its own or its aux stage's aux routers, or no group-ranking
+    router), else teacher forced."""
     from moma_jax.commands.evaluate import evaluate
 
     path, kind = causal_source(root, suite, exp, seed)
@@ -229,17 +252,20 @@ def score(root: Path, suite: Suite, exp: str, seed: int) -> dict[str, Any]:
 
 def task_entry(scored: dict, exp: str, dense: str, seeds: int) -> dict[str, Any]:
     """Held-out loss by task (tasks.py) and modality at each run's last checkpoint: per seed a
-    bootstrap interval over held-out document pieces of the loss and of its paired difference
-    from dense's; over seeds the mean and t-interval."""
+    bootstrap interval over held-out documents of the loss and of its paired difference from
+    dense's; over seeds the mean and t-interval."""
     routings = {scored[(exp, s)]["routing"] for s in range(seeds)}
     out: dict[str, Any] = {"routing": "/".join(sorted(routings))}
-    columns = scored[(exp, 0)]["pieces"]["columns"]
+    columns = scored[(exp, 0)]["documents"]["columns"]
     for i, name in enumerate(columns):
-        losses, diffs, per_seed = [], [], []
+        losses: list[float] = []
+        diffs: list[float] = []
+        per_seed: list[dict[str, Any] | None] = []
         for s in range(seeds):
-            mine, ref = scored[(exp, s)]["pieces"], scored[(dense, s)]["pieces"]
+            mine, ref = scored[(exp, s)]["documents"], scored[(dense, s)]["documents"]
             counts = mine["counts"][:, i]
             if not counts.sum():
+                per_seed.append(None)
                 continue
             loss = bootstrap_pooled(mine["sums"][:, i], counts, seed=s)
             diff = bootstrap_pooled(mine["sums"][:, i], counts, ref["sums"][:, i], seed=s)

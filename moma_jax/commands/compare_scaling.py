@@ -56,10 +56,11 @@ def markdown(sc: dict[str, Any]) -> str:
         f"# Scaling: {sc['suite']}",
         "",
         "Final held-out loss (overall) against training FLOPs, each budget its own runs with its "
-        "own schedule: L(F) = E + A (F / F0)^-alpha, least squares over every seed, 95% "
-        "intervals from the fit's covariance.",
+        "own schedule: L(F) = E + A (F / F0)^-alpha, least squares through the mean over seeds "
+        "at each budget; 95% intervals from the fit's covariance with (budgets - 3) degrees of "
+        "freedom (none with 3 budgets; flagged fits ended on a bound of the search).",
         "",
-        "| experiment | E | A | alpha | points | rms residual |",
+        "| experiment | E | A | alpha | budgets | rms residual |",
         "|---|---|---|---|---|---|",
     ]
     for exp, fit in sc["fits"].items():
@@ -68,7 +69,8 @@ def markdown(sc: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {exp} | {_range(fit, 'e', 3)} | {_range(fit, 'a', 3)} "
-            f"| {_range(fit, 'alpha', 3)} | {fit['n']} | {fit['rms']:.4f} |"
+            f"| {_range(fit, 'alpha', 3)}{' (at a bound)' if fit['at_bound'] else ''} "
+            f"| {fit['n']} | {fit['rms']:.4f} |"
         )
     lines += [
         "",

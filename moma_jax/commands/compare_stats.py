@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from moma_jax.eta import Eta, curve, eta, eta_vs_flops, step_ratio
-from moma_jax.stats import paired_t_interval, t_interval
+from moma_jax.stats import disjoint_pairs, paired_t_interval, t_interval
 
 Curves = dict[tuple[str, int], dict[str, Any]]
 
@@ -30,22 +30,27 @@ def summarize(values: Sequence[float | None]) -> dict[str, Any]:
 
 def summarize_etas(etas: Sequence[Eta | None]) -> dict[str, Any] | None:
     """Per-seed eta (value, kind, bound), the geometric mean with the t-interval taken on
-    log(eta), and how many of each kind. eta is a ratio, so seeds at 2 and 0.5 average to 1 (an
-    arithmetic mean of identical models' etas sits above 1: 1.08 on the synthetic pairs of
-    test_eta). A mean over seeds that includes a bound is itself a bound and says so."""
+    log(eta), how many of each kind, and what a bound among the seeds makes of the mean:
+    "lower" or "upper" if every bound points that way (the mean is then such a bound too),
+    "none" if they point both ways or one is undetermined. eta is a ratio, so seeds at 2 and
+    0.5 average to 1 (an arithmetic mean of identical models' etas sits above 1: 1.08 on the
+    synthetic pairs of test_eta)."""
     known = [e for e in etas if e is not None]
     if not known:
         return None
     iv = t_interval([math.log(e.value) for e in known])
-    out: dict[str, Any] = {
+    bounds = {e.bound for e in known if e.kind == "capped"}
+    return {
         "per_seed": [None if e is None else e.to_json() for e in etas],
         "mean": math.exp(iv.mean),
         "low": None if iv.low is None else math.exp(iv.low),
         "high": None if iv.high is None else math.exp(iv.high),
         "n": iv.n,
         "kinds": {k: sum(e.kind == k for e in known) for k in ("reached", "reverse", "capped")},
+        "bound": None
+        if not bounds
+        else (bounds.pop() if bounds in ({"lower"}, {"upper"}) else "none"),
     }
-    return out
 
 
 def _seed_etas(
@@ -69,8 +74,10 @@ def modality_entry(curves: Curves, exp: str, dense: str, seeds: int, m: str) -> 
             (curves[(exp, s)][f"eval_{m}"], curves[(dense, s)][f"eval_{m}"]) for s in range(seeds)
         )
     ]
+    at_equal = [equal_flops_diff(curves, exp, dense, s, m) for s in range(seeds)]
     return {
         "final_heldout_loss": summarize(finals),
+        "loss_diff_at_equal_flops": {"per_seed": at_equal, **t_interval(at_equal).to_json()},
         "loss_diff_vs_dense": {
             "per_seed": [a - b for a, b in zip(finals, dense_finals, strict=True)],
             **paired_t_interval(finals, dense_finals).to_json(),
@@ -82,24 +89,37 @@ def modality_entry(curves: Curves, exp: str, dense: str, seeds: int, m: str) -> 
     }
 
 
+def equal_flops_diff(curves: Curves, exp: str, dense: str, seed: int, m: str) -> float:
+    """The run's best held-out loss minus dense's at the end of the shorter curve (equal FLOPs;
+    interpolated in log FLOPs), for one seed."""
+    c, d = curves[(exp, seed)][f"eval_{m}"], curves[(dense, seed)][f"eval_{m}"]
+    end = np.asarray([min(curve(c[0], c[1])[0][-1], curve(d[0], d[1])[0][-1])])
+    return float((_interpolate(end, c[:2]) - _interpolate(end, d[:2]))[0])
+
+
 def noise_floor(curves: Curves, dense: str, seeds: int, m: str) -> dict[str, Any] | None:
-    """Dense seed j against dense seed i (i < j), by eta and final-loss difference: how far two
-    runs of one model differ by chance. None with one seed."""
+    """How far runs of one model differ by chance: the dense runs of different seeds against
+    each other. eta over every pair as a symmetric range [1/M, M] (eta(i, j) = 1 / eta(j, i)),
+    and over disjoint pairs (0, 1), (2, 3), ... the same geometric mean and t-interval as a
+    sparse model gets; the per-run sd of the final loss and the largest difference of two.
+    (Dense seeds differ in initialisation and data order, as a sparse run and the dense run of
+    its seed differ in initialisation only: a conservative floor.) None with one seed."""
     if seeds < 2:
         return None
     pairs = list(itertools.combinations(range(seeds), 2))
-    etas, diffs = [], []
-    for i, j in pairs:
+    finals = [curves[(dense, s)][f"eval_{m}"][1][-1] for s in range(seeds)]
+
+    def pair_eta(i: int, j: int) -> Eta:
         a, b = curves[(dense, i)][f"eval_{m}"], curves[(dense, j)][f"eval_{m}"]
-        etas.append(eta(a[0], a[1], b[0], b[1]))
-        diffs.append(b[1][-1] - a[1][-1])
-    values = [e.value for e in etas]
+        return eta(a[0], a[1], b[0], b[1])
+
+    spread = max(abs(math.log(pair_eta(i, j).value)) for i, j in pairs)
     return {
         "pairs": pairs,
-        "eta": [e.to_json() for e in etas],
-        "eta_range": [min(values), max(values)],
-        "loss_diff": diffs,
-        "loss_diff_max_abs": max(abs(d) for d in diffs),
+        "eta_range": [math.exp(-spread), math.exp(spread)],
+        "eta_disjoint_pairs": summarize_etas([pair_eta(i, j) for i, j in disjoint_pairs(seeds)]),
+        "loss_sd": float(np.std(finals, ddof=1)),
+        "loss_diff_max_abs": max(abs(finals[j] - finals[i]) for i, j in pairs),
     }
 
 
@@ -132,11 +152,11 @@ def loss_diff_curve(
     return {"flops": grid.tolist(), "mean": means, "low": lows, "high": highs}
 
 
-def eta_curves(curves: Curves, exp: str, dense: str, seeds: int, m: str) -> list[list[list[float]]]:
-    """Per seed, eta along the run's curve ([flops], [eta], NaN as None-free floats)."""
+def eta_curves(curves: Curves, exp: str, dense: str, seeds: int, m: str) -> list[list[Any]]:
+    """Per seed, eta along the run's curve: [[flops], [eta or None where undefined]]."""
     out = []
     for s in range(seeds):
         d, c = curves[(dense, s)][f"eval_{m}"], curves[(exp, s)][f"eval_{m}"]
         f, e = eta_vs_flops(d[0], d[1], c[0], c[1])
-        out.append([f.tolist(), e.tolist()])
+        out.append([f.tolist(), [None if np.isnan(x) else float(x) for x in e]])
     return out

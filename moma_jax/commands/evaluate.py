@@ -86,16 +86,14 @@ def evaluate(
     )
     graphdef, state = nnx.split(nnx.merge(abstract_params(cfg)[0], params))
     log_probs = _log_probs_fn(graphdef, routing)
-    ce, valid, target_mod, task, counts, piece = [], [], [], [], [], []
-    for b, batch in enumerate(held_out):
+    ce, valid, target_mod, task, counts = [], [], [], [], []
+    for batch in held_out:
         lp, c = log_probs(state, {k: jnp.asarray(batch[k]) for k in FIELDS})
         ce.append(_ce(np.asarray(lp), batch["tokens"]))
         valid.append(target_mask_np(batch["segment_ids"]))
         target_mod.append(batch["modality"][:, 1:])
         task.append(tasks.target_tasks(batch, vocab.bos, vocab.eos))
         counts.append(jax.device_get(c))
-        rows = np.arange(len(batch["tokens"]))[:, None] + b * len(batch["tokens"])
-        piece.append(rows * (cfg.data.seq_len + 1) + batch["segment_ids"][:, 1:])
     ce_all, valid_all = np.concatenate(ce), np.concatenate(valid)
     mod_all = np.concatenate(target_mod)
     report: dict[str, Any] = {
@@ -112,28 +110,51 @@ def evaluate(
         report[f"loss_{name}"] = float(ce_all[mask].mean()) if mask.any() else float("nan")
     task_all = np.concatenate(task)
     report["tasks"] = tasks.task_losses(ce_all, task_all)
-    report["pieces"] = piece_sums(ce_all, valid_all, mod_all, task_all, np.concatenate(piece))
+    documents = target_documents(
+        np.concatenate([b["tokens"] for b in held_out]),
+        np.concatenate([b["segment_ids"] for b in held_out]),
+        vocab.bos,
+    )
+    report["documents"] = document_sums(ce_all, valid_all, mod_all, task_all, documents)
     if counts and counts[0]:
         total = {k: float(sum(c[k] for c in counts)) for k in counts[0]}
         report["aux_routers"] = {k: float(v) for k, v in aux_router.with_rates(total).items()}
     return report
 
 
-def piece_sums(
+def target_documents(tokens_RxL: np.ndarray, segments_RxL: np.ndarray, bos: int) -> np.ndarray:
+    """[R, L-1]: the held-out document each target belongs to (-1: padding), over the rows in
+    packing order. A document longer than a row fills whole rows (packing.RowPacker), so a
+    piece that starts a row without BOS continues the previous row's last document."""
+    rows, length = tokens_RxL.shape
+    out = np.full((rows, length), -1, np.int64)
+    doc = -1
+    for r in range(rows):
+        for s in np.unique(segments_RxL[r][segments_RxL[r] > 0]):
+            where = segments_RxL[r] == s
+            continues = (
+                where[0] and tokens_RxL[r, 0] != bos and r > 0 and segments_RxL[r - 1, -1] > 0
+            )
+            doc += 0 if continues and doc >= 0 else 1
+            out[r, where] = doc
+    return out[:, 1:]  # the target at t + 1 is scored at t and counts in its own document
+
+
+def document_sums(
     ce_BxT: np.ndarray,
     valid_BxT: np.ndarray,
     target_mod_BxT: np.ndarray,
     task_BxT: np.ndarray,
-    piece_BxT: np.ndarray,
+    document_BxT: np.ndarray,
 ) -> dict[str, Any]:
-    """Per held-out piece (one document's part in one packed row): the sum of target losses and
-    the count of targets, overall, per target modality and per task, for intervals over
-    documents (`stats.bootstrap_pooled`). {"columns", "sums" [P, C], "counts" [P, C]}."""
+    """Per held-out document: the sum of target losses and the count of targets, overall, per
+    target modality and per task, for intervals over documents (`stats.bootstrap_pooled`).
+    {"columns", "sums" [D, C], "counts" [D, C]}."""
     columns = ["overall", *(f"modality:{m}" for m in MODALITY_NAMES)]
     columns += [f"task:{t}" for t in tasks.TASKS]
     masks = [valid_BxT] + [valid_BxT & (target_mod_BxT == m) for m in range(len(MODALITY_NAMES))]
     masks += [task_BxT == i for i in range(len(tasks.TASKS))]
-    ids, index = np.unique(piece_BxT[valid_BxT], return_inverse=True)
+    ids, index = np.unique(document_BxT[valid_BxT], return_inverse=True)
     sums = np.zeros((len(ids), len(columns)))
     counts = np.zeros((len(ids), len(columns)))
     for c, mask in enumerate(masks):
@@ -252,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.step is not None and args.step not in run.steps:
             raise ConfigError(f"--step {args.step}: the checkpoints are at steps {run.steps}")
         report = evaluate(run, args.routing, args.step, args.batches)
-        report.pop("pieces")  # per-document sums, for compare.py's intervals
+        report.pop("documents")  # per-document sums, for compare.py's intervals
         if args.leak:  # the step evaluated (a damaged newer one was skipped with a warning)
             report["leak"] = causality_leak(run, args.routing, report["step"])
     except aux_router.NoAuxRoutersError as e:
