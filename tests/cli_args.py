@@ -8,6 +8,7 @@ SMALL_KEYS = (
     "data.batch_size=8",
     "optim.total_steps=40",
     "optim.warmup_steps=2",
+    "run.eval_batches=2",  # the tiny experiments hold out 30 batches (>= 100k tokens)
 )
 
 

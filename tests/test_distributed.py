@@ -97,6 +97,7 @@ SMALL = sets(
     "optim.warmup_steps=2",
     "run.log_every=1",
     "run.eval_every=100",
+    "run.eval_batches=2",
     "run.checkpoint_every=2",
     "run.async_checkpoint=false",
 )
