@@ -4,8 +4,11 @@ Each lists experiments trained on the same data, tokens, schedule and seeds, the
 equal FLOPs; the first is the dense reference. `moma_jax.suites` is the mechanism.
 
 Run: python scripts/compare.py --suite paper_tiny
-Shows: eta (the sparse model's FLOPs savings against dense) per modality, with the causal losses
-of the aux-router stages (`aux_stages=True`), in the suite's report.md.
+     python scripts/compare.py --suite tokens_per_param_64
+Shows: eta (the sparse model's FLOPs savings against dense) per modality, per seed and as a
+geometric mean with its 95% interval beside the noise floor of dense against dense, with the
+causal losses of the aux-router stages (`aux_stages=True`), in the suite's report.md; for the
+tokens-per-parameter suites also scaling.md (fits across budgets).
 """
 
 from moma_jax.suites import Suite, register_suite
