@@ -1,6 +1,6 @@
 """Intervals for a comparison: over seeds a t-interval, over held-out documents a bootstrap.
 
-Over seeds (3-5 in a suite) a percentile bootstrap under-covers (about 76% at n = 3 for a
+Over seeds (3-5 in a suite) a percentile bootstrap under-covers (74% at n = 3 for a
 nominal 95%), so per-seed values get Student's t-interval: mean +- t(0.975, n - 1) * sd / sqrt(n).
 Differences from dense are paired by seed (run s against the dense run of seed s), so the
 interval is a paired t-interval.
