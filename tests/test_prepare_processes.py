@@ -17,7 +17,7 @@ import pytest
 from file_tree import picture
 
 from moma_jax.commands.prepare_data import main
-from moma_jax.data import outdir
+from moma_jax.data import corpus_chunks, outdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,25 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(big, tmp_path):
     assert main([*args, "--out", str(out), "--workers", "1"]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in committed.items())  # kept, not redone
     _same_dataset(out, straight)
+
+
+class _Interrupted:
+    """An executor whose submit meets a Ctrl-C (the signal raised in the submitting thread)."""
+
+    def submit(self, fn, task):
+        signal.raise_signal(signal.SIGINT)
+        return task
+
+
+def test_a_ctrl_c_while_a_chunk_is_submitted_is_not_lost():
+    """Submitting may start a worker, which must not inherit a Ctrl-C handler; a Ctrl-C that
+    arrives in that window still interrupts the preparation (CI once saw it ignored: exit 0)."""
+    workers = object.__new__(corpus_chunks._Workers)
+    workers.executor = _Interrupted()  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        workers.submit((0, 0, []))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
 
 
 def _workers_of(pid: int) -> list[int]:

@@ -245,9 +245,9 @@ class _Workers:
     A `ProcessPoolExecutor`, not `multiprocessing.Pool`: a worker that dies (killed, out of
     memory) fails the preparation with `BrokenProcessPool` where the Pool would wait forever for
     its task, and closing after an error never waits on a queue lock an idle worker holds (the
-    Pool's `terminate()` can). Workers ignore Ctrl-C from their start (SIG_IGN survives their
-    exec; their initializer sets it again): the main process alone handles it, with one line,
-    not a traceback per worker.
+    Pool's `terminate()` can). Workers never see Ctrl-C: they start with SIGINT blocked (the mask
+    survives their exec) and their initializer ignores it; the main process alone handles it,
+    with one line, not a traceback per worker.
     """
 
     def __init__(self, workers: int, opts: Options, out: Path):
@@ -264,11 +264,14 @@ class _Workers:
         try:
             if threading.current_thread() is not threading.main_thread():
                 return self.executor.submit(_worker_run, task)
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker may start here
+            # A worker may start here: it inherits SIGINT blocked (ignored until its initializer
+            # sets SIG_IGN). Blocked, not ignored, in this process: a Ctrl-C in this window stays
+            # pending and is delivered when the mask is restored, never lost.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 return self.executor.submit(_worker_run, task)
             finally:
-                signal.signal(signal.SIGINT, previous)
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         except BrokenProcessPool as e:
             raise WorkerDiedError() from e
 
