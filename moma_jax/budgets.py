@@ -68,7 +68,7 @@ def steps_for_flops(cfg: ExperimentConfig, flops: float) -> int:
 
 def schedule_keys(cfg: ExperimentConfig, steps: int, cadence: bool = False) -> list[str]:
     """--set keys for a run of `steps` with its own full schedule: warm-up at the config's
-    share of its steps; with `cadence`, EVALUATIONS evaluations and checkpoints at half that
+    share of its steps; with `cadence`, at most EVALUATIONS evaluations and checkpoints at half that
     rate (the run's last step is always evaluated and saved)."""
     share = cfg.optim.warmup_steps / cfg.optim.total_steps
     keys = [f"optim.total_steps={steps}", f"optim.warmup_steps={max(1, round(share * steps))}"]

@@ -9,10 +9,11 @@ eta compares a run with the dense run at the loss dense ends on, and gives every
   FLOPs the run needs to first reach it. Dense against itself is exactly 1; eta = 2 means the
   run gets there with half the compute.
 - "reverse": the run never gets to the target. eta = FLOPs dense needs to first reach the
-  run's own best loss / FLOPs the run needs to first reach it (for a curve that falls to its end,
-  its total FLOPs), on the same scale (0.7: the run is worth 70% of its compute in dense FLOPs).
-  It is below 1 when the run trained at least dense's FLOPs; a run with a smaller budget (MoD at
-  the same steps) can end above dense's loss and still read above 1.
+  run's own best loss / the run's total FLOPs (its last evaluation's), on the same scale (0.7:
+  the run is worth 70% of its compute in dense FLOPs). A run that stalls early is charged for
+  the compute it spent after, so the value is at most dense's total FLOPs / the run's: below 1
+  when the run trained at least dense's FLOPs; a run with a smaller budget (MoD at the same
+  steps) can end above dense's loss and still read above 1.
 - "capped": a crossing lies before a curve's first evaluation, so the interpolation has no
   point before it and the FLOPs of that first evaluation stand in. Then the number is a bound,
   not a value: `bound` "lower" if the run was already at the target at its first evaluation,
@@ -114,8 +115,12 @@ def eta(
     needs = flops_to_reach(f, v, target)
     assert dense_needs is not None and needs is not None  # both curves reach the target
     kind: Kind = "reached" if v[-1] <= dl[-1] else "reverse"
-    # A curve at the target already at its first evaluation needed at most those FLOPs.
-    run_capped, dense_capped = bool(v[0] <= target), bool(dl[0] <= target)
+    if kind == "reverse":
+        needs = float(f[-1])  # the run's whole compute, spent to end at that loss
+    # A curve at the target already at its first evaluation needed at most those FLOPs (a
+    # reverse run's FLOPs are its total, exact).
+    run_capped = kind == "reached" and bool(v[0] <= target)
+    dense_capped = bool(dl[0] <= target)
     if run_capped or dense_capped:
         bound = "both" if run_capped and dense_capped else ("lower" if run_capped else "upper")
         return Eta(dense_needs / needs, "capped", bound)  # type: ignore[arg-type]

@@ -65,7 +65,11 @@ def fit_power_law(flops: ArrayLike, loss: ArrayLike) -> PowerLaw:
             _law, x, v, p0=start, bounds=([0.0, 0.0, 0.0], upper), maxfev=20_000
         )
     residual = v - _law(x, *params)
-    at_bound = bool(np.any(params <= 1e-9) or params[2] >= upper[2] - 1e-6)
+    # A fit that collapsed to a constant (A or alpha driven to ~0: the law barely moves across
+    # the budgets, against the spread of the means) sits at a bound too, in relative terms.
+    change = params[1] * (1.0 - float(x.max()) ** -params[2])
+    flat = change < 1e-3 * max(float(v.max() - v.min()), 1e-12)
+    at_bound = bool(np.any(params <= 1e-9) or params[2] >= upper[2] - 1e-6 or flat)
     dof = len(v) - 3
     intervals: dict[str, tuple[float, float] | None] = {}
     for i, name in enumerate(("e", "a", "alpha")):

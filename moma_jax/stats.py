@@ -5,10 +5,11 @@ nominal 95%), so per-seed values get Student's t-interval: mean +- t(0.975, n - 
 Differences from dense are paired by seed (run s against the dense run of seed s), so the
 interval is a paired t-interval.
 
-Over held-out documents (hundreds of pieces of documents in one evaluation) the percentile
-bootstrap resamples the pieces, each with its sum of losses and its count of targets, so the
-statistic is the pooled loss (sum / count) as the evaluation computes it. Two runs scored on the
-same pieces are compared paired: each resample draws the same pieces for both.
+Over held-out documents (hundreds in one evaluation; a document split over rows is one unit)
+the percentile bootstrap resamples the documents, each with its sum of losses and its count of
+targets, so the statistic is the pooled loss (sum / count) as the evaluation computes it. Two
+runs scored on the same documents are compared paired: each resample draws the same documents
+for both.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def bootstrap_pooled(
     level: float = LEVEL,
     seed: int = 0,
 ) -> Interval:
-    """Percentile bootstrap over pieces of the pooled loss sum(sums) / sum(counts); with
-    `reference_sums` (another run on the same pieces, the same counts) of the paired difference
-    run - reference. Pieces with no target are left out."""
+    """Percentile bootstrap over units (documents) of the pooled loss sum(sums) / sum(counts);
+    with `reference_sums` (another run on the same units, the same counts) of the paired
+    difference run - reference. Units with no target are left out."""
     s = np.asarray(sums, np.float64)
     c = np.asarray(counts, np.float64)
     r = None if reference_sums is None else np.asarray(reference_sums, np.float64)

@@ -63,7 +63,7 @@ def test_loss_difference_along_the_curve_and_the_noise_floor():
     assert floor["loss_diff_max_abs"] == pytest.approx(0.03)
     assert floor["loss_sd"] == pytest.approx(np.std([0.0, 0.02, -0.01], ddof=1))
     low, high = floor["eta_range"]
-    assert low == pytest.approx(1 / high) and high > 1  # symmetric: eta(i, j) = 1 / eta(j, i)
+    assert low == pytest.approx(1 / high) and high > 1  # symmetric by construction
     assert floor["eta_disjoint_pairs"]["n"] == 1  # (0, 1) only, with 3 seeds
     assert noise_floor(curves, "dense", 1, "overall") is None
 
@@ -79,3 +79,18 @@ def test_kinds_are_counted_and_missing_seeds_kept_in_place():
     pair = summarize_etas([Eta(2.0, "reached"), Eta(0.5, "reverse")])
     assert pair is not None and pair["mean"] == pytest.approx(1)
     assert summarize_etas([None]) is None
+
+
+def test_a_training_window_sits_at_the_middle_of_the_parameters_it_saw():
+    """Steps 1-10 compute their losses on the parameters of 0-9 updates: the window's mean
+    belongs at 4.5 steps of training (an evaluation at step 10 sees 10)."""
+    from moma_jax.commands.compare_report import _window_points
+
+    p = 3.0  # FLOPs per step
+    trains = [
+        {"step": s, "flops": s * p, "loss_mean": 2.0, "loss_mean_steps": 10} for s in (10, 20)
+    ]
+    points = _window_points(trains, "")
+    assert points is not None
+    flops, _, mids = points
+    assert mids == [4.5, 14.5] and flops == [4.5 * p, 14.5 * p]

@@ -88,11 +88,24 @@ def test_eta_along_the_curve():
 def test_bounds_are_checked_on_both_curves_in_both_directions():
     f = [1.0, 2.0, 4.0, 8.0]
     dense = [3.0, 2.5, 2.2, 2.0]
-    # The run's first evaluation is its best and dense never gets there first: a lower bound.
-    unstable = eta(f, dense, f, [2.3, 2.4, 2.5, 2.6])
-    assert (unstable.kind, unstable.bound) == ("capped", "lower")
+    # The run is below dense's best already at its first evaluation: a lower bound.
+    ahead = eta(f, dense, f, [1.9, 1.95, 2.0, 2.1])
+    assert (ahead.kind, ahead.bound) == ("capped", "lower") and ahead.text().startswith(">=")
     # Dense's first evaluation is its best: the crossing of dense is not seen, an upper bound.
     early = eta(f, [2.0, 2.1, 2.2, 2.3], f, [3.0, 2.5, 2.0, 1.9])
     assert (early.kind, early.bound) == ("capped", "upper") and early.text().startswith("<=")
     both = eta(f, [2.0, 2.1, 2.2, 2.3], f, [1.9, 2.0, 2.1, 2.2])
     assert (both.kind, both.bound) == ("capped", "both") and both.text() == "1.00?"
+
+
+def test_a_run_that_stalls_is_charged_its_total_flops():
+    """Reverse divides by the run's total FLOPs, not by where it reached its best: a run that
+    is best at its first evaluation and then diverges has an exact value, and a run that stalls
+    after twice dense's compute reads below 1 (by the other denominator these read 0.45 as a
+    bound and 1.73, a win)."""
+    f = [1.0, 2.0, 4.0, 8.0]
+    unstable = eta(f, [3.0, 2.5, 2.2, 2.0], f, [2.3, 2.4, 2.5, 2.6])
+    dense_at_2_3 = np.exp(np.log(2.0) + (2.5 - 2.3) / (2.5 - 2.2) * np.log(2.0))  # in log FLOPs
+    assert unstable.kind == "reverse" and unstable.value == pytest.approx(dense_at_2_3 / 8.0)
+    stalled = eta([1, 2, 3, 4], [4, 3, 2, 1], [1, 2, 4, 8], [3.5, 1.5, 1.6, 1.7])
+    assert stalled.kind == "reverse" and stalled.value == pytest.approx(np.sqrt(3 * 4) / 8)

@@ -34,3 +34,10 @@ def test_intervals_cover_the_true_exponent_and_too_few_points_are_refused():
         fit_power_law([1e12, 1e12, 2e12, 2e12], [3.0, 3.1, 3.0, 2.9])
     three = fit_power_law(FLOPS[:9], law(FLOPS[:9]))  # 3 budgets: no degree of freedom left
     assert three.intervals == {"e": None, "a": None, "alpha": None}
+
+
+def test_a_fit_that_collapses_to_a_constant_is_at_a_bound_without_intervals():
+    """Means that do not fall with FLOPs (repeated data, noise): the least-squares law is a
+    constant with A or alpha near 0, flagged, not printed with intervals of +-1e8."""
+    fit = fit_power_law([1e12, 4e12, 1e13, 2e13], [3.0, 2.9, 2.95, 3.1])
+    assert fit.at_bound and fit.intervals == {"e": None, "a": None, "alpha": None}

@@ -12,8 +12,8 @@ LEGEND = (
     "eta: FLOPs dense needs to first reach its best held-out loss / FLOPs the run needs to first "
     "reach it (both curves as running minima, interpolated in log FLOPs; > 1: better than dense "
     "at equal FLOPs). A run that never reaches it gets the reverse ratio, marked (r): dense's "
-    "FLOPs to reach the run's best loss / the run's FLOPs to reach it (below 1 when the run "
-    "trained at least dense's FLOPs). >= / <= mark a bound: a crossing lies before a curve's "
+    "FLOPs to reach the run's best loss / the run's total FLOPs (below 1 when the run trained "
+    "at least dense's FLOPs). >= / <= mark a bound: a crossing lies before a curve's "
     "first evaluation; ? marks a value bounded neither way. Every interval is 95%: over seeds a "
     "t-interval (paired by seed for differences from dense; for eta the geometric mean and the "
     "t-interval of log eta), over held-out documents a bootstrap. n=1: one seed, no interval. "
@@ -104,11 +104,17 @@ def noise_floor_lines(rep: dict[str, Any]) -> list[str]:
     for m in MODALITIES:
         f = floor[m]
         lines.append(
-            f"| {m} | {f['eta_range'][0]:.2f} to {f['eta_range'][1]:.2f} "
+            f"| {m} | {f['eta_range'][0]:.2f} to {f['eta_range'][1]:.2f}{_capped(f)} "
             f"| {eta_cell(f['eta_disjoint_pairs'])} | {f['loss_sd']:.4f} "
             f"| {f['loss_diff_max_abs']:.4f} |"
         )
     return lines
+
+
+def _capped(floor: dict[str, Any]) -> str:
+    """How many of the range's values are bounds (a crossing before a first evaluation)."""
+    n = floor.get("eta_range_capped", 0)
+    return f" ({n} of {2 * len(floor['pairs'])} capped)" if n else ""
 
 
 def time_lines(rep: dict[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ verified by `train.checkpoint.RunCheckpoints`), never by reading its files here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def _window_points(trains: list[dict[str, Any]], suffix: str) -> tuple[list, lis
         return None
     first, last = trains[0], trains[-1]
     per_step = (last["flops"] - first["flops"]) / max(last["step"] - first["step"], 1)
-    back = [(r["loss_mean_steps"] - 1) / 2 for r in rows]  # steps from the window's middle
+    # Steps back to the window's middle, plus one: step j's loss is computed before its update,
+    # on the parameters of j - 1 steps of training (an evaluation at step j sees j).
+    back = [(r["loss_mean_steps"] + 1) / 2 for r in rows]
     flops = [r["flops"] - b * per_step for r, b in zip(rows, back, strict=True)]
     mids = [r["step"] - b for r, b in zip(rows, back, strict=True)]
     return flops, [r[f"loss_mean{suffix}"] for r in rows], mids
@@ -74,8 +77,14 @@ def _curves(run: Run) -> dict[str, Any]:
     extra = aux_router_charge(run.config)
     for m, suffix in MODALITIES.items():
         evals = _points(records, f"eval_loss{suffix}")
-        if evals is None:
-            raise ValueError(f"{run.workdir} has no held-out evaluation (eval_loss{suffix})")
+        if evals is None or not any(
+            f > 0 and math.isfinite(v) for f, v in zip(evals[0], evals[1], strict=True)
+        ):
+            raise ValueError(
+                f"{run.workdir} has no held-out evaluation after training started "
+                f"(eval_loss{suffix} at a step > 0, finite): train it further, or report "
+                "without it"
+            )
         out[f"eval_{m}"] = evals
         out[f"train_{m}"] = _window_points(trains, suffix)
         time = out["step_time_s"]

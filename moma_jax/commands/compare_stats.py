@@ -99,9 +99,10 @@ def equal_flops_diff(curves: Curves, exp: str, dense: str, seed: int, m: str) ->
 
 def noise_floor(curves: Curves, dense: str, seeds: int, m: str) -> dict[str, Any] | None:
     """How far runs of one model differ by chance: the dense runs of different seeds against
-    each other. eta over every pair as a symmetric range [1/M, M] (eta(i, j) = 1 / eta(j, i)),
-    and over disjoint pairs (0, 1), (2, 3), ... the same geometric mean and t-interval as a
-    sparse model gets; the per-run sd of the final loss and the largest difference of two.
+    each other. eta over every pair, both ways round, as a symmetric range [1/M, M] (with how
+    many of those values are bounds), and over disjoint pairs (0, 1), (2, 3), ... the same
+    geometric mean and t-interval as a sparse model gets; the per-run sd of the final loss and
+    the largest difference of two.
     (Dense seeds differ in initialisation and data order, as a sparse run and the dense run of
     its seed differ in initialisation only: a conservative floor.) None with one seed."""
     if seeds < 2:
@@ -113,10 +114,12 @@ def noise_floor(curves: Curves, dense: str, seeds: int, m: str) -> dict[str, Any
         a, b = curves[(dense, i)][f"eval_{m}"], curves[(dense, j)][f"eval_{m}"]
         return eta(a[0], a[1], b[0], b[1])
 
-    spread = max(abs(math.log(pair_eta(i, j).value)) for i, j in pairs)
+    both_ways = [pair_eta(*p) for i, j in pairs for p in ((i, j), (j, i))]
+    spread = max(abs(math.log(e.value)) for e in both_ways)
     return {
         "pairs": pairs,
         "eta_range": [math.exp(-spread), math.exp(spread)],
+        "eta_range_capped": sum(e.kind == "capped" for e in both_ways),
         "eta_disjoint_pairs": summarize_etas([pair_eta(i, j) for i, j in disjoint_pairs(seeds)]),
         "loss_sd": float(np.std(finals, ddof=1)),
         "loss_diff_max_abs": max(abs(finals[j] - finals[i]) for i, j in pairs),
