@@ -94,3 +94,13 @@ def test_a_training_window_sits_at_the_middle_of_the_parameters_it_saw():
     assert points is not None
     flops, _, mids = points
     assert mids == [4.5, 14.5] and flops == [4.5 * p, 14.5 * p]
+
+
+def test_step_time_leaves_out_pairs_across_a_restart():
+    """A resumed process starts its clock again: a pair spanning the restart is no rate, even
+    when the new clock already reads more than the old one (compilation)."""
+    from moma_jax.commands.compare_report import _step_time
+
+    first = [{"step": 10, "time_s": 1.0, "process_started": 1.0}]
+    second = [{"step": s, "time_s": 48.0 + 0.1 * s, "process_started": 2.0} for s in (20, 30)]
+    assert _step_time(first + second) == pytest.approx(0.1)  # (49.0 - 1.0) / 10 left out

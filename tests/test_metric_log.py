@@ -21,6 +21,7 @@ def test_window_means_cover_every_step_since_the_last_write():
     cfg = experiment_config("dense_tiny", ["run.log_every=5"])
     writer = Writer()
     log = MetricLog(cfg, writer, stop=12, offsets={})
+    started = log.started
     losses = np.linspace(3.0, 2.0, 12)
     for step in range(1, 13):
         image = 0.0 if step == 3 else losses[step - 1] - 1  # step 3's batch had no image
@@ -32,5 +33,7 @@ def test_window_means_cover_every_step_since_the_last_write():
     assert five["loss_mean_image"] == pytest.approx((losses[[0, 1, 3, 4]] - 1).mean())
     assert ten["loss_mean"] == pytest.approx(losses[5:10].mean())
     assert last["loss_mean"] == pytest.approx(losses[10:].mean()) and last["loss_mean_steps"] == 2
+    # One process's records share its start, which tells a restart apart (compare's step time).
+    assert {r["process_started"] for r in writer.rows.values()} == {started}
     with pytest.raises(TrainingDivergedError, match="step 13: loss is nan"):
         log.finish(13, {"loss": float("nan")}, {})

@@ -132,11 +132,16 @@ def _layer_load(record: dict[str, Any]) -> dict[str, list[list[float]]]:
 
 def _step_time(trains: list[dict[str, Any]]) -> float | None:
     """Median seconds per step between consecutive logged training records of one process
-    (records with an evaluation, and pairs across a restart, left out)."""
+    (records with an evaluation, and pairs across a restart, left out: `process_started` names
+    the process; runs logged before it had only the clock going back to tell)."""
     rates = [
         (b["time_s"] - a["time_s"]) / (b["step"] - a["step"])
         for a, b in zip(trains, trains[1:], strict=False)
-        if "time_s" in a and "time_s" in b and "eval_loss" not in b and b["time_s"] > a["time_s"]
+        if "time_s" in a
+        and "time_s" in b
+        and "eval_loss" not in b
+        and b["time_s"] > a["time_s"]
+        and a.get("process_started") == b.get("process_started")
     ]
     return float(np.median(rates)) if rates else None
 

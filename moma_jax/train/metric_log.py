@@ -45,6 +45,7 @@ class MetricLog:
         }
         self.last: dict[str, float] = {}
         self.start = time.perf_counter()
+        self.started = round(time.time(), 3)  # names this process's records (its restarts')
         self.window: dict[str, list[float]] = {}  # training losses since the last write
 
     def finish(self, step: int, metrics: dict, extra: dict[str, float]) -> None:
@@ -69,6 +70,7 @@ class MetricLog:
             self.window = {}
             # Seconds since this process's loop started (compare.py measures step time from it).
             last["time_s"] = time.perf_counter() - self.start
+            last["process_started"] = self.started
             self.writer.write(step, last)
             self.last = last
 
