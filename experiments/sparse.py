@@ -52,6 +52,21 @@ def switch_8x(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", TOKEN_CHOICE)
 
 
+@register_sizes("switch_8x_bpr", SIZES, stages=AUX_STAGES)
+def switch_8x_bpr(size: str) -> ExperimentConfig:
+    """switch_8x with V-MoE's Batch Prioritized Routing: capacity filled by descending top
+    routing weight, not by position, so overflow drops the tokens the router is least sure of.
+
+    The order depends on future tokens, so causal evaluation and generation need aux routers
+    (switch_8x_bpr_aux_tiny after this run, or switch_8x_bpr_joint_aux_tiny).
+    Run: python scripts/train.py --exp switch_8x_bpr_tiny
+    Shows: against switch_8x_tiny (same capacity; at one router state both drop as many
+    assignments, BPR chooses which), the held-out loss of dropping the least confident tokens.
+    """
+    bpr = dataclasses.replace(TOKEN_CHOICE, routing="token_choice_bpr")
+    return sparse_variant(dense(size), "moe", bpr)
+
+
 @register_sizes("gshard_8x", SIZES)
 def gshard_8x(size: str) -> ExperimentConfig:
     """8 mixed experts, token-choice top-2 (GShard), capacity factor 1.25.

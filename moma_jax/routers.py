@@ -186,9 +186,10 @@ class TokenChoice(Router):
             experts = logits_GxNxE.shape[-1]
             turns_GxNxE = jax.vmap(lambda e: routing.round_robin(e, experts))(r.eligible_GxN)
             probs_GxNxE = turns_GxNxE / jnp.sum(turns_GxNxE, -1, keepdims=True)
+        priority_GxN = self.priority(probs_GxNxE)
         dispatch, stats = jax.vmap(
-            lambda p, e: routing.token_choice(p, e, moe.top_k, r.slots, moe.top_k > 1)
-        )(probs_GxNxE, r.eligible_GxN)
+            lambda p, e, o: routing.token_choice(p, e, moe.top_k, r.slots, moe.top_k > 1, o)
+        )(probs_GxNxE, r.eligible_GxN, priority_GxN)
         # Switch's balancing loss over the whole batch: f and P averaged over all groups.
         lb = routing.switch_load_balance_loss(
             jnp.mean(stats["frac_tokens_E"], axis=0), jnp.mean(stats["mean_prob_E"], axis=0)
@@ -196,6 +197,10 @@ class TokenChoice(Router):
         z = jnp.mean(jax.vmap(routing.router_z_loss)(logits_GxNxE, r.eligible_GxN))
         losses = {"lb_loss": moe.lb_loss_weight * lb, "z_loss": moe.router_z_loss_weight * z}
         return Routed(dispatch, stats, probs_GxNxE, losses)
+
+    def priority(self, probs_GxNxE: Any) -> Any:
+        """The order tokens claim capacity in: None, their position."""
+        return None
 
     def route_causal(self, r: GroupRouting) -> Routed:
         import jax
@@ -208,6 +213,35 @@ class TokenChoice(Router):
             scores_GxNxE
         )
         return threshold(r, taken_GxNxE, gate_GxNxE, scores_GxNxE)
+
+
+class BatchPrioritized(TokenChoice):
+    """V-MoE's Batch Prioritized Routing (Riquelme et al. 2021, arXiv 2106.05974): token choice
+    whose capacity is filled in order of each token's top routing weight, highest first (first
+    choices still before second choices), not in position order, so overflow drops the tokens
+    the router is least sure of. That order depends on every token of the routing group, future
+    ones included, so causal routing needs an aux router, as expert choice does: a token takes
+    its top-k experts where the aux router predicts the assignment kept."""
+
+    name = "token_choice_bpr"
+    needs_aux_router = True
+
+    def priority(self, probs_GxNxE: Any) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.max(probs_GxNxE, axis=-1)
+
+    def route_causal(self, r: GroupRouting) -> Routed:
+        import jax
+
+        from moma_jax.model import routing
+
+        top_k = r.moe.top_k
+        scores_GxNxE = jax.nn.softmax(r.logits_GxNxE, axis=-1)
+        taken_GxNxE, gate_GxNxE = jax.vmap(lambda p: routing.top_k_taken(p, top_k, top_k > 1))(
+            scores_GxNxE
+        )
+        return threshold(r, taken_GxNxE & (r.aux_logits_GxNxE > 0), gate_GxNxE, scores_GxNxE)
 
 
 class TakeAll(Router):
@@ -268,3 +302,4 @@ def router_for(moe: SparseSettings, group: int) -> Router:
 
 register_router(ExpertChoice())
 register_router(TokenChoice())
+register_router(BatchPrioritized())

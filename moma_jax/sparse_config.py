@@ -33,7 +33,8 @@ class SparseConfig:
 
     group_experts: tuple[int, ...] = (4, 4)  # experts in each group
     modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
-    routing: str = "expert_choice"  # a row of `moma_jax/routers.py`: expert_choice | token_choice
+    # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr.
+    routing: str = "expert_choice"
     router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
     # Expert choice: average experts per token c; each expert of group M takes
     # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor.

@@ -12,6 +12,23 @@ expert_choice_jit = jax.jit(expert_choice, static_argnums=3)
 token_choice_jit = jax.jit(token_choice, static_argnums=(2, 3, 4))
 
 
+def vmoe_buffer_index(gates, top_k):
+    """[S, K] buffer position of each token's k-th choice under V-MoE's Batch Prioritized
+    Routing, transcribed to NumPy from google-research/vmoe `vmoe/moe.py`,
+    `_get_top_experts_per_item_common` with batch_priority=True (commit 1030c713): tokens
+    permuted by descending top-1 gate, choices flattened rank-major, the position a cumsum of
+    one-hots, then permuted back. Every token counts (V-MoE has no padding)."""
+    group_size, num_experts = gates.shape
+    expert_index = np.argsort(-gates, axis=1, kind="stable")[:, :top_k]
+    top1 = np.take_along_axis(gates, expert_index[:, :1], axis=1)[:, 0]
+    perm = np.argsort(-top1, kind="stable")
+    expert_index = expert_index[perm].T.ravel()
+    one_hot = np.eye(num_experts, dtype=np.int64)[expert_index]
+    buffer_index = np.cumsum(one_hot, axis=0) * one_hot - 1
+    buffer_index = buffer_index.reshape(-1, group_size, num_experts).swapaxes(0, 1)
+    return buffer_index[np.argsort(perm, kind="stable")].max(axis=2)
+
+
 def np_expert_choice(scores, eligible, k, capacity, ranking=None):
     """Each expert: eligible tokens sorted by (ranking desc, index asc), the ranking being the
     scores unless given; the first min(k, C) are kept, with their scores as gates."""
@@ -30,8 +47,9 @@ def np_expert_choice(scores, eligible, k, capacity, ranking=None):
     return token_index, gate, valid, dropped, wasted
 
 
-def np_token_choice(probs, eligible, top_k, capacity, renormalize):
-    """Fill buffers choice rank by choice rank, tokens in order; full buffers drop the rest."""
+def np_token_choice(probs, eligible, top_k, capacity, renormalize, priority=None):
+    """Fill buffers choice rank by choice rank, tokens in order (by descending `priority`, ties
+    to the lower index, where given: Batch Prioritized Routing); full buffers drop the rest."""
     n_tokens, n_experts = probs.shape
     token_index = np.zeros((n_experts, capacity), np.int64)
     gate = np.zeros((n_experts, capacity), np.float32)
@@ -41,8 +59,11 @@ def np_token_choice(probs, eligible, top_k, capacity, renormalize):
     ]
     fill = [0] * n_experts
     dropped = 0
+    order = range(n_tokens)
+    if priority is not None:
+        order = sorted(order, key=lambda n: (-priority[n], n))
     for rank in range(top_k):
-        for n in range(n_tokens):
+        for n in order:
             if not eligible[n]:
                 continue
             e = choices[n][rank]

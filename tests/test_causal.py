@@ -31,6 +31,16 @@ ARCHS = {
             capacity=1.25,
         ),
     ),  # fmt: skip
+    "switch_8x_bpr": (  # capacity 0.5: drops, so the priority order matters
+        ("moe",),
+        SparseConfig(
+            group_experts=(8,),
+            modality_group=(0, 0),
+            routing="token_choice_bpr",
+            router_score="softmax",
+            capacity=0.5,
+        ),
+    ),  # fmt: skip
     "mot": (("mot",), SparseConfig()),
     "mod_moma_4t4i": (("mod_moe", "moe"), EC),
     "mod_dense": (("mod_dense", "dense"), SparseConfig()),
@@ -95,7 +105,7 @@ def test_causal_routing_never_sees_the_future(arch):
     a, b = _logits(model, batch, "causal"), _logits(model, changed, "causal")
     np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
     assert not np.array_equal(a[:, t + 1 :], b[:, t + 1 :])  # the change itself is seen
-    if arch in ("moe_8x", "moma_4t4i", "mod_moma_4t4i", "mod_dense"):
+    if arch in ("moe_8x", "moma_4t4i", "mod_moma_4t4i", "mod_dense", "switch_8x_bpr"):
         # The training routers rank the whole group: the same change leaks into the past.
         a, b = _logits(model, batch, "teacher_forced"), _logits(model, changed, "teacher_forced")
         assert np.abs(a[:, : t + 1] - b[:, : t + 1]).max() > 1e-4
@@ -114,7 +124,7 @@ def test_causal_routing_without_aux_routers_is_refused():
         _logits(_model("moma_4t4i", aux="none"), _batch(), "causal")
 
 
-@pytest.mark.parametrize("arch", ["dense", "moma_4t4i", "mod_moma_4t4i"])
+@pytest.mark.parametrize("arch", ["dense", "moma_4t4i", "mod_moma_4t4i", "switch_8x_bpr"])
 def test_cached_decoding_matches_the_full_forward_pass(arch):
     """A prompt, then 32 tokens one at a time through the KV cache (sampled from the cached
     logits); the full causal forward pass over the whole sequence gives the same logits."""

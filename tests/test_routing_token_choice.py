@@ -8,6 +8,7 @@ from routing_reference import (
     np_token_choice,
     random_group,
     token_choice_jit,
+    vmoe_buffer_index,
 )
 
 from moma_jax.model.routing import (
@@ -101,3 +102,68 @@ def test_router_z_loss_against_numpy():
     got = router_z_loss(jnp.asarray(logits), jnp.asarray(valid))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert float(router_z_loss(jnp.asarray(logits), jnp.zeros(64, bool))) == 0.0
+
+
+# --- Batch Prioritized Routing (V-MoE) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("top_k", "renormalize"), [(1, False), (2, True)], ids=["top1", "top2"])
+def test_batch_prioritized_routing_matches_numpy(seed, top_k, renormalize):
+    logits, _, valid = random_group(seed, n_experts=4)
+    probs = np.asarray(router_scores(jnp.asarray(logits), "softmax"))
+    capacity = max(1, int(0.5 * 64 * top_k / 4))  # half the demand: many drops
+    priority = probs.max(-1)
+    dispatch, stats = token_choice_jit(
+        jnp.asarray(probs), jnp.asarray(valid), top_k, capacity, renormalize, jnp.asarray(priority)
+    )
+    ref_index, ref_gate, ref_valid, ref_stats = np_token_choice(
+        probs, valid, top_k, capacity, renormalize, priority
+    )
+    assert_dispatch_equal(dispatch, ref_index, ref_gate, ref_valid)
+    assert float(stats["dropped"]) == ref_stats["dropped"] > 0
+    # Position order drops as many assignments here (the same demand per expert), others.
+    plain, _ = token_choice_jit(
+        jnp.asarray(probs), jnp.asarray(valid), top_k, capacity, renormalize
+    )
+    assert not np.array_equal(plain.token_index_ExC, dispatch.token_index_ExC)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_batch_prioritized_routing_matches_vmoe(top_k):
+    """The buffer position of every kept assignment equals V-MoE's (a NumPy transcription of
+    its dispatcher; every token eligible, as V-MoE has no padding)."""
+    logits, _, _ = random_group(5, n_tokens=32, n_experts=4)
+    probs = np.asarray(router_scores(jnp.asarray(logits), "softmax"))
+    capacity = 5
+    dispatch, _ = token_choice_jit(
+        jnp.asarray(probs), jnp.ones(32, bool), top_k, capacity, False, jnp.asarray(probs.max(-1))
+    )
+    buffer_SxK = vmoe_buffer_index(probs, top_k)
+    choice_SxK = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    ours = {
+        (int(t), e, c)
+        for e in range(4)
+        for c in range(capacity)
+        if dispatch.valid_ExC[e, c]
+        for t in [dispatch.token_index_ExC[e, c]]
+    }
+    theirs = {
+        (s, int(choice_SxK[s, k]), int(buffer_SxK[s, k]))
+        for s in range(32)
+        for k in range(top_k)
+        if buffer_SxK[s, k] < capacity
+    }
+    assert ours == theirs and len(ours) == 4 * capacity  # every buffer full, same positions
+
+
+def test_batch_prioritized_routing_drops_the_least_confident_token():
+    """Three tokens want expert 0, which has two slots: position order drops the last one,
+    BPR the one with the lowest top weight (token 0, the first)."""
+    probs = np.array([[0.55, 0.45], [0.9, 0.1], [0.8, 0.2]], np.float32)
+    eligible = jnp.ones(3, bool)
+    plain, _ = token_choice_jit(jnp.asarray(probs), eligible, 1, 2, False)
+    bpr, _ = token_choice_jit(jnp.asarray(probs), eligible, 1, 2, False, jnp.max(probs, -1))
+    np.testing.assert_array_equal(plain.token_index_ExC[0], [0, 1])
+    np.testing.assert_array_equal(bpr.token_index_ExC[0], [1, 2])
+    np.testing.assert_allclose(bpr.gate_ExC[0], [0.9, 0.8])

@@ -162,14 +162,21 @@ def take_all(eligible_N: jax.Array, capacity: int) -> tuple[Dispatch, dict[str, 
 
 
 def token_choice(
-    probs_NxE: jax.Array, eligible_N: jax.Array, top_k: int, capacity: int, renormalize: bool
+    probs_NxE: jax.Array,
+    eligible_N: jax.Array,
+    top_k: int,
+    capacity: int,
+    renormalize: bool,
+    priority_N: jax.Array | None = None,
 ) -> tuple[Dispatch, dict[str, jax.Array]]:
     """Token-choice (Switch top-1 / GShard top-2) dispatch of one routing group.
 
     1. Each token picks its top_k experts by prob (`lax.top_k`: ties to the lower expert index).
     2. Gates: the chosen probs, divided by their sum over the top_k choices if `renormalize`.
-    3. Order the (choice rank, token) assignments rank-major; an eligible assignment's position
-       in its expert's buffer is the running count (cumsum) of earlier assignments to that expert.
+    3. Order the (choice rank, token) assignments rank-major, tokens in position order or, with
+       `priority_N` (Batch Prioritized Routing), by descending priority (ties to the lower
+       position); an eligible assignment's position in its expert's buffer is the running count
+       (cumsum) of earlier assignments to that expert.
     4. Keep an assignment iff position < capacity; scatter kept ones into the [E, C] slots.
     5. Stats: dropped, wasted, and for the Switch loss (over eligible tokens) frac_tokens_E
        (share whose FIRST choice is e) and mean_prob_E (mean router prob).
@@ -183,11 +190,14 @@ def token_choice(
         total_Nx1 = jnp.sum(top_prob_NxK, axis=-1, keepdims=True)
         top_prob_NxK = top_prob_NxK / jnp.maximum(total_Nx1, jnp.finfo(jnp.float32).tiny)
 
+    order_N = jnp.arange(n_tokens, dtype=jnp.int32)
+    if priority_N is not None:  # the order in which tokens claim buffer positions
+        order_N = jnp.argsort(-priority_N.astype(jnp.float32), stable=True).astype(jnp.int32)
     # Rank-major flattening: every first choice precedes every second choice.
-    expert_KN = expert_NxK.T.reshape(-1)
-    gate_KN = top_prob_NxK.T.reshape(-1)
-    token_KN = jnp.tile(jnp.arange(n_tokens, dtype=jnp.int32), top_k)
-    eligible_KN = jnp.tile(eligible_N.astype(bool), top_k)
+    expert_KN = expert_NxK[order_N].T.reshape(-1)
+    gate_KN = top_prob_NxK[order_N].T.reshape(-1)
+    token_KN = jnp.tile(order_N, top_k)
+    eligible_KN = jnp.tile(eligible_N.astype(bool)[order_N], top_k)
     mask_KNxE = jax.nn.one_hot(expert_KN, n_experts, dtype=jnp.int32) * eligible_KN[:, None]
     position_KNxE = jnp.cumsum(mask_KNxE, axis=0) - 1
     position_KN = jnp.take_along_axis(position_KNxE, expert_KN[:, None], axis=1)[:, 0]
