@@ -59,7 +59,7 @@ def np_token_choice(probs, eligible, top_k, capacity, renormalize, priority=None
     ]
     fill = [0] * n_experts
     dropped = 0
-    order = range(n_tokens)
+    order: list[int] = list(range(n_tokens))
     if priority is not None:
         order = sorted(order, key=lambda n: (-priority[n], n))
     for rank in range(top_k):
