@@ -84,7 +84,8 @@ def upcycled_moma_4t4i(size: str) -> ExperimentConfig:
     Run: python scripts/train.py --exp moma_1t1i_tiny --steps S   (the seed run; paper: 10k-20k)
          python scripts/train.py --exp upcycled_moma_4t4i_tiny --init-from runs/moma_1t1i_tiny
     Each modality FFN is copied into all 4 experts of its group, routers start fresh, the LR
-    schedule restarts and the data continues where the seed run stopped.
+    schedule restarts and the data continues where the seed run stopped. A dense_tiny run seeds
+    it too (`--init-from runs/dense_tiny`: the dense FFN into every expert of both groups).
     Shows: the upcycled model against moma_4t4i trained from scratch at equal total FLOPs
     (the seed run's FLOPs included; the paper reports a further 1.16-1.2x savings).
     """

@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_args import SMALL_KEYS, sets
@@ -97,3 +98,52 @@ def test_upcycling_refuses_mismatched_or_missing_sources(tmp_path, data_dir, cap
         src = nnx.state(build_model(small("moma_2t2i_tiny")))
         dst = nnx.state(build_model(small("moma_4t4i_tiny")))
         upcycle_params(src, dst)
+
+
+def test_a_dense_run_seeds_every_expert_and_a_one_expert_group_computes_it_exactly():
+    """Upcycling from dense (Llama 3 meets MoE): each expert of each group starts as the dense
+    FFN, routers fresh; moma_1t1i (one expert per group, gate 1) then computes the dense model."""
+    dense = build_model(small("dense_tiny"))
+    seed = nnx.state(dense)
+    fresh = nnx.state(build_model(apply_overrides(small(UPCYCLED), ["run.param_seed=7"])))
+    out = dict(nnx.to_flat_state(upcycle_params(seed, fresh)))
+    src, new = dict(nnx.to_flat_state(seed)), dict(nnx.to_flat_state(fresh))
+    assert set(out) == set(new)
+    copied = 0
+    for path, var in out.items():
+        name = "/".join(map(str, path))
+        if "router" in name:
+            np.testing.assert_array_equal(var[...], new[path][...])
+        elif "group_" in name:  # units/block_0/ffn/group_g/w_gate_ExDxF <- .../ffn/w_gate_DxF
+            dense_name = {"w_gate_ExDxF": "w_gate_DxF", "w_up_ExDxF": "w_up_DxF"}.get(
+                str(path[-1]), "w_down_FxD"
+            )
+            source = src[(*path[:-2], dense_name)][...]
+            for e in range(var.shape[1]):
+                np.testing.assert_array_equal(var[...][:, e], source)
+            copied += 1
+        else:
+            np.testing.assert_array_equal(var[...], src[path][...])
+    assert copied == 6  # 3 weights x 2 groups
+
+    untied = build_model(
+        apply_overrides(small("moma_1t1i_tiny"), ["model.moe.modality_shares=0.7,0.3"])
+    )
+    nnx.update(untied, upcycle_params(seed, nnx.state(untied)))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 24, (16, 64))  # one routing group of 1,024 tokens
+    modality = (rng.random((16, 64)) < 0.3).astype(np.int32)
+    segments, positions = np.ones_like(tokens), np.broadcast_to(np.arange(64), (16, 64))
+    t, s, p, m = (jnp.asarray(a) for a in (tokens, segments, positions, modality))
+    np.testing.assert_allclose(untied(t, s, p, m)[0], dense(t, s, p, m)[0], atol=2e-5, rtol=1e-5)
+
+
+def test_upcycling_from_dense_runs_and_refuses_other_layer_changes(tmp_path, data_dir, capsys):
+    dense_dir = tmp_path / "dense"
+    assert train("dense_tiny", dense_dir, "--steps", "1") == 0
+    assert train(UPCYCLED, tmp_path / "up", "--steps", "2", "--init-from", str(dense_dir)) == 0
+    assert "upcycled" in capsys.readouterr().out
+    assert train("mot_tiny", tmp_path / "mot", "--init-from", str(dense_dir)) == 2
+    err = capsys.readouterr().err
+    assert "model.layer_pattern: ('dense',) -> ('mot',)" in err
+    assert "upcycling may turn the source's dense layers into moe layers" in err
