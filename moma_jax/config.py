@@ -37,6 +37,9 @@ class ModConfig:
     the wrapped block; the rest skip it unchanged."""
 
     capacity: float = 0.25  # MoMa's; the MoD paper's is 0.125
+    # ST-MoE's router z-loss on the MoD router's logit (its square): opt-in, 0 = off (neither
+    # the MoD nor the MoMa paper uses it).
+    router_z_loss_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

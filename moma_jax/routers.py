@@ -50,6 +50,8 @@ class SparseSettings(Protocol):
     def lb_loss_weight(self) -> float: ...
     @property
     def router_z_loss_weight(self) -> float: ...
+    @property
+    def ec_router_z_loss_weight(self) -> float: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -150,7 +152,11 @@ class ExpertChoice(Router):
         dispatch, stats = jax.vmap(
             lambda s, e, k, rank: routing.expert_choice(s, e, k, r.slots, ranking_NxE=rank)
         )(scores_GxNxE, r.eligible_GxN, k_G, ranking_GxNxE)
-        return Routed(dispatch, stats, scores_GxNxE, {})
+        losses = {}
+        if moe.ec_router_z_loss_weight > 0:  # opt-in: on the router's own logits, noise-free
+            z_G = jax.vmap(routing.router_z_loss)(r.logits_GxNxE, r.eligible_GxN)
+            losses["z_loss"] = moe.ec_router_z_loss_weight * z_G.mean()
+        return Routed(dispatch, stats, scores_GxNxE, losses)
 
     def route_causal(self, r: GroupRouting) -> Routed:
         from moma_jax.model import routing

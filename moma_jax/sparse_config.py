@@ -64,6 +64,8 @@ class SparseConfig:
     force_balanced: bool = False
     lb_loss_weight: float = 0.01  # token choice: Switch load-balancing loss
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss (token choice)
+    # The same z-loss on expert-choice routers: opt-in (0 = off; the MoMa paper uses none).
+    ec_router_z_loss_weight: float = 0.0
 
     # The expert-group arithmetic, in one place: used by the layer, flops and describe.
 

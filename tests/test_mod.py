@@ -42,7 +42,7 @@ def test_selection_matches_numpy(n_valid):
     assert not np.any(np.asarray(chosen) & ~np.take_along_axis(valid, np.asarray(index), 1))
 
 
-def _layer(kind="mod_dense", capacity=0.25):
+def _layer(kind="mod_dense", capacity=0.25, z_loss=0.0):
     moe = SparseConfig(routing_group_tokens=64, modality_shares=(0.7, 0.3))
     cfg = ModelConfig(
         vocab_size=32,
@@ -51,7 +51,7 @@ def _layer(kind="mod_dense", capacity=0.25):
         n_heads=2,
         layer_pattern=(kind,),
         moe=moe,
-        mod=ModConfig(capacity=capacity),
+        mod=ModConfig(capacity=capacity, router_z_loss_weight=z_loss),
     )
     return cfg, build_layer(cfg, kind, nnx.Rngs(0))
 
@@ -130,7 +130,7 @@ def test_mod_moma_trains(tmp_path, data_dir):
     assert main(args) == 0
     cfg = registry.get("mod_moma_4t4i_tiny")
     assert cfg.model.layer_pattern == ("mod_moe", "moe")
-    assert dataclasses.asdict(cfg.model.mod) == {"capacity": 0.25}
+    assert dataclasses.asdict(cfg.model.mod) == {"capacity": 0.25, "router_z_loss_weight": 0.0}
 
 
 def test_paper_size_mod_moma_matches_the_paper_table():
@@ -143,3 +143,16 @@ def test_paper_size_mod_moma_matches_the_paper_table():
     assert mod["params_total"] == pytest.approx(11.9e9, rel=0.06)
     assert mod["flops_per_token_ideal"] == pytest.approx(dense["flops_per_token_ideal"], rel=0.10)
     assert [layer["kind"] for layer in mod["layer_plan"]["unit"]] == ["mod_moe", "moe"]
+
+
+def test_router_z_loss_is_opt_in_and_the_mean_squared_logit():
+    """ST-MoE's z-loss on the MoD router (one logit: logsumexp is the logit), over real tokens."""
+    ctx, x = _ctx(), jax.random.normal(jax.random.key(2), (2, 32, 16))
+    _, off = _layer()
+    assert "mod/z_loss" not in off(x, ctx)[1].get("losses", {})
+    _, layer = _layer(z_loss=0.5)
+    losses = layer(x, ctx)[1]["losses"]
+    logits = np.asarray(x) @ np.asarray(layer.router_Dx1[...])[:, 0]
+    real = np.asarray(ctx.segment_ids) > 0
+    expected = 0.5 * np.sum(logits**2 * real) / real.sum()
+    np.testing.assert_allclose(float(losses["mod/z_loss"]), expected, rtol=1e-5)

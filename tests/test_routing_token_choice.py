@@ -1,5 +1,7 @@
 """Token-choice routing and router losses against plain NumPy references."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,3 +169,29 @@ def test_batch_prioritized_routing_drops_the_least_confident_token():
     np.testing.assert_array_equal(plain.token_index_ExC[0], [0, 1])
     np.testing.assert_array_equal(bpr.token_index_ExC[0], [1, 2])
     np.testing.assert_allclose(bpr.gate_ExC[0], [0.9, 0.8])
+
+
+def test_expert_choice_z_loss_is_opt_in_and_matches_numpy():
+    """ST-MoE's z-loss on an expert-choice router (`ec_router_z_loss_weight`): off by default;
+    on, the weighted mean over routing groups of the eligible tokens' logsumexp(logits)^2."""
+    from moma_jax.config import SparseConfig
+    from moma_jax.routers import GroupRouting, get_router
+
+    groups = [random_group(s, n_experts=4) for s in (0, 1)]
+    logits = np.stack([g[0] for g in groups])
+    eligible = np.stack([g[2] for g in groups])
+    moe = SparseConfig(group_experts=(4,), modality_group=(0, 0), routing_group_tokens=64)
+    row = get_router("expert_choice")
+
+    def route(moe):
+        r = GroupRouting(
+            moe, row.slots(moe, 0), jnp.asarray(logits), jnp.asarray(eligible),
+            jnp.asarray(eligible.sum(1), jnp.int32),
+        )  # fmt: skip
+        return row.route(r).losses
+
+    assert route(moe) == {}
+    on = route(dataclasses.replace(moe, ec_router_z_loss_weight=0.01))
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    per_group = [(lse[g] ** 2)[eligible[g]].mean() for g in range(2)]
+    np.testing.assert_allclose(float(on["z_loss"]), 0.01 * np.mean(per_group), rtol=1e-5)

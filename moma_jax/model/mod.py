@@ -60,6 +60,7 @@ class MoDBlock(nnx.Module):
         self.group = cfg.moe.routing_group_tokens
         self.k = mod_selected_tokens(cfg)
         self.aux_router = aux_router.maybe_aux_router(cfg, 1, rngs)
+        self.z_loss_weight = cfg.mod.router_z_loss_weight
 
     def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         if ctx.causal:
@@ -103,6 +104,9 @@ class MoDBlock(nnx.Module):
         aux = dict(aux)
         metrics = dict(aux.get("metrics", {}))
         real = jnp.maximum(jnp.sum(segment_GxN > 0), 1)
+        if self.z_loss_weight > 0:  # opt-in: z-loss of a one-logit router, logit^2
+            z = jnp.sum(jnp.square(logits_GxN) * (segment_GxN > 0)) / real
+            aux["losses"] = {**aux.get("losses", {}), "mod/z_loss": self.z_loss_weight * z}
         metrics["mod/keep_frac"] = jnp.sum(chosen_GxK) / real
         metrics["mod/weight_mean"] = jnp.sum(weight_GxK * chosen_GxK) / jnp.maximum(
             jnp.sum(chosen_GxK), 1
