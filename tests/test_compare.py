@@ -125,8 +125,25 @@ def test_budgets_train_each_model_to_equal_flops_and_fit_across_budgets(tmp_path
     )
     try:
         assert main(["--suite", "test_budgets", "--root", str(tmp_path)]) == 0
+        _check_budgets(tmp_path, capsys)
+        # A budget still training: --report-only reports the others and says which is missing.
+        metrics = (
+            tmp_path / "test_budgets" / "tpp0.2" / "moma_4t4i_c2_tiny" / "seed0" / "metrics.jsonl"
+        )
+        metrics.write_text("".join(metrics.read_text().splitlines(True)[:3]))
+        assert main(["--suite", "test_budgets", "--root", str(tmp_path), "--report-only"]) == 0
+        assert "tpp0.2: not reported (" in capsys.readouterr().err
+        scaling = json.loads((tmp_path / "test_budgets" / "scaling.json").read_text())
+        assert scaling["missing"] == [0.2] and len(scaling["budgets"]) == 1
+        assert (
+            "Not reported (runs missing or unfinished): tokens per parameter 0.2"
+            in (tmp_path / "test_budgets" / "scaling.md").read_text()
+        )
     finally:
         SUITES.pop(suite.name)
+
+
+def _check_budgets(tmp_path, capsys):
     steps = {}
     for budget in ("0.05", "0.2"):
         rep = json.loads((tmp_path / "test_budgets" / f"tpp{budget}" / "report.json").read_text())

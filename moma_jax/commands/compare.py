@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moma_jax import budgets, host_memory
+from moma_jax.analysis import load_run
 from moma_jax.commands.compare_markdown import markdown
 from moma_jax.commands.compare_plots import plots
 from moma_jax.commands.compare_report import report, run_dir
@@ -110,6 +111,36 @@ def write_report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
     return rep
 
 
+def _check_finished(suite: Suite, seeds: int, root: Path) -> None:
+    """ValueError naming the first run of the suite that has not reached its last step."""
+    for seed in range(seeds):
+        for exp in suite.experiments:
+            run = load_run(run_dir(root, suite, exp, seed))
+            done = max((r["step"] for r in run.records), default=0)
+            if done < run.config.optim.total_steps:
+                raise ValueError(
+                    f"{run.workdir} is at step {done} of {run.config.optim.total_steps}"
+                )
+
+
+def _reportable(
+    suite: Suite, parts: list[Suite], seeds: int, root: Path
+) -> tuple[list[Suite], list[dict[str, Any]], list[float]]:
+    """--report-only on a budget suite: the budgets whose runs can be reported (a suite still
+    training has its largest budgets unfinished), each skipped one said on stderr; an error
+    if none can."""
+    kept: list[tuple[Suite, dict[str, Any], float]] = []
+    for part, budget in zip(parts, suite.tokens_per_param, strict=True):
+        try:
+            _check_finished(part, seeds, root)  # a fit on half-trained runs would mislead
+            kept.append((part, write_report(part, seeds, root), budget))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"[compare] {part.name}: not reported ({e})", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"suite {suite.name}: no budget has runs to report under {root}")
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+
+
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__)
@@ -132,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                 enable_compilation_cache()
                 for part in parts:
                     train_suite(part, seeds, root, list(args.overrides))
-            reps = [write_report(part, seeds, root) for part in parts]
-            extra = write_scaling(suite, reps, root) if suite.tokens_per_param else []
+            if suite.tokens_per_param and args.report_only:
+                parts, reps, budgets = _reportable(suite, parts, seeds, root)
+            else:
+                reps = [write_report(part, seeds, root) for part in parts]
+                budgets = list(suite.tokens_per_param)
+            extra = write_scaling(suite, reps, root, budgets) if suite.tokens_per_param else []
     except (ConfigError, ValueError, FileNotFoundError, WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

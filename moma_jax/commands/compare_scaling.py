@@ -17,11 +17,16 @@ from moma_jax.scaling import fit_power_law
 from moma_jax.suites import Suite
 
 
-def scaling(suite: Suite, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fits and gaps from the per-budget reports (in the order of suite.tokens_per_param)."""
+def scaling(
+    suite: Suite, reports: list[dict[str, Any]], budgets: list[float] | None = None
+) -> dict[str, Any]:
+    """Fits and gaps from the per-budget reports, one per budget of `budgets` (default: all of
+    suite.tokens_per_param, in order); budgets left out are listed as `missing`."""
+    budgets = list(suite.tokens_per_param) if budgets is None else budgets
     out: dict[str, Any] = {"suite": suite.name, "dense": suite.experiments[0], "budgets": []}
+    out["missing"] = [b for b in suite.tokens_per_param if b not in budgets]
     points: dict[str, tuple[list[float], list[float]]] = {e: ([], []) for e in suite.experiments}
-    for budget, rep in zip(suite.tokens_per_param, reports, strict=True):
+    for budget, rep in zip(budgets, reports, strict=True):
         row: dict[str, Any] = {"tokens_per_param": budget, "epochs": rep["data"]["epochs"]}
         for exp, entry in rep["experiments"].items():
             finals = [v for v in entry["overall"]["final_heldout_loss"]["per_seed"] if v]
@@ -60,6 +65,15 @@ def markdown(sc: dict[str, Any]) -> str:
         "at each budget; 95% intervals from the fit's covariance with (budgets - 3) degrees of "
         "freedom (none with 3 budgets; flagged fits ended on a bound of the search).",
         "",
+        *(
+            [
+                f"Not reported (runs missing or unfinished): tokens per parameter "
+                f"{', '.join(f'{b:g}' for b in sc['missing'])}.",
+                "",
+            ]
+            if sc.get("missing")
+            else []
+        ),  # fmt: skip
         "| experiment | E | A | alpha | budgets | rms residual |",
         "|---|---|---|---|---|---|",
     ]
@@ -127,8 +141,10 @@ def plot(sc: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_scaling(suite: Suite, reports: list[dict[str, Any]], root: Path) -> list[Path]:
-    sc = scaling(suite, reports)
+def write_scaling(
+    suite: Suite, reports: list[dict[str, Any]], root: Path, budgets: list[float] | None = None
+) -> list[Path]:
+    sc = scaling(suite, reports, budgets)
     out = root / suite.name
     write_atomic(out / "scaling.json", json.dumps(sc, indent=1) + "\n")
     write_atomic(out / "scaling.md", markdown(sc))
