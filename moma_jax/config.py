@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 NORM_ORDERS = ("pre", "post")
 REMAT_POLICIES = ("none", "full", "dots")
 AUX_ROUTERS = ("none", "joint", "posthoc")  # model/aux_router.py
+AUTO_UNROLL_UNITS = 8  # model.scan_unroll=0 unrolls stacks of up to this many layer units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
-    scan_unroll: int = 1  # layer units per scan iteration (n_units: fully unrolled)
+    # Layer units per scan iteration; 0: all of them when there are at most AUTO_UNROLL_UNITS
+    # (measured on the CPU: 1.17x faster dense step at 4 layers, same compile time), else 1.
+    scan_unroll: int = 0
     moe: SparseConfig = SparseConfig()
     mod: ModConfig = ModConfig()
     # Auxiliary routers for causal routing (model/aux_router.py): "none", "joint" (trained
@@ -87,6 +90,12 @@ class ModelConfig:
     @property
     def n_units(self) -> int:
         return self.n_layers // len(self.layer_pattern)
+
+    @property
+    def resolved_scan_unroll(self) -> int:
+        if self.scan_unroll:
+            return self.scan_unroll
+        return self.n_units if self.n_units <= AUTO_UNROLL_UNITS else 1
 
     @property
     def base_kinds(self) -> tuple[str, ...]:
@@ -204,6 +213,9 @@ RESUME_SAFE_KEYS = frozenset(
         "mesh.fsdp",
         "mesh.expert",
         "mesh.tensor",
+        # Unrolling the layer scan changes how the step is compiled, not what it computes (up
+        # to float rounding of fusions); runs saved with the earlier default 1 resume under 0.
+        "model.scan_unroll",
     }
 )
 
@@ -239,6 +251,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         ("run.keep_every", r.keep_every),
     ):
         require(value >= 0, f"{key} must be >= 0, got {value}")
+    require(
+        m.scan_unroll >= 0,
+        f"model.scan_unroll must be >= 0 (0: automatic, k: k layer units per scan step): "
+        f"{m.scan_unroll}",
+    )
     require(m.ffn_multiple_of > 0, f"model.ffn_multiple_of must be positive: {m.ffn_multiple_of}")
     require(
         m.head_dim > 0 or m.d_model % m.n_heads == 0,

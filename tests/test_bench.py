@@ -23,7 +23,7 @@ def _report(ratio: float, matmul: float, scaling: float, pipeline: float, execut
 
 
 def test_targets_verdicts_and_bounds():
-    met = targets(_report(ratio=1.05, matmul=0.55, scaling=1.25, pipeline=10.0, executed=1.10))
+    met = targets(_report(ratio=1.05, matmul=0.45, scaling=1.25, pipeline=10.0, executed=1.10))
     assert all(t["met"] for t in met.values()), met  # every bound is inclusive
     assert set(met) == {
         "step_time_ratio/moe_8x",
@@ -36,7 +36,7 @@ def test_targets_verdicts_and_bounds():
         "expert_scaling/64",  # the sweep's largest expert count
         "pipeline_ratio",
     }
-    missed = targets(_report(ratio=1.09, matmul=0.54, scaling=1.26, pipeline=9.9, executed=1.11))
+    missed = targets(_report(ratio=1.09, matmul=0.44, scaling=1.26, pipeline=9.9, executed=1.11))
     assert [n for n, t in missed.items() if not t["met"]] == [
         "step_time_ratio/moe_8x",  # 1.08
         "step_time_ratio/moma_1t1i",  # 1.05; moma_4t4i and mot allow 1.10
@@ -46,7 +46,7 @@ def test_targets_verdicts_and_bounds():
         "expert_scaling/64",
         "pipeline_ratio",
     ]
-    assert missed["matmul_fraction"]["target"] == ">= 0.55"
+    assert missed["matmul_fraction"]["target"] == ">= 0.45"
 
 
 def test_bench_config_routes_the_whole_batch(data_dir):

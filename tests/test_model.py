@@ -108,9 +108,11 @@ def test_documents_in_one_row_do_not_interact(norm_order):
     np.testing.assert_allclose(packed[:, 4:7], second, rtol=1e-5, atol=1e-5)
 
 
-def test_scan_stack_equals_layers_applied_one_by_one():
-    """The scanned stack equals an explicit Python loop over the stacked layer weights."""
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("unroll", [1, 0])
+def test_scan_stack_equals_layers_applied_one_by_one(unroll):
+    """The scanned stack (one unit per scan step, or unrolled) equals an explicit Python loop
+    over the stacked layer weights."""
+    model = Transformer(dataclasses.replace(CFG, scan_unroll=unroll), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
     seg, pos = jnp.ones((2, 6), jnp.int32), jnp.broadcast_to(jnp.arange(6), (2, 6))
     logits, _ = jitted(model)(tokens, seg, pos, jnp.zeros_like(tokens))

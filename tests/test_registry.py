@@ -83,6 +83,7 @@ def test_overrides_parse_types_and_reject_unknown_keys():
         ("model.compute_dtype=float8", "compute_dtype"),
         ("optim.warmup_steps=1000", "warmup_steps"),
         ("mesh.fsdp=-1", "at most one mesh axis"),
+        ("model.scan_unroll=-1", "scan_unroll must be >= 0"),
     ],
 )
 def test_invalid_configs_fail_at_config_time(override, message):
@@ -99,6 +100,18 @@ def test_resume_conflicts_ignore_logging_keys():
     changed = apply_overrides(cfg, ["optim.peak_lr=0.5"])
     assert resume_conflicts(cfg, changed) == ["optim.peak_lr: 0.003 -> 0.5"]
     assert "model.d_model" in flatten(cfg)
+
+
+def test_scan_unroll_auto_unrolls_small_stacks_and_resumes_runs_saved_scanned():
+    """0 (the default): every unit unrolled up to AUTO_UNROLL_UNITS, else scanned one unit per
+    step; an explicit value wins. A run saved under the earlier default (1) resumes."""
+    tiny = registry.get("dense_tiny")
+    assert tiny.model.scan_unroll == 0 and tiny.model.resolved_scan_unroll == tiny.model.n_units
+    assert registry.get("dense_1.4b").model.resolved_scan_unroll == 1  # 24 units
+    mod = registry.get("mod_moma_4t4i_tiny").model  # a 2-kind unit: n_layers / 2 units
+    assert mod.resolved_scan_unroll == mod.n_units == mod.n_layers // 2
+    assert apply_overrides(tiny, ["model.scan_unroll=2"]).model.resolved_scan_unroll == 2
+    assert resume_conflicts(apply_overrides(tiny, ["model.scan_unroll=1"]), tiny) == []
 
 
 USER_MODULE = '''

@@ -45,7 +45,7 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for a in EXPERT_CHOICE
     ]
     checks += [
-        ("matmul_fraction", report["matmul_fraction"], ">=", 0.55),
+        ("matmul_fraction", report["matmul_fraction"], ">=", 0.45),
         (f"expert_scaling/{last}", report["expert_scaling"][last], "<=", 1.25),
         ("pipeline_ratio", report["pipeline_ratio"], ">=", 10.0),
     ]

@@ -141,7 +141,10 @@ class Transformer(nnx.Module):
         if cfg.remat in _REMAT and cache is None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
         x_BxLxD, aux_U = jax.lax.scan(
-            body, x_BxLxD, (units_state, jnp.arange(cfg.n_units), cache), unroll=cfg.scan_unroll
+            body,
+            x_BxLxD,
+            (units_state, jnp.arange(cfg.n_units), cache),
+            unroll=cfg.resolved_scan_unroll,
         )
         aux = {
             "losses": {k: jnp.sum(v) for k, v in aux_U.losses.items()},

@@ -82,10 +82,14 @@ def make_train_step(
             g, (sums, aux) = grad_fn(state.params, micro, jax.random.fold_in(key, index))
             return (jax.tree.map(jnp.add, grads, g), index + 1), (sums, aux)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, _), (sums_A, aux_A) = jax.lax.scan(
-            accumulate, (zeros, 0), _split_micro(batch, n_micro)
-        )
+        if n_micro == 1:  # no loop (nor zeros to add to): the same gradient, one less while
+            grads, out = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
+            sums_A, aux_A = jax.tree.map(lambda x: x[None], out)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, _), (sums_A, aux_A) = jax.lax.scan(
+                accumulate, (zeros, 0), _split_micro(batch, n_micro)
+            )
         sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums_A)
         aux_losses = {k: jnp.mean(v) for k, v in aux_A["losses"].items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
