@@ -26,6 +26,9 @@ __all__ = [
 
 DTYPES = ("float32", "bfloat16", "float16")
 NORM_ORDERS = ("pre", "post")
+# model/attention.py: XLA's softmax attention; Pallas's flash-attention kernel (Triton, GPU)
+# with the documents' segment ids; the same kernel interpreted on any backend (slow: tests).
+ATTENTION = ("xla", "pallas", "pallas_interpret")
 REMAT_POLICIES = ("none", "full", "dots")
 AUX_ROUTERS = ("none", "joint", "posthoc")  # model/aux_router.py
 AUTO_UNROLL_UNITS = 8  # model.scan_unroll=0 unrolls stacks of up to this many layer units
@@ -59,6 +62,7 @@ class ModelConfig:
     layer_pattern: tuple[str, ...] = ("dense",)
     norm_order: str = "post"  # "post": Swin-style, as Chameleon-34B / MoMa; "pre": Llama
     qk_norm: bool = True
+    attention: str = "xla"  # one of ATTENTION: how softmax attention runs (the same math)
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     z_loss_weight: float = 1e-5
@@ -216,6 +220,7 @@ RESUME_SAFE_KEYS = frozenset(
         # Unrolling the layer scan changes how the step is compiled, not what it computes (up
         # to float rounding of fusions); runs saved with the earlier default 1 resume under 0.
         "model.scan_unroll",
+        "model.attention",  # the same attention by another kernel
     }
 )
 
@@ -273,6 +278,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"model.layer_pattern={m.layer_pattern} (length {len(m.layer_pattern)})",
     )
     require(m.norm_order in NORM_ORDERS, f"model.norm_order must be one of {NORM_ORDERS}")
+    require(m.attention in ATTENTION, f"model.attention={m.attention!r} is not one of {ATTENTION}")
     require(
         m.aux_routers in AUX_ROUTERS,
         f"model.aux_routers={m.aux_routers!r} is not one of {AUX_ROUTERS}",

@@ -84,6 +84,7 @@ def test_overrides_parse_types_and_reject_unknown_keys():
         ("optim.warmup_steps=1000", "warmup_steps"),
         ("mesh.fsdp=-1", "at most one mesh axis"),
         ("model.scan_unroll=-1", "scan_unroll must be >= 0"),
+        ("model.attention=flash", "model.attention='flash' is not one of"),
     ],
 )
 def test_invalid_configs_fail_at_config_time(override, message):

@@ -127,6 +127,7 @@ class UntiedAttention(nnx.Module):
         self.q_norm = UntiedLayerNorm(dh, cfg) if cfg.qk_norm else None
         self.k_norm = UntiedLayerNorm(dh, cfg) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta
+        self.impl = cfg.attention
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.cfg = cfg
 
@@ -144,7 +145,7 @@ class UntiedAttention(nnx.Module):
         qkv = by_modality(_linear, x_BxLxD.astype(dt), modality_BxL, (w_qkv,), cfg).astype(dt)
         q, k, v = (a.reshape(b, length, h, dh) for a in jnp.split(qkv, 3, axis=-1))
         qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
-        out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta)
+        out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta, self.impl)
         wo = self.wo_MxHxDhxD[...].reshape(-1, h * dh, d).astype(dt)
         out = out_BxLxHxDh.reshape(b, length, h * dh)
         return by_modality(_linear, out, modality_BxL, (wo,), cfg).astype(dt)

@@ -1,6 +1,7 @@
 """Checks of a config against the machine, before anything is compiled or written: what XLA
 would otherwise answer with an abort or a crash deep in compilation.
 
+- model.attention=pallas (a Triton kernel) off a GPU: refused, naming the fix.
 - float16 on the CPU backend (XLA's CPU dot kernels do not support it for every op the model
   uses; bfloat16 and float32 work): refused, naming the key and the fix.
 - Memory: the train state alone (parameters, their gradients, the optimizer's moments) is a
@@ -16,9 +17,11 @@ import math
 import jax
 
 from moma_jax.config import ConfigError, ExperimentConfig
+from moma_jax.model.attention import check_backend
 
 
 def check(cfg: ExperimentConfig) -> None:
+    check_backend(cfg.model.attention)
     check_dtypes(cfg)
     check_memory(cfg)
 
