@@ -111,39 +111,62 @@ def encode_prompt(
 
 
 class Decoder:
-    """The run's model as a cached causal decoder: `prefill` a prompt, then `step` one token."""
+    """The run's model as a cached causal decoder over B rows: `feed` appends one column of
+    tokens (a prompt block, then one token per row) to every row at once.
 
-    def __init__(self, model: Transformer, vocab: data_lib.Vocab, length: int):
+    Rows of different lengths are left-padded: a padding position has segment 0, so it is
+    never present in any layer's cache (`model/cache.py`) and no real token sees it; each row's
+    positions count its own tokens from 0, so a row decodes exactly as it would alone."""
+
+    def __init__(self, model: Transformer, vocab: data_lib.Vocab, length: int, batch: int = 1):
         self.graphdef, self.state = nnx.split(model)
         self.vocab = vocab
-        self.cache = model.init_cache(1, length)
+        self.cache = model.init_cache(batch, length)
+        modality_V = jnp.asarray(vocab.modality_of(np.arange(model.cfg.vocab_size)), jnp.int32)
 
         @jax.jit
-        def forward(state, tokens_1xT, cache, index):
-            t = tokens_1xT.shape[1]
-            positions = (index + jnp.arange(t))[None]
-            ids = np.arange(model.cfg.vocab_size)
-            modality = jnp.asarray(vocab.modality_of(ids), jnp.int32)
+        def forward(state, tokens_BxT, present_BxT, positions_BxT, cache, index):
             logits, aux = nnx.merge(self.graphdef, state)(
-                tokens_1xT,
-                jnp.ones_like(tokens_1xT),
-                positions,
-                modality[tokens_1xT],
+                tokens_BxT,
+                present_BxT.astype(jnp.int32),
+                positions_BxT,
+                modality_V[tokens_BxT],
                 routing="causal",
                 cache=cache,
                 cache_index=index,
             )
-            return logits[0], aux["cache"]
+            return logits, aux["cache"]
 
         self._forward = forward
         self.index = 0
 
-    def feed(self, tokens: list[int]) -> np.ndarray:
-        """Appends `tokens`; returns their logits [T, V] (the last row predicts the next)."""
-        ids = jnp.asarray([tokens], jnp.int32)
-        logits, self.cache = self._forward(self.state, ids, self.cache, jnp.int32(self.index))
-        self.index += len(tokens)
-        return np.asarray(logits)
+    def feed(
+        self,
+        tokens: list[int] | np.ndarray,
+        present: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Appends `tokens` ([T] for one row, or [B, T]); `present` [B, T] marks the real ones
+        (default: all) and `positions` [B, T] their positions in their rows (default: the
+        cache index onwards). Returns their logits [T, V] for one row, else [B, T, V]."""
+        ids = np.asarray(tokens, np.int32)
+        one_row = ids.ndim == 1
+        ids = ids[None] if one_row else ids
+        if present is None:
+            present = np.ones(ids.shape, bool)
+        if positions is None:
+            positions = np.broadcast_to(self.index + np.arange(ids.shape[1]), ids.shape)
+        logits, self.cache = self._forward(
+            self.state,
+            jnp.asarray(ids),
+            jnp.asarray(present),
+            jnp.asarray(positions, jnp.int32),
+            self.cache,
+            jnp.int32(self.index),
+        )
+        self.index += ids.shape[1]
+        out = np.asarray(logits)
+        return out[0] if one_row else out
 
 
 def generate(
@@ -156,37 +179,76 @@ def generate(
     """Samples up to `max_tokens` after `prompt` from `model` (the run of `cfg`); returns the
     tokens, the logits each sampled token was drawn from ([N, V], before the grammar), and the
     codes of every image the sampled tokens complete."""
+    return generate_batch(model, cfg, [prompt], max_tokens, sampling)[0]
+
+
+def generate_batch(
+    model: Transformer,
+    cfg: ExperimentConfig,
+    prompts: list[list[int]],
+    max_tokens: int,
+    sampling: Sampling = Sampling(),
+) -> list[dict[str, Any]]:
+    """`generate` for several prompts of any lengths at once, one cached forward pass per
+    generated column: row r is exactly `generate(prompts[r])` with seed `sampling.seed + r`
+    (each row its own grammar, sampler and stop at EOS). Every row gets up to `max_tokens`,
+    capped so the longest prompt and its tokens fit the model's context (data.seq_len)."""
     kinds.require_for_causal(cfg)
+    if not prompts or not all(prompts):
+        raise ConfigError("every prompt needs at least one token")
     data_dir = data_lib.ensure_data(cfg.data.path or None)
     manifest = data_lib.load_manifest(data_dir)
     vocab = data_lib.Vocab.from_dict(manifest["vocab"])
-    context = cfg.data.seq_len
-    if len(prompt) >= context:
+    context, longest = cfg.data.seq_len, max(len(p) for p in prompts)
+    if longest >= context:
         raise ConfigError(
-            f"the prompt has {len(prompt)} tokens and the model's context is {context} "
+            f"a prompt has {longest} tokens and the model's context is {context} "
             "(data.seq_len): shorten it so at least one token can follow"
         )
-    max_tokens = min(max_tokens, context - len(prompt))
+    max_tokens = min(max_tokens, context - longest)
     grammar = Grammar(vocab, manifest["image"]["codes_per_image"], cfg.model.vocab_size)
-    decoder = Decoder(model, vocab, context)
-    rng = np.random.default_rng(sampling.seed)
-    tokens, logits_rows = list(prompt), []
-    logits = decoder.feed(prompt)[-1]
+    rows = len(prompts)
+    decoder = Decoder(model, vocab, longest + max_tokens, rows)
+    rngs = [np.random.default_rng(sampling.seed + r) for r in range(rows)]
+    # Left padding: row r's prompt ends at column `longest - 1`, its positions start at 0.
+    pad = np.array([longest - len(p) for p in prompts])
+    block = np.full((rows, longest), vocab.pad, np.int32)
+    for r, p in enumerate(prompts):
+        block[r, pad[r] :] = p
+    columns = np.arange(longest)[None]
+    logits_BxV = decoder.feed(block, columns >= pad[:, None], np.maximum(columns - pad[:, None], 0))
+    logits_BxV = logits_BxV[:, -1]
+    tokens = [list(p) for p in prompts]
+    logits_rows: list[list[np.ndarray]] = [[] for _ in prompts]
+    done = np.zeros(rows, bool)
     for i in range(max_tokens):
-        logits_rows.append(logits)
-        token = sample(logits, grammar.allowed(tokens, max_tokens - i), sampling, rng)
-        tokens.append(token)
-        if token == vocab.eos or i == max_tokens - 1:
+        column = np.full(rows, vocab.pad, np.int32)
+        for r in np.flatnonzero(~done).tolist():
+            logits_rows[r].append(logits_BxV[r])
+            allowed = grammar.allowed(tokens[r], max_tokens - i)
+            column[r] = sample(logits_BxV[r], allowed, sampling, rngs[r])
+            tokens[r].append(int(column[r]))
+            done[r] = column[r] == vocab.eos or i == max_tokens - 1
+        if done.all():
             break
-        logits = decoder.feed([token])[-1]
-    new = tokens[len(prompt) :]
-    return {
-        "prompt": prompt,
-        "tokens": new,
-        "logits": np.stack(logits_rows),
-        # Images completed by the sampled tokens (a prompt may end inside one: BOS, BOI).
-        "images": images(tokens, vocab, grammar.codes)[len(images(prompt, vocab, grammar.codes)) :],
-    }
+        positions = np.array([len(t) - 1 for t in tokens])
+        logits_BxV = decoder.feed(column[:, None], ~done[:, None], positions[:, None])[:, -1]
+        # A row that stopped feeds padding (never present) from here on; its tokens are final.
+    results = []
+    for r, prompt in enumerate(prompts):
+        new = tokens[r][len(prompt) :]
+        results.append(
+            {
+                "prompt": prompt,
+                "tokens": new,
+                "logits": np.stack(logits_rows[r]),
+                # Images completed by the sampled tokens (a prompt may end inside one).
+                "images": images(tokens[r], vocab, grammar.codes)[
+                    len(images(prompt, vocab, grammar.codes)) :
+                ],
+            }
+        )
+    return results
 
 
 def decode(result: dict[str, Any], data_dir: Path) -> tuple[str, list[np.ndarray]]:

@@ -2,10 +2,11 @@
 
 import subprocess
 import sys
+import types
 
 import pytest
 
-from moma_jax.bench import experts, runner
+from moma_jax.bench import decode, experts, runner
 from moma_jax.bench.report import targets
 from moma_jax.bench.runner import bench_config, expert_config
 from moma_jax.model.kinds import train_flops_per_token
@@ -91,3 +92,23 @@ def test_expert_paths_agree_at_a_tiny_shape():
     diffs = experts.check_paths_agree(tiny)
     assert set(diffs) == set(experts.LAYOUTS)
     assert all(d < 1e-5 for d in diffs.values()), diffs
+
+
+def test_decode_report_rates_and_ratios():
+    """tokens/s = rows x NEW / median seconds; each architecture against dense at its batch."""
+
+    def s(sec):
+        return types.SimpleNamespace(wall_s=sec)
+
+    samples = {
+        "dense/b1": [s(0.5), s(0.4), s(0.6)],
+        "dense/b8": [s(1.0)],
+        "mot/b1": [s(1.0)],
+        "mot/b8": [s(4.0)],
+    }
+    rep = decode.decode_report(samples, "dense")
+    new = decode.NEW
+    assert rep["tokens_per_s"] == pytest.approx(
+        {"dense/b1": new / 0.5, "dense/b8": 8 * new, "mot/b1": new, "mot/b8": 2 * new}
+    )
+    assert rep["vs_dense"] == pytest.approx({"mot/b1": 0.5, "mot/b8": 0.25})

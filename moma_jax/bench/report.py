@@ -101,6 +101,14 @@ def table(report: dict[str, Any]) -> str:
         f"pipeline: {report['pipeline_tokens_per_s']:.0f} tokens/s vs step "
         f"{report['step_tokens_per_s']:.0f} tokens/s = {report['pipeline_ratio']:.1f}x"
     )
+    if "decode" in report:
+        dec = report["decode"]
+        lines.append(f"KV-cached decoding, {dec['new_tokens']} tokens after {dec['prompt']}:")
+        for name, rate in dec["tokens_per_s"].items():
+            rel = dec["vs_dense"].get(name)
+            lines.append(
+                f"  {name:<18} {rate:>9.1f} tokens/s" + (f"  ({rel:.2f}x dense)" if rel else "")
+            )
     lines.append(f"peak RSS {report['memory']['peak_rss_mib']:.0f} MiB")
     for name, t in report["targets"].items():
         verdict = "met" if t["met"] else "MISSED"

@@ -37,6 +37,7 @@ import numpy as np
 
 from moma_jax import data as data_lib
 from moma_jax import host_memory, registry
+from moma_jax.bench import decode
 from moma_jax.bench import experts as experts_bench
 from moma_jax.bench.measure import (
     device_memory,
@@ -206,6 +207,19 @@ def phase_sweep(
     return sweep_report(plan.experts, samples), steps
 
 
+def phase_decode(
+    archs: dict[str, ExperimentConfig], batch_np: dict[str, np.ndarray], plan: Plan
+) -> dict[str, Any]:
+    """Phase 3: KV-cached generation per architecture at batch 1 and 8 (`bench/decode.py`)."""
+    fns = {
+        f"{name}/b{rows}": decode.decode_fn(cfg, batch_np["tokens"], rows)
+        for name, cfg in archs.items()
+        for rows in decode.BATCHES
+    }
+    log(f"phase 3, {plan.rounds} rounds of: {', '.join(fns)}")
+    return decode.decode_report(interleave(fns, plan.rounds, plan.warmup, seed=2), DENSE)
+
+
 def run(
     plan: Plan, overrides: tuple[str, ...] = (), extra_archs: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -221,6 +235,8 @@ def run(
     sweep, steps = phase_sweep(archs, moe_8x, batch_np, plan, overrides)
     report.update(sweep)
     info.update(step_info(steps))
+    del steps
+    report["decode"] = phase_decode(archs, batch_np, plan)
     log(f"timing the Grain pipeline ({plan.pipeline_batches} batches)")
     pipeline = pipeline_tokens_per_s(archs[DENSE], plan.pipeline_batches)
     step_tokens_s = shape_of(archs[DENSE])["tokens_per_step"] / report["step_time_s"][DENSE]
