@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,16 @@ def load_run(workdir: str | Path) -> Run:
     config = Workdir(path).read_config()
     if config is None:
         raise ValueError(f"{path} holds no run (no config.json)")
+    if config.model.attention == "pallas" and jax.default_backend() != "gpu":
+        # The same attention by XLA: a run trained on a GPU's kernel reads anywhere.
+        print(
+            f"note: {path} trained with model.attention=pallas (a GPU kernel); reading it with "
+            "the XLA attention here",
+            file=sys.stderr,
+        )
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, attention="xla")
+        )
     return Run(path, config)
 
 

@@ -71,7 +71,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
     # Layer units per scan iteration; 0: all of them when there are at most AUTO_UNROLL_UNITS
-    # (measured on the CPU: 1.17x faster dense step at 4 layers, same compile time), else 1.
+    # and no remat (unrolled, remat saves no memory), else 1. Unrolled, the dense CPU step went
+    # from 1.19x to 1.08x nanodo's (docs/benchmarks.md, 2026-12-06).
     scan_unroll: int = 0
     moe: SparseConfig = SparseConfig()
     mod: ModConfig = ModConfig()
@@ -99,7 +100,7 @@ class ModelConfig:
     def resolved_scan_unroll(self) -> int:
         if self.scan_unroll:
             return self.scan_unroll
-        return self.n_units if self.n_units <= AUTO_UNROLL_UNITS else 1
+        return self.n_units if self.n_units <= AUTO_UNROLL_UNITS and self.remat == "none" else 1
 
     @property
     def base_kinds(self) -> tuple[str, ...]:

@@ -191,8 +191,9 @@ def generate_batch(
 ) -> list[dict[str, Any]]:
     """`generate` for several prompts of any lengths at once, one cached forward pass per
     generated column: row r is exactly `generate(prompts[r])` with seed `sampling.seed + r`
-    (each row its own grammar, sampler and stop at EOS). Every row gets up to `max_tokens`,
-    capped so the longest prompt and its tokens fit the model's context (data.seq_len)."""
+    (each row its own grammar, sampler and stop at EOS) whenever the context does not bind.
+    Every row gets up to `max_tokens`, capped so that the longest prompt and its tokens fit
+    the model's context (data.seq_len): a shorter prompt alone could be given more."""
     kinds.require_for_causal(cfg)
     if not prompts or not all(prompts):
         raise ConfigError("every prompt needs at least one token")

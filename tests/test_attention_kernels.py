@@ -93,7 +93,10 @@ def test_model_with_the_kernel_equals_the_model_with_xla(pattern):
             )
             return loss_sums(logits, batch, 0.0)["ce"], logits
 
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        fn = jax.value_and_grad(loss, has_aux=True)
+        kernels = str(jax.make_jaxpr(fn)(params)).count("pallas_call")
+        assert kernels >= (CFG.n_layers if impl != "xla" else 0) and (impl != "xla" or not kernels)
+        return jax.jit(fn)(params)
 
     ((_, ref_logits), ref_grads), ((_, got_logits), got_grads) = run("xla"), run("pallas_interpret")
     np.testing.assert_allclose(got_logits, ref_logits, rtol=1e-5, atol=1e-5)
@@ -103,8 +106,10 @@ def test_model_with_the_kernel_equals_the_model_with_xla(pattern):
 
 
 def test_lengths_the_tiles_do_not_divide_take_the_xla_path():
-    assert flash_fits(64) and flash_fits(256) and flash_fits(16)
+    assert flash_fits(64) and flash_fits(256) and flash_fits(16) and flash_fits(384)
     assert not flash_fits(40) and not flash_fits(200)  # 200 % 128, a MoD layer's 0.25 x 800
+    # Triton's tiles are powers of two of at least 16 (these lower on CPU, fail on a GPU).
+    assert not flash_fits(96) and not flash_fits(24) and not flash_fits(8)
     seg = _segments(40)
     ctx = _ctx(seg)
     q = jax.random.normal(jax.random.key(0), (2, 40, 2, 16))
@@ -129,3 +134,20 @@ def test_the_triton_kernel_equals_xla_attention_on_the_gpu():
     got = jax.jit(lambda q: attend(q, q, q, ctx, None, 10_000.0, "pallas"))(q)
     ref = jax.jit(lambda q: attend(q, q, q, ctx, None, 10_000.0, "xla"))(q)
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)  # TF32 matmuls on the GPU
+
+
+def test_a_run_trained_with_the_kernel_reads_with_xla_off_a_gpu(tmp_path, capsys):
+    """evaluate, generate, compare and the notebook open runs through `analysis.load_run`: a run
+    trained with the GPU kernel is read with the XLA attention here, saying so."""
+    from moma_jax.analysis import load_run
+    from moma_jax.train.workdir import Workdir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    Workdir(run_dir).write_config(experiment_config("dense_tiny", ["model.attention=pallas"]))
+    run = load_run(run_dir)
+    if jax.default_backend() == "gpu":
+        assert run.config.model.attention == "pallas"
+    else:
+        assert run.config.model.attention == "xla"
+        assert "reading it with the XLA attention" in capsys.readouterr().err

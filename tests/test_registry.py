@@ -104,14 +104,17 @@ def test_resume_conflicts_ignore_logging_keys():
 
 
 def test_scan_unroll_auto_unrolls_small_stacks_and_resumes_runs_saved_scanned():
-    """0 (the default): every unit unrolled up to AUTO_UNROLL_UNITS, else scanned one unit per
-    step; an explicit value wins. A run saved under the earlier default (1) resumes."""
+    """0 (the default): every unit unrolled up to AUTO_UNROLL_UNITS without remat, else scanned
+    one unit per step; an explicit value wins. A run saved under the earlier default (1) resumes."""
     tiny = registry.get("dense_tiny")
     assert tiny.model.scan_unroll == 0 and tiny.model.resolved_scan_unroll == tiny.model.n_units
     assert registry.get("dense_1.4b").model.resolved_scan_unroll == 1  # 24 units
     mod = registry.get("mod_moma_4t4i_tiny").model  # a 2-kind unit: n_layers / 2 units
     assert mod.resolved_scan_unroll == mod.n_units == mod.n_layers // 2
     assert apply_overrides(tiny, ["model.scan_unroll=2"]).model.resolved_scan_unroll == 2
+    # Unrolled, remat saves no memory (XLA keeps every layer's activations): scanned then.
+    assert apply_overrides(tiny, ["model.remat=dots"]).model.resolved_scan_unroll == 1
+    assert registry.get("dense_90m").model.resolved_scan_unroll == 1  # 8 units, remat dots
     assert resume_conflicts(apply_overrides(tiny, ["model.scan_unroll=1"]), tiny) == []
 
 

@@ -147,3 +147,22 @@ def test_upcycling_from_dense_runs_and_refuses_other_layer_changes(tmp_path, dat
     err = capsys.readouterr().err
     assert "model.layer_pattern: ('dense',) -> ('mot',)" in err
     assert "upcycling may turn the source's dense layers into moe layers" in err
+
+
+def test_a_source_saved_under_another_scan_or_attention_kernel_is_accepted(tmp_path):
+    """How the source's step was compiled (model.scan_unroll, model.attention) need not match:
+    an aux stage or an upcycling from a run saved under the earlier default (1) goes ahead;
+    a real model difference is still refused."""
+    from moma_jax.train.upcycle import load_source
+    from moma_jax.train.workdir import Workdir
+
+    base = registry.get("moma_4t4i_tiny")
+    source = Workdir(tmp_path / "src")
+    source.path.mkdir()
+    source.write_config(apply_overrides(base, ["model.scan_unroll=1", "model.attention=pallas"]))
+    for target in ("moma_4t4i_aux_tiny", "upcycled_moma_4t4i_tiny"):
+        load_source(source, registry.get(target))
+    with pytest.raises(ConfigError, match="model.d_model"):
+        load_source(
+            source, apply_overrides(registry.get("moma_4t4i_aux_tiny"), ["model.d_model=64"])
+        )

@@ -5,7 +5,8 @@ Each timed call resets the cache, prefills a `PROMPT`-token prompt per row (the 
 batch's first tokens) and feeds `NEW` tokens one column at a time (greedy, on the host, as
 `sampling.generate_batch` does), so tokens/s = rows x NEW / (prefill + NEW steps). Models are
 freshly initialised; expert choice and Mixture-of-Depths get jointly built aux routers (causal
-routing needs them; untrained, they decide as random routers would, at the same cost).
+routing needs them). Untrained, they decide as random routers would: the one-token steps cost the
+same whatever they decide (every expert runs its slot); the prefill's cost can depend on them.
 """
 
 from __future__ import annotations

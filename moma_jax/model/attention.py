@@ -84,9 +84,11 @@ FLASH_BLOCK_BACKWARD = 32  # its backward tiles (its default)
 
 
 def flash_fits(length: int) -> bool:
-    """Whether the kernel's tiles divide a length (min(block, L) per tile); other lengths (a
-    Mixture-of-Depths layer's gathered tokens, say) take the XLA path: the same attention."""
-    return all(length % min(b, length) == 0 for b in (FLASH_BLOCK, FLASH_BLOCK_BACKWARD))
+    """Whether the kernel's tiles (min(block, L): Triton needs powers of two of at least 16)
+    divide a length; other lengths (a Mixture-of-Depths layer's gathered tokens, say) take the
+    XLA path: the same attention."""
+    tiles = [min(b, length) for b in (FLASH_BLOCK, FLASH_BLOCK_BACKWARD)]
+    return all(t >= 16 and t & (t - 1) == 0 and length % t == 0 for t in tiles)
 
 
 def flash_attention(

@@ -1,7 +1,8 @@
 """Checks of a config against the machine, before anything is compiled or written: what XLA
 would otherwise answer with an abort or a crash deep in compilation.
 
-- model.attention=pallas (a Triton kernel) off a GPU: refused, naming the fix.
+- model.attention=pallas (a Triton kernel) off a GPU, or over more than one device (the kernel
+  is not partitioned over a mesh): refused, naming the fix.
 - float16 on the CPU backend (XLA's CPU dot kernels do not support it for every op the model
   uses; bfloat16 and float32 work): refused, naming the key and the fix.
 - Memory: the train state alone (parameters, their gradients, the optimizer's moments) is a
@@ -22,6 +23,11 @@ from moma_jax.model.attention import check_backend
 
 def check(cfg: ExperimentConfig) -> None:
     check_backend(cfg.model.attention)
+    if cfg.model.attention == "pallas" and jax.device_count() > 1:
+        raise ConfigError(
+            f"model.attention=pallas runs on one device for now (the kernel is not partitioned "
+            f"over a mesh; this run has {jax.device_count()}): use --set model.attention=xla"
+        )
     check_dtypes(cfg)
     check_memory(cfg)
 

@@ -31,9 +31,14 @@ from moma_jax.train.workdir import Workdir
 # Keys the target may change relative to the source: the expert layout, the router and the
 # schedule; everything else (shapes, data) must match for the copy and the data position to
 # mean the same thing.
-_MAY_DIFFER = ("name", "description", "model.moe.", "model.aux_routers", "optim.", "run.", "mesh.")
+# How the step is compiled (the layer scan, the attention kernel) never has to match.
+_COMPUTE = ("model.scan_unroll", "model.attention")
+_MAY_DIFFER: tuple[str, ...] = (
+    *("name", "description", "model.moe.", "model.aux_routers", "optim.", "run.", "mesh."),
+    *_COMPUTE,
+)
 # An aux-router stage keeps the model exactly (its routers included).
-_MAY_DIFFER_AUX = ("name", "description", "model.aux_routers", "optim.", "run.", "mesh.")
+_MAY_DIFFER_AUX = ("name", "description", "model.aux_routers", "optim.", "run.", "mesh.", *_COMPUTE)
 
 
 # A dense FFN's weights and the expert stacks they seed (the expert axis after the layers').
