@@ -202,6 +202,10 @@ class ExperimentConfig:
 
 # Keys that may differ when a workdir is resumed: they change logging and bookkeeping, never the
 # numbers a step computes. Every other key is part of the run's identity.
+# How the step is compiled, not what it computes (up to float rounding of fusions): the layer
+# scan's unrolling and the attention kernel. A run resumes, and seeds an upcycled run or an
+# aux-router stage, under other values (runs saved with the earlier scan default 1, say).
+COMPILE_KEYS = ("model.scan_unroll", "model.attention")
 RESUME_SAFE_KEYS = frozenset(
     {
         "description",
@@ -218,10 +222,7 @@ RESUME_SAFE_KEYS = frozenset(
         "mesh.fsdp",
         "mesh.expert",
         "mesh.tensor",
-        # Unrolling the layer scan changes how the step is compiled, not what it computes (up
-        # to float rounding of fusions); runs saved with the earlier default 1 resume under 0.
-        "model.scan_unroll",
-        "model.attention",  # the same attention by another kernel
+        *COMPILE_KEYS,
     }
 )
 

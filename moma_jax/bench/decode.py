@@ -29,15 +29,20 @@ PROMPT = 32
 NEW = 16
 
 
-def decode_fn(cfg: ExperimentConfig, tokens_BxL: np.ndarray, rows: int) -> Callable[[], np.ndarray]:
+def vocab_of(cfg: ExperimentConfig) -> data_lib.Vocab:
+    """The vocabulary of the data `cfg` trains on (its manifest)."""
+    manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
+    return data_lib.Vocab.from_dict(manifest["vocab"])
+
+
+def decode_fn(
+    cfg: ExperimentConfig, vocab: data_lib.Vocab, tokens_BxL: np.ndarray, rows: int
+) -> Callable[[], np.ndarray]:
     """One timed generation of NEW tokens after PROMPT for `rows` rows (see the docstring)."""
     model_cfg = cfg.model
     if needs_aux_routers(model_cfg) and model_cfg.aux_routers == "none":
         model_cfg = dataclasses.replace(model_cfg, aux_routers="joint")
     model = Transformer(model_cfg, rngs=nnx.Rngs(0))
-    vocab = data_lib.Vocab.from_dict(
-        data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))["vocab"]
-    )
     decoder = Decoder(model, vocab, PROMPT + NEW, rows)
     prompt = np.resize(tokens_BxL[:, :PROMPT], (rows, PROMPT))
     empty = decoder.cache

@@ -211,8 +211,9 @@ def phase_decode(
     archs: dict[str, ExperimentConfig], batch_np: dict[str, np.ndarray], plan: Plan
 ) -> dict[str, Any]:
     """Phase 3: KV-cached generation per architecture at batch 1 and 8 (`bench/decode.py`)."""
+    vocab = decode.vocab_of(archs[DENSE])  # every architecture trains on the same data
     fns = {
-        f"{name}/b{rows}": decode.decode_fn(cfg, batch_np["tokens"], rows)
+        f"{name}/b{rows}": decode.decode_fn(cfg, vocab, batch_np["tokens"], rows)
         for name, cfg in archs.items()
         for rows in decode.BATCHES
     }

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moma_jax.config import ConfigError, ExperimentConfig
+from moma_jax.config import COMPILE_KEYS, ConfigError, ExperimentConfig
 from moma_jax.overrides import config_diff
 from moma_jax.train.state import is_aux_path
 from moma_jax.train.workdir import Workdir
@@ -31,14 +31,16 @@ from moma_jax.train.workdir import Workdir
 # Keys the target may change relative to the source: the expert layout, the router and the
 # schedule; everything else (shapes, data) must match for the copy and the data position to
 # mean the same thing.
-# How the step is compiled (the layer scan, the attention kernel) never has to match.
-_COMPUTE = ("model.scan_unroll", "model.attention")
+# How the step is compiled (`config.COMPILE_KEYS`) never has to match.
 _MAY_DIFFER: tuple[str, ...] = (
     *("name", "description", "model.moe.", "model.aux_routers", "optim.", "run.", "mesh."),
-    *_COMPUTE,
+    *COMPILE_KEYS,
 )
 # An aux-router stage keeps the model exactly (its routers included).
-_MAY_DIFFER_AUX = ("name", "description", "model.aux_routers", "optim.", "run.", "mesh.", *_COMPUTE)
+_MAY_DIFFER_AUX: tuple[str, ...] = (
+    *("name", "description", "model.aux_routers", "optim.", "run.", "mesh."),
+    *COMPILE_KEYS,
+)
 
 
 # A dense FFN's weights and the expert stacks they seed (the expert axis after the layers').
