@@ -156,13 +156,19 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str
     return {k: median(v) for k, v in samples.items()}
 
 
-def run(shape: Shape) -> dict[str, Any]:
+def run(shape: Shape, first_fractions: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Times every layout and expert-compute path against the dense SwiGLU; each of
+    `first_fractions` adds the slab path at that `model.moe.first_fraction` (named
+    `{layout}/slabs_ff{value}`), the per-backend default to choose by measurement."""
     dense_cfg = model_config(shape, None)
     fns = {"dense": layer_step(dense_cfg, shape)}
     for name, layout in LAYOUTS.items():
         for compute in EXPERT_COMPUTE:
             cfg = model_config(shape, layout, expert_compute=compute)
             fns[f"{name}/{compute}"] = layer_step(cfg, shape)
+        for fraction in first_fractions:
+            cfg = model_config(shape, layout, first_fraction=fraction)
+            fns[f"{name}/slabs_ff{fraction:g}"] = layer_step(cfg, shape)
     fns.update(gemm_pair(shape, 8))
     print(f"[bench_experts] timing {len(fns)} functions", file=sys.stderr, flush=True)
     seconds = time_interleaved(fns, shape.rounds)
