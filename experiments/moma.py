@@ -36,6 +36,23 @@ def moma_4t4i(size: str) -> ExperimentConfig:
     return moma(size, 4, 4)
 
 
+@register_sizes("moma_4t4i_topp", SIZES)
+def moma_4t4i_topp(size: str) -> ExperimentConfig:
+    """moma_4t4i with top-p (dynamic) routing in each modality group (Huang et al. 2024,
+    arXiv 2403.07652) instead of expert choice: a token takes experts in descending softmax
+    prob until their mass reaches 0.4, gate P; dynamic (entropy) loss 1e-4, balance loss 1e-2.
+
+    Per-token and dropless: causal evaluation and generation need no aux routers.
+    Run: python scripts/train.py --exp moma_4t4i_topp_tiny
+    Describe: python scripts/describe.py --exp moma_4t4i_topp_tiny
+    Shows: experts per token per modality (moe/{text,image}/experts_per_token; the ideal FLOPs
+    assume 1, as dense and moma_4t4i; above 1 the run costs more, flops_executed does not
+    count it) and the losses against moma_4t4i_tiny's, teacher-forced and causal alike.
+    """
+    moe = SparseConfig(group_experts=(4, 4), routing="top_p", router_score="softmax")
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("moma_1t1i", SIZES)
 def moma_1t1i(size: str) -> ExperimentConfig:
     """one FFN per modality (modality untying), no routing.

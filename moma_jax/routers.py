@@ -52,6 +52,10 @@ class SparseSettings(Protocol):
     def router_z_loss_weight(self) -> float: ...
     @property
     def ec_router_z_loss_weight(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_p_entropy_weight(self) -> float: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -250,6 +254,51 @@ class BatchPrioritized(TokenChoice):
         return threshold(r, taken_GxNxE & (r.aux_logits_GxNxE > 0), gate_GxNxE, scores_GxNxE)
 
 
+class TopP(Router):
+    """Top-p (dynamic) routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic
+    Routing in MoE Models", arXiv 2403.07652): softmax P over the group's experts; a token
+    takes its experts in descending P until their mass reaches p (`model.moe.top_p`), so one
+    at least and all at most, each with gate P (not renormalised). Every decision is the
+    token's own and nothing is dropped (N slots per expert), so it routes causally as it
+    trains: no aux router. Losses: the dynamic loss, `top_p_entropy_weight` x the mean entropy
+    of P (fewer experts per token as it falls), and the balance loss, `lb_loss_weight` x
+    E sum_e f_e P_e (f_e: the share of the group's tokens taking e; P_e: its mean prob).
+    FLOPs: `model.moe.capacity` is the experts per token the ideal count assumes; the measured
+    mean is logged (`moe/{group}/experts_per_token`)."""
+
+    name = "top_p"
+
+    def slots(self, moe: SparseSettings, group: int) -> int:
+        return moe.routing_group_tokens
+
+    def experts_per_token(self, moe: SparseSettings, group: int) -> float:
+        return moe.capacity
+
+    def route(self, r: GroupRouting) -> Routed:
+        import jax
+        import jax.numpy as jnp
+
+        from moma_jax.model import routing
+
+        moe = r.moe
+        probs_GxNxE = jax.nn.softmax(r.logits_GxNxE.astype(jnp.float32), axis=-1)
+        taken_GxNxE = jax.vmap(lambda p: routing.top_p_taken(p, moe.top_p))(probs_GxNxE)
+        routed = threshold(r, taken_GxNxE, probs_GxNxE, probs_GxNxE)
+        elig_GxNx1 = r.eligible_GxN[..., None].astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(elig_GxNx1), 1.0)
+        log_p = jnp.log(jnp.maximum(probs_GxNxE, jnp.finfo(jnp.float32).tiny))
+        entropy = -jnp.sum(probs_GxNxE * log_p * elig_GxNx1) / count
+        frac_E = jnp.sum(taken_GxNxE * elig_GxNx1, axis=(0, 1)) / count
+        mean_prob_E = jnp.sum(probs_GxNxE * elig_GxNx1, axis=(0, 1)) / count
+        losses = {
+            "entropy_loss": moe.top_p_entropy_weight * entropy,
+            "lb_loss": moe.lb_loss_weight * routing.switch_load_balance_loss(frac_E, mean_prob_E),
+        }
+        return routed._replace(losses=losses)
+
+    route_causal = route
+
+
 class TakeAll(Router):
     """A one-expert group (pure modality untying): no router, every eligible token, gate 1,
     N slots; the same both ways."""
@@ -309,3 +358,4 @@ def router_for(moe: SparseSettings, group: int) -> Router:
 register_router(ExpertChoice())
 register_router(TokenChoice())
 register_router(BatchPrioritized())
+register_router(TopP())

@@ -33,13 +33,16 @@ class SparseConfig:
 
     group_experts: tuple[int, ...] = (4, 4)  # experts in each group
     modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
-    # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr.
+    # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr | top_p.
     routing: str = "expert_choice"
     router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
     # Expert choice: average experts per token c; each expert of group M takes
-    # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor.
+    # k_e = floor(b_M * c / E_M) tokens. Token choice: the capacity factor. Top-p: the experts
+    # per token the ideal FLOPs assume (the measured mean is logged).
     capacity: float = 1.0
     top_k: int = 1  # token choice: experts per token (Switch 1, GShard 2)
+    top_p: float = 0.4  # top-p routing: a token's experts reach this softmax mass (paper: 0.4)
+    top_p_entropy_weight: float = 1e-4  # top-p routing's dynamic (entropy) loss (paper: 1e-4)
     # Expert compute (model/grouped.py): the first `first_fraction` of the k_e a routing group
     # with the configured modality shares gives always runs, in one batched call; the rest in
     # slabs of tile_rows rows shared by a group's experts, only as many as the batch needs.
@@ -214,6 +217,11 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
     routers.get_router(moe.routing)  # ConfigError with the close matches
     require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
+    require(0 < moe.top_p <= 1, f"model.moe.top_p must be in (0, 1], got {moe.top_p}")
+    require(
+        moe.top_p_entropy_weight >= 0,
+        f"model.moe.top_p_entropy_weight must be >= 0, got {moe.top_p_entropy_weight}",
+    )
     require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     require(
         0 <= moe.first_fraction <= 1,

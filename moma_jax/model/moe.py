@@ -203,6 +203,8 @@ def _metrics(scores_GxNxE, eligible_GxN, count_G, dispatch, stats) -> dict[str, 
         / jnp.maximum(jnp.sum(taken_GxE) + jnp.sum(stats["dropped"]), 1.0),
         "wasted_frac": jnp.sum(stats["wasted"]) / slots,
         "untaken_frac": jnp.sum((token_hit_GxN == 0) * elig) / n_elig,
+        "experts_per_token": jnp.sum(token_hit_GxN * elig) / n_elig,
+        "multi_expert_frac": jnp.sum((token_hit_GxN > 1) * elig) / n_elig,
         "tokens_share": jnp.sum(elig) / n_tok,
     }
     out.update({f"load_{e}": load_E[e] for e in range(load_E.shape[0])})

@@ -262,3 +262,17 @@ def top_k_taken(probs_NxE: jax.Array, top_k: int, renormalize: bool) -> tuple[ja
     one_hot_NxKxE = jax.nn.one_hot(expert_NxK, n_experts, dtype=jnp.float32)
     gate_NxE = jnp.sum(one_hot_NxKxE * top_prob_NxK[..., None], axis=1)
     return jnp.sum(one_hot_NxKxE, axis=1) > 0, gate_NxE
+
+
+def top_p_taken(probs_NxE: jax.Array, threshold: float) -> jax.Array:
+    """Top-p (dynamic) routing's choice, [N, E] bool: each token's experts in descending prob
+    (ties to the lower expert index) until their mass reaches `threshold`; the expert at rank j
+    is taken iff the mass of the experts ranked before it is below the threshold, so a token
+    always takes its top expert and at most all of them."""
+    n_tokens, n_experts = probs_NxE.shape
+    sorted_NxE, expert_NxE = jax.lax.top_k(probs_NxE.astype(jnp.float32), n_experts)
+    before_NxE = jnp.cumsum(sorted_NxE, axis=-1) - sorted_NxE  # mass ranked strictly before
+    before_NxE = before_NxE.at[:, 0].set(0.0)
+    take_NxE = before_NxE < threshold
+    rows_NxE = jnp.broadcast_to(jnp.arange(n_tokens)[:, None], (n_tokens, n_experts))
+    return jnp.zeros((n_tokens, n_experts), bool).at[rows_NxE, expert_NxE].set(take_NxE)

@@ -1,0 +1,192 @@
+"""Top-p (dynamic) routing inside modality groups (`routers.TopP`, Huang et al. 2024, arXiv
+2403.07652) against NumPy written from the paper's equations: the selection (experts in
+descending softmax prob until their mass reaches p), the layer's output and gradient (a loop
+over experts with gates P on the selected ones), the dynamic and balance losses; per-token
+routing needs no aux router and no token changes an earlier one's output."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moma_jax import registry
+from moma_jax.config import ConfigError, ModelConfig, SparseConfig, validate
+from moma_jax.model.context import Context
+from moma_jax.model.kinds import train_flops_per_token
+from moma_jax.model.moe import SparseFFN
+from moma_jax.model.routing import top_p_taken
+from moma_jax.overrides import apply_overrides
+from moma_jax.runtime import resolve_shares
+
+SHARES = (0.75, 0.25)
+W = ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")
+
+
+def np_top_p(probs, p):
+    """[N, E] bool: per token, experts sorted by descending prob (ties: lower index first)
+    are added while the mass already taken is below p."""
+    taken = np.zeros(probs.shape, bool)
+    for t, row in enumerate(probs):
+        mass = 0.0
+        for e in sorted(range(len(row)), key=lambda e: (-row[e], e)):
+            if mass >= p:
+                break
+            taken[t, e] = True
+            mass += row[e]
+    return taken
+
+
+def np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.4, 0.7, 1.0])
+def test_selection_matches_numpy(p):
+    rng = np.random.default_rng(0)
+    probs = np_softmax(rng.normal(size=(200, 6)) * 2).astype(np.float32)
+    got = np.asarray(jax.jit(top_p_taken, static_argnums=1)(probs, p))
+    np.testing.assert_array_equal(got, np_top_p(probs.astype(np.float64), p))
+    assert got.sum(1).min() >= 1  # every token takes its top expert
+    if p == 1.0:
+        assert got.sum(1).mean() > 5  # (float mass may reach 1 a hair early)
+
+
+def model_cfg(**moe) -> ModelConfig:
+    moe = {"tile_rows": 8, "routing": "top_p", "router_score": "softmax", **moe}
+    sparse = SparseConfig(routing_group_tokens=32, modality_shares=SHARES, **moe)
+    return ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, moe=sparse)
+
+
+def inputs(seed=0, groups=2, n=32, image_share=0.3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(groups, n, 16)).astype(np.float32)
+    modality = (rng.random((groups, n)) < image_share).astype(np.int32)
+    segment = np.ones((groups, n), np.int32)
+    segment[:, -3:] = 0
+    return x, modality, segment
+
+
+def oracle(layer, cfg, x, modality, segment, concrete=None):
+    """Every expert runs densely on every token; NumPy's top-p selection (from `concrete`'s
+    router) times the traced softmax P weights its output; one-expert groups take all."""
+    moe, concrete = cfg.moe, concrete or layer
+    outs = []
+    for xg, mg, sg in zip(x, modality, segment, strict=True):
+        y = jnp.zeros_like(xg)
+        for g, experts in enumerate(moe.group_experts):
+            grp, fixed = getattr(layer, f"group_{g}"), getattr(concrete, f"group_{g}")
+            mods = [m for m, gg in enumerate(moe.modality_group) if gg == g]
+            eligible = np.isin(mg, mods) & (sg > 0)
+            if experts == 1:
+                gates = jnp.asarray(eligible[:, None], jnp.float32)
+            else:
+                probs = np_softmax(np.asarray(xg, np.float64) @ np.asarray(fixed.router_DxE[...]))
+                selected = np_top_p(probs, moe.top_p) & eligible[:, None]
+                gates = jax.nn.softmax(xg @ grp.router_DxE[...], axis=-1) * selected
+            for e in range(experts):
+                wg, wu, wd = (getattr(grp, n)[...][e] for n in W)
+                y = y + gates[:, e : e + 1] * ((jax.nn.silu(xg @ wg) * (xg @ wu)) @ wd)
+        outs.append(y)
+    return jnp.stack(outs)
+
+
+def run_layer(layer, x, modality, segment, causal=False):
+    segment = jnp.asarray(segment)
+    ctx = Context(segment, segment, jnp.asarray(modality), causal=causal)
+    return layer(jnp.asarray(x), ctx)
+
+
+@pytest.mark.parametrize(
+    "moe, image_share",
+    [
+        (dict(group_experts=(4, 4)), 0.3),
+        (dict(group_experts=(8,), modality_group=(0, 0)), 0.3),
+        (dict(group_experts=(4, 1), top_p=0.7), 0.3),
+        (dict(group_experts=(4, 4)), 0.9),  # image-heavy
+        (dict(group_experts=(4, 4)), 1.0),  # only image tokens
+        (dict(group_experts=(4, 4)), 0.0),  # only text tokens
+    ],
+)
+def test_layer_matches_the_loop_over_experts(moe, image_share):
+    cfg = model_cfg(**moe)
+    layer = SparseFFN(cfg, rngs=nnx.Rngs(0))
+    x, modality, segment = inputs(image_share=image_share)
+    got = jax.jit(lambda x: run_layer(layer, x, modality, segment)[0])(x)
+    want = oracle(layer, cfg, x, modality, segment)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_matches_the_loop_over_experts():
+    cfg = model_cfg(group_experts=(4, 4))
+    layer = SparseFFN(cfg, rngs=nnx.Rngs(1))
+    x, modality, segment = inputs(seed=1)
+    graphdef, params = nnx.split(layer)
+
+    def loss(fn, p):
+        return jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p))))
+
+    got = jax.jit(jax.grad(lambda p: loss(lambda m: run_layer(m, x, modality, segment)[0], p)))(
+        params
+    )
+    want = jax.grad(lambda p: loss(lambda m: oracle(m, cfg, x, modality, segment, layer), p))(
+        params
+    )
+    # The router reaches the loss only through the gates P: its gradient is checked too.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5), got, want)
+
+
+def test_losses_and_experts_per_token_match_numpy():
+    cfg = model_cfg(group_experts=(4, 4), lb_loss_weight=0.5, top_p_entropy_weight=0.25)
+    layer = SparseFFN(cfg, rngs=nnx.Rngs(2))
+    x, modality, segment = inputs(seed=2)
+    aux = jax.jit(lambda x: run_layer(layer, x, modality, segment)[1])(x)
+    for g, name in enumerate(("text", "image")):
+        router = np.asarray(getattr(layer, f"group_{g}").router_DxE[...], np.float64)
+        probs = np_softmax(x.astype(np.float64) @ router).reshape(-1, 4)
+        eligible = ((modality == g) & (segment > 0)).reshape(-1)
+        taken = np_top_p(probs, 0.4)[eligible]
+        p = probs[eligible]
+        entropy = -(p * np.log(p)).sum(-1).mean()
+        balance = 4 * (taken.mean(0) * p.mean(0)).sum()
+        losses = aux["losses"]
+        np.testing.assert_allclose(losses[f"moe/{name}/entropy_loss"], 0.25 * entropy, rtol=1e-5)
+        np.testing.assert_allclose(losses[f"moe/{name}/lb_loss"], 0.5 * balance, rtol=1e-5)
+        metrics = aux["metrics"]
+        np.testing.assert_allclose(metrics[f"moe/{name}/experts_per_token"], taken.sum(1).mean())
+        multi = (taken.sum(1) > 1).mean()
+        np.testing.assert_allclose(metrics[f"moe/{name}/multi_expert_frac"], multi, rtol=1e-6)
+
+
+def test_routes_causally_as_it_trains_and_no_token_moves_an_earlier_one():
+    cfg = model_cfg(group_experts=(4, 4))
+    layer = SparseFFN(cfg, rngs=nnx.Rngs(3))
+    x, modality, segment = inputs(seed=3)
+    forward = jax.jit(lambda x, causal: run_layer(layer, x, modality, segment, causal)[0],
+                      static_argnums=1)  # fmt: skip
+    teacher, causal = forward(x, False), forward(x, True)
+    np.testing.assert_allclose(causal, teacher, rtol=1e-6, atol=1e-6)
+    later = x.copy()
+    later[:, 20:] = np.random.default_rng(9).normal(size=later[:, 20:].shape)
+    np.testing.assert_array_equal(forward(later, False)[:, :20], teacher[:, :20])
+    assert not cfg.moe.needs_aux_routers
+
+
+def test_the_experiment_is_flop_matched_and_needs_no_aux_stage():
+    cfg = resolve_shares(registry.get("moma_4t4i_topp_tiny"))
+    dense = resolve_shares(registry.get("dense_tiny"))
+    ratio = train_flops_per_token(cfg.model, 256) / train_flops_per_token(dense.model, 256)
+    assert abs(ratio - 1) < 0.05, ratio
+    assert cfg.model.moe.routing == "top_p" and not cfg.model.moe.needs_aux_routers
+    assert not [n for n in registry.names() if n.startswith("moma_4t4i_topp_") and "aux" in n]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_bad_thresholds_fail_at_config_time(value):
+    cfg = registry.get("moma_4t4i_topp_tiny")
+    with pytest.raises(ConfigError, match="top_p"):
+        validate(apply_overrides(cfg, [f"model.moe.top_p={value}"]))
+    assert dataclasses.is_dataclass(cfg)
