@@ -53,6 +53,29 @@ def moma_4t4i_topp(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", moe)
 
 
+@register_sizes("moma_4t4i_null", SIZES)
+def moma_4t4i_null(size: str) -> ExperimentConfig:
+    """moma_4t4i with AdaMoE's null experts in each modality group (Zeng et al. 2024, arXiv
+    2406.13233) instead of expert choice: token choice top-2 over 4 experts and 4 null experts
+    (zero output, no FLOPs), the real experts' gates renormalised, the Switch balance loss
+    (0.01) over all 8, so a token uses 0, 1 or 2 experts and 2 x 4 / 8 = 1 on average.
+
+    Per-token and dropless: causal evaluation and generation need no aux routers.
+    Run: python scripts/train.py --exp moma_4t4i_null_tiny
+    Shows: experts per token per modality (moe/{text,image}/experts_per_token, 1 at balance;
+    untaken_frac = tokens that chose only null experts) and the losses against
+    moma_4t4i_tiny's and moma_4t4i_topp_tiny's.
+    """
+    moe = SparseConfig(
+        group_experts=(4, 4),
+        routing="token_choice_null",
+        router_score="softmax",
+        top_k=2,
+        null_experts=4,
+    )
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("moma_1t1i", SIZES)
 def moma_1t1i(size: str) -> ExperimentConfig:
     """one FFN per modality (modality untying), no routing.

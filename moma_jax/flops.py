@@ -47,8 +47,9 @@ def sparse_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[
     moe, d = cfg.moe, cfg.d_model
     ffn, attn = ffn_flops_per_token(cfg), attention_flops_per_token(cfg, seq_len, attention)
     ideal = executed = attn
-    for g, experts in enumerate(moe.group_experts):
-        router = 2 * d * experts if moe.router(g).has_router else 0.0
+    for g in range(moe.n_groups):
+        row = moe.router(g)
+        router = 2 * d * row.router_columns(moe, g) if row.has_router else 0.0
         ideal += moe.group_share(g) * (router + moe.experts_per_token(g) * ffn)
         executed += router  # every group's router scores every token of the routing group
     executed += moe.executed_rows / moe.routing_group_tokens * ffn

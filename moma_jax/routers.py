@@ -56,6 +56,8 @@ class SparseSettings(Protocol):
     def top_p(self) -> float: ...
     @property
     def top_p_entropy_weight(self) -> float: ...
+    @property
+    def null_experts(self) -> int: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -88,6 +90,11 @@ class Router(abc.ABC):
     name: str = ""
     has_router: bool = True  # a learned D x E router (`router_DxE`, 2 D E FLOPs per token)
     needs_aux_router: bool = False  # ranks whole routing groups: causal routing needs one
+
+    def router_columns(self, moe: SparseSettings, group: int) -> int:
+        """Columns of the learned router (its logits): one per expert unless a row adds its
+        own (null experts)."""
+        return moe.group_experts[group]
 
     @abc.abstractmethod
     def slots(self, moe: SparseSettings, group: int) -> int:
@@ -299,6 +306,54 @@ class TopP(Router):
     route_causal = route
 
 
+class NullExperts(Router):
+    """AdaMoE (Zeng et al. 2024, arXiv 2406.13233): token choice top-k over the group's E
+    experts and `model.moe.null_experts` n null experts, which output zero at no cost, so a
+    token uses between 0 and k real experts. Softmax over all E + n logits; the gates of the
+    real experts a token chose are renormalised over them (a token that chose only null
+    experts keeps the residual). Balance: the Switch loss over all E + n experts,
+    (E + n) sum_e f_e P_e with f_e summed over the k choices, so the null experts' share is
+    held near n / (E + n) and a token uses k E / (E + n) real experts on average: the ideal
+    FLOPs count. Dropless and per token (N slots per expert): causal as it trains."""
+
+    name = "token_choice_null"
+
+    def router_columns(self, moe: SparseSettings, group: int) -> int:
+        return moe.group_experts[group] + moe.null_experts
+
+    def slots(self, moe: SparseSettings, group: int) -> int:
+        return moe.routing_group_tokens
+
+    def experts_per_token(self, moe: SparseSettings, group: int) -> float:
+        experts = moe.group_experts[group]
+        return moe.top_k * experts / (experts + moe.null_experts)
+
+    def route(self, r: GroupRouting) -> Routed:
+        import jax
+        import jax.numpy as jnp
+
+        from moma_jax.model import routing
+
+        moe = r.moe
+        columns = r.logits_GxNxE.shape[-1]
+        experts = columns - moe.null_experts
+        probs_GxNxC = jax.nn.softmax(r.logits_GxNxE.astype(jnp.float32), axis=-1)
+        chosen_GxNxC, _ = jax.vmap(lambda p: routing.top_k_taken(p, moe.top_k, False))(probs_GxNxC)
+        real_GxNxE = chosen_GxNxC[..., :experts]
+        weight_GxNxE = jnp.where(real_GxNxE, probs_GxNxC[..., :experts], 0.0)
+        total_GxNx1 = jnp.sum(weight_GxNxE, axis=-1, keepdims=True)
+        gate_GxNxE = weight_GxNxE / jnp.where(total_GxNx1 > 0, total_GxNx1, 1.0)
+        routed = threshold(r, real_GxNxE, gate_GxNxE, probs_GxNxC[..., :experts])
+        elig_GxNx1 = r.eligible_GxN[..., None].astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(elig_GxNx1), 1.0)
+        frac_C = jnp.sum(chosen_GxNxC * elig_GxNx1, axis=(0, 1)) / count
+        mean_prob_C = jnp.sum(probs_GxNxC * elig_GxNx1, axis=(0, 1)) / count
+        lb = routing.switch_load_balance_loss(frac_C, mean_prob_C)
+        return routed._replace(losses={"lb_loss": moe.lb_loss_weight * lb})
+
+    route_causal = route
+
+
 class TakeAll(Router):
     """A one-expert group (pure modality untying): no router, every eligible token, gate 1,
     N slots; the same both ways."""
@@ -359,3 +414,4 @@ register_router(ExpertChoice())
 register_router(TokenChoice())
 register_router(BatchPrioritized())
 register_router(TopP())
+register_router(NullExperts())

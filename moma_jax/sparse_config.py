@@ -33,7 +33,8 @@ class SparseConfig:
 
     group_experts: tuple[int, ...] = (4, 4)  # experts in each group
     modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
-    # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr | top_p.
+    # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr | top_p |
+    # token_choice_null.
     routing: str = "expert_choice"
     router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
     # Expert choice: average experts per token c; each expert of group M takes
@@ -41,6 +42,7 @@ class SparseConfig:
     # per token the ideal FLOPs assume (the measured mean is logged).
     capacity: float = 1.0
     top_k: int = 1  # token choice: experts per token (Switch 1, GShard 2)
+    null_experts: int = 0  # token_choice_null: zero-cost null experts beside each routed group
     top_p: float = 0.4  # top-p routing: a token's experts reach this softmax mass (paper: 0.4)
     top_p_entropy_weight: float = 1e-4  # top-p routing's dynamic (entropy) loss (paper: 1e-4)
     # Expert compute (model/grouped.py): the first `first_fraction` of the k_e a routing group
@@ -217,6 +219,8 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
     routers.get_router(moe.routing)  # ConfigError with the close matches
     require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
+    require(moe.null_experts >= 0, f"model.moe.null_experts must be >= 0, got {moe.null_experts}")
+    top_k_limit = min(moe.router(g).router_columns(moe, g) for g in range(n_groups))
     require(0 < moe.top_p <= 1, f"model.moe.top_p must be in (0, 1], got {moe.top_p}")
     require(
         moe.top_p_entropy_weight >= 0,
@@ -234,8 +238,9 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     ):
         require(value in choices, f"model.moe.{key}={value!r}: use {' or '.join(choices)}")
     require(
-        1 <= moe.top_k <= min(moe.group_experts),
-        f"model.moe.top_k={moe.top_k} must be in 1..{min(moe.group_experts)} (experts per group)",
+        1 <= moe.top_k <= top_k_limit,
+        f"model.moe.top_k={moe.top_k} must be in 1..{top_k_limit} (the router's columns in "
+        "the smallest group: its experts, and null experts where the routing has them)",
     )
     n = moe.routing_group_tokens
     require(

@@ -55,7 +55,9 @@ class ExpertGroup(nnx.Module):
         row, n_experts = cfg.moe.router(g), cfg.moe.group_experts[g]
         self.n_experts = n_experts
         self.router_DxE = (
-            param(rngs, (d, n_experts), ("embed", None), std, dt) if row.has_router else None
+            param(rngs, (d, row.router_columns(cfg.moe, g)), ("embed", None), std, dt)
+            if row.has_router
+            else None
         )
         self.w_gate_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_up_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
