@@ -40,6 +40,23 @@ def moe_8x(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", MIXED)
 
 
+@register_sizes("moe_8x_limoe", SIZES, stages=AUX_STAGES)
+def moe_8x_limoe(size: str) -> ExperimentConfig:
+    """moe_8x with LIMoE's per-modality entropy losses on its mixed-modal router (Mustafa et
+    al. 2022, arXiv 2206.02770): local (each token's routing entropy, per modality) 0.01 and
+    global (each modality's marginal routing entropy kept above ln 4 nats) 0.01. The weights
+    and threshold are our choice for 8 experts, not the paper's tuned values.
+
+    Run: python scripts/train.py --exp moe_8x_limoe_tiny
+    Shows: against moe_8x_tiny, whether the losses keep image tokens (23% of the mix) from
+    crowding onto few experts (moe/text+image/load_*, the limoe_* losses in metrics.jsonl).
+    """
+    moe = dataclasses.replace(
+        MIXED, limoe_local_weight=0.01, limoe_global_weight=0.01, limoe_global_threshold=1.386
+    )
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("switch_8x", SIZES)
 def switch_8x(size: str) -> ExperimentConfig:
     """8 mixed experts, token-choice top-1 (Switch), capacity factor 1.25.

@@ -71,6 +71,12 @@ class SparseConfig:
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss (token choice)
     # The same z-loss on expert-choice routers: opt-in (0 = off; the MoMa paper uses none).
     ec_router_z_loss_weight: float = 0.0
+    # LIMoE's per-modality entropy losses on any learned router (`routing.limoe_entropy_losses`;
+    # opt-in, 0 = off): local (each token's routing entropy, per modality) and global (the
+    # modality's marginal routing entropy held above `limoe_global_threshold` nats).
+    limoe_local_weight: float = 0.0
+    limoe_global_weight: float = 0.0
+    limoe_global_threshold: float = 0.0
 
     # The expert-group arithmetic, in one place: used by the layer, flops and describe.
 
@@ -219,6 +225,8 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(not unused, f"expert groups {unused} receive no modality (model.moe.modality_group)")
     routers.get_router(moe.routing)  # ConfigError with the close matches
     require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
+    for key in ("limoe_local_weight", "limoe_global_weight", "limoe_global_threshold"):
+        require(getattr(moe, key) >= 0, f"model.moe.{key} must be >= 0, got {getattr(moe, key)}")
     require(moe.null_experts >= 0, f"model.moe.null_experts must be >= 0, got {moe.null_experts}")
     top_k_limit = min(moe.router(g).router_columns(moe, g) for g in range(n_groups))
     require(0 < moe.top_p <= 1, f"model.moe.top_p must be in (0, 1], got {moe.top_p}")

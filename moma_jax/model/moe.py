@@ -148,6 +148,16 @@ class SparseFFN(nnx.Module):
         else:
             routed = row.route(r)
         losses = dict(routed.losses)
+        if (
+            logits_GxNxE is not None
+            and not causal
+            and (moe.limoe_local_weight > 0 or moe.limoe_global_weight > 0)
+        ):
+            local, global_ = routing.limoe_entropy_losses(
+                logits_GxNxE, modality_GxN, eligible_GxN, modalities, moe.limoe_global_threshold
+            )
+            losses["limoe_local"] = moe.limoe_local_weight * local
+            losses["limoe_global"] = moe.limoe_global_weight * global_
         metrics = _metrics(
             routed.scores_GxNxE, eligible_GxN, count_G, routed.dispatch, routed.stats
         )

@@ -239,6 +239,36 @@ def router_z_loss(logits_NxE: jax.Array, eligible_N: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(log_z_N) * eligible) / jnp.maximum(jnp.sum(eligible), 1.0)
 
 
+def limoe_entropy_losses(
+    logits_GxNxE: jax.Array,
+    modality_GxN: jax.Array,
+    eligible_GxN: jax.Array,
+    modalities: tuple[int, ...],
+    threshold: float,
+) -> tuple[jax.Array, jax.Array]:
+    """LIMoE's per-modality entropy losses (Mustafa et al. 2022, arXiv 2206.02770), summed over
+    the group's modalities m, with p_t = softmax of token t's router logits over the group's
+    experts and G_m the eligible tokens of m in every routing group of the call:
+
+    local  = sum_m mean_{t in G_m} H(p_t)          (low: each token sure of its experts)
+    global = sum_m max(0, threshold - H(mean_{t in G_m} p_t))   (the marginal spread out)
+
+    A modality without tokens adds 0 to both."""
+    log_p = jax.nn.log_softmax(logits_GxNxE.astype(jnp.float32), axis=-1)
+    p = jnp.exp(log_p)
+    entropy_GxN = -jnp.sum(p * log_p, axis=-1)
+    local, global_ = jnp.zeros(()), jnp.zeros(())
+    for m in modalities:
+        in_m = (eligible_GxN & (modality_GxN == m)).astype(jnp.float32)
+        count = jnp.sum(in_m)
+        safe = jnp.maximum(count, 1.0)
+        local = local + jnp.sum(entropy_GxN * in_m) / safe
+        marginal_E = jnp.sum(p * in_m[..., None], axis=(0, 1)) / safe
+        h = -jnp.sum(marginal_E * jnp.log(jnp.maximum(marginal_E, jnp.finfo(jnp.float32).tiny)))
+        global_ = global_ + jnp.where(count > 0, jnp.maximum(0.0, threshold - h), 0.0)
+    return local, global_
+
+
 # --- Causal routing (aux routers; model/aux_router.py) ------------------------------------------
 
 
