@@ -76,6 +76,37 @@ def moma_4t4i_null(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", moe)
 
 
+@register_sizes("moma_fine4", SIZES, stages=AUX_STAGES)
+def moma_fine4(size: str) -> ExperimentConfig:
+    """moma_4t4i at granularity 4 (DeepSeekMoE's fine-grained experts, arXiv 2401.06066, inside
+    MoMa's modality groups): 16 text + 16 image experts of a quarter of the FFN's hidden size,
+    expert choice at capacity 4 (each token gets 4 quarter-experts on average: the dense FFN's
+    FLOPs), no shared expert.
+
+    Run: python scripts/train.py --exp moma_fine4_tiny
+    Describe: python scripts/describe.py --exp moma_fine4_tiny
+    Shows: against moma_4t4i_tiny (granularity 1) at equal ideal FLOPs, what finer experts do
+    per modality (the granularity_tiny comparison).
+    """
+    moe = SparseConfig(group_experts=(16, 16), granularity=4, capacity=4.0)
+    return sparse_variant(dense(size), "moe", moe)
+
+
+@register_sizes("moma_4t4i_shared", SIZES, stages=AUX_STAGES)
+def moma_4t4i_shared(size: str) -> ExperimentConfig:
+    """DeepSeekMoE inside each modality group (arXiv 2401.06066): granularity 4, one shared
+    expert (always on for the group's tokens) and 15 routed fine-grained experts per group by
+    expert choice at capacity 3, so a token uses 1 + 3 quarter-experts: the dense FFN's FLOPs.
+
+    Run: python scripts/train.py --exp moma_4t4i_shared_tiny
+    Describe: python scripts/describe.py --exp moma_4t4i_shared_tiny
+    Shows: against moma_fine4_tiny (no shared expert) and moma_4t4i_tiny, what an always-on
+    expert per modality adds at equal ideal FLOPs.
+    """
+    moe = SparseConfig(group_experts=(15, 15), granularity=4, shared_experts=1, capacity=3.0)
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("moma_1t1i", SIZES)
 def moma_1t1i(size: str) -> ExperimentConfig:
     """one FFN per modality (modality untying), no routing.

@@ -57,6 +57,29 @@ def moe_8x_limoe(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", moe)
 
 
+@register_sizes("deepseek_8x", SIZES)
+def deepseek_8x(size: str) -> ExperimentConfig:
+    """DeepSeekMoE's token-choice form, mixed-modal as in the paper (arXiv 2401.06066): moe_8x's
+    8 experts at granularity 4 = 32 quarter-experts, 1 shared, 31 routed, each token its top 3
+    routed (4 x 1 - 1), softmax gates not renormalised, capacity factor 1.25 (drops counted),
+    the Switch balance loss (0.01, on first choices: not DeepSeekMoE's count over all
+    choices) and z-loss.
+
+    Run: python scripts/train.py --exp deepseek_8x_tiny
+    Shows: against switch_8x_tiny and moe_8x_tiny at equal ideal FLOPs, fine-grained experts
+    with a shared one under token choice; dropped_frac in metrics.jsonl.
+    """
+    moe = dataclasses.replace(
+        TOKEN_CHOICE,
+        group_experts=(31,),
+        granularity=4,
+        shared_experts=1,
+        top_k=3,
+        top_k_renormalize=False,
+    )
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("switch_8x", SIZES)
 def switch_8x(size: str) -> ExperimentConfig:
     """8 mixed experts, token-choice top-1 (Switch), capacity factor 1.25.

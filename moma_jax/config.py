@@ -129,6 +129,26 @@ def mod_inner_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, moe=moe)
 
 
+def moe_routed_config(cfg: ModelConfig) -> ModelConfig:
+    """The config the routed experts are built from: the FFN hidden size divided by
+    `model.moe.granularity` (DeepSeekMoE's fine-grained experts; itself at granularity 1)."""
+    if cfg.moe.granularity == 1:
+        return cfg
+    return dataclasses.replace(cfg, ffn_hidden=cfg.moe.expert_hidden(cfg.resolved_ffn_hidden))
+
+
+def moe_shared_config(cfg: ModelConfig) -> ModelConfig:
+    """The config of a sparse layer's shared experts (`model.moe.shared_experts` > 0): one
+    always-on expert per expert group, over the same modalities (the take-all row), of hidden
+    shared_experts x the fine-grained hidden (DeepSeekMoE's K_s shared experts, fused)."""
+    moe = cfg.moe
+    shared = dataclasses.replace(
+        moe, group_experts=(1,) * moe.n_groups, shared_experts=0, granularity=1
+    )
+    hidden = moe.shared_experts * moe.expert_hidden(cfg.resolved_ffn_hidden)
+    return dataclasses.replace(cfg, ffn_hidden=hidden, moe=shared)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where documents come from and how they are packed into batches."""

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from moma_jax.config import ModelConfig, mod_inner_config
+from moma_jax.config import ModelConfig, mod_inner_config, moe_routed_config, moe_shared_config
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
@@ -45,7 +45,8 @@ def sparse_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[
     """Needs `model.moe.modality_shares` (ConfigError when unset): the ideal count weights each
     group by its token share, and the executed count is what the layer's buffers hold."""
     moe, d = cfg.moe, cfg.d_model
-    ffn, attn = ffn_flops_per_token(cfg), attention_flops_per_token(cfg, seq_len, attention)
+    attn = attention_flops_per_token(cfg, seq_len, attention)
+    ffn = ffn_flops_per_token(moe_routed_config(cfg))  # one (fine-grained) routed expert
     ideal = executed = attn
     for g in range(moe.n_groups):
         row = moe.router(g)
@@ -53,6 +54,9 @@ def sparse_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[
         ideal += moe.group_share(g) * (router + moe.experts_per_token(g) * ffn)
         executed += router  # every group's router scores every token of the routing group
     executed += moe.executed_rows / moe.routing_group_tokens * ffn
+    if moe.shared_experts:  # always-on experts: their own take-all layer, attention once
+        shared = sparse_layer_flops(moe_shared_config(cfg), seq_len, attention)
+        ideal, executed = ideal + shared[0] - attn, executed + shared[1] - attn
     return ideal, executed
 
 
@@ -129,7 +133,10 @@ def active_params(cfg: ModelConfig, state: nnx.State) -> float:
         metadata = var.get_metadata()
         axes = metadata.get("out_sharding") or ()
         group = metadata.get("expert_group")  # set by the sparse FFN's expert groups
-        if "modality" in axes:
+        shared = metadata.get("shared_group")  # a group's shared (always-on) experts
+        if shared is not None:
+            total += size * cfg.moe.group_share(shared)
+        elif "modality" in axes:
             total += size / var.shape[axes.index("modality")]
         elif group is not None and "expert" in axes:
             experts = var.shape[axes.index("expert")]
@@ -142,7 +149,7 @@ def active_params(cfg: ModelConfig, state: nnx.State) -> float:
     return total
 
 
-def paper_params(cfg: ModelConfig, experts: int = 1) -> float:
+def paper_params(cfg: ModelConfig, experts: float = 1) -> float:
     """MoMa Table 1's formula: 2Vd + l(4d^2 + E * 8d^2)."""
     d = cfg.d_model
     return 2 * cfg.vocab_size * d + cfg.n_layers * (4 * d * d + experts * 8 * d * d)

@@ -58,6 +58,8 @@ class SparseSettings(Protocol):
     def top_p_entropy_weight(self) -> float: ...
     @property
     def null_experts(self) -> int: ...
+    @property
+    def top_k_renormalize(self) -> bool: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -111,6 +113,12 @@ class Router(abc.ABC):
     @abc.abstractmethod
     def route_causal(self, r: GroupRouting) -> Routed:
         """Causal: every token decides alone (r.slots = N, nothing dropped)."""
+
+
+def renormalize(moe: SparseSettings) -> bool:
+    """Token choice's gates: the top-k probs over their sum (GShard) where k > 1 and
+    `model.moe.top_k_renormalize`, else the softmax probs as they are (Switch, DeepSeekMoE)."""
+    return moe.top_k > 1 and moe.top_k_renormalize
 
 
 def threshold(r: GroupRouting, taken_GxNxE: Any, gate_GxNxE: Any, scores_GxNxE: Any) -> Routed:
@@ -205,7 +213,7 @@ class TokenChoice(Router):
             probs_GxNxE = turns_GxNxE / jnp.sum(turns_GxNxE, -1, keepdims=True)
         priority_GxN = self.priority(probs_GxNxE)
         dispatch, stats = jax.vmap(
-            lambda p, e, o: routing.token_choice(p, e, moe.top_k, r.slots, moe.top_k > 1, o)
+            lambda p, e, o: routing.token_choice(p, e, moe.top_k, r.slots, renormalize(moe), o)
         )(probs_GxNxE, r.eligible_GxN, priority_GxN)
         # Switch's balancing loss over the whole batch: f and P averaged over all groups.
         lb = routing.switch_load_balance_loss(
@@ -226,9 +234,9 @@ class TokenChoice(Router):
 
         top_k = r.moe.top_k
         scores_GxNxE = jax.nn.softmax(r.logits_GxNxE, axis=-1)
-        taken_GxNxE, gate_GxNxE = jax.vmap(lambda p: routing.top_k_taken(p, top_k, top_k > 1))(
-            scores_GxNxE
-        )
+        taken_GxNxE, gate_GxNxE = jax.vmap(
+            lambda p: routing.top_k_taken(p, top_k, renormalize(r.moe))
+        )(scores_GxNxE)
         return threshold(r, taken_GxNxE, gate_GxNxE, scores_GxNxE)
 
 
@@ -255,9 +263,9 @@ class BatchPrioritized(TokenChoice):
 
         top_k = r.moe.top_k
         scores_GxNxE = jax.nn.softmax(r.logits_GxNxE, axis=-1)
-        taken_GxNxE, gate_GxNxE = jax.vmap(lambda p: routing.top_k_taken(p, top_k, top_k > 1))(
-            scores_GxNxE
-        )
+        taken_GxNxE, gate_GxNxE = jax.vmap(
+            lambda p: routing.top_k_taken(p, top_k, renormalize(r.moe))
+        )(scores_GxNxE)
         return threshold(r, taken_GxNxE & (r.aux_logits_GxNxE > 0), gate_GxNxE, scores_GxNxE)
 
 

@@ -42,6 +42,9 @@ class SparseConfig:
     # per token the ideal FLOPs assume (the measured mean is logged).
     capacity: float = 1.0
     top_k: int = 1  # token choice: experts per token (Switch 1, GShard 2)
+    # Token choice, top_k > 1: gates renormalised over the chosen (GShard) or the softmax probs
+    # as they are (DeepSeekMoE).
+    top_k_renormalize: bool = True
     null_experts: int = 0  # token_choice_null: zero-cost null experts beside each routed group
     top_p: float = 0.4  # top-p routing: a token's experts reach this softmax mass (paper: 0.4)
     top_p_entropy_weight: float = 1e-4  # top-p routing's dynamic (entropy) loss (paper: 1e-4)
@@ -57,6 +60,13 @@ class SparseConfig:
     # default) or "ragged_dot" (sorted rows, jax.lax.ragged_dot grouped GEMMs, no padding;
     # slower where measured, docs/benchmarks.md).
     expert_compute: str = "slabs"
+    # DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066), inside each expert group: fine-grained
+    # experts of hidden ffn_hidden / granularity (give each token granularity - shared_experts
+    # routed experts: `capacity` for expert choice, `top_k` for token choice, so the active
+    # FLOPs stay the dense FFN's), and shared experts every token of the group's modalities
+    # passes through (one always-on FFN of hidden shared_experts x ffn_hidden / granularity).
+    granularity: int = 1
+    shared_experts: int = 0
     # Routing is done inside fixed groups of this many tokens (whole packed rows or equal parts
     # of a row), so routing and the loss do not depend on the mesh, device count or batch size.
     routing_group_tokens: int = 4096
@@ -79,6 +89,10 @@ class SparseConfig:
     limoe_global_threshold: float = 0.0
 
     # The expert-group arithmetic, in one place: used by the layer, flops and describe.
+
+    def expert_hidden(self, ffn_hidden: int) -> int:
+        """A routed expert's hidden size: the FFN's over the granularity (rounded)."""
+        return max(1, round(ffn_hidden / self.granularity))
 
     @property
     def n_experts(self) -> int:
@@ -227,6 +241,10 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(moe.capacity > 0, f"model.moe.capacity must be positive, got {moe.capacity}")
     for key in ("limoe_local_weight", "limoe_global_weight", "limoe_global_threshold"):
         require(getattr(moe, key) >= 0, f"model.moe.{key} must be >= 0, got {getattr(moe, key)}")
+    require(moe.granularity >= 1, f"model.moe.granularity must be >= 1, got {moe.granularity}")
+    require(
+        moe.shared_experts >= 0, f"model.moe.shared_experts must be >= 0, got {moe.shared_experts}"
+    )
     require(moe.null_experts >= 0, f"model.moe.null_experts must be >= 0, got {moe.null_experts}")
     top_k_limit = min(moe.router(g).router_columns(moe, g) for g in range(n_groups))
     require(0 < moe.top_p <= 1, f"model.moe.top_p must be in (0, 1], got {moe.top_p}")

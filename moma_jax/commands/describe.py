@@ -38,8 +38,10 @@ def describe(cfg: ExperimentConfig) -> dict:
         entry = {"kind": kind, "flops_ideal": ideal, "flops_executed": executed}
         entry.update(layer_kind(kind).describe(m))  # the kind's own fields (expert groups)
         plan.append(entry)
-    # Table 1's formula counts every expert of every group: E = sum of the groups' experts.
-    experts = moe.n_experts if m.has_experts else 1
+    # Table 1's formula counts every expert of every group: E = sum of the groups' experts, in
+    # units of a full FFN (fine-grained and shared experts: experts / granularity).
+    experts = (moe.n_experts + moe.shared_experts * moe.n_groups) / moe.granularity
+    experts = experts if m.has_experts else 1
     ideal = forward_flops_per_token(m, seq)
     executed = forward_flops_per_token(m, seq, executed=True)
     aux_routers, aux_flops = aux_router_flops_per_token(m)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moma_jax.config import ConfigError, ModelConfig
+from moma_jax.config import ConfigError, ModelConfig, moe_routed_config, moe_shared_config
 from moma_jax.model import aux_router, grouped, routing
 from moma_jax.model.context import Context
 from moma_jax.model.layers import param
@@ -75,8 +75,18 @@ class SparseFFN(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.moe = cfg.moe
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        routed = moe_routed_config(cfg)  # fine-grained experts: hidden / granularity
         for g in range(cfg.moe.n_groups):
-            setattr(self, group_attr(g), ExpertGroup(cfg, g, rngs=rngs))
+            setattr(self, group_attr(g), ExpertGroup(routed, g, rngs=rngs))
+        # DeepSeekMoE's shared experts: a take-all layer over the same groups of modalities.
+        self.shared = (
+            SparseFFN(moe_shared_config(cfg), rngs=rngs) if cfg.moe.shared_experts else None
+        )
+        if self.shared is not None:
+            for g, group in enumerate(self.shared.groups):
+                for _, var in nnx.iter_graph(group):
+                    if isinstance(var, nnx.Variable):
+                        var.set_metadata(expert_group=None, shared_group=g)
 
     @property
     def groups(self) -> list[ExpertGroup]:
@@ -121,6 +131,8 @@ class SparseFFN(nnx.Module):
             metrics["moe/rows_used_frac"] = used_rows / (moe.static_rows * x_GxNxD.shape[0])
             metrics["moe/padding_frac"] = (used_rows - routed) / jnp.maximum(used_rows, 1.0)
         y_BxLxD = y_GxNxD.reshape(b, length, d).astype(x_BxLxD.dtype)
+        if self.shared is not None:  # take-all: no losses; its metrics (0 untaken) are not kept
+            y_BxLxD = y_BxLxD + self.shared(x_BxLxD, ctx.replace(capture=False))[0]
         aux: dict[str, Any] = {"losses": losses, "metrics": metrics}
         if ctx.capture:  # routing decisions for analysis (moma_jax.analysis.route)
             aux["capture"] = self._capture(dispatches, x_BxLxD, n)
