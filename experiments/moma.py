@@ -6,6 +6,7 @@ sizes need `--set data.path=DIR`, the tiny size trains on the bundled data.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 from experiments.aux import AUX_STAGES
 from experiments.dense import SIZES, dense
@@ -105,6 +106,39 @@ def moma_4t4i_shared(size: str) -> ExperimentConfig:
     """
     moe = SparseConfig(group_experts=(15, 15), granularity=4, shared_experts=1, capacity=3.0)
     return sparse_variant(dense(size), "moe", moe)
+
+
+def fine_grained(granularity: int, shared: bool) -> Callable[[str], ExperimentConfig]:
+    """moma_4t4i's groups at `granularity` m (4m experts of hidden F/m per group, expert choice
+    at capacity m), or with one shared expert (4m - 1 routed at capacity m - 1): one dense
+    FFN's FLOPs per token either way (the granularity_tiny suite)."""
+    experts = 4 * granularity - int(shared)
+
+    def build(size: str) -> ExperimentConfig:
+        moe = SparseConfig(
+            group_experts=(experts, experts),
+            granularity=granularity,
+            shared_experts=int(shared),
+            capacity=float(granularity - int(shared)),
+        )
+        return sparse_variant(dense(size), "moe", moe)
+
+    name = f"moma_fine{granularity}" + ("_shared" if shared else "")
+    build.__doc__ = f"""moma_4t4i at granularity {granularity}: {experts} experts of 1/{granularity}
+    of the FFN per group{", plus one shared (always-on) expert" if shared else ""}, expert
+    choice at capacity {granularity - int(shared)} (DeepSeekMoE in MoMa's modality groups).
+
+    Run: python scripts/train.py --exp {name}_tiny
+    Shows: its per-modality losses against moma_4t4i_tiny and the other granularities at equal
+    ideal FLOPs (python scripts/compare.py --suite granularity_tiny).
+    """
+    return build
+
+
+register_sizes("moma_fine2", SIZES, stages=AUX_STAGES)(fine_grained(2, shared=False))
+register_sizes("moma_fine8", SIZES, stages=AUX_STAGES)(fine_grained(8, shared=False))
+register_sizes("moma_fine2_shared", SIZES, stages=AUX_STAGES)(fine_grained(2, shared=True))
+register_sizes("moma_fine8_shared", SIZES, stages=AUX_STAGES)(fine_grained(8, shared=True))
 
 
 @register_sizes("moma_1t1i", SIZES)

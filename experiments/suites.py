@@ -38,6 +38,66 @@ for size in ("90m", "435m", "1.4b"):
     )
 
 
+# The routing family (docs/sparsity.md), 3 seeds each at the tiny size, against dense_tiny.
+register_suite(
+    Suite(
+        "expert_split_tiny",
+        (
+            "dense_tiny",
+            "moma_1t1i_tiny",
+            "moma_2t2i_tiny",
+            "moma_4t4i_tiny",
+            "moma_6t2i_tiny",
+            "moma_7t1i_tiny",
+        ),  # fmt: skip
+        seeds=3,
+        aux_stages=True,
+        description="The MoMa paper's split of experts between text and image (1t1i to 7t1i), "
+        "with causal losses from the aux-router stages.",
+    )
+)
+register_suite(
+    Suite(
+        "granularity_tiny",
+        (
+            "dense_tiny",
+            "moma_4t4i_tiny",
+            "moma_fine2_tiny",
+            "moma_fine4_tiny",
+            "moma_fine8_tiny",
+            "moma_fine2_shared_tiny",
+            "moma_4t4i_shared_tiny",
+            "moma_fine8_shared_tiny",
+        ),  # fmt: skip
+        seeds=3,
+        description="DeepSeekMoE's fine-grained experts in MoMa's groups: granularity 1, 2, 4 "
+        "and 8, without and with one shared expert, all at dense's ideal FLOPs per token.",
+    )
+)
+register_suite(
+    Suite(
+        "causal_routers_tiny",
+        ("dense_tiny", "moma_4t4i_tiny", "moma_4t4i_topp_tiny", "moma_4t4i_null_tiny"),
+        seeds=3,
+        aux_stages=True,
+        description="Expert choice with post-hoc aux routers against per-token routers that "
+        "need none (top-p, null experts): teacher-forced and causal losses; experts per token "
+        "in each run's metrics.",
+    )
+)
+register_suite(
+    Suite(
+        "mod_variants_tiny",
+        ("dense_tiny", "mod_dense_tiny", "mod_moma_1t1i_tiny", "mod_moma_4t4i_tiny"),
+        seeds=3,
+        match_flops=True,
+        aux_stages=True,
+        description="Mixture-of-Depths over dense, moma_1t1i and moma_4t4i blocks, every run "
+        "to dense's total FLOPs.",
+    )
+)
+
+
 # Ablations of the tiny comparison (experiments/ablations.py), 3 seeds each; the first entry
 # of each suite is its dense reference.
 register_suite(
