@@ -167,6 +167,24 @@ def check_mesh(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
     for key, value, axis, size in (
         ("model.n_heads", m.n_heads, "tensor", t),
         ("model.ffn_hidden (resolved)", m.resolved_ffn_hidden, "tensor", t),
+        *(
+            (
+                (
+                    "an expert's hidden (ffn_hidden / model.moe.granularity)",
+                    m.moe.expert_hidden(m.resolved_ffn_hidden),
+                    "tensor",
+                    t,
+                ),
+                (
+                    "the shared experts' hidden (model.moe.shared_experts x the expert's)",
+                    max(1, m.moe.shared_experts) * m.moe.expert_hidden(m.resolved_ffn_hidden),
+                    "tensor",
+                    t,
+                ),
+            )
+            if m.has_experts
+            else ()
+        ),  # fmt: skip
         ("model.vocab_size", m.vocab_size, "tensor", t),
         ("model.d_model", m.d_model, "fsdp", f),
     ):

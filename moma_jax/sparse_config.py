@@ -245,6 +245,20 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(
         moe.shared_experts >= 0, f"model.moe.shared_experts must be >= 0, got {moe.shared_experts}"
     )
+    widened = any(
+        moe.router(g).router_columns(moe, g) > moe.group_experts[g] for g in range(n_groups)
+    )
+    require(
+        moe.null_experts == 0 or widened,
+        f"model.moe.null_experts={moe.null_experts} has no effect: routing {moe.routing!r} "
+        "adds no null experts (use model.moe.routing=token_choice_null, in groups of 2+ "
+        "experts), or set it to 0",
+    )
+    require(
+        moe.limoe_global_weight == 0 or moe.limoe_global_threshold > 0,
+        "model.moe.limoe_global_weight > 0 needs model.moe.limoe_global_threshold > 0 (the "
+        "global loss is max(0, threshold - entropy): 0 at threshold 0), e.g. ln(experts) / 2",
+    )
     require(moe.null_experts >= 0, f"model.moe.null_experts must be >= 0, got {moe.null_experts}")
     top_k_limit = min(moe.router(g).router_columns(moe, g) for g in range(n_groups))
     require(0 < moe.top_p <= 1, f"model.moe.top_p must be in (0, 1], got {moe.top_p}")

@@ -163,6 +163,12 @@ def _sizes(**axes: int) -> dict[str, int]:
             _sizes(fsdp=16),
             "model.d_model=120 is not divisible by mesh.fsdp=16",
         ),
+        (  # 344 / granularity 4 = 86 per expert: the tensor axis of 4 divides 344, not 86
+            _cfg(ffn_hidden=344, moe=dataclasses.replace(_cfg().model.moe, granularity=4)),
+            _sizes(tensor=4),
+            "an expert's hidden (ffn_hidden / model.moe.granularity)=86 is not divisible by "
+            "mesh.tensor=4",
+        ),
     ],
 )
 def test_impossible_meshes_name_the_key_and_numbers(cfg, sizes, message):

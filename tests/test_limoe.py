@@ -79,11 +79,26 @@ def test_opt_in_on_the_layer_and_the_experiment():
         seg = jnp.ones((2, 32), jnp.int32)
         modality = jnp.asarray(np.random.default_rng(0).random((2, 32)) < 0.3, jnp.int32)
         x = jax.random.normal(jax.random.key(0), (2, 32, 16))
-        return layer(x, Context(seg, seg, modality))[1]["losses"]
+        router = np.asarray(layer.groups[0].router_DxE[...], np.float64)  # type: ignore[index]
+        logits = np.asarray(x, np.float64) @ router
+        want = np_limoe(logits, np.asarray(modality), np.ones((2, 32), bool), (0, 1), 3.0)
+        return layer(x, Context(seg, seg, modality))[1]["losses"], want
 
-    assert not any("limoe" in k for k in losses())
-    on = losses(limoe_local_weight=0.5, limoe_global_weight=0.25, limoe_global_threshold=3.0)
-    assert float(on["moe/text+image/limoe_local"]) > 0
-    assert float(on["moe/text+image/limoe_global"]) > 0  # 3 nats > ln 8: always short
+    assert not any("limoe" in k for k in losses()[0])
+    on, (local, glob) = losses(
+        limoe_local_weight=0.5, limoe_global_weight=0.25, limoe_global_threshold=3.0
+    )
+    assert glob > 0  # 3 nats > ln 8: always short of the threshold
+    np.testing.assert_allclose(on["moe/text+image/limoe_local"], 0.5 * local, rtol=1e-5)
+    np.testing.assert_allclose(on["moe/text+image/limoe_global"], 0.25 * glob, rtol=1e-5)
     moe = registry.get("moe_8x_limoe_tiny").model.moe
     assert moe.limoe_local_weight > 0 and moe.limoe_global_weight > 0
+
+
+def test_a_global_weight_without_a_threshold_is_refused():
+    from moma_jax.config import ConfigError, validate
+    from moma_jax.overrides import apply_overrides
+
+    cfg = registry.get("moe_8x_tiny")
+    with pytest.raises(ConfigError, match="limoe_global_threshold > 0"):
+        validate(apply_overrides(cfg, ["model.moe.limoe_global_weight=0.01"]))

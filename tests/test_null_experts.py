@@ -6,7 +6,10 @@ null experts' logits, top-k, the real experts' weights renormalised over them, e
 real expert's output weighted and summed), and `load_balancing_loss_func_with_null_experts`,
 lines 43-55 and 84-85 (the case without an attention mask: one-hot of the top-k choices
 averaged over tokens, times the mean probs, summed, times E + n). The reference's real-expert
-mask `selected_experts <= 7` assumes 8 real experts; the transcription uses E."""
+mask `selected_experts <= 7` assumes 8 real experts; the transcription uses E. Its line 53
+("## modified", meant to treat the null experts apart) slices the top-k axis of a [K, E + n]
+array at E and so changes nothing: what that code computes, and what we compute, is the Switch
+loss over all E + n columns, not a null-pooled variant the paper may describe."""
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +177,9 @@ def test_the_experiment_is_flop_matched():
     assert cfg.model.moe.experts_per_token(0) == 1.0  # top-2 of 4 real + 4 null
     with pytest.raises(ConfigError, match="top_k=9 must be in 1..8"):
         validate(apply_overrides(cfg, ["model.moe.top_k=9"]))
+
+
+def test_null_experts_without_their_routing_are_refused():
+    cfg = registry.get("moma_4t4i_tiny")
+    with pytest.raises(ConfigError, match="null_experts=2 has no effect"):
+        validate(apply_overrides(cfg, ["model.moe.null_experts=2"]))

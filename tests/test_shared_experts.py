@@ -191,3 +191,19 @@ def test_experiments_are_flop_and_parameter_matched():
     routers = sum(cfg.model.moe.group_share(g) * m * 15 for g in range(2))
     assert active_params(cfg.model, state) == pytest.approx(3 * m * f + routers, rel=0.01)
     assert dataclasses.asdict(cfg.model.moe)["shared_experts"] == 1
+
+
+def test_upcycling_needs_the_same_expert_layout():
+    """A one-expert-per-group source cannot seed fine-grained experts (a whole FFN is copied)
+    nor shared ones (none to copy): a ConfigError, never a silent fresh init."""
+    from moma_jax.config import ConfigError
+    from moma_jax.train.upcycle import upcycle_params
+
+    source = nnx.state(SparseFFN(model_cfg(group_experts=(1, 1)), rngs=nnx.Rngs(0)))
+    for moe, match in (
+        (dict(group_experts=(8, 8), granularity=4, capacity=4.0), "granularity must match"),
+        (dict(group_experts=(4, 4), shared_experts=1), "no shared experts"),
+    ):
+        target = nnx.state(SparseFFN(model_cfg(**moe), rngs=nnx.Rngs(1)))
+        with pytest.raises(ConfigError, match=match):
+            upcycle_params(source, target)

@@ -62,9 +62,15 @@ RUN_SH = """#!/bin/bash
 set -u
 out="${{OUT:-{dir}/out}}"
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-  --target /tmp/moma_site {dir}/whl/*.whl || {{ echo "wheel install failed" >&2; exit 3; }}
+if compgen -G "{dir}/whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+    --target /tmp/moma_site {dir}/whl/*.whl || {{ echo "wheel install failed" >&2; exit 3; }}
+fi
 export PYTHONPATH="/tmp/moma_site:$PWD" PYTHONUNBUFFERED=1
+# Fail in seconds, not after the budget, if this image's stack cannot load the model.
+python3 -c "import jax, flax, grain, moma_jax.model, moma_jax.data
+print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \\
+  || {{ echo "moma_jax does not import here" >&2; exit 4; }}
 python3 scripts/device_check.py run --data {dir}/data --out "$out" 2>&1 | tee "$out/log.txt"
 exit "${{PIPESTATUS[0]}}"
 """
@@ -109,6 +115,8 @@ def prepare(root: Path, wheels: bool = True) -> dict[str, Any]:
     if data_dst.exists():
         shutil.rmtree(data_dst)  # our own copy from an earlier prepare
     shutil.copytree(data_src, data_dst)
+    if (bundle / "whl").exists():
+        shutil.rmtree(bundle / "whl")  # our own wheels from an earlier prepare: no stale versions
     names = download_wheels(bundle / "whl") if wheels else []
     (bundle / "run.sh").write_text(RUN_SH.format(dir=DIR))
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())

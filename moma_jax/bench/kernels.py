@@ -87,9 +87,10 @@ def attention_candidates(on_gpu: bool) -> dict[str, tuple[Attn, bool]]:
         return flash_attention(q, k, v, seg, interpret=not on_gpu)
 
     def cudnn_bias(q, k, v, seg):
+        # cuDNN takes no segment ids: JAX turns the [B, 1, L, L] mask into an additive bias
+        # (its own large negative constant, which avoids a cuDNN bug with -inf-like values).
         mask = segment_causal_mask(seg)
-        bias = jnp.where(mask, 0.0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
     def cudnn_causal(q, k, v, seg):
         del seg  # causal over the whole row: not the documents' mask

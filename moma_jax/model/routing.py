@@ -301,8 +301,9 @@ def top_p_taken(probs_NxE: jax.Array, threshold: float) -> jax.Array:
     always takes its top expert and at most all of them."""
     n_tokens, n_experts = probs_NxE.shape
     sorted_NxE, expert_NxE = jax.lax.top_k(probs_NxE.astype(jnp.float32), n_experts)
-    before_NxE = jnp.cumsum(sorted_NxE, axis=-1) - sorted_NxE  # mass ranked strictly before
-    before_NxE = before_NxE.at[:, 0].set(0.0)
+    # The mass ranked strictly before each expert (an exclusive cumulative sum).
+    zeros_Nx1 = jnp.zeros((n_tokens, 1), jnp.float32)
+    before_NxE = jnp.concatenate([zeros_Nx1, jnp.cumsum(sorted_NxE, axis=-1)[:, :-1]], axis=-1)
     take_NxE = before_NxE < threshold
     rows_NxE = jnp.broadcast_to(jnp.arange(n_tokens)[:, None], (n_tokens, n_experts))
     return jnp.zeros((n_tokens, n_experts), bool).at[rows_NxE, expert_NxE].set(take_NxE)

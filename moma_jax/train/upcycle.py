@@ -102,6 +102,12 @@ def upcycle_params(source: nnx.State, target: nnx.State, exact: bool = False) ->
             value = jnp.broadcast_to(jnp.expand_dims(value, e), var.shape)
             out.append((path, var.replace(value.astype(var.dtype))))
             continue
+        if path not in src and not exact and "shared" in path:
+            raise ConfigError(
+                f"cannot upcycle {name}: the source has no shared experts "
+                "(model.moe.shared_experts) to copy, and a fresh one would change what the "
+                "upcycled model computes; upcycle from a run with the same expert layout"
+            )
         if path not in src:
             if exact and not is_aux_path(path):
                 raise ConfigError(f"--init-from: the source run has no parameter {name}")
@@ -116,9 +122,13 @@ def upcycle_params(source: nnx.State, target: nnx.State, exact: bool = False) ->
             )
         if value.shape != var.shape:
             e = axes.index("expert") if "expert" in axes else None
-            if e is None or value.shape[e] != 1:
+            same_expert = e is not None and value.shape[:e] + value.shape[e + 1 :] == (
+                var.shape[:e] + var.shape[e + 1 :]
+            )
+            if e is None or value.shape[e] != 1 or not same_expert:
                 raise ConfigError(
-                    f"cannot upcycle {name}: source shape {value.shape}, target {var.shape}"
+                    f"cannot upcycle {name}: source shape {value.shape}, target {var.shape} "
+                    "(an expert is copied whole: model.moe.granularity must match)"
                 )
             value = jnp.broadcast_to(value, var.shape)
         out.append((path, var.replace(value.astype(var.dtype))))
