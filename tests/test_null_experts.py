@@ -15,18 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sparse_cases
 from flax import nnx
+from sparse_cases import W, assert_gradient_matches, assert_output_matches, inputs, run_layer
 
 from moma_jax import registry
-from moma_jax.config import ConfigError, ModelConfig, SparseConfig, validate
-from moma_jax.model.context import Context
+from moma_jax.config import ConfigError, ModelConfig, validate
 from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
 from moma_jax.runtime import resolve_shares
-
-SHARES = (0.75, 0.25)
-W = ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")
 
 
 def adamoe_weights(logits, n_real, top_k):
@@ -57,20 +55,9 @@ def adamoe_balance_loss(probs, selected, n_columns):
 
 
 def model_cfg(**moe) -> ModelConfig:
-    moe = {"tile_rows": 8, "routing": "token_choice_null", "router_score": "softmax",
-           "top_k": 2, "null_experts": 4, **moe}  # fmt: skip
-    sparse = SparseConfig(routing_group_tokens=32, modality_shares=SHARES, **moe)
-    return ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, moe=sparse)
-
-
-def inputs(seed=0, groups=2, n=32, image_share=0.3, padding=3):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(groups, n, 16)).astype(np.float32)
-    modality = (rng.random((groups, n)) < image_share).astype(np.int32)
-    segment = np.ones((groups, n), np.int32)
-    if padding:
-        segment[:, -padding:] = 0
-    return x, modality, segment
+    moe = {"routing": "token_choice_null", "router_score": "softmax", "top_k": 2,
+           "null_experts": 4, **moe}  # fmt: skip
+    return sparse_cases.model_cfg(**moe)
 
 
 def oracle(layer, cfg, x, modality, segment, concrete=None):
@@ -97,11 +84,6 @@ def oracle(layer, cfg, x, modality, segment, concrete=None):
     return jnp.stack(outs)
 
 
-def run_layer(layer, x, modality, segment, causal=False):
-    segment = jnp.asarray(segment)
-    return layer(jnp.asarray(x), Context(segment, segment, jnp.asarray(modality), causal=causal))
-
-
 @pytest.mark.parametrize(
     "moe, image_share",
     [
@@ -113,29 +95,11 @@ def run_layer(layer, x, modality, segment, causal=False):
     ],
 )
 def test_layer_matches_the_transcribed_block(moe, image_share):
-    cfg = model_cfg(**moe)
-    layer = SparseFFN(cfg, rngs=nnx.Rngs(0))
-    x, modality, segment = inputs(image_share=image_share)
-    got = jax.jit(lambda x: run_layer(layer, x, modality, segment)[0])(x)
-    np.testing.assert_allclose(got, oracle(layer, cfg, x, modality, segment), rtol=1e-5, atol=1e-5)
+    assert_output_matches(model_cfg(**moe), oracle, image_share)
 
 
 def test_gradient_matches_the_transcribed_block():
-    cfg = model_cfg(group_experts=(4, 4))
-    layer = SparseFFN(cfg, rngs=nnx.Rngs(1))
-    x, modality, segment = inputs(seed=1)
-    graphdef, params = nnx.split(layer)
-
-    def loss(fn, p):
-        return jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p))))
-
-    got = jax.jit(jax.grad(lambda p: loss(lambda m: run_layer(m, x, modality, segment)[0], p)))(
-        params
-    )
-    want = jax.grad(lambda p: loss(lambda m: oracle(m, cfg, x, modality, segment, layer), p))(
-        params
-    )
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5), got, want)
+    assert_gradient_matches(model_cfg(group_experts=(4, 4)), oracle)
 
 
 def test_balance_loss_and_experts_per_token_match_the_transcription():

@@ -15,37 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sparse_cases
 from flax import nnx
+from sparse_cases import W, assert_gradient_matches, assert_output_matches, inputs, swiglu
 
 from moma_jax import registry
-from moma_jax.config import ModelConfig, SparseConfig
+from moma_jax.config import ModelConfig
 from moma_jax.flops import active_params
-from moma_jax.model.context import Context
 from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.model.moe import SparseFFN
 from moma_jax.runtime import resolve_shares
 
-SHARES = (0.75, 0.25)
-W = ("w_gate_ExDxF", "w_up_ExDxF", "w_down_ExFxD")
-
 
 def model_cfg(**moe) -> ModelConfig:
-    moe = {"tile_rows": 8, **moe}
-    sparse = SparseConfig(routing_group_tokens=32, modality_shares=SHARES, **moe)
-    return ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, ffn_hidden=48, moe=sparse)
-
-
-def inputs(seed=0, groups=2, n=32, image_share=0.3):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(groups, n, 16)).astype(np.float32)
-    modality = (rng.random((groups, n)) < image_share).astype(np.int32)
-    segment = np.ones((groups, n), np.int32)
-    segment[:, -3:] = 0
-    return x, modality, segment
-
-
-def swiglu(x, wg, wu, wd):
-    return (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+    return sparse_cases.model_cfg(ffn_hidden=48, **moe)
 
 
 def oracle(layer, cfg, x, modality, segment, concrete=None):
@@ -87,8 +70,7 @@ def oracle(layer, cfg, x, modality, segment, concrete=None):
 
 
 def run_layer(layer, x, modality, segment):
-    segment = jnp.asarray(segment)
-    return layer(jnp.asarray(x), Context(segment, segment, jnp.asarray(modality)))[0]
+    return sparse_cases.run_layer(layer, x, modality, segment)[0]
 
 
 EXPERT_CHOICE = dict(group_experts=(7, 7), granularity=4, shared_experts=1, capacity=3.0)
@@ -117,26 +99,12 @@ def test_layer_matches_the_loop_over_experts(moe, image_share):
     if cfg.moe.shared_experts:
         assert layer.shared is not None
         assert layer.shared.groups[0].w_up_ExDxF.shape == (1, 16, 12 * cfg.moe.shared_experts)
-    x, modality, segment = inputs(image_share=image_share)
-    got = jax.jit(lambda x: run_layer(layer, x, modality, segment))(x)
-    np.testing.assert_allclose(got, oracle(layer, cfg, x, modality, segment), rtol=1e-5, atol=1e-5)
+    assert_output_matches(cfg, oracle, image_share)
 
 
 @pytest.mark.parametrize("moe", [EXPERT_CHOICE, TOKEN_CHOICE])
 def test_gradient_matches_the_loop_over_experts(moe):
-    cfg = model_cfg(**moe)
-    layer = SparseFFN(cfg, rngs=nnx.Rngs(1))
-    x, modality, segment = inputs(seed=1)
-    graphdef, params = nnx.split(layer)
-
-    def loss(fn, p):
-        return jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p))))
-
-    got = jax.jit(jax.grad(lambda p: loss(lambda m: run_layer(m, x, modality, segment), p)))(params)
-    want = jax.grad(lambda p: loss(lambda m: oracle(m, cfg, x, modality, segment, layer), p))(
-        params
-    )
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5), got, want)
+    assert_gradient_matches(model_cfg(**moe), oracle)
 
 
 def deepseek_v3_moe(x, gate_weight, experts, shared, topk):
