@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from moma_jax import routers
+from moma_jax import routers, routers_per_token  # noqa: F401 (registers its rows)
 from moma_jax.errors import ConfigError, require
 from moma_jax.modality import MODALITY_NAMES
 

@@ -15,7 +15,13 @@ EXPERIMENTS = PACKAGE.parent / "experiments"
 COMMANDS = "moma_jax.commands"
 ENTRY_POINTS = (COMMANDS, "moma_jax.bench")
 # What config may import: the bottom of the graph, which imports no other project module.
-BOTTOM = ("moma_jax.modality", "moma_jax.errors", "moma_jax.sparse_config", "moma_jax.routers")
+BOTTOM = (
+    "moma_jax.modality",
+    "moma_jax.errors",
+    "moma_jax.sparse_config",
+    "moma_jax.routers",
+    "moma_jax.routers_per_token",  # more rows of the routers' table
+)
 # The routing rows' JAX bodies import the routing primitives (pure JAX, no project imports)
 # inside the functions, where the model is loaded; nothing else below config may.
 BOTTOM_MAY_USE = ("moma_jax.model.routing",)

@@ -1,0 +1,112 @@
+"""Routing rows whose experts per token vary, each token deciding alone (`moma_jax/routers.py`
+holds the table, the fixed-count rows and the `threshold` dispatch these use): top-p and null
+experts. Both are dropless (N slots per expert) and route causally as they train, so they need
+no aux router; `moe/{group}/experts_per_token` logs what they use."""
+
+from __future__ import annotations
+
+from moma_jax.routers import (
+    GroupRouting,
+    Routed,
+    Router,
+    SparseSettings,
+    register_router,
+    threshold,
+)
+
+
+class TopP(Router):
+    """Top-p (dynamic) routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic
+    Routing in MoE Models", arXiv 2403.07652): softmax P over the group's experts; a token
+    takes its experts in descending P until their mass reaches p (`model.moe.top_p`), so one
+    at least and all at most, each with gate P (not renormalised). Every decision is the
+    token's own and nothing is dropped (N slots per expert), so it routes causally as it
+    trains: no aux router. Losses: the dynamic loss, `top_p_entropy_weight` x the mean entropy
+    of P (fewer experts per token as it falls), and the balance loss, `lb_loss_weight` x
+    E sum_e f_e P_e (f_e: the share of the group's tokens taking e; P_e: its mean prob).
+    FLOPs: `model.moe.capacity` is the experts per token the ideal count assumes; the measured
+    mean is logged (`moe/{group}/experts_per_token`)."""
+
+    name = "top_p"
+
+    def slots(self, moe: SparseSettings, group: int) -> int:
+        return moe.routing_group_tokens
+
+    def experts_per_token(self, moe: SparseSettings, group: int) -> float:
+        return moe.capacity
+
+    def route(self, r: GroupRouting) -> Routed:
+        import jax
+        import jax.numpy as jnp
+
+        from moma_jax.model import routing
+
+        moe = r.moe
+        probs_GxNxE = jax.nn.softmax(r.logits_GxNxE.astype(jnp.float32), axis=-1)
+        taken_GxNxE = jax.vmap(lambda p: routing.top_p_taken(p, moe.top_p))(probs_GxNxE)
+        routed = threshold(r, taken_GxNxE, probs_GxNxE, probs_GxNxE)
+        elig_GxNx1 = r.eligible_GxN[..., None].astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(elig_GxNx1), 1.0)
+        log_p = jnp.log(jnp.maximum(probs_GxNxE, jnp.finfo(jnp.float32).tiny))
+        entropy = -jnp.sum(probs_GxNxE * log_p * elig_GxNx1) / count
+        frac_E = jnp.sum(taken_GxNxE * elig_GxNx1, axis=(0, 1)) / count
+        mean_prob_E = jnp.sum(probs_GxNxE * elig_GxNx1, axis=(0, 1)) / count
+        losses = {
+            "entropy_loss": moe.top_p_entropy_weight * entropy,
+            "lb_loss": moe.lb_loss_weight * routing.switch_load_balance_loss(frac_E, mean_prob_E),
+        }
+        return routed._replace(losses=losses)
+
+    route_causal = route
+
+
+class NullExperts(Router):
+    """AdaMoE (Zeng et al. 2024, arXiv 2406.13233): token choice top-k over the group's E
+    experts and `model.moe.null_experts` n null experts, which output zero at no cost, so a
+    token uses between 0 and k real experts. Softmax over all E + n logits; the gates of the
+    real experts a token chose are renormalised over them (a token that chose only null
+    experts keeps the residual). Balance: the Switch loss over all E + n experts,
+    (E + n) sum_e f_e P_e with f_e summed over the k choices, so the null experts' share is
+    held near n / (E + n) and a token uses k E / (E + n) real experts on average: the ideal
+    FLOPs count. Dropless and per token (N slots per expert): causal as it trains."""
+
+    name = "token_choice_null"
+
+    def router_columns(self, moe: SparseSettings, group: int) -> int:
+        return moe.group_experts[group] + moe.null_experts
+
+    def slots(self, moe: SparseSettings, group: int) -> int:
+        return moe.routing_group_tokens
+
+    def experts_per_token(self, moe: SparseSettings, group: int) -> float:
+        experts = moe.group_experts[group]
+        return moe.top_k * experts / (experts + moe.null_experts)
+
+    def route(self, r: GroupRouting) -> Routed:
+        import jax
+        import jax.numpy as jnp
+
+        from moma_jax.model import routing
+
+        moe = r.moe
+        columns = r.logits_GxNxE.shape[-1]
+        experts = columns - moe.null_experts
+        probs_GxNxC = jax.nn.softmax(r.logits_GxNxE.astype(jnp.float32), axis=-1)
+        chosen_GxNxC, _ = jax.vmap(lambda p: routing.top_k_taken(p, moe.top_k, False))(probs_GxNxC)
+        real_GxNxE = chosen_GxNxC[..., :experts]
+        weight_GxNxE = jnp.where(real_GxNxE, probs_GxNxC[..., :experts], 0.0)
+        total_GxNx1 = jnp.sum(weight_GxNxE, axis=-1, keepdims=True)
+        gate_GxNxE = weight_GxNxE / jnp.where(total_GxNx1 > 0, total_GxNx1, 1.0)
+        routed = threshold(r, real_GxNxE, gate_GxNxE, probs_GxNxC[..., :experts])
+        elig_GxNx1 = r.eligible_GxN[..., None].astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(elig_GxNx1), 1.0)
+        frac_C = jnp.sum(chosen_GxNxC * elig_GxNx1, axis=(0, 1)) / count
+        mean_prob_C = jnp.sum(probs_GxNxC * elig_GxNx1, axis=(0, 1)) / count
+        lb = routing.switch_load_balance_loss(frac_C, mean_prob_C)
+        return routed._replace(losses={"lb_loss": moe.lb_loss_weight * lb})
+
+    route_causal = route
+
+
+register_router(TopP())
+register_router(NullExperts())
