@@ -254,9 +254,7 @@ def run_check(out: Path, data: str, budget_s: float, dry_run: bool, only: tuple[
         try:
             result = {"status": "ok", **steps[name]()}
         except Exception as e:  # one phase's failure must not cost the others' numbers
-            from moma_jax.bench.kernels import _reason
-
-            result = {"status": "failed", "error": _reason(e)}
+            result = {"status": "failed", "error": kernels.failure_reason(e)}
         result["phase_s"] = time.perf_counter() - t0
         report["phases"][name] = result
         report["wall_s"] = time.perf_counter() - start

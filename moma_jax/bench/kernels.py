@@ -146,7 +146,7 @@ def attention_report(shape: AttentionShape, on_gpu: bool | None = None) -> dict[
             step = _fwd_bwd(fn, cot)
             result = jax.block_until_ready(step(q, k, v, seg))
         except Exception as e:  # a candidate this JAX or device cannot run: say why
-            errors[name] = _reason(e)
+            errors[name] = failure_reason(e)
             continue
         if name == "xla":
             reference = result
@@ -210,7 +210,7 @@ def gemm_report(shape: GemmShape, on_gpu: bool | None = None) -> dict[str, Any]:
             jitted = jax.jit(fn)
             out = np.asarray(jax.block_until_ready(jitted(x, w, sizes)), np.float32)
         except Exception as e:
-            errors[name] = _reason(e)
+            errors[name] = failure_reason(e)
             continue
         if name == "ragged_dot":
             reference = out
@@ -236,7 +236,7 @@ def _is_hopper() -> bool:
     return str(capability).startswith("9")
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
     """One line: the exception and where it was raised."""
     last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     where = f" ({last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})" if last else ""
