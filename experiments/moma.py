@@ -54,6 +54,24 @@ def moma_4t4i_topp(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", moe)
 
 
+@register_sizes("moma_4t4i_remoe", SIZES)
+def moma_4t4i_remoe(size: str) -> ExperimentConfig:
+    """moma_4t4i with ReMoE's ReLU routing in each modality group (Wang et al. 2024, arXiv
+    2412.14711) instead of expert choice: gates ReLU(x W_r), every expert with a positive gate
+    takes the token; an L1 loss whose coefficient (from 1e-8, x or / 1.2 per step) steers the
+    measured experts per token of each group to 1 (the paper's sparsity 1 - k/E = 0.75).
+
+    Per-token and dropless: causal evaluation and generation need no aux routers.
+    Run: python scripts/train.py --exp moma_4t4i_remoe_tiny
+    Shows: moe/{text,image}/experts_per_token falling from ~2 to 1 over the first ~100 steps
+    while moe/{text,image}/l1_reg_coeff climbs to where it holds them there (before that the
+    run executes more expert FLOPs than the ideal count; flops_executed does not count it),
+    and the losses against moma_4t4i_tiny's, teacher-forced and causal alike.
+    """
+    moe = SparseConfig(group_experts=(4, 4), routing="relu")
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("moma_4t4i_null", SIZES)
 def moma_4t4i_null(size: str) -> ExperimentConfig:
     """moma_4t4i with AdaMoE's null experts in each modality group (Zeng et al. 2024, arXiv
@@ -197,3 +215,17 @@ def upcycled_moma_4t4i(size: str) -> ExperimentConfig:
     cfg = moma(size, 4, 4)
     moe = dataclasses.replace(cfg.model.moe, router_noise="gumbel")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+
+
+@register_sizes("upcycled_dense_moma_4t4i", SIZES)
+def upcycled_dense_moma_4t4i(size: str) -> ExperimentConfig:
+    """upcycled_moma_4t4i's model, named for its other seed run: a dense run (Llama 3 meets MoE,
+    arXiv 2412.09952), whose FFN is copied into every expert of both groups.
+
+    Run: python scripts/train.py --exp dense_tiny --steps S   (the seed run)
+         python scripts/train.py --exp upcycled_dense_moma_4t4i_tiny --init-from runs/dense_tiny
+         python scripts/compare.py --suite upcycle_tiny   (both seed runs, at equal FLOPs)
+    Shows: beside upcycled_moma_4t4i (seeded by moma_1t1i) and moma_4t4i from scratch, whether
+    starting from a dense FFN helps as much as from per-modality FFNs.
+    """
+    return upcycled_moma_4t4i(size)

@@ -11,7 +11,7 @@ causal losses of the aux-router stages (`aux_stages=True`), in the suite's repor
 tokens-per-parameter suites also scaling.md (fits across budgets).
 """
 
-from moma_jax.suites import Suite, register_suite
+from moma_jax.suites import Suite, Upstream, register_suite
 
 _ARCHS = ("dense", "moe_8x", "moma_1t1i", "moma_4t4i", "mot")
 
@@ -77,12 +77,18 @@ register_suite(
 register_suite(
     Suite(
         "causal_routers_tiny",
-        ("dense_tiny", "moma_4t4i_tiny", "moma_4t4i_topp_tiny", "moma_4t4i_null_tiny"),
+        (
+            "dense_tiny",
+            "moma_4t4i_tiny",
+            "moma_4t4i_topp_tiny",
+            "moma_4t4i_null_tiny",
+            "moma_4t4i_remoe_tiny",
+        ),
         seeds=3,
         aux_stages=True,
         description="Expert choice with post-hoc aux routers against per-token routers that "
-        "need none (top-p, null experts): teacher-forced and causal losses; experts per token "
-        "in each run's metrics. Equal steps, equal ideal FLOPs: top-p's measured experts per "
+        "need none (top-p, null experts, ReMoE): teacher-forced and causal losses; experts per "
+        "token in each run's metrics. Equal steps, equal ideal FLOPs: top-p's measured experts per "
         "token run above the 1 its ideal FLOPs assume (1.4-2 early in training), so it "
         "computes more than the others; read its experts_per_token beside its losses.",
     )
@@ -191,5 +197,27 @@ register_suite(
         tokens_per_param=(1, 4, 10),
         description="4 x 128 at 1, 4 and 10 real tokens per dense parameter on the large "
         "bundle, 3 seeds (~5 h on a 2-core CPU).",
+    )
+)
+register_suite(
+    Suite(
+        "upcycle_tiny",
+        (
+            "dense_tiny",
+            "moma_4t4i_tiny",
+            "upcycled_moma_4t4i_tiny",
+            "upcycled_dense_moma_4t4i_tiny",
+        ),
+        seeds=3,
+        match_flops=True,
+        upstream=(
+            ("upcycled_moma_4t4i_tiny", Upstream("moma_1t1i_tiny", 0.5)),
+            ("upcycled_dense_moma_4t4i_tiny", Upstream("dense_tiny", 0.5)),
+        ),
+        description="moma_4t4i from scratch against moma_4t4i upcycled (Gumbel-sigmoid router "
+        "noise, as MoMa 2.1) from a moma_1t1i run and from a dense run, each seed run trained "
+        "to half of dense's total FLOPs with its own schedule, the upcycled run to the rest "
+        "(its FLOPs axis counts the seed run's): every model at dense's total FLOPs. The "
+        "upcycled runs differ from scratch in their start and in router noise.",
     )
 )

@@ -61,6 +61,10 @@ class SparseSettings(Protocol):
     def null_experts(self) -> int: ...
     @property
     def top_k_renormalize(self) -> bool: ...
+    @property
+    def relu_l1_init(self) -> float: ...
+    @property
+    def relu_l1_multiplier(self) -> float: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -86,6 +90,19 @@ class Routed(NamedTuple):
     losses: dict[str, Any]
 
 
+class Control(NamedTuple):
+    """A loss weight that is training state (`train/controls.py`), not a constant: the row's
+    loss `loss` enters the objective times a coefficient that starts at `init` and after every
+    step is multiplied by `multiplier` while the row's metric `metric` (mean over layers and
+    micro-batches) is above `target`, else divided by it (ReMoE's sparsity control)."""
+
+    loss: str
+    metric: str
+    target: float
+    init: float
+    multiplier: float
+
+
 class Router(abc.ABC):
     """One routing method. Subclass it, name it and define every method (an abstract base: a
     row leaving one undefined cannot be made)."""
@@ -98,6 +115,10 @@ class Router(abc.ABC):
         """Columns of the learned router (its logits): one per expert unless a row adds its
         own (null experts)."""
         return moe.group_experts[group]
+
+    def control(self, moe: SparseSettings, group: int) -> Control | None:
+        """The loss weight this row adapts during training, or None (a constant weight)."""
+        return None
 
     @abc.abstractmethod
     def slots(self, moe: SparseSettings, group: int) -> int:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from moma_jax import routers, routers_per_token  # noqa: F401 (registers its rows)
+from moma_jax import routers, routers_per_token, routers_relu  # noqa: F401 (registers rows)
 from moma_jax.errors import ConfigError, require
 from moma_jax.modality import MODALITY_NAMES
 
@@ -34,7 +34,7 @@ class SparseConfig:
     group_experts: tuple[int, ...] = (4, 4)  # experts in each group
     modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
     # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr | top_p |
-    # token_choice_null.
+    # token_choice_null | relu.
     routing: str = "expert_choice"
     router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
     # Expert choice: average experts per token c; each expert of group M takes
@@ -48,6 +48,10 @@ class SparseConfig:
     null_experts: int = 0  # token_choice_null: zero-cost null experts beside each routed group
     top_p: float = 0.4  # top-p routing: a token's experts reach this softmax mass (paper: 0.4)
     top_p_entropy_weight: float = 1e-4  # top-p routing's dynamic (entropy) loss (paper: 1e-4)
+    # ReLU routing (ReMoE): the L1 coefficient's start and its factor per step (paper: 1e-8,
+    # 1.2), steering the measured experts per token to `capacity`.
+    relu_l1_init: float = 1e-8
+    relu_l1_multiplier: float = 1.2
     # Expert compute (model/grouped.py): the first `first_fraction` of the k_e a routing group
     # with the configured modality shares gives always runs, in one batched call; the rest in
     # slabs of tile_rows rows shared by a group's experts, only as many as the batch needs.
@@ -265,6 +269,12 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(
         moe.top_p_entropy_weight >= 0,
         f"model.moe.top_p_entropy_weight must be >= 0, got {moe.top_p_entropy_weight}",
+    )
+    require(moe.relu_l1_init > 0, f"model.moe.relu_l1_init must be > 0, got {moe.relu_l1_init}")
+    require(
+        moe.relu_l1_multiplier > 1,
+        f"model.moe.relu_l1_multiplier must be > 1 (1 would never adapt the coefficient), got "
+        f"{moe.relu_l1_multiplier}",
     )
     require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     require(

@@ -161,3 +161,43 @@ def _check_budgets(tmp_path, capsys):
     assert (tmp_path / "test_budgets" / "scaling.png").stat().st_size > 1000
     assert "| 0.2 |" in (tmp_path / "test_budgets" / "scaling.md").read_text()
     assert "scaling: " in capsys.readouterr().out
+
+
+def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_path):
+    from moma_jax.suites import Upstream
+
+    up = Upstream("moma_1t1i_tiny", 0.5)
+    suite = register_suite(
+        Suite(
+            "test_upcycle",
+            ("dense_tiny", "upcycled_moma_4t4i_tiny"),
+            1,
+            KEYS,
+            match_flops=True,
+            upstream=(("upcycled_moma_4t4i_tiny", up),),
+        )
+    )
+    try:
+        assert main(["--suite", "test_upcycle", "--root", str(tmp_path)]) == 0
+        source = tmp_path / "test_upcycle" / "upcycled_moma_4t4i_tiny.source" / "seed0"
+        assert json.loads((source / "config.json").read_text())["name"] == "moma_1t1i_tiny"
+        run = tmp_path / "test_upcycle" / "upcycled_moma_4t4i_tiny" / "seed0"
+        init = json.loads((run / "init_from.json").read_text())
+        assert init["source"] == str(source.absolute()) and init["source_step"] == 10
+        rep = json.loads((tmp_path / "test_upcycle" / "report.json").read_text())
+        dense, upcycled = (rep["experiments"][e] for e in suite.experiments)
+        assert upcycled["steps"] == 10 and dense["steps"] == 20  # half each side of the seed run
+        # The upcycled run's FLOPs axis counts its seed run's: both end at dense's total.
+        assert upcycled["total_flops"] == pytest.approx(dense["total_flops"], rel=0.02)
+    finally:
+        SUITES.pop(suite.name)
+
+
+def test_an_upstream_outside_the_suite_or_fraction_is_refused():
+    from moma_jax.config import ConfigError
+    from moma_jax.suites import Upstream
+
+    bad = (("moma_4t4i_tiny", Upstream("moma_1t1i_tiny", 1.5)),)
+    with pytest.raises(ConfigError, match="fraction in"):
+        register_suite(Suite("test_bad", ("dense_tiny", "moma_4t4i_tiny"), 1, upstream=bad))
+    assert "test_bad" not in SUITES

@@ -21,6 +21,7 @@ BOTTOM = (
     "moma_jax.sparse_config",
     "moma_jax.routers",
     "moma_jax.routers_per_token",  # more rows of the routers' table
+    "moma_jax.routers_relu",  # ReMoE's row (its loss weight is training state)
 )
 # The routing rows' JAX bodies import the routing primitives (pure JAX, no project imports)
 # inside the functions, where the model is loaded; nothing else below config may.

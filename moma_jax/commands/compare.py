@@ -67,13 +67,37 @@ def budget_suites(suite: Suite, overrides: list[str]) -> list[Suite]:
 
 
 def run_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list[str]:
-    """The --set keys of one run; with `match_flops`, its steps for dense's total FLOPs."""
+    """The --set keys of one run; with `match_flops`, its steps for dense's total FLOPs; an
+    upcycled experiment (`Suite.upstream`) trains to what its source run left of them."""
     keys = [*suite.overrides, *overrides, *seed_keys(seed)]
-    if suite.match_flops and exp != suite.experiments[0]:
+    up = suite.upstream_of(exp)
+    if (suite.match_flops or up is not None) and exp != suite.experiments[0]:
         cfg = experiment_config(exp, keys)
         dense_flops = budgets.total_flops(experiment_config(suite.experiments[0], keys))
+        if up is not None:
+            dense_flops -= budgets.total_flops(
+                experiment_config(up.source, source_keys(suite, exp, seed, overrides))
+            )
         keys += budgets.schedule_keys(cfg, budgets.steps_for_flops(cfg, dense_flops))
     return keys
+
+
+def source_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list[str]:
+    """The --set keys of upcycled experiment `exp`'s source run: `fraction` of dense's total
+    training FLOPs, with its own full schedule."""
+    up = suite.upstream_of(exp)
+    assert up is not None
+    keys = [*suite.overrides, *overrides, *seed_keys(seed)]
+    dense_flops = budgets.total_flops(experiment_config(suite.experiments[0], keys))
+    cfg = experiment_config(up.source, keys)
+    return keys + budgets.schedule_keys(
+        cfg, budgets.steps_for_flops(cfg, up.fraction * dense_flops)
+    )
+
+
+def source_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
+    """Where upcycled experiment `exp`'s source run lives: ROOT/SUITE/{exp}.source/seedS."""
+    return run_dir(root, suite, f"{exp}.source", seed)
 
 
 def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> None:
@@ -84,6 +108,14 @@ def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> N
     for seed in range(seeds):
         for exp in suite.experiments:
             keys = run_keys(suite, exp, seed, overrides)
+            up = suite.upstream_of(exp)
+            if up is not None:  # its source run first, then upcycled from it
+                source = source_dir(root, suite, exp, seed)
+                print(f"[compare] {up.source} seed {seed} -> {source}", file=sys.stderr, flush=True)
+                train(
+                    experiment_config(up.source, source_keys(suite, exp, seed, overrides)), source
+                )
+                keys.append(f"run.init_from={source.absolute()}")
             cfg = experiment_config(exp, keys)
             workdir = run_dir(root, suite, exp, seed)
             print(f"[compare] {exp} seed {seed} -> {workdir}", file=sys.stderr, flush=True)

@@ -104,6 +104,7 @@ def table(info: dict) -> str:
         if "groups" in entry:
             groups = "; ".join(
                 f"{g['name']}: {g['experts']} experts x {g['slots']} slots, "
+                f"{g['experts_per_token']:g} per token (ideal), "
                 f"{g['first_slots']} always run, then slabs of {g['slab_slots']}"
                 for g in entry["groups"]
             )

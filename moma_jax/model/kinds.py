@@ -260,6 +260,8 @@ def _sparse_describe(cfg: ModelConfig) -> dict[str, Any]:
             "slots": moe.group_slots(g),
             "first_slots": moe.first_slots(g),
             "slab_slots": moe.slab_slots(g),
+            # what the ideal FLOPs assume; per-token routers log the measured mean
+            "experts_per_token": moe.router(g).experts_per_token(moe, g),
         }
         for g in range(moe.n_groups)
     ]

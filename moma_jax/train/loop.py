@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig, validate
@@ -44,7 +43,7 @@ from moma_jax.train.metric_log import (
     offsets_of,
 )
 from moma_jax.train.metrics import MetricWriter, NullWriter
-from moma_jax.train.state import TrainState, init_state, make_optimizer
+from moma_jax.train.state import TrainState, fresh_state, init_state, make_optimizer
 from moma_jax.train.step import make_eval_step
 from moma_jax.train.workdir import Workdir
 
@@ -290,7 +289,7 @@ def _upcycle(
         "flops_executed": tokens * train_flops_per_token(source_cfg.model, seq, True),
     }
     reset = jax.jit(
-        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+        lambda p: fresh_state(cfg, p, tx),
         out_shardings=shardings,
     )
     return reset(params), offsets

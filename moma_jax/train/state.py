@@ -2,28 +2,50 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from jax.tree_util import GetAttrKey
 
 from moma_jax.config import ExperimentConfig, OptimConfig
 from moma_jax.model import Transformer
 from moma_jax.model.aux_router import PATH_NAME as AUX_PATH_NAME
 from moma_jax.sharding import tree_shardings
+from moma_jax.train.controls import initial
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Everything a step changes: a pytree, saved whole by Orbax."""
+    """Everything a step changes: a pytree, saved whole by Orbax. `controls`: the adapted
+    loss coefficients (`train/controls.py`), {} for most models."""
 
     step: jax.Array
     params: nnx.State
     opt_state: Any
+    controls: dict[str, jax.Array]
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
+
+def _flatten(state: TrainState):
+    """Children by field name; `controls` only when a model has some, so a state without them
+    has the layout checkpoints had before the field existed (and they restore unchanged)."""
+    names = ("step", "params", "opt_state") + (("controls",) if state.controls else ())
+    return [(GetAttrKey(n), getattr(state, n)) for n in names], bool(state.controls)
+
+
+def _unflatten(has_controls: bool, children) -> TrainState:
+    step, params, opt_state, *rest = children
+    return TrainState(step, params, opt_state, rest[0] if has_controls else {})
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten, _unflatten)
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -88,6 +110,14 @@ def abstract_params(cfg: ExperimentConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
+def fresh_state(
+    cfg: ExperimentConfig, params: nnx.State, tx: optax.GradientTransformation
+) -> TrainState:
+    """Step 0 with `params`: fresh optimizer moments and initial loss coefficients."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), controls=initial(cfg))
+
+
 def init_state(cfg: ExperimentConfig, tx: optax.GradientTransformation, mesh: Mesh):
     """Returns (graphdef, init_fn, abstract_state, state_shardings).
 
@@ -102,7 +132,7 @@ def init_state(cfg: ExperimentConfig, tx: optax.GradientTransformation, mesh: Me
 
     def init() -> TrainState:
         params = nnx.state(build_model(cfg))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return fresh_state(cfg, params, tx)
 
     shapes = jax.eval_shape(init)
     shardings = tree_shardings(shapes, mesh)

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moma_jax.config import ExperimentConfig
 from moma_jax.losses import loss_sums, means_from_sums, target_mask
 from moma_jax.model import aux_router
+from moma_jax.train import controls as controls_lib
 from moma_jax.train.state import TrainState, lr_schedule, param_labels
 
 Batch = dict[str, jax.Array]
@@ -67,9 +68,8 @@ def make_train_step(
 
         def objective(params, micro, micro_key):
             sums, aux = _forward(graphdef, cfg, params, micro, micro_key)
-            aux_loss = sum(
-                _objective_losses(cfg, aux["losses"]).values(), jnp.zeros((), jnp.float32)
-            )
+            losses = controls_lib.weighted(_objective_losses(cfg, aux["losses"]), state.controls)
+            aux_loss = sum(losses.values(), jnp.zeros((), jnp.float32))
             if cfg.model.aux_routers == "posthoc":  # the frozen model's loss is only reported
                 return aux_loss / n_micro, (sums, aux)
             return (sums["ce"] + sums["z"]) / total + aux_loss / n_micro, (sums, aux)
@@ -91,7 +91,9 @@ def make_train_step(
                 accumulate, (zeros, 0), _split_micro(batch, n_micro)
             )
         sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums_A)
-        aux_losses = {k: jnp.mean(v) for k, v in aux_A["losses"].items()}
+        aux_losses = controls_lib.weighted(
+            {k: jnp.mean(v) for k, v in aux_A["losses"].items()}, state.controls
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = means_from_sums(sums)
@@ -100,6 +102,9 @@ def make_train_step(
         )
         metrics.update(aux_losses)
         metrics.update({k: jnp.mean(v, axis=0) for k, v in aux_A["metrics"].items()})
+        for k in state.controls:  # the unweighted loss and the coefficient it was weighted by
+            metrics[f"{k}_raw"] = jnp.mean(aux_A["losses"][k])
+            metrics[f"{k}_coeff"] = state.controls[k]
         metrics = aux_router.with_rates(metrics)
         if cfg.model.aux_routers == "none":
             metrics["grad_norm"] = optax.tree.norm(grads)
@@ -112,7 +117,12 @@ def make_train_step(
             metrics["aux_grad_norm"] = jnp.sqrt(sum(aux_n, jnp.zeros(())))
         metrics["lr"] = schedule(state.step)
         metrics["target_tokens"] = sums["count"]
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            controls=controls_lib.update(cfg, state.controls, metrics),
+        )
         return new_state, metrics
 
     return train_step
