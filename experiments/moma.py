@@ -95,6 +95,26 @@ def moma_4t4i_null(size: str) -> ExperimentConfig:
     return sparse_variant(dense(size), "moe", moe)
 
 
+@register_sizes("moma_4t4i_topany", SIZES)
+def moma_4t4i_topany(size: str) -> ExperimentConfig:
+    """moma_4t4i with DynMoE's top-any gating in each modality group (Guo et al. 2024, arXiv
+    2405.14297) instead of expert choice: a token takes every expert whose score
+    sigmoid(cos(x, w_e)) exceeds that expert's learned threshold, gates 1/k over its k experts,
+    its top-1 expert when it takes none; DynMoE's diverse-and-simple, balance and efficiency
+    losses at 0.01 each.
+
+    Per-token and dropless: causal evaluation and generation need no aux routers.
+    Run: python scripts/train.py --exp moma_4t4i_topany_tiny
+    Describe: python scripts/describe.py --exp moma_4t4i_topany_tiny
+    Shows: experts per token per modality (moe/{text,image}/experts_per_token; the ideal FLOPs
+    assume 1, as dense and moma_4t4i; above 1 the run costs more, flops_executed does not
+    count it; multi_expert_frac = tokens with 2+) and the losses against moma_4t4i_tiny's and
+    moma_4t4i_topp_tiny's, teacher-forced and causal alike.
+    """
+    moe = SparseConfig(group_experts=(4, 4), routing="top_any")
+    return sparse_variant(dense(size), "moe", moe)
+
+
 @register_sizes("moma_fine4", SIZES, stages=AUX_STAGES)
 def moma_fine4(size: str) -> ExperimentConfig:
     """moma_4t4i at granularity 4 (DeepSeekMoE's fine-grained experts, arXiv 2401.06066, inside

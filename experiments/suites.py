@@ -83,14 +83,17 @@ register_suite(
             "moma_4t4i_topp_tiny",
             "moma_4t4i_null_tiny",
             "moma_4t4i_remoe_tiny",
+            "moma_4t4i_topany_tiny",
         ),
         seeds=3,
         aux_stages=True,
         description="Expert choice with post-hoc aux routers against per-token routers that "
-        "need none (top-p, null experts, ReMoE): teacher-forced and causal losses; experts per "
-        "token in each run's metrics. Equal steps, equal ideal FLOPs: top-p's measured experts per "
-        "token run above the 1 its ideal FLOPs assume (1.4-2 early in training), so it "
-        "computes more than the others; read its experts_per_token beside its losses.",
+        "need none (top-p, null experts, ReMoE, DynMoE's top-any): teacher-forced and causal "
+        "losses; experts per token in each run's metrics. Equal steps, equal ideal FLOPs: the "
+        "per-token routers' measured experts per token run above the 1 their ideal FLOPs "
+        "assume early in training (top-p 1.4-2, top-any about 2 at the start, ReMoE 2-3 until "
+        "its coefficient grows), so they compute more than the others; read their "
+        "experts_per_token beside their losses.",
     )
 )
 register_suite(

@@ -8,8 +8,8 @@ scores, auxiliary losses) and its causal route (each token decides alone, N slot
 The layer (`model/moe.py`), the config checks, flops and describe ask the row; none of them
 names a method. A one-expert group is the `take_all` row, whatever `model.moe.routing` says.
 
-Rows whose experts per token vary (top-p, null experts) live in `routers_per_token.py`. Add a
-method with `register_router(row)` (a test or an `--experiments` module can): the row's
+Rows whose experts per token vary (top-p, null experts, top-any) live in `routers_per_token.py`.
+Add a method with `register_router(row)` (a test or an `--experiments` module can): the row's
 route functions are JAX over [G, N, ...] arrays, built from `model/routing.py`.
 
 This module sits at the bottom of the import graph (the config checks read it), so the routing
@@ -65,6 +65,9 @@ class SparseSettings(Protocol):
     def relu_l1_init(self) -> float: ...
     @property
     def relu_l1_multiplier(self) -> float: ...
+    def top_any_tau(self) -> float: ...
+    @property
+    def top_any_loss_weight(self) -> float: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -78,6 +81,10 @@ class GroupRouting(NamedTuple):
     count_G: Any  # int32: eligible tokens per routing group (b_M)
     key: Any = None  # router noise (teacher-forced only), or None
     aux_logits_GxNxE: Any = None  # causal, rows that need one: the aux router's logits
+    router_DxE: Any = (
+        None  # the learned router's weights (float32), for rows whose losses read them
+    )
+    threshold_E: Any = None  # the group's per-expert thresholds, rows with `has_thresholds`
 
 
 class Routed(NamedTuple):
@@ -110,6 +117,14 @@ class Router(abc.ABC):
     name: str = ""
     has_router: bool = True  # a learned D x E router (`router_DxE`, 2 D E FLOPs per token)
     needs_aux_router: bool = False  # ranks whole routing groups: causal routing needs one
+    has_thresholds: bool = False  # learned per-expert thresholds (`router_threshold_E`, zeros)
+
+    def router_logits(self, moe: SparseSettings, x_GxNxD: Any, w_DxE: Any) -> Any:
+        """The router's logits from float32 tokens and weights: x W unless a row scores
+        otherwise (top-any: a scaled cosine)."""
+        import jax.numpy as jnp
+
+        return jnp.einsum("gnd,de->gne", x_GxNxD, w_DxE)
 
     def router_columns(self, moe: SparseSettings, group: int) -> int:
         """Columns of the learned router (its logits): one per expert unless a row adds its

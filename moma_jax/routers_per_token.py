@@ -1,9 +1,11 @@
 """Routing rows whose experts per token vary, each token deciding alone (`moma_jax/routers.py`
-holds the table, the fixed-count rows and the `threshold` dispatch these use): top-p and null
-experts. Both are dropless (N slots per expert) and route causally as they train, so they need
-no aux router; `moe/{group}/experts_per_token` logs what they use."""
+holds the table, the fixed-count rows and the `threshold` dispatch these use): top-p, null
+experts and top-any. All are dropless (N slots per expert) and route causally as they train, so
+they need no aux router; `moe/{group}/experts_per_token` logs what they use."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from moma_jax.routers import (
     GroupRouting,
@@ -108,5 +110,61 @@ class NullExperts(Router):
     route_causal = route
 
 
+class TopAny(Router):
+    """DynMoE's top-any gating (Guo et al. 2024, "Dynamic Mixture of Experts: An Auto-Tuning
+    Approach for Efficient Transformer Models", arXiv 2405.14297): scores
+    s_e = sigmoid(tau cos(x, w_e)) against learned per-expert thresholds
+    t_e = sigmoid(tau theta_e) (`router_threshold_E`, zeros at the start; tau is
+    `model.moe.top_any_tau`, fixed, 1 as DynMoE's); a token takes every expert with s_e > t_e,
+    each at gate 1/k (k taken; straight-through gradient of relu(s_e - t_e) for the 0/1
+    choice), and a token that takes none its top-1 expert by s at gate 1 (DynMoE's inference
+    fallback, used here in training too, so training and generation route alike). Losses,
+    `top_any_loss_weight` x each: DynMoE's diverse-and-simple gate loss on the router's expert
+    embeddings, its balance loss over the tokens that chose, and its efficiency loss (the mean
+    choice). Per token and dropless (N slots per expert): causal as it trains, no aux router.
+    FLOPs: `model.moe.capacity` is the experts per token the ideal count assumes; the measured
+    mean is logged (`moe/{group}/experts_per_token`)."""
+
+    name = "top_any"
+    has_thresholds = True
+
+    def router_logits(self, moe: SparseSettings, x_GxNxD: Any, w_DxE: Any) -> Any:
+        import jax.numpy as jnp
+
+        eps = 1e-12  # as torch's F.normalize
+        x_unit = x_GxNxD / jnp.maximum(jnp.linalg.norm(x_GxNxD, axis=-1, keepdims=True), eps)
+        w_unit = w_DxE / jnp.maximum(jnp.linalg.norm(w_DxE, axis=0, keepdims=True), eps)
+        return moe.top_any_tau * jnp.einsum("gnd,de->gne", x_unit, w_unit)
+
+    def slots(self, moe: SparseSettings, group: int) -> int:
+        return moe.routing_group_tokens
+
+    def experts_per_token(self, moe: SparseSettings, group: int) -> float:
+        return moe.capacity
+
+    def route(self, r: GroupRouting) -> Routed:
+        import jax
+
+        from moma_jax.model import routing
+
+        moe = r.moe
+        scores_GxNxE = jax.nn.sigmoid(r.logits_GxNxE)
+        thresholds_E = jax.nn.sigmoid(moe.top_any_tau * r.threshold_E)
+        taken_GxNxE, gate_GxNxE, chosen_GxNxE = jax.vmap(
+            lambda s: routing.top_any_gates(s, thresholds_E)
+        )(scores_GxNxE)
+        routed = threshold(r, taken_GxNxE, gate_GxNxE, scores_GxNxE)
+        experts = chosen_GxNxE.shape[-1]
+        terms = routing.top_any_losses(
+            chosen_GxNxE.reshape(-1, experts), r.eligible_GxN.reshape(-1), r.router_DxE
+        )
+        weight = moe.top_any_loss_weight
+        losses = {f"{name}_loss": weight * value for name, value in terms.items()}
+        return routed._replace(losses=losses)
+
+    route_causal = route
+
+
 register_router(TopP())
 register_router(NullExperts())
+register_router(TopAny())

@@ -34,7 +34,7 @@ class SparseConfig:
     group_experts: tuple[int, ...] = (4, 4)  # experts in each group
     modality_group: tuple[int, ...] = (0, 1)  # modality id -> group index
     # A row of `moma_jax/routers.py`: expert_choice | token_choice | token_choice_bpr | top_p |
-    # token_choice_null | relu.
+    # token_choice_null | relu | top_any.
     routing: str = "expert_choice"
     router_score: str = "sigmoid"  # "sigmoid" (MoMa: per expert, not renormalised) | "softmax"
     # Expert choice: average experts per token c; each expert of group M takes
@@ -52,6 +52,12 @@ class SparseConfig:
     # 1.2), steering the measured experts per token to `capacity`.
     relu_l1_init: float = 1e-8
     relu_l1_multiplier: float = 1.2
+    # Top-any gating (DynMoE): scores sigmoid(tau cos(x, w_e)) against sigmoid(tau theta_e), tau
+    # fixed (DynMoE's init_t = 1: tau = 1, not trained; at most 100, its clamp); its three
+    # auxiliary losses (diverse-and-simple, balance, efficiency) each weighted by
+    # top_any_loss_weight (router_aux_loss_coef=0.01 in DynMoE's MoE-LLaVA finetune_dynmoe.sh).
+    top_any_tau: float = 1.0
+    top_any_loss_weight: float = 0.01
     # Expert compute (model/grouped.py): the first `first_fraction` of the k_e a routing group
     # with the configured modality shares gives always runs, in one batched call; the rest in
     # slabs of tile_rows rows shared by a group's experts, only as many as the batch needs.
@@ -275,6 +281,15 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
         moe.relu_l1_multiplier > 1,
         f"model.moe.relu_l1_multiplier must be > 1 (1 would never adapt the coefficient), got "
         f"{moe.relu_l1_multiplier}",
+    )
+    require(
+        0 < moe.top_any_tau <= 100,
+        f"model.moe.top_any_tau must be in (0, 100] (DynMoE clamps its scale at 100), got "
+        f"{moe.top_any_tau}",
+    )
+    require(
+        moe.top_any_loss_weight >= 0,
+        f"model.moe.top_any_loss_weight must be >= 0, got {moe.top_any_loss_weight}",
     )
     require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     require(

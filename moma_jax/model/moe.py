@@ -32,7 +32,7 @@ from flax import nnx
 from moma_jax.config import ConfigError, ModelConfig, moe_routed_config, moe_shared_config
 from moma_jax.model import aux_router, grouped, routing
 from moma_jax.model.context import Context
-from moma_jax.model.layers import param
+from moma_jax.model.layers import param, zeros_param
 from moma_jax.routers import GroupRouting, Routed
 from moma_jax.sparse_config import SparseConfig
 
@@ -58,6 +58,10 @@ class ExpertGroup(nnx.Module):
             param(rngs, (d, row.router_columns(cfg.moe, g)), ("embed", None), std, dt)
             if row.has_router
             else None
+        )
+        # Rows with learned per-expert thresholds (top-any): zeros at the start, as DynMoE's.
+        self.router_threshold_E = (
+            zeros_param((n_experts,), (None,), dt) if row.has_thresholds else None
         )
         self.w_gate_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_up_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
@@ -146,12 +150,17 @@ class SparseFFN(nnx.Module):
         eligible_GxN, count_G = jax.vmap(
             lambda mod, val: routing.modality_eligibility(mod, val, modalities)
         )(modality_GxN, valid_GxN)
-        logits_GxNxE = None
+        logits_GxNxE = w32 = threshold_E = None
         if group.router_DxE is not None:
             x32, w32 = x_GxNxD.astype(jnp.float32), group.router_DxE[...].astype(jnp.float32)
-            logits_GxNxE = jnp.einsum("gnd,de->gne", x32, w32)
+            logits_GxNxE = row.router_logits(moe, x32, w32)
+        if group.router_threshold_E is not None:
+            threshold_E = group.router_threshold_E[...].astype(jnp.float32)
         slots = n if causal else moe.group_slots(g)
-        r = GroupRouting(moe, slots, logits_GxNxE, eligible_GxN, count_G, key)
+        r = GroupRouting(
+            moe, slots, logits_GxNxE, eligible_GxN, count_G, key,
+            router_DxE=w32, threshold_E=threshold_E,
+        )  # fmt: skip
         if causal:
             if row.needs_aux_router:
                 router = aux_router.require(group.aux_router, f"expert group {moe.group_name(g)!r}")

@@ -307,3 +307,60 @@ def top_p_taken(probs_NxE: jax.Array, threshold: float) -> jax.Array:
     take_NxE = before_NxE < threshold
     rows_NxE = jnp.broadcast_to(jnp.arange(n_tokens)[:, None], (n_tokens, n_experts))
     return jnp.zeros((n_tokens, n_experts), bool).at[rows_NxE, expert_NxE].set(take_NxE)
+
+
+def top_any_gates(
+    scores_NxE: jax.Array, thresholds_E: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DynMoE's top-any gating (Guo et al. 2024, arXiv 2405.14297) over sigmoid scores s and
+    per-expert thresholds t (both in (0, 1)): (taken [N, E] bool, gate [N, E], chosen [N, E]).
+
+    chosen: sign(relu(s - t)), 1 where s > t, else 0, with the straight-through gradient of
+    relu(s - t) (the sign's gradient taken as 1: s and t learn where s > t only). A token with
+    k >= 1 chosen experts combines them with gate chosen / k (k is a count: no gradient); a token
+    with none takes its top-1 expert by s at gate 1 (the fallback, constant: no gradient).
+    taken: the chosen experts, or the fallback expert."""
+    scores32_NxE = scores_NxE.astype(jnp.float32)
+    margin_NxE = jax.nn.relu(scores32_NxE - thresholds_E.astype(jnp.float32))  # relu'(0) = 0
+    chosen_NxE = margin_NxE - jax.lax.stop_gradient(margin_NxE)
+    chosen_NxE = chosen_NxE + jax.lax.stop_gradient((margin_NxE > 0).astype(jnp.float32))
+    count_Nx1 = jnp.sum(jax.lax.stop_gradient(chosen_NxE), axis=-1, keepdims=True)
+    top1_NxE = jax.nn.one_hot(jnp.argmax(scores32_NxE, axis=-1), scores_NxE.shape[-1])
+    fallback_NxE = jnp.where(count_Nx1 == 0, top1_NxE, 0.0)
+    gate_NxE = chosen_NxE / jnp.maximum(count_Nx1, 1.0) + fallback_NxE
+    taken_NxE = (jax.lax.stop_gradient(chosen_NxE) + fallback_NxE) > 0
+    return taken_NxE, gate_NxE, chosen_NxE
+
+
+def top_any_losses(
+    chosen_TxE: jax.Array, eligible_T: jax.Array, router_DxE: jax.Array
+) -> dict[str, jax.Array]:
+    """DynMoE's auxiliary losses (unweighted) over T eligible tokens' `top_any_gates` choices
+    (straight-through, before the top-1 fallback) and the router's expert embeddings w_e:
+
+    diversity: ||W_n^T W_n - I||_F + mean_e ||w_e|| (W_n: unit columns), the "diverse and
+      simple" gate loss: experts' embeddings apart, and small;
+    balance: E sum_e m_e c_e over the tokens that chose at least one expert, m_e the mean of
+      chosen_e / sum_e' chosen_e' (with its straight-through gradient), c_e the share choosing e
+      (0 if no token chose);
+    efficiency: the mean of chosen over tokens and experts (fewer experts per token as it
+      falls)."""
+    n_experts = chosen_TxE.shape[-1]
+    w32_DxE = router_DxE.astype(jnp.float32)
+    norm_E = jnp.sqrt(jnp.sum(jnp.square(w32_DxE), axis=0))
+    unit_DxE = w32_DxE / jnp.maximum(norm_E, 1e-12)
+    off_ExE = unit_DxE.T @ unit_DxE - jnp.eye(n_experts, dtype=jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny  # the Frobenius norm's gradient stays finite at 0
+    diversity = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(off_ExE)), tiny)) + jnp.mean(norm_E)
+    eligible_Tx1 = eligible_T[:, None].astype(jnp.float32)
+    chosen_TxE = chosen_TxE.astype(jnp.float32) * eligible_Tx1
+    total_Tx1 = jnp.sum(chosen_TxE, axis=-1, keepdims=True)
+    active_Tx1 = (jax.lax.stop_gradient(total_Tx1) > 0).astype(jnp.float32)
+    n_active = jnp.maximum(jnp.sum(active_Tx1), 1.0)
+    share_TxE = chosen_TxE / jnp.where(active_Tx1 > 0, total_Tx1, 1.0)
+    mean_share_E = jnp.sum(share_TxE, axis=0) / n_active
+    frac_E = jnp.sum(jax.lax.stop_gradient(chosen_TxE), axis=0) / n_active
+    balance = n_experts * jnp.sum(mean_share_E * frac_E)
+    count = jnp.maximum(jnp.sum(eligible_Tx1), 1.0)
+    efficiency = jnp.sum(chosen_TxE) / (count * n_experts)
+    return {"diversity": diversity, "balance": balance, "efficiency": efficiency}
