@@ -89,12 +89,14 @@ class GroupRouting(NamedTuple):
 
 class Routed(NamedTuple):
     """A route's result: the [G, E, C] dispatch, its stats (per routing group: `dropped`,
-    `wasted`), the router scores [G, N, E] the metrics read, and auxiliary losses (weighted)."""
+    `wasted`), the router scores [G, N, E] the metrics read, auxiliary losses (weighted), and
+    the row's own scalar metrics (logged as `moe/{group}/{name}` beside the common ones)."""
 
     dispatch: Any
     stats: dict[str, Any]
     scores_GxNxE: Any
     losses: dict[str, Any]
+    metrics: Any = None  # dict[str, scalar] or None
 
 
 class Control(NamedTuple):

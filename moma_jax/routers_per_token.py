@@ -123,7 +123,8 @@ class TopAny(Router):
     embeddings, its balance loss over the tokens that chose, and its efficiency loss (the mean
     choice). Per token and dropless (N slots per expert): causal as it trains, no aux router.
     FLOPs: `model.moe.capacity` is the experts per token the ideal count assumes; the measured
-    mean is logged (`moe/{group}/experts_per_token`)."""
+    mean is logged (`moe/{group}/experts_per_token`), and the share of tokens on the fallback
+    (`moe/{group}/fallback_frac`)."""
 
     name = "top_any"
     has_thresholds = True
@@ -144,6 +145,7 @@ class TopAny(Router):
 
     def route(self, r: GroupRouting) -> Routed:
         import jax
+        import jax.numpy as jnp
 
         from moma_jax.model import routing
 
@@ -160,7 +162,11 @@ class TopAny(Router):
         )
         weight = moe.top_any_loss_weight
         losses = {f"{name}_loss": weight * value for name, value in terms.items()}
-        return routed._replace(losses=losses)
+        # Tokens that chose no expert and took the top-1 fallback, among the group's tokens.
+        elig_GxN = r.eligible_GxN.astype(jnp.float32)
+        none_GxN = (jnp.sum(jax.lax.stop_gradient(chosen_GxNxE), axis=-1) == 0) * elig_GxN
+        fallback = jnp.sum(none_GxN) / jnp.maximum(jnp.sum(elig_GxN), 1.0)
+        return routed._replace(losses=losses, metrics={"fallback_frac": fallback})
 
     route_causal = route
 

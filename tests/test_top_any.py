@@ -179,6 +179,9 @@ def test_losses_and_experts_per_token_match_numpy():
         multi = metrics[f"moe/{name}/multi_expert_frac"]
         np.testing.assert_allclose(multi, (used > 1).mean(), rtol=1e-6)
         assert metrics[f"moe/{name}/untaken_frac"] == 0  # the fallback routes every token
+        none = chosen.sum(1) == 0
+        np.testing.assert_allclose(metrics[f"moe/{name}/fallback_frac"], none.mean(), rtol=1e-6)
+        assert 0 < none.mean() < 1
 
 
 def test_loss_gradient_is_the_straight_through_one():

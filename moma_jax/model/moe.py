@@ -182,6 +182,7 @@ class SparseFFN(nnx.Module):
         metrics = _metrics(
             routed.scores_GxNxE, eligible_GxN, count_G, routed.dispatch, routed.stats
         )
+        metrics.update(routed.metrics or {})
         if group.aux_router is not None and not causal:
             taken_GxNxE = jax.vmap(lambda dsp: _taken(dsp, n))(routed.dispatch)
             aux_losses, aux_metrics = aux_router.aux_terms(
