@@ -18,15 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sparse_cases
+from cli_args import small
 from flax import nnx
 from sparse_cases import W, assert_gradient_matches, assert_output_matches, inputs, run_layer
 
 from moma_jax import registry
+from moma_jax.commands.cli import main
 from moma_jax.config import ConfigError, ModelConfig, validate
 from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
 from moma_jax.runtime import resolve_shares
+from moma_jax.train.metrics import read_jsonl
 
 # --- NumPy from the paper's equations ---------------------------------------------------------
 
@@ -299,7 +302,7 @@ def test_layer_matches_the_transcribed_dynmoe_gate():
     np.testing.assert_allclose(ours, l_aux, rtol=1e-5)
 
 
-# --- Causal, FLOPs, config ------------------------------------------------------------------
+# --- Causal, FLOPs, config, training ------------------------------------------------------
 
 
 def test_routes_causally_as_it_trains_and_no_token_moves_an_earlier_one():
@@ -335,3 +338,19 @@ def test_bad_values_fail_at_config_time(key, value):
     with pytest.raises(ConfigError, match=key):
         validate(apply_overrides(cfg, [f"model.moe.{key}={value}"]))
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_the_experiment_trains_two_steps(tmp_path, data_dir):
+    """End to end at a tiny shape: the thresholds train, checkpoint and log with the model."""
+    keys = small(
+        "model.n_layers=1", "data.seq_len=64", "data.batch_size=4",
+        "model.moe.routing_group_tokens=64", "run.log_every=1", "run.eval_batches=1",
+    )  # fmt: skip
+    args = ["--exp", "moma_4t4i_topany_tiny", "--workdir", str(tmp_path), "--steps", "2", *keys]
+    assert main(args) == 0
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for name in ("text", "image"):
+        assert rows[-1][f"moe/{name}/experts_per_token"] >= 1
+        assert np.isfinite(rows[-1][f"moe/{name}/efficiency_loss"])
+        assert 0 <= rows[-1][f"moe/{name}/fallback_frac"] <= 1
