@@ -62,8 +62,10 @@ def deepseek_8x(size: str) -> ExperimentConfig:
     """DeepSeekMoE's token-choice form, mixed-modal as in the paper (arXiv 2401.06066): moe_8x's
     8 experts at granularity 4 = 32 quarter-experts, 1 shared, 31 routed, each token its top 3
     routed (4 x 1 - 1), softmax gates not renormalised, capacity factor 1.25 (drops counted),
-    the Switch balance loss (0.01, on first choices: not DeepSeekMoE's count over all
-    choices) and z-loss.
+    DeepSeekMoE's expert-level balance loss (0.01 x sum_i f_i P_i over all top-3 choices) and
+    z-loss; its device-level loss applies where experts are sharded: add
+    `--set model.moe.balance_devices=D --set model.moe.device_lb_loss_weight=W` (D: the expert
+    mesh axis's size).
 
     Run: python scripts/train.py --exp deepseek_8x_tiny
     Shows: against switch_8x_tiny and moe_8x_tiny at equal ideal FLOPs, fine-grained experts
@@ -76,6 +78,7 @@ def deepseek_8x(size: str) -> ExperimentConfig:
         shared_experts=1,
         top_k=3,
         top_k_renormalize=False,
+        balance_loss="deepseek",
     )
     return sparse_variant(dense(size), "moe", moe)
 

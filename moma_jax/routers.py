@@ -69,6 +69,12 @@ class SparseSettings(Protocol):
     def top_any_tau(self) -> float: ...
     @property
     def top_any_loss_weight(self) -> float: ...
+    @property
+    def balance_loss(self) -> str: ...
+    @property
+    def balance_devices(self) -> int: ...
+    @property
+    def device_lb_loss_weight(self) -> float: ...
     def group_share(self, group: int) -> float: ...
 
 
@@ -255,12 +261,27 @@ class TokenChoice(Router):
         dispatch, stats = jax.vmap(
             lambda p, e, o: routing.token_choice(p, e, moe.top_k, r.slots, renormalize(moe), o)
         )(probs_GxNxE, r.eligible_GxN, priority_GxN)
-        # Switch's balancing loss over the whole batch: f and P averaged over all groups.
-        lb = routing.switch_load_balance_loss(
-            jnp.mean(stats["frac_tokens_E"], axis=0), jnp.mean(stats["mean_prob_E"], axis=0)
-        )
         z = jnp.mean(jax.vmap(routing.router_z_loss)(logits_GxNxE, r.eligible_GxN))
-        losses = {"lb_loss": moe.lb_loss_weight * lb, "z_loss": moe.router_z_loss_weight * z}
+        losses = {"z_loss": moe.router_z_loss_weight * z}
+        if moe.balance_loss == "deepseek":  # over every top-k choice, before capacity
+            experts = probs_GxNxE.shape[-1]
+            chosen_GxNxE, _ = jax.vmap(lambda p: routing.top_k_taken(p, moe.top_k, False))(
+                probs_GxNxE
+            )
+            expert, device = routing.deepseek_balance_losses(
+                probs_GxNxE.reshape(-1, experts),
+                chosen_GxNxE.reshape(-1, experts),
+                r.eligible_GxN.reshape(-1),
+                moe.top_k,
+                moe.balance_devices,
+            )
+            losses["lb_loss"] = moe.lb_loss_weight * expert
+            if moe.device_lb_loss_weight > 0:
+                losses["device_lb_loss"] = moe.device_lb_loss_weight * device
+        else:  # Switch's, over the whole batch: f and P averaged over all groups
+            losses["lb_loss"] = moe.lb_loss_weight * routing.switch_load_balance_loss(
+                jnp.mean(stats["frac_tokens_E"], axis=0), jnp.mean(stats["mean_prob_E"], axis=0)
+            )
         return Routed(dispatch, stats, probs_GxNxE, losses)
 
     def priority(self, probs_GxNxE: Any) -> Any:

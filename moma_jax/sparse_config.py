@@ -88,6 +88,13 @@ class SparseConfig:
     # group's eligible tokens in order), so kernel cost can be told from routing imbalance.
     force_balanced: bool = False
     lb_loss_weight: float = 0.01  # token choice: Switch load-balancing loss
+    # Token choice's balance loss: "switch" (E sum f P on first choices) | "deepseek"
+    # (DeepSeekMoE's expert-level loss over all top-k choices, and with balance_devices > 1 and
+    # device_lb_loss_weight > 0 its device-level loss over that many contiguous expert sets:
+    # set it to the expert mesh axis's size; the loss never reads the mesh).
+    balance_loss: str = "switch"
+    balance_devices: int = 1
+    device_lb_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss (token choice)
     # The same z-loss on expert-choice routers: opt-in (0 = off; the MoMa paper uses none).
     ec_router_z_loss_weight: float = 0.0
@@ -290,6 +297,27 @@ def validate_sparse(moe: SparseConfig, seq_len: int, micro_batch_rows: int) -> N
     require(
         moe.top_any_loss_weight >= 0,
         f"model.moe.top_any_loss_weight must be >= 0, got {moe.top_any_loss_weight}",
+    )
+    require(
+        moe.balance_loss in ("switch", "deepseek"),
+        f"model.moe.balance_loss={moe.balance_loss!r}: use switch or deepseek",
+    )
+    require(
+        1 <= moe.balance_devices <= min(moe.group_experts),
+        f"model.moe.balance_devices={moe.balance_devices} must be in 1..{min(moe.group_experts)} "
+        "(each device set needs an expert of every group)",
+    )
+    require(
+        moe.device_lb_loss_weight == 0
+        or (moe.balance_loss == "deepseek" and moe.balance_devices > 1),
+        f"model.moe.device_lb_loss_weight={moe.device_lb_loss_weight} needs "
+        "model.moe.balance_loss=deepseek and model.moe.balance_devices > 1 (the device-level "
+        "loss of DeepSeekMoE balances that many expert sets)",
+    )
+    require(
+        moe.balance_loss == "switch" or moe.routing in ("token_choice", "token_choice_bpr"),
+        f"model.moe.balance_loss=deepseek has no effect: routing {moe.routing!r} is not token "
+        "choice (token_choice, token_choice_bpr)",
     )
     require(moe.tile_rows > 0, f"model.moe.tile_rows must be positive, got {moe.tile_rows}")
     require(

@@ -175,3 +175,65 @@ def test_upcycling_needs_the_same_expert_layout():
         target = nnx.state(SparseFFN(model_cfg(**moe), rngs=nnx.Rngs(1)))
         with pytest.raises(ConfigError, match=match):
             upcycle_params(source, target)
+
+
+def np_deepseek_balance(probs, chosen, k, devices):
+    """DeepSeekMoE (arXiv 2401.06066) eqs. 12-14 and 15-17, written out: f_i = N'/(K'T) sum_t
+    1(token t selects i), P_i = (1/T) sum_t s_{i,t}; L_Exp = sum_i f_i P_i; over D device sets
+    E_d: f'_d = mean_{j in E_d} f_j, P'_d = sum_{j in E_d} P_j, L_Dev = sum_d f'_d P'_d."""
+    t, e = probs.shape
+    f = e / (k * t) * chosen.sum(0)
+    p = probs.mean(0)
+    sets = np.array_split(np.arange(e), devices)
+    return (f * p).sum(), sum(f[s].mean() * p[s].sum() for s in sets)
+
+
+@pytest.mark.parametrize("devices", [2, 3])
+def test_deepseek_balance_losses_match_the_papers_equations(devices):
+    from sparse_cases import run_layer as run_sparse
+
+    moe = dict(routing="token_choice", router_score="softmax", group_experts=(8,),
+               modality_group=(0, 0), top_k=3, top_k_renormalize=False, balance_loss="deepseek",
+               balance_devices=devices, lb_loss_weight=0.5, device_lb_loss_weight=0.25)  # fmt: skip
+    cfg = sparse_cases.model_cfg(**moe)
+    layer = SparseFFN(cfg, rngs=nnx.Rngs(4))
+    x, modality, segment = inputs(seed=4)
+    aux = jax.jit(lambda x: run_sparse(layer, x, modality, segment)[1])(x)
+    router_param = layer.groups[0].router_DxE
+    assert router_param is not None
+    router = np.asarray(router_param[...], np.float64)
+    logits = x.astype(np.float64).reshape(-1, 16) @ router
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    eligible = (segment > 0).reshape(-1)
+    top3 = np.argsort(-probs, axis=-1)[:, :3]
+    chosen = np.zeros_like(probs, bool)
+    np.put_along_axis(chosen, top3, True, axis=-1)
+    expert, device = np_deepseek_balance(probs[eligible], chosen[eligible], 3, devices)
+    np.testing.assert_allclose(aux["losses"]["moe/text+image/lb_loss"], 0.5 * expert, rtol=1e-5)
+    np.testing.assert_allclose(
+        aux["losses"]["moe/text+image/device_lb_loss"], 0.25 * device, rtol=1e-5
+    )
+    # Both are 1 at perfect balance (every expert chosen equally, uniform probs).
+    uniform = jnp.full((24, 8), 1 / 8)
+    chosen_u = jnp.asarray(np.tile(np.eye(8, dtype=bool), (3, 1)))
+    from moma_jax.model.routing import deepseek_balance_losses
+
+    e_u, d_u = deepseek_balance_losses(uniform, chosen_u, jnp.ones(24, bool), 1, devices)
+    np.testing.assert_allclose([e_u, d_u], [1.0, 1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        (["model.moe.device_lb_loss_weight=0.1"], "needs model.moe.balance_loss=deepseek"),
+        (["model.moe.balance_devices=40"], "balance_devices=40 must be in 1..31"),
+        (["model.moe.balance_loss=gshard"], "use switch or deepseek"),
+    ],
+)
+def test_bad_balance_settings_fail_at_config_time(keys, match):
+    from moma_jax.config import ConfigError, validate
+    from moma_jax.overrides import apply_overrides
+
+    with pytest.raises(ConfigError, match=match):
+        validate(apply_overrides(registry.get("deepseek_8x_tiny"), keys))

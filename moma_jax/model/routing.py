@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Dispatch(NamedTuple):
@@ -230,6 +231,26 @@ def switch_load_balance_loss(frac_tokens_E: jax.Array, mean_prob_E: jax.Array) -
     """Switch load-balancing loss E * sum_e f_e * P_e (1.0 at perfect balance)."""
     n_experts = frac_tokens_E.shape[-1]
     return n_experts * jnp.sum(frac_tokens_E.astype(jnp.float32) * mean_prob_E.astype(jnp.float32))
+
+
+def deepseek_balance_losses(
+    probs_TxE: jax.Array, chosen_TxE: jax.Array, eligible_T: jax.Array, top_k: int, devices: int
+) -> tuple[jax.Array, jax.Array]:
+    """DeepSeekMoE's balance losses (Dai et al. 2024, arXiv 2401.06066, eqs. 12-17) over the T
+    eligible tokens: expert-level sum_i f_i P_i with f_i = E / (K T) * (tokens choosing i among
+    their top K) and P_i the mean prob; device-level sum_d f'_d P'_d over `devices` contiguous
+    expert sets (numpy.array_split's: E need not divide), f'_d the mean f_i, P'_d the sum P_i.
+    Both are 1 at perfect balance."""
+    n_experts = probs_TxE.shape[-1]
+    elig_Tx1 = eligible_T[:, None].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(elig_Tx1), 1.0)
+    chosen_E = jnp.sum(chosen_TxE.astype(jnp.float32) * elig_Tx1, axis=0)
+    f_E = n_experts * chosen_E / (top_k * count)
+    p_E = jnp.sum(probs_TxE.astype(jnp.float32) * elig_Tx1, axis=0) / count
+    expert = jnp.sum(f_E * p_E)
+    sets = np.array_split(np.arange(n_experts), devices)
+    device = sum((jnp.mean(f_E[d]) * jnp.sum(p_E[d]) for d in sets), start=jnp.zeros(()))
+    return expert, device
 
 
 def router_z_loss(logits_NxE: jax.Array, eligible_N: jax.Array) -> jax.Array:
