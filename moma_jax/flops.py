@@ -29,10 +29,15 @@ from flax import nnx
 from moma_jax.config import ModelConfig, mod_inner_config, moe_routed_config, moe_shared_config
 
 
+def attended_keys(seq_len: int, attention: str = "causal") -> float:
+    """Keys a query attends to on average (the module docstring's convention)."""
+    return (seq_len + 1) / 2 if attention == "causal" else seq_len
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "causal") -> float:
     """Q/K/V/O projections plus scores and weighted values, per token, forward."""
     d, hk = cfg.d_model, cfg.n_heads * cfg.resolved_head_dim
-    keys = (seq_len + 1) / 2 if attention == "causal" else seq_len
+    keys = attended_keys(seq_len, attention)
     return 2 * d * 3 * hk + 2 * hk * d + 2 * 2 * hk * keys
 
 

@@ -25,6 +25,8 @@ from moma_jax.runtime import (
 from moma_jax.train.state import abstract_params
 from moma_jax.units import byte_size
 
+_PLAN_KEYS = ("kind", "flops_ideal", "flops_executed")  # every layer plan entry has these
+
 
 def describe(cfg: ExperimentConfig) -> dict:
     """Numbers from the built model's abstract shapes and the analytic FLOPs model (modality
@@ -112,6 +114,8 @@ def table(info: dict) -> str:
                 f"{entry['routing']}, c={entry['capacity']:g}, groups of "
                 f"{entry['routing_group_tokens']} tokens ({groups})"
             )
+        else:  # another kind's own fields (attention experts: heads, experts, top_k)
+            routing = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in _PLAN_KEYS)
         lines.append(
             f"    {i:>2}  {entry['kind']:6} {human(entry['flops_ideal']):>8} "
             f"{human(entry['flops_executed']):>9}  {routing}"

@@ -19,7 +19,8 @@ class Block(nnx.Module):
     post: h = x + norm(attn(x));     out = h + norm(ffn(h))
 
     Every layer kind is this block with other parts (`model/kinds.py`): `attn` maps (x, ctx) ->
-    y; `ffn` maps (x, ctx) -> (y, aux), where aux holds on-device values (entries under
+    y, or (y, aux) when it has losses or metrics of its own (routed attention: model/moh.py);
+    `ffn` maps (x, ctx) -> (y, aux), where aux holds on-device values (entries under
     "losses" are added to the objective, entries under "metrics" are reported); norms map
     (x, ctx) -> x (MoT's read each token's modality from ctx, a `model.context.Context`).
     """
@@ -45,9 +46,25 @@ class Block(nnx.Module):
         dt = x_BxLxD.dtype
         x_BxLxD = constrain(x_BxLxD, ACTIVATION)
         if self.post_norm:
-            h = x_BxLxD + self.attn_norm(self.attn(x_BxLxD, ctx), ctx).astype(dt)
+            a, attn_aux = self._attend(x_BxLxD, ctx)
+            h = x_BxLxD + self.attn_norm(a, ctx).astype(dt)
             y, aux = self.ffn(h, ctx)
-            return constrain(h + self.ffn_norm(y, ctx).astype(dt), ACTIVATION), aux
-        h = x_BxLxD + self.attn(self.attn_norm(x_BxLxD, ctx), ctx).astype(dt)
+            return constrain(h + self.ffn_norm(y, ctx).astype(dt), ACTIVATION), merge(attn_aux, aux)
+        a, attn_aux = self._attend(self.attn_norm(x_BxLxD, ctx), ctx)
+        h = x_BxLxD + a.astype(dt)
         y, aux = self.ffn(self.ffn_norm(h, ctx), ctx)
-        return constrain(h + y.astype(dt), ACTIVATION), aux
+        return constrain(h + y.astype(dt), ACTIVATION), merge(attn_aux, aux)
+
+    def _attend(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
+        out = self.attn(x_BxLxD, ctx)
+        return out if isinstance(out, tuple) else (out, {})
+
+
+def merge(attn_aux: dict, ffn_aux: dict) -> dict:
+    """The attention's losses and metrics beside the feed-forward's (their names differ)."""
+    if not attn_aux:
+        return ffn_aux
+    merged = dict(ffn_aux)
+    for key in ("losses", "metrics"):
+        merged[key] = {**attn_aux.get(key, {}), **ffn_aux.get(key, {})}
+    return merged
