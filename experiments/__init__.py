@@ -7,6 +7,7 @@ it); importing it registers every module below. One file per family:
 - `sparse.py`: mixed-modal MoE (expert choice, Switch, GShard) and Mixture-of-Transformers;
 - `moma.py`: modality-aware experts (`moma_4t4i_tiny`, the headline) and upcycling;
 - `mod.py`: Mixture-of-Depths in every other layer;
+- `attention_experts.py`: attention experts per modality (MoH, SwitchHead);
 - `aux.py`: the aux-router stages (`{arch}_aux_{size}`, `{arch}_joint_aux_{size}`);
 - `ablations.py`: one change each to the tiny comparison;
 - `suites.py`: the named comparisons `scripts/compare.py --suite` runs.
@@ -15,6 +16,15 @@ To add an experiment, copy a function in the file of its family and give it a ne
 keep yours in your own module: `--experiments my_module`, README "Adding an experiment").
 """
 
-from experiments import ablations, aux, dense, mod, moma, sparse, suites
+from experiments import ablations, attention_experts, aux, dense, mod, moma, sparse, suites
 
-__all__ = ["ablations", "aux", "dense", "mod", "moma", "sparse", "suites"]
+__all__ = [
+    "ablations",
+    "attention_experts",
+    "aux",
+    "dense",
+    "mod",
+    "moma",
+    "sparse",
+    "suites",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from moma_jax.errors import ConfigError, require
+from moma_jax.modality import N_MODALITIES
 from moma_jax.sparse_config import SparseConfig, validate_sparse
 
 __all__ = [
@@ -17,10 +18,12 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "MeshConfig",
+    "MoHConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "SparseConfig",
+    "SwitchHeadConfig",
     "validate",
 ]
 
@@ -44,6 +47,41 @@ class ModConfig:
     # ST-MoE's router z-loss on the MoD router's logit (its square): opt-in, 0 = off (neither
     # the MoD nor the MoMa paper uses it).
     router_z_loss_weight: float = 0.0
+
+
+# How attention experts are grouped (layer kinds `moh`, `switchhead`): "modality", one group
+# per modality (a token is routed among its own modality's heads or experts, as MoMa's FFN
+# experts); "shared", one group for every token (the papers' setting).
+ATTENTION_EXPERT_GROUPS = ("modality", "shared")
+MOH_GATES = ("paper", "scaled")  # model/moh.py
+
+
+@dataclasses.dataclass(frozen=True)
+class MoHConfig:
+    """Mixture-of-Head attention (layer kind `moh`, Jin et al. 2024, arXiv 2410.11842):
+    `model.n_heads` heads in all: `shared_heads` always on, the rest split evenly into one set
+    of routed heads per group, of which each token takes its `top_k` (model/moh.py)."""
+
+    shared_heads: int = 2
+    top_k: int = 1
+    groups: str = "modality"  # one of ATTENTION_EXPERT_GROUPS
+    # "paper": the paper's Eq. 4-5 gates (alpha-weighted softmaxes, routed ones not
+    # renormalised); "scaled": SkyworkAI/MoH's code (top-k renormalised, each part scaled by
+    # its head count and by 2, the balance loss by the routed heads).
+    gates: str = "paper"
+    balance_weight: float = 0.01  # the paper's beta
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchHeadConfig:
+    """SwitchHead attention (layer kind `switchhead`, Csordas et al. 2023, arXiv 2312.07987):
+    per head, the value and output projections are `experts` experts per group, each token
+    taking the `top_k` of its group's by sigmoid score; queries and keys shared
+    (model/switchhead.py)."""
+
+    experts: int = 4
+    top_k: int = 2
+    groups: str = "modality"  # one of ATTENTION_EXPERT_GROUPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +114,8 @@ class ModelConfig:
     scan_unroll: int = 0
     moe: SparseConfig = SparseConfig()
     mod: ModConfig = ModConfig()
+    moh: MoHConfig = MoHConfig()
+    switchhead: SwitchHeadConfig = SwitchHeadConfig()
     # Auxiliary routers for causal routing (model/aux_router.py): "none", "joint" (trained
     # with the model, own optimizer branch) or "posthoc" (main model loaded and frozen).
     aux_routers: str = "none"
@@ -341,9 +381,51 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"a micro-batch of {d.batch_size // d.micro_batches} x {d.seq_len} tokens does not "
             f"split into Mixture-of-Depths routing groups of {group} tokens",
         )
+    if "moh" in m.base_kinds:
+        validate_moh(m)
+    if "switchhead" in m.base_kinds:
+        validate_switchhead(m)
     for axis in ("data", "fsdp", "expert", "tensor"):
         size = getattr(cfg.mesh, axis)
         require(size == -1 or size > 0, f"mesh.{axis} must be -1 (fill) or positive, got {size}")
     fills = [a for a in ("data", "fsdp", "expert", "tensor") if getattr(cfg.mesh, a) == -1]
     require(len(fills) <= 1, f"at most one mesh axis may be -1 (fill), got {fills}")
     return cfg
+
+
+def attention_expert_groups(groups: str) -> int:
+    """How many routing groups attention experts have (`ATTENTION_EXPERT_GROUPS`)."""
+    return N_MODALITIES if groups == "modality" else 1
+
+
+def validate_moh(m: ModelConfig) -> None:
+    moh = m.moh
+    require(
+        moh.groups in ATTENTION_EXPERT_GROUPS,
+        f"model.moh.groups must be one of {ATTENTION_EXPERT_GROUPS}",
+    )
+    require(moh.gates in MOH_GATES, f"model.moh.gates must be one of {MOH_GATES}")
+    groups = attention_expert_groups(moh.groups)
+    routed = m.n_heads - moh.shared_heads
+    require(
+        moh.shared_heads >= 1 and routed > 0 and routed % groups == 0,
+        f"model.moh.shared_heads={moh.shared_heads} must be at least 1 and leave routed heads "
+        f"that split evenly into {groups} group(s) of model.n_heads={m.n_heads}",
+    )
+    require(
+        1 <= moh.top_k <= routed // groups,
+        f"model.moh.top_k={moh.top_k} must be in [1, {routed // groups}] (routed heads per group)",
+    )
+    require(moh.balance_weight >= 0, "model.moh.balance_weight must be >= 0")
+
+
+def validate_switchhead(m: ModelConfig) -> None:
+    sh = m.switchhead
+    require(
+        sh.groups in ATTENTION_EXPERT_GROUPS,
+        f"model.switchhead.groups must be one of {ATTENTION_EXPERT_GROUPS}",
+    )
+    require(
+        1 <= sh.top_k <= sh.experts,
+        f"model.switchhead.top_k={sh.top_k} must be in [1, model.switchhead.experts={sh.experts}]",
+    )

@@ -34,7 +34,9 @@ from moma_jax.model.block import Block
 from moma_jax.model.layers import RMSNorm, SwiGLU
 from moma_jax.model.mod import MoDBlock
 from moma_jax.model.moe import SparseFFN
+from moma_jax.model.moh import moh_block, moh_describe, moh_layer_flops
 from moma_jax.model.mot import UntiedAttention, UntiedRMSNorm, UntiedSwiGLU
+from moma_jax.model.switchhead import switchhead_block, switchhead_describe, switchhead_layer_flops
 
 Build = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 # (cfg, seq_len, attention) -> (ideal, executed) forward FLOPs per token; see flops.py.
@@ -305,6 +307,29 @@ register_layer_kind(
         sharding=_rules(*_ATTENTION_AXES, "modality"),
         decode_state=kv_decode_state,
         reads_modality_shares=True,
+    ),
+)
+# Attention experts, routed per token inside each modality group (no aux router; the ordinary
+# KV cache): MoH's heads as experts (model/moh.py) and SwitchHead's value and output experts
+# per head (model/switchhead.py). "head_gate": MoH's router columns, replicated.
+register_layer_kind(
+    "moh",
+    LayerKind(
+        build=moh_block,
+        flops=moh_layer_flops,
+        sharding={**_rules(*_ATTENTION_AXES, "modality"), "head_gate": None},
+        decode_state=kv_decode_state,
+        describe=moh_describe,
+    ),
+)
+register_layer_kind(
+    "switchhead",
+    LayerKind(
+        build=switchhead_block,
+        flops=switchhead_layer_flops,
+        sharding=_rules(*_ATTENTION_AXES, "modality", "expert"),
+        decode_state=kv_decode_state,
+        describe=switchhead_describe,
     ),
 )
 
