@@ -2,6 +2,7 @@
 of each architecture on one device and on several meshes; prints one JSON object.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_runs.py
+    XLA_FLAGS=... python tests/mesh_runs.py --attention-experts   (MoH, SwitchHead: one mesh)
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ MESHES = {
     "data=2,expert=4": MeshConfig(data=2, expert=4),
     "data=2,fsdp=2,tensor=2": MeshConfig(data=2, fsdp=2, tensor=2),
 }
+# The attention-expert kinds on one mesh that shards every axis their parameters name: heads
+# (tensor), experts (expert), embed (fsdp).
+ATTENTION_EXPERTS = ("moh", "switchhead")
+MIXED_MESH = {"fsdp=2,expert=2,tensor=2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2)}
 SHAPE = (
     "model.d_model=64",
     "model.n_layers=2",
@@ -50,7 +55,7 @@ def config(arch: str, mesh: MeshConfig):
 
 
 def run(arch: str, mesh_name: str | None) -> dict:
-    mesh_cfg = MESHES[mesh_name] if mesh_name else MeshConfig(data=1)
+    mesh_cfg = {**MESHES, **MIXED_MESH}[mesh_name] if mesh_name else MeshConfig(data=1)
     cfg = config(arch, mesh_cfg)
     devices = jax.devices() if mesh_name else jax.devices()[:1]
     mesh = make_mesh(cfg.mesh, devices)
@@ -89,10 +94,14 @@ def run(arch: str, mesh_name: str | None) -> dict:
 def main() -> None:
     assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     enable_compilation_cache()  # MOMA_JAX_COMPILE_CACHE, shared with the test session
+    archs: tuple[str, ...] = ARCHS
+    meshes = MESHES
+    if "--attention-experts" in sys.argv:
+        archs, meshes = ATTENTION_EXPERTS, MIXED_MESH
     out = {}
-    for arch in ARCHS:
+    for arch in archs:
         out[arch] = {"1": run(arch, None)}
-        for name in MESHES:
+        for name in meshes:
             out[arch][name] = run(arch, name)
             print(f"{arch} {name}: {out[arch][name]['losses']}", file=sys.stderr, flush=True)
     print(json.dumps(out))

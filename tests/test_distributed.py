@@ -86,6 +86,25 @@ def test_expert_parallel_step_moves_slot_buffers_by_all_to_all(mesh_runs):
     assert any(re.search(r"f32\[\d+,1,\d+,64\]", line) for line in groups)  # 4 experts / 4
 
 
+@pytest.fixture(scope="module")
+def attention_expert_runs(data_dir):
+    script = str(ROOT / "tests" / "mesh_runs.py")
+    out = run_simulated([sys.executable, script, "--attention-experts"], 8)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["moh", "switchhead"])
+def test_attention_experts_shard_as_their_rows_say(attention_expert_runs, arch):
+    """MoH and SwitchHead (model/moh.py, model/switchhead.py) on fsdp=2, expert=2, tensor=2:
+    the one-device losses, every leaf sharded as its kind's logical axes say, some sharded."""
+    runs = attention_expert_runs[arch]
+    reference = runs.pop("1")["losses"]
+    for mesh, run in runs.items():
+        assert run["losses"] == pytest.approx(reference, rel=RTOL), mesh
+        assert run["wrong_shardings"] == [], (mesh, run["wrong_shardings"][:3])
+        assert run["sharded_leaves"] > 0, mesh
+
+
 SMALL = sets(
     "model.d_model=32",
     "model.n_layers=2",
