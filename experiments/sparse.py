@@ -7,7 +7,7 @@ import dataclasses
 
 from experiments.aux import AUX_STAGES
 from experiments.dense import SIZES, dense
-from moma_jax.config import ExperimentConfig, SparseConfig
+from moma_jax.config import ExperimentConfig, SparseConfig, TokenMixConfig
 from moma_jax.registry import register_sizes
 
 MIXED = SparseConfig(group_experts=(8,), modality_group=(0, 0))
@@ -130,3 +130,23 @@ def mot(size: str) -> ExperimentConfig:
     at equal ideal FLOPs per token.
     """
     return sparse_variant(dense(size), "mot", None)
+
+
+@register_sizes("mixture_of_tokens", SIZES)
+def mixture_of_tokens(size: str) -> ExperimentConfig:
+    """Mixture of Tokens (Antoniak et al. 2023, arXiv 2310.15961): in every layer, 8 SwiGLU
+    experts of the dense hidden x 8 / 8 each (so the ideal FLOPs per token match dense), each
+    taking one softmax mixture (temperature 1) of the 8 tokens at the same position of a fixed
+    group of 8 consecutive rows; causal along the sequence, no aux router.
+
+    Run: python scripts/train.py --exp mixture_of_tokens_tiny
+         python scripts/evaluate.py --workdir runs/mixture_of_tokens_tiny --routing causal
+    Describe: python scripts/describe.py --exp mixture_of_tokens_tiny
+    Shows: per-modality losses against dense_tiny and moe_8x_tiny at equal ideal FLOPs per token
+    (describe), the mixing weights' entropy (motok/weight_entropy in metrics.jsonl), and the
+    causal evaluation (mixing off: each token alone through all 8 experts, output / 8) against
+    the teacher-forced one: the paper's switch to unbatched inference without transition tuning.
+    """
+    cfg = sparse_variant(dense(size), "motok", None)
+    motok = TokenMixConfig(experts=8, group_rows=8, temperature=1.0)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, motok=motok))

@@ -24,6 +24,7 @@ __all__ = [
     "RunConfig",
     "SparseConfig",
     "SwitchHeadConfig",
+    "TokenMixConfig",
     "validate",
 ]
 
@@ -85,6 +86,26 @@ class SwitchHeadConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenMixConfig:
+    """Mixture of Tokens (layer kind `motok`, `model/mixture_of_tokens.py`; Antoniak et al.
+    2023): at each position, the tokens of a fixed group of `group_rows` consecutive rows of the
+    micro-batch are mixed per expert by a softmax over the group at `temperature` (0: its limit,
+    each expert takes the group's top token), each of `experts` experts runs its one mixed
+    token, and the outputs go back by the same weights. Causal routing (evaluation, generation)
+    is the group of one: every expert on the token itself, their sum scaled by 1/group_rows."""
+
+    experts: int = 8
+    group_rows: int = 8
+    # 0: the dense hidden x group_rows / experts, so the experts' FLOPs per token equal the dense
+    # FFN's (the reference's flop_matched: dff x group_size, split over the experts).
+    expert_hidden: int = 0
+    temperature: float = 1.0
+
+    def resolved_expert_hidden(self, ffn_hidden: int) -> int:
+        return self.expert_hidden or max(1, ffn_hidden * self.group_rows // self.experts)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and numerics (Chameleon-style early fusion)."""
 
@@ -116,6 +137,7 @@ class ModelConfig:
     mod: ModConfig = ModConfig()
     moh: MoHConfig = MoHConfig()
     switchhead: SwitchHeadConfig = SwitchHeadConfig()
+    motok: TokenMixConfig = TokenMixConfig()
     # Auxiliary routers for causal routing (model/aux_router.py): "none", "joint" (trained
     # with the model, own optimizer branch) or "posthoc" (main model loaded and frozen).
     aux_routers: str = "none"
@@ -385,6 +407,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         validate_moh(m)
     if "switchhead" in m.base_kinds:
         validate_switchhead(m)
+    if "motok" in m.layer_pattern:
+        t, rows = m.motok, d.batch_size // d.micro_batches
+        require(
+            t.experts > 0 and t.group_rows > 0 and t.expert_hidden >= 0 and t.temperature >= 0,
+            f"model.motok needs experts > 0, group_rows > 0, expert_hidden >= 0 and "
+            f"temperature >= 0: {t}",
+        )
+        require(
+            rows % t.group_rows == 0,
+            f"a micro-batch of {rows} rows does not split into Mixture-of-Tokens groups of "
+            f"model.motok.group_rows={t.group_rows} rows",
+        )
     for axis in ("data", "fsdp", "expert", "tensor"):
         size = getattr(cfg.mesh, axis)
         require(size == -1 or size > 0, f"mesh.{axis} must be -1 (fill) or positive, got {size}")

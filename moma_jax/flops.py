@@ -78,6 +78,27 @@ def mot_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[flo
     return ideal, ideal
 
 
+def motok_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    """Mixture of Tokens (`model/mixture_of_tokens.py`), per token: attention, the controller
+    (D x E), merging into and emitting from the E mixed tokens of its group (2 x E x D
+    multiply-adds), and its 1/G share of the E experts' SwiGLUs on the group's mixed tokens.
+    The layer runs exactly this: executed = ideal."""
+    flops = attention_flops_per_token(cfg, seq_len, attention) + motok_ffn_flops(cfg)
+    return flops, flops
+
+
+def motok_ffn_flops(cfg: ModelConfig, causal: bool = False) -> float:
+    """A Mixture-of-Tokens FFN's forward FLOPs per token: trained (controller, mixing, its 1/G
+    share of the experts) or at causal inference (the group of one: all E expert SwiGLUs on
+    the token, no controller, nothing mixed)."""
+    t, d = cfg.motok, cfg.d_model
+    f = t.resolved_expert_hidden(cfg.resolved_ffn_hidden)
+    experts = float(t.experts * 2 * 3 * d * f)
+    if causal:
+        return experts
+    return 2 * d * t.experts + 2 * 2 * t.experts * d + experts / t.group_rows
+
+
 def mod_layer_flops(inner: Callable[[ModelConfig, int, str], tuple[float, float]]):
     """Mixture-of-Depths: the router on every token, the wrapped block on the selected share of
     them only, whose attention sees the selected tokens of a sequence (capacity x seq_len)."""

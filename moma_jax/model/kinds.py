@@ -32,6 +32,7 @@ from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import Attention
 from moma_jax.model.block import Block
 from moma_jax.model.layers import RMSNorm, SwiGLU
+from moma_jax.model.mixture_of_tokens import MixtureOfTokens
 from moma_jax.model.mod import MoDBlock
 from moma_jax.model.moe import SparseFFN
 from moma_jax.model.moh import moh_block, moh_describe, moh_layer_flops
@@ -227,6 +228,11 @@ def sparse_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return _shared_attention_block(cfg, SparseFFN(cfg, rngs=rngs), rngs)
 
 
+def motok_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """Shared attention, the Mixture-of-Tokens FFN of `model.motok` (Antoniak et al. 2023)."""
+    return _shared_attention_block(cfg, MixtureOfTokens(cfg, rngs=rngs), rngs)
+
+
 def mot_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """Mixture-of-Transformers (Liang et al. 2024): every weight of the layer per modality."""
     return Block(
@@ -272,6 +278,19 @@ def _sparse_describe(cfg: ModelConfig) -> dict[str, Any]:
         "routing": moe.routing,
         "capacity": moe.capacity,
         "routing_group_tokens": moe.routing_group_tokens,
+    }
+
+
+def _motok_describe(cfg: ModelConfig) -> dict[str, Any]:
+    t = cfg.motok
+    return {
+        "experts": t.experts,
+        "group_rows": t.group_rows,
+        "expert_hidden": t.resolved_expert_hidden(cfg.resolved_ffn_hidden),
+        "temperature": t.temperature,
+        "ffn_flops": flops_lib.motok_ffn_flops(cfg),
+        # generation and --routing causal: the group of one, every expert on every token
+        "causal_ffn_flops": flops_lib.motok_ffn_flops(cfg, causal=True),
     }
 
 
@@ -330,6 +349,19 @@ register_layer_kind(
         sharding=_rules(*_ATTENTION_AXES, "modality", "expert"),
         decode_state=kv_decode_state,
         describe=switchhead_describe,
+    ),
+)
+
+# Mixture of Tokens: its groups are rows at one position, so nothing leaks along the sequence
+# and causal routing (the group of one) needs no aux router.
+register_layer_kind(
+    "motok",
+    LayerKind(
+        build=motok_block,
+        flops=flops_lib.motok_layer_flops,
+        sharding=_rules(*_ATTENTION_AXES, "expert"),
+        decode_state=kv_decode_state,
+        describe=_motok_describe,
     ),
 )
 
