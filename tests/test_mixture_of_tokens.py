@@ -61,9 +61,15 @@ def _inputs(seed=0, rows=4, length=5, image_share=0.3, padding=True):
 
 
 def _run(layer, x, modality, segment, causal=False):
-    seg = jnp.asarray(segment)
-    ctx = Context(seg, seg, jnp.asarray(modality), causal=causal)
-    return layer(jnp.asarray(x), ctx)
+    """(y, aux) of the layer, jitted (it reads no positions)."""
+    return _forward(layer, jnp.asarray(x), jnp.asarray(modality), jnp.asarray(segment), causal)
+
+
+def _apply(layer, x, modality, segment, causal=False):
+    return layer(x, Context(segment, segment, modality, causal=causal))
+
+
+_forward = nnx.jit(_apply, static_argnums=4)
 
 
 def _weights(layer) -> dict[str, np.ndarray]:
@@ -112,14 +118,13 @@ def paper_reference(x, segment, p, group, temperature, expert=_swiglu):
 def test_forward_matches_the_paper_equations(image_share):
     layer = _layer()
     x, modality, segment = _inputs(image_share=image_share)
-    forward = jax.jit(lambda x, modality: _run(layer, x, modality, segment))
-    y, aux = forward(x, modality)
+    y, aux = _run(layer, x, modality, segment)
     want = paper_reference(x, segment, _weights(layer), G, 1.0)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(y)[segment == 0] == 0)
     assert 0 < float(aux["metrics"]["motok/weight_entropy"]) < 1
     # Modality-blind by design (the module docstring says why): relabelling changes nothing.
-    y_flip = forward(x, 1 - modality)[0]
+    y_flip = _run(layer, x, 1 - modality, segment)[0]
     np.testing.assert_array_equal(y, y_flip)
 
 
@@ -148,12 +153,13 @@ def test_gradient_matches_a_plain_jax_loop_and_finite_differences():
         return jnp.stack([jnp.stack(row) for row in out])
 
     def layer_loss(params, x):
-        y = _run(nnx.merge(graphdef, params), x, modality, segment)[0]
+        seg, mod = jnp.asarray(segment), jnp.asarray(modality)
+        y = _apply(nnx.merge(graphdef, params), x, mod, seg)[0]
         return jnp.sum(jnp.sin(y))
 
     got_p, got_x = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))(params, jnp.asarray(x))
     ref = {n: jnp.asarray(getattr(layer, n)[...]) for n in ("router_DxE", *W)}
-    want_p, want_x = jax.grad(lambda p, x: jnp.sum(jnp.sin(loop(p, x))), argnums=(0, 1))(
+    want_p, want_x = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(loop(p, x))), argnums=(0, 1)))(
         ref, jnp.asarray(x)
     )
     for name in ref:
