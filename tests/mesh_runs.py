@@ -3,6 +3,7 @@ of each architecture on one device and on several meshes; prints one JSON object
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_runs.py
     XLA_FLAGS=... python tests/mesh_runs.py --attention-experts   (MoH, SwitchHead: one mesh)
+    XLA_FLAGS=... python tests/mesh_runs.py --mixture-of-tokens   (two meshes)
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ MESHES = {
 # (tensor), experts (expert), embed (fsdp).
 ATTENTION_EXPERTS = ("moh", "switchhead")
 MIXED_MESH = {"fsdp=2,expert=2,tensor=2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2)}
+# Mixture of Tokens on the two meshes that split its groups of 8 consecutive rows over batch
+# shards (4 rows each) and shard its experts (expert) and their hidden size (fsdp, tensor).
+MIXTURE_OF_TOKENS_MESHES = {k: MESHES[k] for k in ("data=2,expert=4", "data=2,fsdp=2,tensor=2")}
 SHAPE = (
     "model.d_model=64",
     "model.n_layers=2",
@@ -98,6 +102,8 @@ def main() -> None:
     meshes = MESHES
     if "--attention-experts" in sys.argv:
         archs, meshes = ATTENTION_EXPERTS, MIXED_MESH
+    if "--mixture-of-tokens" in sys.argv:
+        archs, meshes = ("mixture_of_tokens",), MIXTURE_OF_TOKENS_MESHES
     out = {}
     for arch in archs:
         out[arch] = {"1": run(arch, None)}

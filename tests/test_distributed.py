@@ -105,6 +105,27 @@ def test_attention_experts_shard_as_their_rows_say(attention_expert_runs, arch):
         assert run["sharded_leaves"] > 0, mesh
 
 
+@pytest.fixture(scope="module")
+def mixture_of_tokens_runs(data_dir):
+    script = str(ROOT / "tests" / "mesh_runs.py")
+    out = run_simulated([sys.executable, script, "--mixture-of-tokens"], 8)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_mixture_of_tokens_groups_span_shards_with_the_one_device_losses(mixture_of_tokens_runs):
+    """Mixture of Tokens (model/mixture_of_tokens.py) on data=2,expert=4 and
+    data=2,fsdp=2,tensor=2: each group of 8 rows spans two batch shards of 4 rows, its experts
+    and their hidden size are sharded; the losses are the one-device ones (the groups are rows
+    of the config, not of a shard) and every leaf is sharded as the row's logical axes say."""
+    runs = mixture_of_tokens_runs["mixture_of_tokens"]
+    reference = runs.pop("1")["losses"]
+    assert len(runs) == 2
+    for mesh, run in runs.items():
+        assert run["losses"] == pytest.approx(reference, rel=RTOL), mesh
+        assert run["wrong_shardings"] == [], (mesh, run["wrong_shardings"][:3])
+        assert run["sharded_leaves"] > 0, mesh
+
+
 SMALL = sets(
     "model.d_model=32",
     "model.n_layers=2",
