@@ -54,12 +54,12 @@ def mix_weights(
     """float32 [K, G, L, E]: each expert's weights over the G rows of each group at each
     position (sum 1 over the real tokens, 0 where a position has none)."""
     present = present_KxGxL[..., None]
-    logits = jnp.where(present, logits_KxGxLxE.astype(jnp.float32), _MASKED)
+    logits = logits_KxGxLxE.astype(jnp.float32)
     if temperature == 0:
-        top_KxLxE = jnp.argmax(logits, axis=1)
+        top_KxLxE = jnp.argmax(jnp.where(present, logits, _MASKED), axis=1)
         weights = jax.nn.one_hot(top_KxLxE, logits.shape[1], axis=1)
-    else:
-        weights = jax.nn.softmax(logits / temperature, axis=1)
+    else:  # masked after the division: finite at any temperature, so no NaN in the gradient
+        weights = jax.nn.softmax(jnp.where(present, logits / temperature, _MASKED), axis=1)
     return jnp.where(present, weights, 0.0)
 
 
