@@ -8,6 +8,7 @@ it); importing it registers every module below. One file per family:
 - `moma.py`: modality-aware experts (`moma_4t4i_tiny`, the headline) and upcycling;
 - `mod.py`: Mixture-of-Depths in every other layer;
 - `attention_experts.py`: attention experts per modality (MoH, SwitchHead);
+- `ssm.py`: state-space models (Mamba, Mixture-of-Mamba, MoE-Mamba);
 - `aux.py`: the aux-router stages (`{arch}_aux_{size}`, `{arch}_joint_aux_{size}`);
 - `ablations.py`: one change each to the tiny comparison;
 - `suites.py`: the named comparisons `scripts/compare.py --suite` runs.
@@ -15,8 +16,6 @@ it); importing it registers every module below. One file per family:
 To add an experiment, copy a function in the file of its family and give it a new name (or
 keep yours in your own module: `--experiments my_module`, README "Adding an experiment").
 """
-
-from experiments import ablations, attention_experts, aux, dense, mod, moma, sparse, suites
 
 __all__ = [
     "ablations",
@@ -26,5 +25,6 @@ __all__ = [
     "mod",
     "moma",
     "sparse",
+    "ssm",
     "suites",
 ]

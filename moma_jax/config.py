@@ -8,6 +8,7 @@ Experiments (the top-level `experiments/`) return these; variants are made with
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from moma_jax.errors import ConfigError, require
 from moma_jax.modality import N_MODALITIES
@@ -106,6 +107,28 @@ class TokenMixConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """The selective state-space mixer (Mamba, Gu & Dao 2023; layer kinds `mamba`, `mom`,
+    `mamba_moe`, model/mamba.py): d_inner = int(expand x d_model) channels, each with a
+    `d_state`-dim state; a causal depthwise conv1d over `d_conv` tokens; delta of rank `dt_rank`
+    (0: ceil(d_model / 16), Mamba's "auto"), its bias initialised so softplus(bias) is
+    log-uniform in [dt_min, dt_max]. Defaults are Mamba's."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: float = 2.0
+    dt_rank: int = 0
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+
+    def d_inner(self, d_model: int) -> int:
+        return int(self.expand * d_model)
+
+    def resolved_dt_rank(self, d_model: int) -> int:
+        return self.dt_rank or math.ceil(d_model / 16)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and numerics (Chameleon-style early fusion)."""
 
@@ -138,6 +161,7 @@ class ModelConfig:
     moh: MoHConfig = MoHConfig()
     switchhead: SwitchHeadConfig = SwitchHeadConfig()
     motok: TokenMixConfig = TokenMixConfig()
+    mamba: MambaConfig = MambaConfig()
     # Auxiliary routers for causal routing (model/aux_router.py): "none", "joint" (trained
     # with the model, own optimizer branch) or "posthoc" (main model loaded and frozen).
     aux_routers: str = "none"
@@ -171,8 +195,9 @@ class ModelConfig:
 
     @property
     def has_experts(self) -> bool:
-        """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN)."""
-        return "moe" in self.base_kinds
+        """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN): `moe` and the
+        kinds named `*_moe` (`mamba_moe`)."""
+        return any(k == "moe" or k.endswith("_moe") for k in self.base_kinds)
 
     @property
     def has_mod(self) -> bool:
@@ -391,6 +416,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     require(0 <= o.weight_decay < 1, f"optim.weight_decay must be in [0, 1), got {o.weight_decay}")
     if m.has_experts:
         validate_sparse(m.moe, d.seq_len, d.batch_size // d.micro_batches)
+    mb = m.mamba
+    require(
+        mb.d_state > 0 and mb.d_conv >= 2 and mb.d_inner(m.d_model) > 0 and mb.dt_rank >= 0,
+        f"model.mamba needs d_state > 0, d_conv >= 2, expand x d_model >= 1 and dt_rank >= 0, "
+        f"got {mb}",
+    )
+    require(
+        0 < mb.dt_min <= mb.dt_max,
+        f"model.mamba.dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got {mb}",
+    )
     if m.has_mod:
         group = m.moe.routing_group_tokens
         require(

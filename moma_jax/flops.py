@@ -99,6 +99,41 @@ def motok_ffn_flops(cfg: ModelConfig, causal: bool = False) -> float:
     return 2 * d * t.experts + 2 * 2 * t.experts * d + experts / t.group_rows
 
 
+def mamba_mixer_flops(cfg: ModelConfig) -> tuple[float, float]:
+    """(ideal, executed) forward FLOPs per token of one Mamba mixer (model/mamba.py), with
+    Di = int(expand x D), Ds = d_state, Dr = dt_rank, W = d_conv:
+
+        in_proj 2 D 2Di + conv 2 W Di + x_proj 2 Di (Dr + 2 Ds) + dt_proj 2 Dr Di
+        + scan 7 Di Ds + 4 Di + out_proj 2 Di D
+
+    The scan's 7 per state element: delta A, its exp, (delta u) B, a h + b (2), C h (2); its 4
+    per channel: delta u, D u and its sum, the silu(z) gate. Softplus and silu are not counted
+    (as norms are not). Executed adds 5 Di Ds: the associative scan's combines (about two per
+    element, 3 FLOPs each, instead of the sequential 2) and the initial-state term. Mixture-of-
+    Mamba runs each token's own modality's projections only: the same counts."""
+    mb, d = cfg.mamba, cfg.d_model
+    di, ds, dr, w = mb.d_inner(d), mb.d_state, mb.resolved_dt_rank(d), mb.d_conv
+    projections = 2 * d * 2 * di + 2 * di * (dr + 2 * ds) + 2 * dr * di + 2 * di * d
+    ideal = projections + 2 * w * di + 7 * di * ds + 4 * di
+    return ideal, ideal + 5 * di * ds
+
+
+def mamba_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    """A Mamba mixer and one SwiGLU (layer kinds `mamba` and `mom`); independent of seq_len."""
+    ideal, executed = mamba_mixer_flops(cfg)
+    ffn = ffn_flops_per_token(cfg)
+    return ideal + ffn, executed + ffn
+
+
+def mamba_sparse_layer_flops(cfg: ModelConfig, seq_len: int, attention: str) -> tuple[float, float]:
+    """A Mamba mixer and the sparse FFN of `model.moe` (layer kind `mamba_moe`): the sparse
+    layer's count with its attention replaced by the mixer."""
+    attn = attention_flops_per_token(cfg, seq_len, attention)
+    sparse = sparse_layer_flops(cfg, seq_len, attention)
+    mixer = mamba_mixer_flops(cfg)
+    return sparse[0] - attn + mixer[0], sparse[1] - attn + mixer[1]
+
+
 def mod_layer_flops(inner: Callable[[ModelConfig, int, str], tuple[float, float]]):
     """Mixture-of-Depths: the router on every token, the wrapped block on the selected share of
     them only, whose attention sees the selected tokens of a sequence (capacity x seq_len)."""

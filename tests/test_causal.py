@@ -44,6 +44,9 @@ ARCHS = {
     "mot": (("mot",), SparseConfig()),
     "mod_moma_4t4i": (("mod_moe", "moe"), EC),
     "mod_dense": (("mod_dense", "dense"), SparseConfig()),
+    "mamba": (("mamba",), SparseConfig()),  # a recurrent state instead of a KV cache
+    "mom": (("mom",), SparseConfig()),
+    "moe_mamba": (("mamba_moe",), EC),
 }
 B, L = 2, 64
 
@@ -105,13 +108,13 @@ def test_causal_routing_never_sees_the_future(arch):
     a, b = _logits(model, batch, "causal"), _logits(model, changed, "causal")
     np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
     assert not np.array_equal(a[:, t + 1 :], b[:, t + 1 :])  # the change itself is seen
-    if arch in ("moe_8x", "moma_4t4i", "mod_moma_4t4i", "mod_dense", "switch_8x_bpr"):
+    if arch in ("moe_8x", "moma_4t4i", "mod_moma_4t4i", "mod_dense", "switch_8x_bpr", "moe_mamba"):
         # The training routers rank the whole group: the same change leaks into the past.
         a, b = _logits(model, batch, "teacher_forced"), _logits(model, changed, "teacher_forced")
         assert np.abs(a[:, : t + 1] - b[:, : t + 1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ["dense", "moma_1t1i", "mot"])
+@pytest.mark.parametrize("arch", ["dense", "moma_1t1i", "mot", "mamba", "mom"])
 def test_models_without_group_routers_are_the_same_both_ways(arch):
     model, batch = _model(arch, aux="none"), _batch()
     np.testing.assert_allclose(
@@ -124,7 +127,9 @@ def test_causal_routing_without_aux_routers_is_refused():
         _logits(_model("moma_4t4i", aux="none"), _batch(), "causal")
 
 
-@pytest.mark.parametrize("arch", ["dense", "moma_4t4i", "mod_moma_4t4i", "switch_8x_bpr"])
+@pytest.mark.parametrize(
+    "arch", ["dense", "moma_4t4i", "mod_moma_4t4i", "switch_8x_bpr", "mamba", "mom", "moe_mamba"]
+)
 def test_cached_decoding_matches_the_full_forward_pass(arch):
     """A prompt, then 32 tokens one at a time through the KV cache (sampled from the cached
     logits); the full causal forward pass over the whole sequence gives the same logits."""
@@ -163,7 +168,9 @@ def test_jitted_decoder_compiles_once_per_shape():
     assert jax.tree.leaves(decoder.cache)[0].shape[2] == 16
 
 
-@pytest.mark.parametrize("arch", ["dense", "moma_4t4i", "mod_moma_4t4i", "mot", "switch_8x_bpr"])
+@pytest.mark.parametrize(
+    "arch", ["dense", "moma_4t4i", "mod_moma_4t4i", "mot", "switch_8x_bpr", "mom", "moe_mamba"]
+)
 def test_batched_decoding_rows_equal_each_row_decoded_alone(arch):
     """Three prompts of different lengths, left-padded into one cache, then one sampled token
     per row and step; row 2 stops after 3 tokens and feeds padding (not present) from then on.

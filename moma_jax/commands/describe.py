@@ -51,7 +51,10 @@ def describe(cfg: ExperimentConfig) -> dict:
         "name": cfg.name,
         "params_total": count_params(params),
         "params_active": active_params(m, params),
-        "params_paper_formula": paper_params(m, experts) if "mot" not in m.layer_pattern else None,
+        "params_paper_formula": (
+            # MoMa Table 1's formula: attention and (expert) FFN layers only.
+            paper_params(m, experts) if set(m.base_kinds) <= {"dense", "moe"} else None
+        ),
         "flops_per_token_ideal": ideal,
         "flops_per_token_executed": executed,
         "executed_over_ideal": executed / ideal,

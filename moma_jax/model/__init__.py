@@ -14,11 +14,14 @@ package:
     U  layer units (the scanned repeat of model.layer_pattern)
     A  micro-batches of one step (gradient accumulation)
     P  image patches, Q codebook entries (data/image_tokenizer.py)
+    Di SSM channels (expand x D), Ds SSM state size, Dr delta rank, W conv width, Wp = W - 1
+       the conv window a Mamba layer carries between decode calls (model/mamba.py)
 
 Norm scales and biases are vectors over the normalised axis: `scale`, `bias` when shared,
 `scale_MxD` / `scale_MxDh` when untied per modality (MoT).
 """
 
+from moma_jax.model import ssm_kinds  # noqa: F401  (registers the mamba, mom, mamba_moe kinds)
 from moma_jax.model.block import Block
 from moma_jax.model.kinds import LAYER_KINDS, LayerKind, mod_kind, register_layer_kind
 from moma_jax.model.transformer import Transformer

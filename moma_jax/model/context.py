@@ -32,7 +32,8 @@ class Context:
         Mixture-of-Depths layer passes its chosen tokens to its inner block.
     routing_key: router noise for this layer unit (None: evaluation, no noise).
     cache_index: decoding: how many tokens every row of the cache holds.
-    kv: decoding: this block's KV cache (`model/cache.py`), set per block by the unit.
+    kv: decoding: this block's decode state, set per block by the unit: a KV cache
+        (`model/cache.py`) for attention, a `model.mamba.RecurrentState` for a Mamba mixer.
     causal: each token routes alone (aux routers, `model/aux_router.py`) instead of the
         training routers, which see the routing group.
     capture: layers add their routing decisions to aux["capture"] (`analysis.route`).
@@ -45,7 +46,7 @@ class Context:
     keep: jax.Array | None = None
     routing_key: jax.Array | None = None
     cache_index: jax.Array | None = None
-    kv: KVCache | None = _static(None)
+    kv: KVCache | Any = _static(None)
     causal: bool = _static(False)
     capture: bool = _static(False)
 

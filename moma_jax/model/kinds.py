@@ -44,6 +44,9 @@ Build = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 Flops = Callable[[ModelConfig, int, str], tuple[float, float]]
 # (cfg, batch, length) -> the arrays one layer carries between decode calls (a KV cache).
 DecodeState = Callable[[ModelConfig, int, int], dict[str, jax.Array]]
+# (arrays, cache index) -> the object a layer receives as `ctx.kv` for one decode pass; it
+# returns the updated arrays from `.arrays()`.
+DecodeCache = Callable[[dict[str, jax.Array], jax.Array], Any]
 ShardingRules = Mapping[str, str | tuple[str, ...] | None]
 
 
@@ -69,7 +72,9 @@ class LayerKind:
     sharding: every logical axis its parameters name -> mesh axes (`sharding.LOGICAL_RULES`;
         registering adds new names there and refuses a name mapped differently).
     decode_state: (cfg, batch, length) -> the arrays it carries between decode calls, received
-        as `ctx.kv` (a `model.cache.KVCache`); "none" for a kind that carries nothing.
+        as `ctx.kv` (wrapped by `decode_cache`); "none" for a kind that carries nothing.
+    decode_cache: (arrays, cache index) -> the `ctx.kv` object of one decode pass: a
+        `model.cache.KVCache` (attention), or the kind's own (a Mamba layer's recurrent state).
     reads_modality_shares: whether it sizes its work by `model.moe.modality_shares`.
     needs_aux_routers: (cfg) -> whether one of its routers ranks whole routing groups, so
         causal routing needs aux routers.
@@ -82,6 +87,7 @@ class LayerKind:
     flops: Flops | None = None
     sharding: ShardingRules | None = None
     decode_state: DecodeState | Literal["none"] | None = None
+    decode_cache: DecodeCache = kv_cache.KVCache
     reads_modality_shares: bool = False
     needs_aux_routers: Callable[[ModelConfig], bool] = _never
     describe: Callable[[ModelConfig], dict[str, Any]] = _no_fields

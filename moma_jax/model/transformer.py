@@ -8,7 +8,6 @@ from flax import nnx
 
 from moma_jax.config import ConfigError, ModelConfig
 from moma_jax.metric_names import layer_metric
-from moma_jax.model import cache as kv_cache
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.context import Context, UnitAux
 from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
@@ -39,8 +38,11 @@ class Unit(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.n_blocks = len(cfg.layer_pattern)
-        # The blocks that carry decode state (a KV cache), by the kinds' rows.
-        self.stateful = tuple(layer_kind(k).decode_state != "none" for k in cfg.layer_pattern)
+        # The blocks that carry decode state (a KV cache, a recurrent state), by the kinds'
+        # rows, and how each wraps its arrays for a decode pass.
+        rows = [layer_kind(k) for k in cfg.layer_pattern]
+        self.stateful = tuple(row.decode_state != "none" for row in rows)
+        self.decode_cache = tuple(row.decode_cache for row in rows)
         for i, kind in enumerate(cfg.layer_pattern):
             setattr(self, f"block_{i}", build_layer(cfg, kind, rngs))
 
@@ -52,9 +54,9 @@ class Unit(nnx.Module):
         auxes, caches = [], {}
         for i in range(self.n_blocks):
             block_ctx = ctx
-            if cache is not None and self.stateful[i]:  # decoding: keys and values
+            if cache is not None and self.stateful[i]:  # decoding: the block's state
                 assert ctx.cache_index is not None  # Transformer.__call__ passes both
-                caches[i] = kv_cache.KVCache(cache[i], ctx.cache_index)
+                caches[i] = self.decode_cache[i](cache[i], ctx.cache_index)
                 block_ctx = ctx.replace(kv=caches[i])
             x_BxLxD, aux = getattr(self, f"block_{i}")(x_BxLxD, block_ctx)
             auxes.append(aux)

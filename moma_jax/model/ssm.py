@@ -1,0 +1,83 @@
+"""The selective state-space scan and the short causal conv1d of a Mamba mixer, both reset at
+document boundaries (Gu & Dao 2023, arXiv 2312.00752, Algorithm 2; model/mamba.py uses them).
+
+Per channel i and state index n, with A = -exp(A_log) (S4D-real) and delta_t > 0:
+
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        (state [Di, Ds])
+    y_t = C_t . h_t + D u_t
+
+The recurrence h_t = a_t h_{t-1} + b_t is associative in (a, b): (a1, b1) then (a2, b2) is
+(a1 a2, a2 b1 + b2), so training runs it as `jax.lax.associative_scan` (log-depth, parallel in
+L). A token that starts a document (its segment id differs from the previous token's) gets
+a_t = 0: the state restarts there, as if the document were alone in its row. The conv window
+likewise only reads earlier tokens of the same segment. Decoding passes the state and the conv
+window (with its tokens' segment ids) from the previous call, so a chunk continues exactly where
+the last one stopped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NO_SEGMENT = -1  # the segment id of an empty conv-window slot: equal to no token's
+
+
+def document_starts(segment_BxL: jax.Array, prev_segment_B: jax.Array) -> jax.Array:
+    """[B, L] bool: the token's segment differs from the one before it (`prev_segment_B` for
+    the first token of the chunk: NO_SEGMENT when nothing came before)."""
+    before_BxL = jnp.concatenate([prev_segment_B[:, None], segment_BxL[:, :-1]], axis=1)
+    return segment_BxL != before_BxL
+
+
+def segment_conv(
+    x_BxLxDi: jax.Array,
+    segment_BxL: jax.Array,
+    w_WxDi: jax.Array,
+    b_Di: jax.Array,
+    window_BxWpxDi: jax.Array,
+    window_segment_BxWp: jax.Array,
+) -> jax.Array:
+    """Causal depthwise conv1d of width W: out_t = b + sum_k w[k] x_{t-(W-1)+k}, where a
+    tap reads a token only if it lies in the same segment as t. Tokens before the chunk come from
+    the window (Wp = W - 1 of them, oldest first; empty slots have segment NO_SEGMENT).
+    `w[W-1]` multiplies the token itself (PyTorch's Conv1d with W-1 left padding)."""
+    width, length = w_WxDi.shape[0], x_BxLxDi.shape[1]
+    xs_BxTxDi = jnp.concatenate([window_BxWpxDi.astype(x_BxLxDi.dtype), x_BxLxDi], axis=1)
+    seg_BxT = jnp.concatenate([window_segment_BxWp, segment_BxL], axis=1)
+    out_BxLxDi = jnp.broadcast_to(b_Di.astype(x_BxLxDi.dtype), x_BxLxDi.shape)
+    for k in range(width):
+        tap_BxLxDi = xs_BxTxDi[:, k : k + length]
+        same_BxL = seg_BxT[:, k : k + length] == segment_BxL
+        out_BxLxDi = out_BxLxDi + jnp.where(same_BxL[..., None], tap_BxLxDi, 0) * w_WxDi[k]
+    return out_BxLxDi
+
+
+def selective_scan(
+    u_BxLxDi: jax.Array,
+    delta_BxLxDi: jax.Array,
+    a_DixDs: jax.Array,
+    b_BxLxDs: jax.Array,
+    c_BxLxDs: jax.Array,
+    d_Di: jax.Array,
+    starts_BxL: jax.Array,
+    h0_BxDixDs: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The scan of the module docstring in float32, the state starting from `h0` and restarting
+    (from zero) at every token of `starts`. Returns y [B, L, Di] and the last state [B, Di, Ds]."""
+    f32 = jnp.float32
+    u, delta = u_BxLxDi.astype(f32), delta_BxLxDi.astype(f32)
+    decay_BxLxDixDs = jnp.exp(delta[..., None] * a_DixDs.astype(f32))
+    decay_BxLxDixDs = jnp.where(starts_BxL[:, :, None, None], 0.0, decay_BxLxDixDs)
+    inject_BxLxDixDs = (delta * u)[..., None] * b_BxLxDs.astype(f32)[:, :, None, :]
+
+    def combine(first, second):
+        (a1, b1), (a2, b2) = first, second
+        return a1 * a2, a2 * b1 + b2
+
+    decay_BxLxDixDs, h_BxLxDixDs = jax.lax.associative_scan(
+        combine, (decay_BxLxDixDs, inject_BxLxDixDs), axis=1
+    )
+    h_BxLxDixDs = h_BxLxDixDs + decay_BxLxDixDs * h0_BxDixDs.astype(f32)[:, None]
+    y_BxLxDi = jnp.einsum("bldn,bln->bld", h_BxLxDixDs, c_BxLxDs.astype(f32))
+    return y_BxLxDi + d_Di.astype(f32) * u, h_BxLxDixDs[:, -1]
