@@ -17,6 +17,8 @@ To add an experiment, copy a function in the file of its family and give it a ne
 keep yours in your own module: `--experiments my_module`, README "Adding an experiment").
 """
 
+from experiments import ablations, attention_experts, aux, dense, mod, moma, sparse, ssm, suites
+
 __all__ = [
     "ablations",
     "attention_experts",

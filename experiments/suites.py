@@ -224,3 +224,37 @@ register_suite(
         "upcycled runs differ from scratch in their start and in router noise.",
     )
 )
+register_suite(
+    Suite(
+        "modality_aware_parts_tiny",
+        (
+            "dense_tiny",
+            "mot_tiny",
+            "moma_4t4i_tiny",
+            "mom_tiny",
+            "moh_tiny",
+            "switchhead_tiny",
+            "mixture_of_tokens_tiny",
+        ),
+        seeds=3,
+        match_flops=True,
+        aux_stages=True,
+        description="Which part of the layer is modality-aware or sparse, at dense's total "
+        "FLOPs: everything (MoT), the FFN (MoMa), the token mixer of a Mamba model (Mixture-of-"
+        "Mamba; its baseline is mamba in ssm_tiny, not dense attention), the attention heads "
+        "(MoH) or value/output projections (SwitchHead) per modality, and Mixture of Tokens "
+        "(not modality-aware: mixes rows at a position).",
+    )
+)
+register_suite(
+    Suite(
+        "ssm_tiny",
+        ("dense_tiny", "mamba_tiny", "mom_tiny", "moe_mamba_tiny"),
+        seeds=3,
+        match_flops=True,
+        aux_stages=True,
+        description="State-space layers at dense's total FLOPs: Mamba + SwiGLU, Mixture-of-Mamba "
+        "(projections per modality) and Mamba + MoMa's expert groups (MoE-Mamba), against the "
+        "attention dense model.",
+    )
+)
