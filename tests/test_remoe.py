@@ -125,15 +125,36 @@ def test_the_coefficient_update_matches_the_reference():
     want = {k: np.float32(1e-8) for k in state}
     update = jax.jit(lambda s, m: controls.update(cfg, s, m))
     for per_token in (2.5, 1.5, 1.0, 0.5, 1.2, 0.9, 3.0):
-        metrics = {"moe/text/experts_per_token": jnp.float32(per_token)}
-        metrics["moe/image/experts_per_token"] = jnp.float32(2.0 - per_token / 2)
+        metrics = {"moe/text/experts_per_token": jnp.float32([per_token])}  # [n_micro]
+        metrics["moe/image/experts_per_token"] = jnp.float32([2.0 - per_token / 2])
+        metrics |= {f"moe/{g}/tokens_share": jnp.float32([0.5]) for g in ("text", "image")}
         for k in want:
             group = k.split("/")[1]
-            sparsity = 1 - float(metrics[f"moe/{group}/experts_per_token"]) / 4
+            sparsity = 1 - float(metrics[f"moe/{group}/experts_per_token"][0]) / 4
             want[k] = reference_update(want[k], sparsity, 1 - 1 / 4, 1.2)
         state = update(state, metrics)
         for k in want:
             np.testing.assert_allclose(state[k], want[k], rtol=1e-6, err_msg=f"{k} {per_token}")
+
+
+def test_micro_batches_without_the_groups_tokens_do_not_move_its_coefficient():
+    """A micro-batch with no image tokens reads 0 experts per token; the step's measure weights
+    micro-batches by their token share, and a step with no image token leaves the image
+    coefficient as it is (else it would shrink toward an underflow to 0 that never recovers)."""
+    cfg = _experiment(capacity=1.0)
+    start = {k: jnp.float32(1e-3) for k in controls.initial(cfg)}
+    metrics = {
+        "moe/text/experts_per_token": jnp.float32([1.5, 0.9]),
+        "moe/text/tokens_share": jnp.float32([0.2, 0.8]),  # weighted mean 1.02 > 1: grows
+        "moe/image/experts_per_token": jnp.float32([0.0, 0.0]),
+        "moe/image/tokens_share": jnp.float32([0.0, 0.0]),  # no image token at all
+    }
+    out = controls.update(cfg, start, metrics)
+    np.testing.assert_allclose(out["moe/text/l1_reg"], 1.2e-3, rtol=1e-6)
+    assert float(out["moe/image/l1_reg"]) == np.float32(1e-3)
+    floor = controls.update(cfg, {k: jnp.float32(1e-38) for k in start}, metrics | {
+        "moe/text/experts_per_token": jnp.float32([0.5, 0.5])})  # fmt: skip
+    assert float(floor["moe/text/l1_reg"]) > 0  # clamped at float32's smallest normal
 
 
 def test_routes_causally_as_it_trains_and_no_token_moves_an_earlier_one():

@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.model.kinds import uses_modality_shares
 from moma_jax.routers import Control
 
 
 def specs(cfg: ExperimentConfig) -> dict[str, Control]:
     """Each adapted loss of the model, by its full loss name, with metric names made full."""
-    if not uses_modality_shares(cfg.model):  # no sparse feed-forward in the layer pattern
+    if not cfg.model.has_experts:  # no sparse feed-forward in the layer pattern
         return {}
     moe = cfg.model.moe
     out = {}
@@ -50,13 +49,25 @@ def weighted(losses: dict[str, jax.Array], controls: dict[str, jax.Array]) -> di
 
 
 def update(
-    cfg: ExperimentConfig, controls: dict[str, jax.Array], metrics: dict[str, jax.Array]
+    cfg: ExperimentConfig, controls: dict[str, jax.Array], micro_metrics: dict[str, jax.Array]
 ) -> dict[str, jax.Array]:
-    """After a step: a coefficient grows by its multiplier while its metric (this step's mean
-    over layers and micro-batches) is above target, and shrinks by it otherwise (ReMoE:
-    sparsity below target <=> experts per token above it)."""
+    """After a step: a coefficient grows by its multiplier while its metric is above target, and
+    shrinks by it otherwise (ReMoE: sparsity below target <=> experts per token above it).
+
+    `micro_metrics` are the step's metrics per micro-batch ([n_micro], each a mean over
+    layers); the metric is their mean weighted by the group's token share, so a micro-batch
+    without the group's tokens (its metric reads 0) does not count, and a step without any
+    leaves the coefficient as it is. The coefficient stays within float32's normal range: the
+    reference's float32 value can underflow to 0, from where no step would raise it again."""
+    tiny, huge = float(jnp.finfo(jnp.float32).tiny), 1e30
     out = {}
     for key, c in specs(cfg).items():
-        above = metrics[c.metric] > c.target
-        out[key] = jnp.where(above, controls[key] * c.multiplier, controls[key] / c.multiplier)
+        group = c.metric.rpartition("/")[0]
+        share_M = micro_metrics[f"{group}/tokens_share"]
+        present = jnp.sum(share_M)
+        value = jnp.sum(micro_metrics[c.metric] * share_M) / jnp.maximum(present, tiny)
+        grown = jnp.where(
+            value > c.target, controls[key] * c.multiplier, controls[key] / c.multiplier
+        )
+        out[key] = jnp.where(present > 0, jnp.clip(grown, tiny, huge), controls[key])
     return out

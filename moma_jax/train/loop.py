@@ -32,6 +32,7 @@ from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.runtime import with_data_shares
 from moma_jax.safe_io import write_atomic
 from moma_jax.sharding import batch_sharding, check_mesh, make_mesh, replicated
+from moma_jax.train import controls as controls_lib
 from moma_jax.train import faults, preflight, resume, upcycle
 from moma_jax.train import step as step_lib
 from moma_jax.train.checkpoint import Checkpointer, NonFiniteStateError, RunCheckpoints
@@ -288,11 +289,18 @@ def _upcycle(
         "flops": tokens * train_flops_per_token(source_cfg.model, seq),
         "flops_executed": tokens * train_flops_per_token(source_cfg.model, seq, True),
     }
+
+    # A source with the same adapted losses hands over its coefficients (an aux-router stage
+    # or a ReMoE run upcycled from a ReMoE run); otherwise they start afresh.
+    def targets(c: ExperimentConfig) -> dict[str, tuple[str, float]]:
+        return {k: (s.metric, s.target) for k, s in controls_lib.specs(c).items()}
+
+    same = targets(source_cfg) == targets(cfg)
+    controls = source_state.controls if same else fresh.controls
     reset = jax.jit(
-        lambda p: fresh_state(cfg, p, tx),
-        out_shardings=shardings,
+        lambda p, c: fresh_state(cfg, p, tx).replace(controls=c), out_shardings=shardings
     )
-    return reset(params), offsets
+    return reset(params, controls), offsets
 
 
 def _run_loop(

@@ -68,7 +68,7 @@ def make_train_step(
 
         def objective(params, micro, micro_key):
             sums, aux = _forward(graphdef, cfg, params, micro, micro_key)
-            losses = controls_lib.weighted(_objective_losses(cfg, aux["losses"]), state.controls)
+            losses = _objective_losses(cfg, controls_lib.weighted(aux["losses"], state.controls))
             aux_loss = sum(losses.values(), jnp.zeros((), jnp.float32))
             if cfg.model.aux_routers == "posthoc":  # the frozen model's loss is only reported
                 return aux_loss / n_micro, (sums, aux)
@@ -121,7 +121,10 @@ def make_train_step(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
-            controls=controls_lib.update(cfg, state.controls, metrics),
+            # A post-hoc aux-router stage trains no main parameter: its coefficients stay.
+            controls=state.controls
+            if cfg.model.aux_routers == "posthoc"
+            else controls_lib.update(cfg, state.controls, aux_A["metrics"]),
         )
         return new_state, metrics
 
