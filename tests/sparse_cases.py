@@ -73,3 +73,33 @@ def assert_gradient_matches(cfg: ModelConfig, oracle) -> None:
         params
     )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5), got, want)
+
+
+def assert_routes_causally_as_trained(layer, cfg: ModelConfig) -> None:
+    """A per-token router: causal routing gives the teacher-forced output, it needs no aux
+    router, and tokens after position 20 change no earlier output, teacher-forced or causal."""
+    x, modality, segment = inputs(seed=3)
+    forward = jax.jit(lambda x, c: run_layer(layer, x, modality, segment, c)[0], static_argnums=1)
+    teacher, causal = forward(x, False), forward(x, True)
+    np.testing.assert_allclose(causal, teacher, rtol=1e-6, atol=1e-6)
+    later = x.copy()
+    later[:, 20:] = np.random.default_rng(9).normal(size=later[:, 20:].shape)
+    np.testing.assert_array_equal(forward(later, False)[:, :20], teacher[:, :20])
+    np.testing.assert_array_equal(forward(later, True)[:, :20], causal[:, :20])
+    assert not cfg.moe.needs_aux_routers
+
+
+def assert_flop_matched_without_aux_stage(experiment: str) -> None:
+    """`{experiment}_tiny`'s ideal training FLOPs per token are within 5% of dense_tiny's (the
+    per-token routers' ideal count assumes `capacity` experts per token; the measured count is
+    logged) and no aux-router stage is registered for it (it routes causally as trained)."""
+    from moma_jax import registry
+    from moma_jax.model.kinds import train_flops_per_token
+    from moma_jax.runtime import resolve_shares
+
+    cfg = resolve_shares(registry.get(f"{experiment}_tiny"))
+    dense = resolve_shares(registry.get("dense_tiny"))
+    ratio = train_flops_per_token(cfg.model, 256) / train_flops_per_token(dense.model, 256)
+    assert abs(ratio - 1) < 0.05, ratio
+    assert not cfg.model.moe.needs_aux_routers
+    assert not [n for n in registry.names() if n.startswith(f"{experiment}_") and "aux" in n]

@@ -21,10 +21,8 @@ from sparse_cases import W, assert_gradient_matches, assert_output_matches, inpu
 
 from moma_jax import registry
 from moma_jax.config import ConfigError, ModelConfig, validate
-from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
-from moma_jax.runtime import resolve_shares
 
 
 def adamoe_weights(logits, n_real, top_k):
@@ -122,25 +120,11 @@ def test_balance_loss_and_experts_per_token_match_the_transcription():
 
 def test_routes_causally_as_it_trains_and_no_token_moves_an_earlier_one():
     cfg = model_cfg(group_experts=(4, 4))
-    layer = SparseFFN(cfg, rngs=nnx.Rngs(3))
-    x, modality, segment = inputs(seed=3)
-    forward = jax.jit(lambda x, c: run_layer(layer, x, modality, segment, c)[0], static_argnums=1)
-    teacher = forward(x, False)
-    np.testing.assert_allclose(forward(x, True), teacher, rtol=1e-6, atol=1e-6)
-    later = x.copy()
-    later[:, 20:] = np.random.default_rng(9).normal(size=later[:, 20:].shape)
-    np.testing.assert_array_equal(forward(later, False)[:, :20], teacher[:, :20])
-    assert not cfg.moe.needs_aux_routers
+    sparse_cases.assert_routes_causally_as_trained(SparseFFN(cfg, rngs=nnx.Rngs(3)), cfg)
 
 
 def test_the_experiment_is_flop_matched():
-    cfg = resolve_shares(registry.get("moma_4t4i_null_tiny"))
-    dense = resolve_shares(registry.get("dense_tiny"))
-    ratio = train_flops_per_token(cfg.model, 256) / train_flops_per_token(dense.model, 256)
-    assert abs(ratio - 1) < 0.05, ratio
-    assert cfg.model.moe.experts_per_token(0) == 1.0  # top-2 of 4 real + 4 null
-    with pytest.raises(ConfigError, match="top_k=9 must be in 1..8"):
-        validate(apply_overrides(cfg, ["model.moe.top_k=9"]))
+    sparse_cases.assert_flop_matched_without_aux_stage("moma_4t4i_null")
 
 
 def test_null_experts_without_their_routing_are_refused():

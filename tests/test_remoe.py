@@ -18,10 +18,8 @@ from sparse_cases import W, assert_gradient_matches, assert_output_matches, inpu
 from moma_jax import registry
 from moma_jax.commands.cli import main
 from moma_jax.config import ConfigError, ModelConfig, validate
-from moma_jax.model.kinds import train_flops_per_token
 from moma_jax.model.moe import SparseFFN
 from moma_jax.overrides import apply_overrides
-from moma_jax.runtime import resolve_shares
 from moma_jax.train import controls
 from moma_jax.train.metrics import read_jsonl
 
@@ -159,25 +157,11 @@ def test_micro_batches_without_the_groups_tokens_do_not_move_its_coefficient():
 
 def test_routes_causally_as_it_trains_and_no_token_moves_an_earlier_one():
     cfg = model_cfg(group_experts=(4, 4))
-    layer = SparseFFN(cfg, rngs=nnx.Rngs(3))
-    x, modality, segment = inputs(seed=3)
-    forward = jax.jit(lambda x, causal: run_layer(layer, x, modality, segment, causal)[0],
-                      static_argnums=1)  # fmt: skip
-    teacher, causal = forward(x, False), forward(x, True)
-    np.testing.assert_allclose(causal, teacher, rtol=1e-6, atol=1e-6)
-    later = x.copy()
-    later[:, 20:] = np.random.default_rng(9).normal(size=later[:, 20:].shape)
-    np.testing.assert_array_equal(forward(later, False)[:, :20], teacher[:, :20])
-    assert not cfg.moe.needs_aux_routers
+    sparse_cases.assert_routes_causally_as_trained(SparseFFN(cfg, rngs=nnx.Rngs(3)), cfg)
 
 
 def test_the_experiments_ideal_flops_assume_one_expert_and_it_needs_no_aux_stage():
-    cfg = resolve_shares(registry.get("moma_4t4i_remoe_tiny"))
-    dense = resolve_shares(registry.get("dense_tiny"))
-    ratio = train_flops_per_token(cfg.model, 256) / train_flops_per_token(dense.model, 256)
-    assert abs(ratio - 1) < 0.05, ratio
-    assert not cfg.model.moe.needs_aux_routers
-    assert not [n for n in registry.names() if n.startswith("moma_4t4i_remoe_") and "aux" in n]
+    sparse_cases.assert_flop_matched_without_aux_stage("moma_4t4i_remoe")
 
 
 @pytest.mark.parametrize("key, value", [("relu_l1_init", "0"), ("relu_l1_multiplier", "1.0")])
