@@ -27,7 +27,7 @@ from flax import nnx
 
 from moma_jax import registry
 from moma_jax.commands.describe import describe
-from moma_jax.config import MambaConfig, ModelConfig, SparseConfig
+from moma_jax.config import ConfigError, MambaConfig, ModelConfig, SparseConfig, validate
 from moma_jax.model.context import Context
 from moma_jax.model.mamba import MambaMixer, RecurrentState, empty_state
 
@@ -284,3 +284,18 @@ def test_the_tiny_experiments_are_flop_matched_to_dense(name):
     info = describe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=share)))
     assert abs(info["flops_per_token_ideal"] / dense - 1) < 0.10
     assert {e["kind"] for e in info["layer_plan"]["unit"]} <= {"mamba", "mom", "mamba_moe"}
+
+
+@pytest.mark.parametrize(
+    "mamba, problem",
+    [
+        (MambaConfig(d_state=0), "d_state > 0"),
+        (MambaConfig(d_conv=1), "d_conv >= 2"),
+        (MambaConfig(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+    ],
+)
+def test_a_bad_mamba_section_is_refused_naming_the_key(mamba, problem):
+    cfg = registry.get("mamba_tiny")
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mamba=mamba))
+    with pytest.raises(ConfigError, match=problem):
+        validate(bad)

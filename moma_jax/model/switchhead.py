@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moma_jax import flops as flops_lib
-from moma_jax.config import ModelConfig, attention_expert_groups
+from moma_jax.config import ModelConfig
+from moma_jax.kind_config import attention_expert_groups
 from moma_jax.model.attention import attend
 from moma_jax.model.block import Block
 from moma_jax.model.context import Context
