@@ -1,9 +1,9 @@
 """Run in a subprocess with 8 simulated CPU devices (tests/test_distributed.py): 3 train steps
 of each architecture on one device and on several meshes; prints one JSON object.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_runs.py
-    XLA_FLAGS=... python tests/mesh_runs.py --attention-experts   (MoH, SwitchHead: one mesh)
-    XLA_FLAGS=... python tests/mesh_runs.py --mixture-of-tokens   (two meshes)
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_runs.py [ARCH,...]
+
+ARCH: any of ARCHS (on MESHES) and KIND_MESHES (the other layer kinds); default ARCHS.
 """
 
 from __future__ import annotations
@@ -31,13 +31,20 @@ MESHES = {
     "data=2,expert=4": MeshConfig(data=2, expert=4),
     "data=2,fsdp=2,tensor=2": MeshConfig(data=2, fsdp=2, tensor=2),
 }
-# The attention-expert kinds on one mesh that shards every axis their parameters name: heads
-# (tensor), experts (expert), embed (fsdp).
-ATTENTION_EXPERTS = ("moh", "switchhead")
 MIXED_MESH = {"fsdp=2,expert=2,tensor=2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2)}
-# Mixture of Tokens on the two meshes that split its groups of 8 consecutive rows over batch
-# shards (4 rows each) and shard its experts (expert) and their hidden size (fsdp, tensor).
-MIXTURE_OF_TOKENS_MESHES = {k: MESHES[k] for k in ("data=2,expert=4", "data=2,fsdp=2,tensor=2")}
+# The other layer kinds, each on the meshes that shard every axis its parameters
+# name. MoH, SwitchHead: heads (tensor), experts (expert), embed (fsdp). Mixture of Tokens: its
+# groups of 8 consecutive rows split over batch shards (4 rows each), its experts (expert) and
+# their hidden size (fsdp, tensor). Mamba: the mixer's channels (tensor); Mixture-of-Mamba adds
+# per-modality projections, MoE-Mamba the expert layers.
+KIND_MESHES = {
+    "moh": MIXED_MESH,
+    "switchhead": MIXED_MESH,
+    "mixture_of_tokens": {k: MESHES[k] for k in ("data=2,expert=4", "data=2,fsdp=2,tensor=2")},
+    "mamba": MIXED_MESH,
+    "mom": MIXED_MESH,
+    "moe_mamba": MIXED_MESH,
+}
 SHAPE = (
     "model.d_model=64",
     "model.n_layers=2",
@@ -98,14 +105,11 @@ def run(arch: str, mesh_name: str | None) -> dict:
 def main() -> None:
     assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     enable_compilation_cache()  # MOMA_JAX_COMPILE_CACHE, shared with the test session
-    archs: tuple[str, ...] = ARCHS
-    meshes = MESHES
-    if "--attention-experts" in sys.argv:
-        archs, meshes = ATTENTION_EXPERTS, MIXED_MESH
-    if "--mixture-of-tokens" in sys.argv:
-        archs, meshes = ("mixture_of_tokens",), MIXTURE_OF_TOKENS_MESHES
+    known = {**{arch: MESHES for arch in ARCHS}, **KIND_MESHES}
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else ARCHS
+    table = {arch: known[arch] for arch in names}
     out = {}
-    for arch in archs:
+    for arch, meshes in table.items():
         out[arch] = {"1": run(arch, None)}
         for name in meshes:
             out[arch][name] = run(arch, name)

@@ -1,5 +1,6 @@
 """The benchmark's cheap parts: its configurations, its target verdicts, its imports (no timing)."""
 
+import json
 import subprocess
 import sys
 import types
@@ -112,3 +113,26 @@ def test_decode_report_rates_and_ratios():
         {"dense/b1": new / 0.5, "dense/b8": 8 * new, "mot/b1": new, "mot/b8": 2 * new}
     )
     assert rep["vs_dense"] == pytest.approx({"mot/b1": 0.5, "mot/b8": 0.25})
+
+
+def test_kind_rows_time_each_kind_against_dense(capsys, data_dir):
+    """bench_kinds.py: one round of dense and Mixture-of-Mamba at their registered tiny shapes;
+    the row's FLOPs ratio is the registered match (within 10% for the Mamba kinds)."""
+    from moma_jax.bench import kinds
+
+    assert kinds.main(["--rounds", "1", "--warmup", "0", "--kind", "mom"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["experiments"] == {"dense": "dense_tiny", "mom": "mom_tiny"}
+    assert report["step_time_s"]["dense"] > 0 and report["step_time_ratio"]["mom"] > 0
+    assert 0.9 <= report["ideal_flops_ratio"]["mom"] <= 1.1
+    assert "mom_tiny" in out.err  # the table
+
+
+def test_kind_rows_refuse_an_unknown_kind(capsys):
+    from moma_jax.bench import kinds
+
+    assert kinds.main(["--kind", "mamba2"]) == 2
+    assert (
+        "no benchmark experiment for kind(s) ['mamba2']; known: ['dense'" in capsys.readouterr().err
+    )

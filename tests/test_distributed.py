@@ -1,17 +1,15 @@
-"""Several devices: the same losses on every mesh as on one device, every parameter and moment
-sharded as the logical table says, experts' slot buffers moved by all-to-all, checkpoints
-resharded onto another mesh, and impossible meshes refused before compiling.
+"""Several devices: the same losses on every mesh as on one device for every layer kind, every
+parameter and moment sharded as the logical table says, experts' slot buffers moved by
+all-to-all, checkpoints resharded onto another mesh, two processes training as one, and
+impossible meshes refused before compiling.
 
-The mesh runs happen in subprocesses with 8 (or 4) simulated CPU devices
-(`XLA_FLAGS=--xla_force_host_platform_device_count=N`), sharing the compilation cache.
-Losses match to rtol 1e-4, not bitwise: a sharded step splits sums (over batch shards, over
-the hidden size under tensor parallelism) into partial sums added in another order, so float32
-rounding differs in the last bits (measured: at most 1e-5 relative over 3 steps).
+The runs happen in subprocesses with 8 (or 4) simulated CPU devices (simulated.py), all in
+this one file so that one test worker runs them one after another: two such processes at once
+on 2 cores starve each other's device threads (measured: both past 15 minutes).
 """
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,48 +17,19 @@ from pathlib import Path
 
 import jax
 import pytest
+import simulated
 from cli_args import sets
+from simulated import ROOT, RTOL, assert_shards_as_one_device, devices_env, run_simulated
 
 from moma_jax import registry
 from moma_jax.config import ConfigError, MeshConfig
 from moma_jax.sharding import check_mesh, mesh_shape
 from moma_jax.train.metrics import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-RTOL = 1e-4
-
-
-def devices_env(n: int) -> dict[str, str]:
-    """n simulated CPU devices, and the test session's compilation cache."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
-    cache = getattr(jax.config, "jax_compilation_cache_dir")  # noqa: B009 (untyped flag)
-    return {
-        **os.environ,
-        "XLA_FLAGS": flags.strip(),
-        "PYTHONPATH": str(ROOT),
-        "MOMA_JAX_COMPILE_CACHE": str(cache),
-    }
-
-
-def run_simulated(cmd: list[str], devices: int) -> subprocess.CompletedProcess:
-    """`cmd` with `devices` simulated CPU devices. Retried once if XLA:CPU aborts a collective
-    whose participants did not all arrive within its 40 s rendezvous timeout: with 8 simulated
-    devices sharing 2 cores this was seen once in ~10 runs (an in-process scheduling stall of
-    the CPU runtime, not a wrong result); any other failure fails the test."""
-    for attempt in range(2):
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, env=devices_env(devices), cwd=ROOT
-        )
-        if out.returncode == 0 or "Termination timeout for" not in out.stderr or attempt:
-            break
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
 
 @pytest.fixture(scope="module")
 def mesh_runs(data_dir):
-    out = run_simulated([sys.executable, str(ROOT / "tests" / "mesh_runs.py")], 8)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return simulated.mesh_runs("dense", "moe_8x", "moma_4t4i", "mot")
 
 
 @pytest.mark.parametrize("arch", ["dense", "moe_8x", "moma_4t4i", "mot"])
@@ -87,78 +56,38 @@ def test_expert_parallel_step_moves_slot_buffers_by_all_to_all(mesh_runs):
 
 
 @pytest.fixture(scope="module")
-def attention_expert_runs(data_dir):
-    script = str(ROOT / "tests" / "mesh_runs.py")
-    out = run_simulated([sys.executable, script, "--attention-experts"], 8)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def kind_runs(data_dir):
+    """MoH, SwitchHead and Mixture of Tokens on their meshes (`mesh_runs.KIND_MESHES`)."""
+    return simulated.mesh_runs("moh", "switchhead", "mixture_of_tokens")
 
 
-@pytest.mark.parametrize("arch", ["moh", "switchhead"])
-def test_attention_experts_shard_as_their_rows_say(attention_expert_runs, arch):
-    """MoH and SwitchHead (model/moh.py, model/switchhead.py) on fsdp=2, expert=2, tensor=2:
-    the one-device losses, every leaf sharded as its kind's logical axes say, some sharded."""
-    runs = attention_expert_runs[arch]
-    reference = runs.pop("1")["losses"]
-    for mesh, run in runs.items():
-        assert run["losses"] == pytest.approx(reference, rel=RTOL), mesh
-        assert run["wrong_shardings"] == [], (mesh, run["wrong_shardings"][:3])
-        assert run["sharded_leaves"] > 0, mesh
-
-
-@pytest.fixture(scope="module")
-def mixture_of_tokens_runs(data_dir):
-    script = str(ROOT / "tests" / "mesh_runs.py")
-    out = run_simulated([sys.executable, script, "--mixture-of-tokens"], 8)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_mixture_of_tokens_groups_span_shards_with_the_one_device_losses(mixture_of_tokens_runs):
-    """Mixture of Tokens (model/mixture_of_tokens.py) on data=2,expert=4 and
-    data=2,fsdp=2,tensor=2: each group of 8 rows spans two batch shards of 4 rows, its experts
-    and their hidden size are sharded; the losses are the one-device ones (the groups are rows
-    of the config, not of a shard) and every leaf is sharded as the row's logical axes say."""
-    runs = mixture_of_tokens_runs["mixture_of_tokens"]
-    reference = runs.pop("1")["losses"]
-    assert len(runs) == 2
-    for mesh, run in runs.items():
-        assert run["losses"] == pytest.approx(reference, rel=RTOL), mesh
-        assert run["wrong_shardings"] == [], (mesh, run["wrong_shardings"][:3])
-        assert run["sharded_leaves"] > 0, mesh
-
-
-SMALL = sets(
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "data.seq_len=128",
-    "data.batch_size=32",
-    "model.moe.routing_group_tokens=512",
-    "optim.total_steps=40",
-    "optim.warmup_steps=2",
-    "run.log_every=1",
-    "run.eval_every=100",
-    "run.eval_batches=2",
-    "run.checkpoint_every=2",
-    "run.async_checkpoint=false",
+@pytest.mark.parametrize(
+    "arch, meshes",
+    [
+        # MoH and SwitchHead (model/moh.py, model/switchhead.py) on fsdp=2, expert=2, tensor=2.
+        ("moh", 1),
+        ("switchhead", 1),
+        # Mixture of Tokens (model/mixture_of_tokens.py) on data=2,expert=4 and
+        # data=2,fsdp=2,tensor=2: each group of 8 rows spans two batch shards of 4 rows, so the
+        # one-device losses show the groups are rows of the config, not of a shard.
+        ("mixture_of_tokens", 2),
+    ],
 )
+def test_other_kinds_shard_as_their_rows_say_with_the_one_device_losses(kind_runs, arch, meshes):
+    assert_shards_as_one_device(kind_runs[arch], meshes)
 
 
-def train(workdir: Path, steps: int, devices: int, *mesh: str) -> None:
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--exp", "moe_8x_tiny"]
-    cmd += ["--workdir", str(workdir), "--steps", str(steps), *SMALL, *sets(*mesh)]
-    run_simulated(cmd, devices)
+# Mamba, Mixture-of-Mamba and MoE-Mamba (model/ssm_kinds.py) on fsdp=2, expert=2, tensor=2: the
+# scan's channels over tensor, the per-modality projections and the experts sharded as their
+# rows say.
+@pytest.fixture(scope="module")
+def ssm_runs(data_dir):
+    return simulated.mesh_runs("mamba", "mom", "moe_mamba")
 
 
-def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir):
-    """Written on 8 devices (data=2, expert=4), resumed on 4 (data=2, expert=2): the same
-    losses as the uninterrupted 8-device run."""
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
-    train(straight, 4, 8, "mesh.data=2", "mesh.expert=4")
-    train(moved, 2, 8, "mesh.data=2", "mesh.expert=4")
-    train(moved, 4, 4, "mesh.data=2", "mesh.expert=2")
-    a = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl") if "loss" in r}
-    b = {r["step"]: r["loss"] for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r}
-    assert [b[s] for s in (1, 2, 3, 4)] == pytest.approx([a[s] for s in (1, 2, 3, 4)], rel=RTOL)
+@pytest.mark.parametrize("arch", ["mamba", "mom", "moe_mamba"])
+def test_mamba_kinds_shard_as_their_rows_say_with_the_one_device_losses(ssm_runs, arch):
+    assert_shards_as_one_device(ssm_runs[arch], meshes=1)
 
 
 def _cfg(name: str = "moe_8x_tiny", **model):
@@ -221,6 +150,41 @@ def test_more_devices_than_exist_is_refused():
         ConfigError, match=r"mesh.data=4, mesh.expert=4 needs a multiple of 16 devices, but 8"
     ):
         mesh_shape(MeshConfig(data=4, expert=4), 8)
+
+
+SMALL = sets(
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "data.seq_len=128",
+    "data.batch_size=32",
+    "model.moe.routing_group_tokens=512",
+    "optim.total_steps=40",
+    "optim.warmup_steps=2",
+    "run.log_every=1",
+    "run.eval_every=100",
+    "run.eval_batches=2",
+    "run.checkpoint_every=2",
+    "run.async_checkpoint=false",
+)
+
+
+def train(workdir: Path, steps: int, devices: int, *mesh: str) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--exp", "moe_8x_tiny"]
+    cmd += ["--workdir", str(workdir), "--steps", str(steps), *SMALL, *sets(*mesh)]
+    run_simulated(cmd, devices)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir):
+    """Written on 8 devices (data=2, expert=4), resumed on 4 (data=2, expert=2): the same
+    losses as the uninterrupted 8-device run."""
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    train(straight, 4, 8, "mesh.data=2", "mesh.expert=4")
+    train(moved, 2, 8, "mesh.data=2", "mesh.expert=4")
+    train(moved, 4, 4, "mesh.data=2", "mesh.expert=2")
+    a = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl") if "loss" in r}
+    b = {r["step"]: r["loss"] for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r}
+    assert [b[s] for s in (1, 2, 3, 4)] == pytest.approx([a[s] for s in (1, 2, 3, 4)], rel=RTOL)
 
 
 def test_aot_fit_check_compiles_for_a_simulated_mesh(capsys, data_dir):
