@@ -77,15 +77,16 @@ def test_other_kinds_shard_as_their_rows_say_with_the_one_device_losses(kind_run
     assert_shards_as_one_device(kind_runs[arch], meshes)
 
 
-# Mamba, Mixture-of-Mamba and MoE-Mamba (model/ssm_kinds.py) on fsdp=2, expert=2, tensor=2: the
+# Mixture-of-Mamba and MoE-Mamba (model/ssm_kinds.py) on fsdp=2, expert=2, tensor=2: the
 # scan's channels over tensor, the per-modality projections and the experts sharded as their
-# rows say.
+# rows say. Plain Mamba has no run of its own: MoE-Mamba's mixers are plain Mamba mixers (same
+# rows, same scan) and its SwiGLU is dense's, and each 8-device run costs ~85 s of CI.
 @pytest.fixture(scope="module")
 def ssm_runs(data_dir):
-    return simulated.mesh_runs("mamba", "mom", "moe_mamba")
+    return simulated.mesh_runs("mom", "moe_mamba")
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mom", "moe_mamba"])
+@pytest.mark.parametrize("arch", ["mom", "moe_mamba"])
 def test_mamba_kinds_shard_as_their_rows_say_with_the_one_device_losses(ssm_runs, arch):
     assert_shards_as_one_device(ssm_runs[arch], meshes=1)
 
