@@ -128,13 +128,15 @@ class ModelConfig:
 
     @property
     def has_experts(self) -> bool:
-        """Whether a layer kind of the pattern reads `model.moe` (the sparse FFN): `moe` and the
-        kinds named `*_moe` (`mamba_moe`)."""
+        """Whether a layer kind of the pattern builds the sparse FFN of `model.moe`: `moe` and
+        the kinds named `*_moe` (`mamba_moe`); `register_layer_kind` refuses a kind whose row
+        (`sparse_ffn`) disagrees with its name, since this module sits below the table."""
         return any(k == "moe" or k.endswith("_moe") for k in self.base_kinds)
 
     @property
     def has_mod(self) -> bool:
-        """Whether a layer kind of the pattern is Mixture-of-Depths (`mod_*`)."""
+        """Whether a layer kind of the pattern is Mixture-of-Depths (`mod_*`; the name is
+        enforced against the row's `depth_routed` when the kind is registered)."""
         return any(k.startswith("mod_") for k in self.layer_pattern)
 
 

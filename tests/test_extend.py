@@ -173,6 +173,17 @@ def test_taken_names_and_conflicting_axes_are_refused():
     with pytest.raises(ConfigError, match="maps logical axis 'embed'"):
         register_layer_kind("test_bad_axis", bad_axis)
     assert "test_bad_axis" not in LAYER_KINDS
+    # Config (below the table) runs model.moe's and model.mod's checks, the router's loss
+    # controls and the expert mesh checks by name, so the name must say what the row builds.
+    for name, row, match in (
+        ("test_experts", LAYER_KINDS["moe"], "sparse_ffn=True.*moe or \\*_moe.*name it so"),
+        ("test_gated_moe", TOY_KIND, "sparse_ffn=False.*rename it"),
+        ("test_skip", mod_kind(TOY_KIND), "depth_routed=True.*mod_\\*.*name it so"),
+        ("mod_test_plain", TOY_KIND, "depth_routed=False.*rename it"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            register_layer_kind(name, row)
+        assert name not in LAYER_KINDS
 
 
 def test_every_routing_row_and_expert_compute_path_is_complete():

@@ -76,6 +76,12 @@ class LayerKind:
     decode_cache: (arrays, cache index) -> the `ctx.kv` object of one decode pass: a
         `model.cache.KVCache` (attention), or the kind's own (a Mamba layer's recurrent state).
     reads_modality_shares: whether it sizes its work by `model.moe.modality_shares`.
+    sparse_ffn: whether it builds the sparse FFN of `model.moe` (experts and a router). Such a
+        kind is named `moe` or `*_moe`, and only such a kind: config sits below this table and
+        reads the name (`ModelConfig.has_experts`) to check `model.moe`, apply the router's
+        loss controls and the expert mesh checks, so `register_layer_kind` refuses a mismatch.
+    depth_routed: whether it is Mixture-of-Depths around another kind (`mod_kind` sets it);
+        named `mod_*`, and only such a kind, for the same reason (`ModelConfig.has_mod`).
     needs_aux_routers: (cfg) -> whether one of its routers ranks whole routing groups, so
         causal routing needs aux routers.
     describe: (cfg) -> extra fields of its entry in the describe report's layer plan.
@@ -89,6 +95,8 @@ class LayerKind:
     decode_state: DecodeState | Literal["none"] | None = None
     decode_cache: DecodeCache = kv_cache.KVCache
     reads_modality_shares: bool = False
+    sparse_ffn: bool = False
+    depth_routed: bool = False
     needs_aux_routers: Callable[[ModelConfig], bool] = _never
     describe: Callable[[ModelConfig], dict[str, Any]] = _no_fields
     aux_routers: Callable[[ModelConfig], tuple[float, float]] = _no_aux_routers
@@ -104,11 +112,22 @@ LAYER_KINDS: dict[str, LayerKind] = {}
 
 
 def register_layer_kind(name: str, row: LayerKind) -> LayerKind:
-    """Adds a kind to the table (ConfigError for a taken name or a logical axis that
-    `sharding.LOGICAL_RULES` maps differently). An incomplete row is accepted here and refused
-    by `check_layer_kinds` when a config naming it is built."""
+    """Adds a kind to the table (ConfigError for a taken name, a name that disagrees with the
+    row's `sparse_ffn` or `depth_routed`, or a logical axis that `sharding.LOGICAL_RULES` maps
+    differently). An incomplete row is accepted here and refused by `check_layer_kinds` when a
+    config naming it is built."""
     if name in LAYER_KINDS:
         raise ConfigError(f"layer kind {name!r} is registered already")
+    for field, flag, named, rule in (
+        ("sparse_ffn", row.sparse_ffn, name == "moe" or name.endswith("_moe"), "moe or *_moe"),
+        ("depth_routed", row.depth_routed, name.startswith("mod_"), "mod_*"),
+    ):
+        if flag != named:
+            raise ConfigError(
+                f"layer kind {name!r} has {field}={flag}, but the kinds named {rule} are exactly "
+                f"those with {field}=True (config reads the name to run their checks): "
+                + ("name it so" if flag else "rename it")
+            )
     rules = sharding.LOGICAL_RULES
     for axis, target in (row.sharding or {}).items():
         if rules.get(axis, target) != target:
@@ -319,6 +338,7 @@ register_layer_kind(
         sharding=_rules(*_ATTENTION_AXES, "expert"),
         decode_state=kv_decode_state,
         reads_modality_shares=True,
+        sparse_ffn=True,
         needs_aux_routers=_sparse_needs_aux_routers,
         describe=_sparse_describe,
         aux_routers=flops_lib.sparse_aux_routers,
@@ -387,6 +407,7 @@ def mod_kind(inner: LayerKind) -> LayerKind:
         build=None if build is None else mod_block,
         flops=None if flops is None else flops_lib.mod_layer_flops(flops),
         sharding=None if inner.sharding is None else {**inner.sharding, **_rules("embed")},
+        depth_routed=True,
         needs_aux_routers=lambda cfg: True,
         describe=_no_fields,
         aux_routers=flops_lib.mod_aux_routers(inner.aux_routers),

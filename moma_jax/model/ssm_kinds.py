@@ -97,6 +97,7 @@ kinds.register_layer_kind(
         decode_state=recurrent_decode_state,
         decode_cache=mamba.RecurrentState,
         reads_modality_shares=True,
+        sparse_ffn=True,
         needs_aux_routers=kinds.LAYER_KINDS["moe"].needs_aux_routers,
         describe=kinds.LAYER_KINDS["moe"].describe,
         aux_routers=kinds.LAYER_KINDS["moe"].aux_routers,
