@@ -245,9 +245,10 @@ class ExperimentConfig:
 # Keys that may differ when a workdir is resumed: they change logging and bookkeeping, never the
 # numbers a step computes. Every other key is part of the run's identity.
 # How the step is compiled, not what it computes (up to float rounding of fusions): the layer
-# scan's unrolling and the attention kernel. A run resumes, and seeds an upcycled run or an
-# aux-router stage, under other values (runs saved with the earlier scan default 1, say).
-COMPILE_KEYS = ("model.scan_unroll", "model.attention")
+# scan's unrolling, the attention kernel and the Mamba scan's path. A run resumes, and seeds an
+# upcycled run or an aux-router stage, under other values (runs saved with the earlier scan
+# default 1, say).
+COMPILE_KEYS = ("model.scan_unroll", "model.attention", "model.mamba.scan")
 RESUME_SAFE_KEYS = frozenset(
     {
         "description",

@@ -16,6 +16,7 @@ from moma_jax.modality import N_MODALITIES
 # experts); "shared", one group for every token (the papers' setting).
 ATTENTION_EXPERT_GROUPS = ("modality", "shared")
 MOH_GATES = ("paper", "scaled")  # model/moh.py
+SCANS = ("auto", "associative", "sequential")  # model.mamba.scan (model/ssm.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,10 @@ class MambaConfig:
     dt_rank: int = 0
     dt_min: float = 0.001
     dt_max: float = 0.1
+    # How the scan runs (model/ssm.py; the same recurrence, float32 rounding aside): one of
+    # SCANS, "auto" = "sequential" on CPU, "associative" on accelerators. A compile key: a run
+    # resumes under another value.
+    scan: str = "auto"
 
     def d_inner(self, d_model: int) -> int:
         return int(self.expand * d_model)
@@ -134,6 +139,7 @@ def validate_mamba(mb: MambaConfig, d_model: int) -> None:
         0 < mb.dt_min <= mb.dt_max,
         f"model.mamba.dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got {mb}",
     )
+    require(mb.scan in SCANS, f"model.mamba.scan={mb.scan!r} is not one of {SCANS}")
 
 
 def validate_motok(t: TokenMixConfig, rows: int) -> None:

@@ -129,10 +129,20 @@ def test_kind_rows_time_each_kind_against_dense(capsys, data_dir):
     assert "mom_tiny" in out.err  # the table
 
 
-def test_kind_rows_refuse_an_unknown_kind(capsys):
+def test_kind_rows_refuse_an_unknown_kind_and_a_bad_override(capsys):
     from moma_jax.bench import kinds
 
     assert kinds.main(["--kind", "mamba2"]) == 2
     assert (
         "no benchmark experiment for kind(s) ['mamba2']; known: ['dense'" in capsys.readouterr().err
     )
+    assert kinds.main(["--kind", "mom", "--set", "model.mamba.scan=parallel"]) == 2
+    assert "model.mamba.scan='parallel' is not one of" in capsys.readouterr().err
+
+
+def test_kind_rows_apply_an_override_to_every_experiment():
+    from moma_jax.bench import kinds
+
+    archs = kinds.configs(["mom", "mamba"], ["model.mamba.scan=associative"])
+    assert list(archs) == ["dense", "mom", "mamba"]
+    assert {c.model.mamba.scan for c in archs.values()} == {"associative"}

@@ -14,7 +14,8 @@
   and per-modality out_proj (L235-242, L444-471). It has no documents (one per row here).
 
 Plus: a document's outputs do not depend on the other documents of its row, decoding chunk by
-chunk through `RecurrentState` equals the whole row, and the FLOP-matched experiments.
+chunk through `RecurrentState` equals the whole row, and the FLOP-matched experiments. The
+layer's tests run both paths of the scan (`model.mamba.scan`: associative and sequential).
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from moma_jax.commands.describe import describe
 from moma_jax.config import ConfigError, MambaConfig, ModelConfig, SparseConfig, validate
 from moma_jax.model.context import Context
 from moma_jax.model.mamba import MambaMixer, RecurrentState, empty_state
+from moma_jax.model.ssm import resolve_scan
 
 CFG = ModelConfig(
     vocab_size=48, d_model=16, n_layers=1, n_heads=2, init_std=0.3,
@@ -42,8 +44,9 @@ B, L = 2, 12
 SEGMENTS = np.array([[1] * 4 + [2] * 5 + [3] + [0] * 2, [5] * 12], np.int32)
 
 
-def _layer(untied: bool, seed: int = 0) -> MambaMixer:
-    layer = MambaMixer(CFG, rngs=nnx.Rngs(seed), untied=untied)
+def _layer(untied: bool, seed: int = 0, scan: str = "auto") -> MambaMixer:
+    cfg = dataclasses.replace(CFG, mamba=dataclasses.replace(CFG.mamba, scan=scan))
+    layer = MambaMixer(cfg, rngs=nnx.Rngs(seed), untied=untied)
     # Non-trivial shared parameters (their init is constant): A, D and the conv bias random.
     rng = np.random.default_rng(seed)
     layer.a_log_DixDs[...] = jnp.asarray(np.log(rng.uniform(0.5, 4.0, (DI, DS))), jnp.float32)
@@ -165,9 +168,14 @@ def transcription(p: dict, x: np.ndarray, modality: np.ndarray) -> np.ndarray:
     return experts(y, "w_out").reshape(batch, seqlen, D)
 
 
+# Both paths of the scan (model.mamba.scan; "auto" is one of them by backend).
+SCANS = pytest.mark.parametrize("scan", ["associative", "sequential"])
+
+
+@SCANS
 @pytest.mark.parametrize("untied", [False, True], ids=["mamba", "mom"])
-def test_forward_equals_the_equations_with_documents(untied):
-    layer = _layer(untied)
+def test_forward_equals_the_equations_with_documents(untied, scan):
+    layer = _layer(untied, scan=scan)
     x, modality = _inputs(0.4)
     got = _apply(layer, x, SEGMENTS, modality)
     params = _params(nnx.state(layer, nnx.Param), np)
@@ -176,11 +184,12 @@ def test_forward_equals_the_equations_with_documents(untied):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4)
 
 
+@SCANS
 @pytest.mark.parametrize("untied", [False, True], ids=["mamba", "mom"])
-def test_gradient_equals_the_equations_gradient(untied):
-    """d(sum(out * cotangent)) / d(every parameter, x): the layer (associative scan, masked
-    conv, by-modality projections) against jax.grad of the sequential loop."""
-    layer = _layer(untied)
+def test_gradient_equals_the_equations_gradient(untied, scan):
+    """d(sum(out * cotangent)) / d(every parameter, x): the layer (either scan, masked conv,
+    by-modality projections) against jax.grad of the sequential loop."""
+    layer = _layer(untied, scan=scan)
     graphdef, params = nnx.split(layer, nnx.Param)
     x, modality = _inputs(0.8)  # image-heavy
     cot = jnp.asarray(np.random.default_rng(1).normal(size=(B, L, D)), jnp.float32)
@@ -239,10 +248,11 @@ def test_an_absent_modality_gets_no_gradient_and_shared_weights_are_mamba():
     )
 
 
-def test_a_document_does_not_see_its_neighbours_or_the_future():
+@SCANS
+def test_a_document_does_not_see_its_neighbours_or_the_future(scan):
     """Row 0's documents, each run alone, give the same outputs as inside the packed row; and
     changing the tokens after t changes no output at or before t."""
-    layer = _layer(untied=True)
+    layer = _layer(untied=True, scan=scan)
     x, modality = _inputs(0.5)
     packed = np.asarray(_apply(layer, x, SEGMENTS, modality))
     for doc in (1, 2, 3):  # each alone, at the same length: the row's other tokens padding
@@ -258,11 +268,12 @@ def test_a_document_does_not_see_its_neighbours_or_the_future():
     assert not np.allclose(after[1, t + 1 :], packed[1, t + 1 :])
 
 
+@SCANS
 @pytest.mark.parametrize("untied", [False, True], ids=["mamba", "mom"])
-def test_recurrent_decoding_in_chunks_equals_the_whole_row(untied):
+def test_recurrent_decoding_in_chunks_equals_the_whole_row(untied, scan):
     """Chunks of 5, 1, 1, 2 and 3 tokens through one `RecurrentState` (documents start inside
     and at the edge of chunks) give the whole row's outputs."""
-    layer = _layer(untied)
+    layer = _layer(untied, scan=scan)
     x, modality = _inputs(0.5)
     whole = np.asarray(_apply(layer, x, SEGMENTS, modality))
     arrays, outs, start = empty_state(CFG, B), [], 0
@@ -292,6 +303,7 @@ def test_the_tiny_experiments_are_flop_matched_to_dense(name):
         (MambaConfig(d_state=0), "d_state > 0"),
         (MambaConfig(d_conv=1), "d_conv >= 2"),
         (MambaConfig(dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+        (MambaConfig(scan="parallel"), "model.mamba.scan='parallel' is not one of"),
     ],
 )
 def test_a_bad_mamba_section_is_refused_naming_the_key(mamba, problem):
@@ -299,3 +311,10 @@ def test_a_bad_mamba_section_is_refused_naming_the_key(mamba, problem):
     bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mamba=mamba))
     with pytest.raises(ConfigError, match=problem):
         validate(bad)
+
+
+def test_auto_is_the_sequential_scan_on_cpu_and_the_associative_one_elsewhere(monkeypatch):
+    assert [resolve_scan(s) for s in ("associative", "sequential")] == ["associative", "sequential"]
+    for backend, path in (("cpu", "sequential"), ("gpu", "associative"), ("tpu", "associative")):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert resolve_scan("auto") == path

@@ -1,6 +1,7 @@
 """A benchmark row per layer kind: each kind's `_tiny` experiment against `dense_tiny`.
 
-    python scripts/bench_kinds.py [--rounds 10] [--warmup 2] [--kind moh ...] > kinds.json
+    python scripts/bench_kinds.py [--rounds 10] [--warmup 2] [--kind moh ...]
+        [--set model.mamba.scan=associative ...] > kinds.json
 
 The `_tiny` experiments are registered FLOP-matched to `dense_tiny` at the tiny shape (d=128,
 4 layers, 16 x 256 tokens; each experiment's docstring), and some are matched through a shape of
@@ -19,7 +20,7 @@ import argparse
 import datetime
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from moma_jax.bench.report import DENSE, MATMUL, arch_report
 from moma_jax.bench.runner import first_batch
 from moma_jax.bench.timed import build_steps, interleave, log, matmul_fn
 from moma_jax.config import ConfigError, ExperimentConfig, validate
+from moma_jax.overrides import apply_overrides
 from moma_jax.runtime import enable_compilation_cache, resolve_shares
 
 # Every layer kind of the table, by the `_tiny` experiment that shows it (dense first).
@@ -47,17 +49,23 @@ KINDS = {
 }
 
 
-def configs(kinds: list[str]) -> dict[str, ExperimentConfig]:
-    """Dense and the named kinds' experiments, validated; a kind not in `KINDS` is an error."""
+def configs(kinds: list[str], overrides: Sequence[str] = ()) -> dict[str, ExperimentConfig]:
+    """Dense and the named kinds' experiments with `overrides` (KEY=VALUE, on every one),
+    validated; a kind not in `KINDS` is an error."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ConfigError(f"no benchmark experiment for kind(s) {unknown}; known: {list(KINDS)}")
     names = [DENSE, *(k for k in (kinds or KINDS) if k != DENSE)]
-    return {k: validate(resolve_shares(registry.get(KINDS[k]))) for k in names}
+    return {
+        k: validate(resolve_shares(apply_overrides(registry.get(KINDS[k]), overrides)))
+        for k in names
+    }
 
 
-def run(kinds: list[str], rounds: int, warmup: int) -> dict[str, Any]:
-    archs = configs(kinds)
+def run(
+    kinds: list[str], rounds: int, warmup: int, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    archs = configs(kinds, overrides)
     shapes = {(c.data.seq_len, c.data.batch_size) for c in archs.values()}
     if len(shapes) != 1:
         raise ConfigError(f"the experiments' batches differ ({shapes}); one batch feeds them all")
@@ -102,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help=f"time only these kinds against dense (repeatable; default all: {list(KINDS)})",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every experiment timed (repeatable)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     enable_compilation_cache()
     try:
-        report = run(args.kind, args.rounds, args.warmup)
+        report = run(args.kind, args.rounds, args.warmup, args.set)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

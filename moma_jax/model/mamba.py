@@ -175,6 +175,7 @@ class MambaMixer(nnx.Module):
             self.d_Di[...],
             starts_BxL,
             h0_BxDixDs,
+            self.cfg.mamba.scan,
         )
         y_BxLxDi = y_BxLxDi * jax.nn.silu(z_BxLxDi.astype(jnp.float32))
         if state is not None:

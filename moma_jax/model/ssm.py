@@ -7,12 +7,15 @@ Per channel i and state index n, with A = -exp(A_log) (S4D-real) and delta_t > 0
     y_t = C_t . h_t + D u_t
 
 The recurrence h_t = a_t h_{t-1} + b_t is associative in (a, b): (a1, b1) then (a2, b2) is
-(a1 a2, a2 b1 + b2), so training runs it as `jax.lax.associative_scan` (log-depth, parallel in
-L). A token that starts a document (its segment id differs from the previous token's) gets
-a_t = 0: the state restarts there, as if the document were alone in its row. The conv window
-likewise only reads earlier tokens of the same segment. Decoding passes the state and the conv
-window (with its tokens' segment ids) from the previous call, so a chunk continues exactly where
-the last one stopped.
+(a1 a2, a2 b1 + b2), so it can run as `jax.lax.associative_scan` (log-depth, parallel in L:
+the accelerators' path) or as a `jax.lax.scan` over tokens that keeps one [B, Di, Ds] state and
+reads y_t out of it at each step (the CPU's path: there the associative scan's [B, L, Di, Ds]
+intermediates cost ~2.5x the time at the tiny shape). Both compute the same recurrence; only
+float32 rounding differs (`model.mamba.scan`, `resolve_scan`). A token that starts a document
+(its segment id differs from the previous token's) gets a_t = 0: the state restarts there, as
+if the document were alone in its row. The conv window likewise only reads earlier tokens of
+the same segment. Decoding passes the state and the conv window (with its tokens' segment ids)
+from the previous call, so a chunk continues exactly where the last one stopped.
 """
 
 from __future__ import annotations
@@ -53,6 +56,14 @@ def segment_conv(
     return out_BxLxDi
 
 
+def resolve_scan(scan: str) -> str:
+    """`model.mamba.scan` ("auto", "associative", "sequential") as the path to trace: "auto" is
+    "sequential" on CPU and "associative" on accelerators."""
+    if scan == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "associative"
+    return scan
+
+
 def selective_scan(
     u_BxLxDi: jax.Array,
     delta_BxLxDi: jax.Array,
@@ -62,11 +73,19 @@ def selective_scan(
     d_Di: jax.Array,
     starts_BxL: jax.Array,
     h0_BxDixDs: jax.Array,
+    scan: str = "associative",
 ) -> tuple[jax.Array, jax.Array]:
     """The scan of the module docstring in float32, the state starting from `h0` and restarting
-    (from zero) at every token of `starts`. Returns y [B, L, Di] and the last state [B, Di, Ds]."""
+    (from zero) at every token of `starts`, run as `scan` ("associative", "sequential" or
+    "auto", `resolve_scan`). Returns y [B, L, Di] and the last state [B, Di, Ds]."""
     f32 = jnp.float32
     u, delta = u_BxLxDi.astype(f32), delta_BxLxDi.astype(f32)
+    if resolve_scan(scan) == "sequential":
+        y_BxLxDi, h_BxDixDs = _sequential(
+            u, delta, a_DixDs.astype(f32), b_BxLxDs.astype(f32), c_BxLxDs.astype(f32),
+            starts_BxL, h0_BxDixDs.astype(f32),
+        )  # fmt: skip
+        return y_BxLxDi + d_Di.astype(f32) * u, h_BxDixDs
     decay_BxLxDixDs = jnp.exp(delta[..., None] * a_DixDs.astype(f32))
     decay_BxLxDixDs = jnp.where(starts_BxL[:, :, None, None], 0.0, decay_BxLxDixDs)
     inject_BxLxDixDs = (delta * u)[..., None] * b_BxLxDs.astype(f32)[:, :, None, :]
@@ -81,3 +100,21 @@ def selective_scan(
     h_BxLxDixDs = h_BxLxDixDs + decay_BxLxDixDs * h0_BxDixDs.astype(f32)[:, None]
     y_BxLxDi = jnp.einsum("bldn,bln->bld", h_BxLxDixDs, c_BxLxDs.astype(f32))
     return y_BxLxDi + d_Di.astype(f32) * u, h_BxLxDixDs[:, -1]
+
+
+def _sequential(u_BxLxDi, delta_BxLxDi, a_DixDs, b_BxLxDs, c_BxLxDs, starts_BxL, h0_BxDixDs):
+    """The recurrence one token at a time: (C_t . h_t summed over the state, the last state)."""
+
+    def step(h_BxDixDs, xs):
+        u_BxDi, delta_BxDi, b_BxDs, c_BxDs, start_B = xs
+        decay_BxDixDs = jnp.exp(delta_BxDi[..., None] * a_DixDs)
+        decay_BxDixDs = jnp.where(start_B[:, None, None], 0.0, decay_BxDixDs)
+        inject_BxDixDs = (delta_BxDi * u_BxDi)[..., None] * b_BxDs[:, None, :]
+        h_BxDixDs = decay_BxDixDs * h_BxDixDs + inject_BxDixDs
+        return h_BxDixDs, jnp.einsum("bdn,bn->bd", h_BxDixDs, c_BxDs)
+
+    time_major = [jnp.swapaxes(x, 0, 1) for x in (u_BxLxDi, delta_BxLxDi, b_BxLxDs, c_BxLxDs)]
+    h_BxDixDs, y_LxBxDi = jax.lax.scan(
+        step, h0_BxDixDs, (*time_major, jnp.swapaxes(starts_BxL, 0, 1))
+    )
+    return jnp.swapaxes(y_LxBxDi, 0, 1), h_BxDixDs
