@@ -69,7 +69,7 @@ def test_a_failing_phase_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch
 
 
 def test_dry_run_checks_the_kernels_and_times_the_variants(tmp_path, data_dir):
-    only = ("attention", "variants")
+    only = ("attention", "variants", "mamba_scan")
     report = device_check.run_check(tmp_path, str(data_dir), 600, True, only)
     attention, variants = report["phases"]["attention"], report["phases"]["variants"]
     assert attention["status"] == "ok", attention
@@ -82,6 +82,10 @@ def test_dry_run_checks_the_kernels_and_times_the_variants(tmp_path, data_dir):
         "moma_4t4i/first_fraction=1",
     }
     assert all(v > 0 for v in variants["ms"].values())
+    scan = report["phases"]["mamba_scan"]
+    assert scan["status"] == "ok", scan
+    assert set(scan["vs_dense"]) == {"mamba/scan=associative", "mamba/scan=sequential"}
+    assert all(v > 0 for v in scan["vs_dense"].values())
 
 
 def test_segment_ids_hold_whole_documents_then_padding():

@@ -25,6 +25,8 @@ done; a phase that fails records its error and the next one runs):
              pallas, moe_8x and moma_4t4i at first_fraction 0.75 / 1.0 (interleaved)
   bench      `bench.py --device` with fewer rounds: dense MFU, sparse/dense steps, expert sweep,
              decoding tokens/s, the input pipeline (bench/runner.py)
+  mamba_scan a mamba train step at the bench shape with each path of `model.mamba.scan`
+             (associative, sequential) against dense: what `auto` should pick on this backend
 
 `run --dry-run` runs every phase at tiny shapes on any backend (the Pallas kernel in its
 interpreter): the CI test runs it, so the script is checked before device time is spent on it.
@@ -54,7 +56,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip
 MARKER = ".written-by-device-check"  # prepare refreshes only a directory holding it
 TIMEOUT_S = 420  # the device call's limit: the 300 s budget, compiles of a last phase, margin
-PHASES = ("env", "attention", "gemm", "experts", "variants", "bench")
+PHASES = ("env", "attention", "gemm", "experts", "variants", "bench", "mamba_scan")
 
 RUN_SH = """#!/bin/bash
 # The moma_jax device check (written by `python scripts/device_check.py prepare`).
@@ -212,6 +214,31 @@ def phase_variants(s: Sizes, data: str, on_gpu: bool) -> dict[str, Any]:
     }
 
 
+def phase_mamba_scan(s: Sizes, data: str) -> dict[str, Any]:
+    """mamba_tiny's train step at the bench shape with the associative and the sequential scan
+    (`model.mamba.scan`), and dense's, interleaved."""
+    import jax
+
+    from moma_jax.bench import runner
+    from moma_jax.bench.measure import median
+    from moma_jax.bench.timed import build_steps, interleave
+
+    base = (*runner.default_overrides(), *s.bench_overrides, f"data.path={data}")
+    configs = {"dense": runner.bench_config("dense", base)}
+    for path in ("associative", "sequential"):
+        scan = f"model.mamba.scan={path}"
+        configs[f"mamba/scan={path}"] = runner.bench_config("mamba", (*base, scan))
+    batch = runner.first_batch(configs["dense"])
+    steps: dict[str, Callable[[], Any]] = dict(build_steps(configs, batch))
+    samples = interleave(steps, s.variant_rounds, 1, seed=4)
+    seconds = {k: median([x.wall_s for x in v]) for k, v in samples.items()}
+    jax.clear_caches()
+    return {
+        "ms": {k: v * 1e3 for k, v in seconds.items()},
+        "vs_dense": {k: v / seconds["dense"] for k, v in seconds.items() if k != "dense"},
+    }
+
+
 def phase_bench(s: Sizes, data: str) -> dict[str, Any]:
     from moma_jax.bench import runner
 
@@ -240,6 +267,7 @@ def run_check(out: Path, data: str, budget_s: float, dry_run: bool, only: tuple[
         "experts": lambda: experts.run(s.experts, s.first_fractions),
         "variants": lambda: phase_variants(s, data, on_gpu),
         "bench": lambda: phase_bench(s, data),
+        "mamba_scan": lambda: phase_mamba_scan(s, data),
     }
     out.mkdir(parents=True, exist_ok=True)
     for name in PHASES:
