@@ -182,13 +182,26 @@ def phase_env() -> dict[str, Any]:
     }
 
 
-def phase_variants(s: Sizes, data: str, on_gpu: bool) -> dict[str, Any]:
-    """Train steps at the bench shape that decide per-backend defaults, interleaved."""
+def _interleaved_steps(configs: dict[str, Any], rounds: int, seed: int) -> dict[str, float]:
+    """Median seconds of each config's train step on dense's first batch, interleaved rounds
+    (one warm-up); the compiled steps are dropped afterwards."""
     import jax
 
     from moma_jax.bench import runner
     from moma_jax.bench.measure import median
     from moma_jax.bench.timed import build_steps, interleave
+
+    batch = runner.first_batch(configs["dense"])
+    steps: dict[str, Callable[[], Any]] = dict(build_steps(configs, batch))
+    samples = interleave(steps, rounds, 1, seed=seed)
+    seconds = {k: median([x.wall_s for x in v]) for k, v in samples.items()}
+    jax.clear_caches()
+    return seconds
+
+
+def phase_variants(s: Sizes, data: str, on_gpu: bool) -> dict[str, Any]:
+    """Train steps at the bench shape that decide per-backend defaults, interleaved."""
+    from moma_jax.bench import runner
 
     base = (*runner.default_overrides(), *s.bench_overrides, f"data.path={data}")
     attention = "pallas" if on_gpu else "pallas_interpret"
@@ -203,11 +216,7 @@ def phase_variants(s: Sizes, data: str, on_gpu: bool) -> dict[str, Any]:
         configs[f"{arch}/first_fraction=1"] = runner.bench_config(
             arch, (*base, "model.moe.first_fraction=1.0")
         )
-    batch = runner.first_batch(configs["dense"])
-    steps: dict[str, Callable[[], Any]] = dict(build_steps(configs, batch))
-    samples = interleave(steps, s.variant_rounds, 1, seed=3)
-    seconds = {k: median([x.wall_s for x in v]) for k, v in samples.items()}
-    jax.clear_caches()
+    seconds = _interleaved_steps(configs, s.variant_rounds, seed=3)
     return {
         "ms": {k: v * 1e3 for k, v in seconds.items()},
         "vs_default": {k: v / seconds[k.split("/")[0]] for k, v in seconds.items() if "/" in k},
@@ -217,22 +226,14 @@ def phase_variants(s: Sizes, data: str, on_gpu: bool) -> dict[str, Any]:
 def phase_mamba_scan(s: Sizes, data: str) -> dict[str, Any]:
     """mamba_tiny's train step at the bench shape with the associative and the sequential scan
     (`model.mamba.scan`), and dense's, interleaved."""
-    import jax
-
     from moma_jax.bench import runner
-    from moma_jax.bench.measure import median
-    from moma_jax.bench.timed import build_steps, interleave
 
     base = (*runner.default_overrides(), *s.bench_overrides, f"data.path={data}")
     configs = {"dense": runner.bench_config("dense", base)}
     for path in ("associative", "sequential"):
         scan = f"model.mamba.scan={path}"
         configs[f"mamba/scan={path}"] = runner.bench_config("mamba", (*base, scan))
-    batch = runner.first_batch(configs["dense"])
-    steps: dict[str, Callable[[], Any]] = dict(build_steps(configs, batch))
-    samples = interleave(steps, s.variant_rounds, 1, seed=4)
-    seconds = {k: median([x.wall_s for x in v]) for k, v in samples.items()}
-    jax.clear_caches()
+    seconds = _interleaved_steps(configs, s.variant_rounds, seed=4)
     return {
         "ms": {k: v * 1e3 for k, v in seconds.items()},
         "vs_dense": {k: v / seconds["dense"] for k, v in seconds.items() if k != "dense"},

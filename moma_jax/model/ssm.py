@@ -79,16 +79,19 @@ def selective_scan(
     (from zero) at every token of `starts`, run as `scan` ("associative", "sequential" or
     "auto", `resolve_scan`). Returns y [B, L, Di] and the last state [B, Di, Ds]."""
     f32 = jnp.float32
-    u, delta = u_BxLxDi.astype(f32), delta_BxLxDi.astype(f32)
-    if resolve_scan(scan) == "sequential":
-        y_BxLxDi, h_BxDixDs = _sequential(
-            u, delta, a_DixDs.astype(f32), b_BxLxDs.astype(f32), c_BxLxDs.astype(f32),
-            starts_BxL, h0_BxDixDs.astype(f32),
-        )  # fmt: skip
-        return y_BxLxDi + d_Di.astype(f32) * u, h_BxDixDs
-    decay_BxLxDixDs = jnp.exp(delta[..., None] * a_DixDs.astype(f32))
+    u, delta, a, b, c, h0 = (
+        x.astype(f32) for x in (u_BxLxDi, delta_BxLxDi, a_DixDs, b_BxLxDs, c_BxLxDs, h0_BxDixDs)
+    )
+    run = _sequential if resolve_scan(scan) == "sequential" else _associative
+    y_BxLxDi, h_BxDixDs = run(u, delta, a, b, c, starts_BxL, h0)
+    return y_BxLxDi + d_Di.astype(f32) * u, h_BxDixDs
+
+
+def _associative(u_BxLxDi, delta_BxLxDi, a_DixDs, b_BxLxDs, c_BxLxDs, starts_BxL, h0_BxDixDs):
+    """The recurrence as one associative scan over (a, b) pairs: (C_t . h_t, the last state)."""
+    decay_BxLxDixDs = jnp.exp(delta_BxLxDi[..., None] * a_DixDs)
     decay_BxLxDixDs = jnp.where(starts_BxL[:, :, None, None], 0.0, decay_BxLxDixDs)
-    inject_BxLxDixDs = (delta * u)[..., None] * b_BxLxDs.astype(f32)[:, :, None, :]
+    inject_BxLxDixDs = (delta_BxLxDi * u_BxLxDi)[..., None] * b_BxLxDs[:, :, None, :]
 
     def combine(first, second):
         (a1, b1), (a2, b2) = first, second
@@ -97,9 +100,8 @@ def selective_scan(
     decay_BxLxDixDs, h_BxLxDixDs = jax.lax.associative_scan(
         combine, (decay_BxLxDixDs, inject_BxLxDixDs), axis=1
     )
-    h_BxLxDixDs = h_BxLxDixDs + decay_BxLxDixDs * h0_BxDixDs.astype(f32)[:, None]
-    y_BxLxDi = jnp.einsum("bldn,bln->bld", h_BxLxDixDs, c_BxLxDs.astype(f32))
-    return y_BxLxDi + d_Di.astype(f32) * u, h_BxLxDixDs[:, -1]
+    h_BxLxDixDs = h_BxLxDixDs + decay_BxLxDixDs * h0_BxDixDs[:, None]
+    return jnp.einsum("bldn,bln->bld", h_BxLxDixDs, c_BxLxDs), h_BxLxDixDs[:, -1]
 
 
 def _sequential(u_BxLxDi, delta_BxLxDi, a_DixDs, b_BxLxDs, c_BxLxDs, starts_BxL, h0_BxDixDs):
