@@ -21,7 +21,11 @@ Norm scales and biases are vectors over the normalised axis: `scale`, `bias` whe
 `scale_MxD` / `scale_MxDh` when untied per modality (MoT).
 """
 
-from moma_jax.model import ssm_kinds  # noqa: F401  (registers the mamba, mom, mamba_moe kinds)
+# the built-in rows of the layer-kind table (model/kinds.py), in this order
+from moma_jax.model import (
+    attention_kinds,  # noqa: F401  (dense, moe, mot, moh, switchhead, motok, mod_*)
+    ssm_kinds,  # noqa: F401  (mamba, mom, mamba_moe)
+)
 from moma_jax.model.block import Block
 from moma_jax.model.kinds import LAYER_KINDS, LayerKind, mod_kind, register_layer_kind
 from moma_jax.model.transformer import Transformer

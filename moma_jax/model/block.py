@@ -18,8 +18,9 @@ class Block(nnx.Module):
     pre:  h = x + attn(norm(x));     out = h + ffn(norm(h))
     post: h = x + norm(attn(x));     out = h + norm(ffn(h))
 
-    Every layer kind is this block with other parts (`model/kinds.py`): `attn` maps (x, ctx) ->
-    y, or (y, aux) when it has losses or metrics of its own (routed attention: model/moh.py);
+    Every built-in layer kind is this block with other parts (`model/attention_kinds.py`,
+    `model/ssm_kinds.py`): `attn` maps (x, ctx) -> y, or (y, aux) when it has losses or
+    metrics of its own (routed attention: model/moh.py);
     `ffn` maps (x, ctx) -> (y, aux), where aux holds on-device values (entries under
     "losses" are added to the objective, entries under "metrics" are reported); norms map
     (x, ctx) -> x (MoT's read each token's modality from ctx, a `model.context.Context`).

@@ -7,11 +7,13 @@ its parameters name (with their mesh axes) and its extra fields in the describe 
 building (`runtime.experiment_config`), the FLOPs totals, describe, the decode cache and the
 sharding rules all read this table, so a kind missing an entry is refused when the config is
 built (`check_layer_kinds`), never after training starts. A new kind is one
-`register_layer_kind(name, LayerKind(...))`, from any module (tests/test_extend_kind.py).
+`register_layer_kind(name, LayerKind(...))`, from any module (tests/test_extend.py).
 
 A layer maps (x_BxLxD, ctx) -> (x_BxLxD, aux). Every built-in kind is the one residual `Block`
-with different parts; layers never ask which model they belong to, and families differ only by
-the kinds in their pattern and by their config.
+with different parts (`model/attention_kinds.py`, `model/ssm_kinds.py`); layers never ask which
+model they belong to, and families differ only by the kinds in their pattern and by their
+config. This module holds the table, what the framework derives from it, and `mod_kind`
+(Mixture-of-Depths around any row).
 """
 
 from __future__ import annotations
@@ -29,15 +31,7 @@ from moma_jax import sharding
 from moma_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from moma_jax.model import aux_router
 from moma_jax.model import cache as kv_cache
-from moma_jax.model.attention import Attention
-from moma_jax.model.block import Block
-from moma_jax.model.layers import RMSNorm, SwiGLU
-from moma_jax.model.mixture_of_tokens import MixtureOfTokens
 from moma_jax.model.mod import MoDBlock
-from moma_jax.model.moe import SparseFFN
-from moma_jax.model.moh import moh_block, moh_describe, moh_layer_flops
-from moma_jax.model.mot import UntiedAttention, UntiedRMSNorm, UntiedSwiGLU
-from moma_jax.model.switchhead import switchhead_block, switchhead_describe, switchhead_layer_flops
 
 Build = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 # (cfg, seq_len, attention) -> (ideal, executed) forward FLOPs per token; see flops.py.
@@ -229,167 +223,13 @@ def require_for_causal(cfg: ExperimentConfig, workdir: object = "the run") -> No
         raise aux_router.NoAuxRoutersError(cfg, workdir)
 
 
-# ---- the built-in kinds ----------------------------------------------------------------------
-
-
-def _shared_attention_block(cfg: ModelConfig, ffn: nnx.Module, rngs: nnx.Rngs) -> Block:
-    """One attention for all modalities around `ffn` (built first: the RNG stream's order)."""
-    return Block(
-        cfg,
-        ffn=ffn,
-        attn=Attention(cfg, rngs=rngs),
-        attn_norm=RMSNorm(cfg.d_model, cfg),
-        ffn_norm=RMSNorm(cfg.d_model, cfg),
-    )
-
-
-def dense_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """Shared attention, one SwiGLU."""
-    return _shared_attention_block(cfg, SwiGLU(cfg, rngs=rngs), rngs)
-
-
-def sparse_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """Shared attention, the sparse FFN of `model.moe` (MoMa, mixed-modal MoE, token choice)."""
-    return _shared_attention_block(cfg, SparseFFN(cfg, rngs=rngs), rngs)
-
-
-def motok_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """Shared attention, the Mixture-of-Tokens FFN of `model.motok` (Antoniak et al. 2023)."""
-    return _shared_attention_block(cfg, MixtureOfTokens(cfg, rngs=rngs), rngs)
-
-
-def mot_block(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """Mixture-of-Transformers (Liang et al. 2024): every weight of the layer per modality."""
-    return Block(
-        cfg,
-        attn=UntiedAttention(cfg, rngs=rngs),
-        ffn=UntiedSwiGLU(cfg, rngs=rngs),
-        attn_norm=UntiedRMSNorm(cfg.d_model, cfg),
-        ffn_norm=UntiedRMSNorm(cfg.d_model, cfg),
-    )
-
-
-def kv_decode_state(cfg: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
-    """An attention layer's KV cache (`model/cache.py`)."""
-    dt = jax.numpy.dtype(cfg.compute_dtype)
-    return kv_cache.empty(batch, length, cfg.n_heads, cfg.resolved_head_dim, dt)
-
-
-def _rules(*axes: str) -> dict[str, str | tuple[str, ...] | None]:
+def sharding_rules(*axes: str) -> dict[str, str | tuple[str, ...] | None]:
+    """A row's `sharding` entry for logical axes the library already maps
+    (`sharding.LOGICAL_RULES`)."""
     return {a: sharding.LOGICAL_RULES[a] for a in axes}
 
 
-def _sparse_needs_aux_routers(cfg: ModelConfig) -> bool:
-    """A group's routing row decides (expert choice ranks the whole routing group)."""
-    return cfg.moe.needs_aux_routers
-
-
-def _sparse_describe(cfg: ModelConfig) -> dict[str, Any]:
-    moe = cfg.moe
-    groups = [
-        {
-            "name": moe.group_name(g),
-            "experts": moe.group_experts[g],
-            "slots": moe.group_slots(g),
-            "first_slots": moe.first_slots(g),
-            "slab_slots": moe.slab_slots(g),
-            # what the ideal FLOPs assume; per-token routers log the measured mean
-            "experts_per_token": moe.router(g).experts_per_token(moe, g),
-        }
-        for g in range(moe.n_groups)
-    ]
-    return {
-        "groups": groups,
-        "routing": moe.routing,
-        "capacity": moe.capacity,
-        "routing_group_tokens": moe.routing_group_tokens,
-    }
-
-
-def _motok_describe(cfg: ModelConfig) -> dict[str, Any]:
-    t = cfg.motok
-    return {
-        "experts": t.experts,
-        "group_rows": t.group_rows,
-        "expert_hidden": t.resolved_expert_hidden(cfg.resolved_ffn_hidden),
-        "temperature": t.temperature,
-        "ffn_flops": flops_lib.motok_ffn_flops(cfg),
-        # generation and --routing causal: the group of one, every expert on every token
-        "causal_ffn_flops": flops_lib.motok_ffn_flops(cfg, causal=True),
-    }
-
-
-_ATTENTION_AXES = ("embed", "heads", "head_dim", "mlp", "norm")
-
-register_layer_kind(
-    "dense",
-    LayerKind(
-        build=dense_block,
-        flops=flops_lib.dense_layer_flops,
-        sharding=_rules(*_ATTENTION_AXES),
-        decode_state=kv_decode_state,
-    ),
-)
-register_layer_kind(
-    "moe",
-    LayerKind(
-        build=sparse_block,
-        flops=flops_lib.sparse_layer_flops,
-        sharding=_rules(*_ATTENTION_AXES, "expert"),
-        decode_state=kv_decode_state,
-        reads_modality_shares=True,
-        sparse_ffn=True,
-        needs_aux_routers=_sparse_needs_aux_routers,
-        describe=_sparse_describe,
-        aux_routers=flops_lib.sparse_aux_routers,
-    ),
-)
-register_layer_kind(
-    "mot",
-    LayerKind(
-        build=mot_block,
-        flops=flops_lib.mot_layer_flops,
-        sharding=_rules(*_ATTENTION_AXES, "modality"),
-        decode_state=kv_decode_state,
-        reads_modality_shares=True,
-    ),
-)
-# Attention experts, routed per token inside each modality group (no aux router; the ordinary
-# KV cache): MoH's heads as experts (model/moh.py) and SwitchHead's value and output experts
-# per head (model/switchhead.py). "head_gate": MoH's router columns, replicated.
-register_layer_kind(
-    "moh",
-    LayerKind(
-        build=moh_block,
-        flops=moh_layer_flops,
-        sharding={**_rules(*_ATTENTION_AXES, "modality"), "head_gate": None},
-        decode_state=kv_decode_state,
-        describe=moh_describe,
-    ),
-)
-register_layer_kind(
-    "switchhead",
-    LayerKind(
-        build=switchhead_block,
-        flops=switchhead_layer_flops,
-        sharding=_rules(*_ATTENTION_AXES, "modality", "expert"),
-        decode_state=kv_decode_state,
-        describe=switchhead_describe,
-    ),
-)
-
-# Mixture of Tokens: its groups are rows at one position, so nothing leaks along the sequence
-# and causal routing (the group of one) needs no aux router.
-register_layer_kind(
-    "motok",
-    LayerKind(
-        build=motok_block,
-        flops=flops_lib.motok_layer_flops,
-        sharding=_rules(*_ATTENTION_AXES, "expert"),
-        decode_state=kv_decode_state,
-        describe=_motok_describe,
-    ),
-)
+# ---- Mixture-of-Depths around any kind -------------------------------------------------------
 
 
 def mod_kind(inner: LayerKind) -> LayerKind:
@@ -406,14 +246,9 @@ def mod_kind(inner: LayerKind) -> LayerKind:
         inner,
         build=None if build is None else mod_block,
         flops=None if flops is None else flops_lib.mod_layer_flops(flops),
-        sharding=None if inner.sharding is None else {**inner.sharding, **_rules("embed")},
+        sharding=None if inner.sharding is None else {**inner.sharding, **sharding_rules("embed")},
         depth_routed=True,
         needs_aux_routers=lambda cfg: True,
         describe=_no_fields,
         aux_routers=flops_lib.mod_aux_routers(inner.aux_routers),
     )
-
-
-# Mixture-of-Depths around each kind: mod_dense, mod_moe, mod_mot.
-for _kind in ("dense", "moe", "mot"):
-    register_layer_kind(f"mod_{_kind}", mod_kind(LAYER_KINDS[_kind]))

@@ -25,7 +25,6 @@ from moma_jax.model import kinds, mamba
 from moma_jax.model.block import Block
 from moma_jax.model.layers import RMSNorm, SwiGLU
 from moma_jax.model.moe import SparseFFN
-from moma_jax.sharding import LOGICAL_RULES
 
 
 def _mamba_block(cfg: ModelConfig, ffn: nnx.Module, rngs: nnx.Rngs, untied: bool) -> Block:
@@ -64,7 +63,7 @@ _MIXER_AXES = ("embed", "mlp", "norm")
 def _rules(*axes: str) -> dict[str, str | tuple[str, ...] | None]:
     """The rows' sharding: the mixer's channels (Di) over "tensor", like the FFN hidden (each
     channel's conv and scan are independent), the rest as the library maps them."""
-    return {mamba.INNER: "tensor", **{a: LOGICAL_RULES[a] for a in axes}}
+    return {mamba.INNER: "tensor", **kinds.sharding_rules(*axes)}
 
 
 kinds.register_layer_kind(
