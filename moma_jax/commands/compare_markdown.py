@@ -158,9 +158,11 @@ def compute_lines(rep: dict[str, Any]) -> list[str]:
 def causal_lines(rep: dict[str, Any]) -> list[str]:
     lines = [
         "Causal held-out loss: every token routed alone (aux routers where a router ranks whole "
-        "routing groups; docs/sparsity.md). Source: same = no such router (equals the held-out "
-        "loss above), joint = the run's own aux routers (causal eta against dense's held-out "
-        "curve, the aux routers' training FLOPs charged), posthoc = its `*_aux_*` stage (final "
+        "routing groups; docs/sparsity.md). Source: same = no such router (the run's last "
+        "checkpoint with causal routing: the held-out loss above unless its causal forward "
+        "differs, as Mixture of Tokens' group of one does), joint = the run's own aux routers "
+        "(causal eta against dense's held-out curve, the aux routers' training FLOPs charged), "
+        "posthoc = its `*_aux_*` stage (final "
         "value only), missing = none trained.",
         "",
         "| experiment | source | overall | text | image | causal eta overall | text | image |",

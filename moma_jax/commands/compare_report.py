@@ -179,7 +179,7 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
         entry["step_time_s"] = summarize([curves[(exp, s)]["step_time_s"] for s in range(seeds)])
         mean_time = entry["step_time_s"]["mean"]
         entry["tokens_per_s"] = c0["tokens_per_step"] / mean_time if mean_time else None
-        entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense)
+        entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense, scored)
         entry["tasks"] = task_entry(scored, exp, dense, seeds)
         out["experiments"][exp] = entry
     out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"])
@@ -207,8 +207,10 @@ def same_heldout_set(scored: dict[tuple[str, int], dict[str, Any]]) -> dict[str,
 
 def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, str]:
     """Where the causal numbers of a run come from, and how: "joint" (its own aux routers),
-    "posthoc" (its aux stage's run), "same" (no router ranks a group: causal = teacher forced)
-    or "missing" (it needs aux routers and has none)."""
+    "posthoc" (its aux stage's run), "same" (no router ranks a group: the run itself, evaluated
+    with causal routing at its last checkpoint; that equals teacher forcing unless its causal
+    forward differs, as Mixture of Tokens' group of one does) or "missing" (it needs aux routers
+    and has none)."""
     workdir = run_dir(root, suite, exp, seed)
     cfg = load_run(workdir).config
     if not needs_aux_routers(cfg.model):
@@ -220,11 +222,18 @@ def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, 
 
 
 def causal_entry(
-    root: Path, suite: Suite, exp: str, seeds: int, curves: dict, dense: str
+    root: Path,
+    suite: Suite,
+    exp: str,
+    seeds: int,
+    curves: dict,
+    dense: str,
+    scored: dict[tuple[str, int], dict[str, Any]],
 ) -> dict[str, Any]:
     """Final causal held-out loss per modality (per seed, mean, t-interval) and, for runs with
     jointly trained aux routers, causal eta against the dense run's held-out curve, the aux
-    routers' training FLOPs charged to the run."""
+    routers' training FLOPs charged to the run. `scored`: each run's last checkpoint evaluated
+    as `score` does (causally for "same")."""
     sources = [causal_source(root, suite, exp, s) for s in range(seeds)]
     how = {h for _, h in sources}
     out: dict[str, Any] = {"source": "/".join(sorted(how))}
@@ -235,7 +244,7 @@ def causal_entry(
             c, d = curves[(exp, s)], curves[(dense, s)]
             etas.append(None)
             if kind == "same":
-                finals.append(c[f"eval_{m}"][1][-1])
+                finals.append(scored[(exp, s)][f"loss{suffix}"])
             elif kind == "joint":
                 finals.append(c[f"causal_{m}"][1][-1])
                 etas[-1] = eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"causal_{m}"][:2])
@@ -259,7 +268,7 @@ def score(root: Path, suite: Suite, exp: str, seed: int) -> dict[str, Any]:
     from moma_jax.commands.evaluate import evaluate
 
     path, kind = causal_source(root, suite, exp, seed)
-    rep = evaluate(load_run(path), "teacher_forced" if kind in ("same", "missing") else "causal")
+    rep = evaluate(load_run(path), "teacher_forced" if kind == "missing" else "causal")
     rep["routing"] = "teacher_forced" if kind == "missing" else "causal"
     return rep
 
