@@ -162,8 +162,7 @@ def causal_lines(rep: dict[str, Any]) -> list[str]:
         "checkpoint with causal routing: the held-out loss above unless its causal forward "
         "differs, as Mixture of Tokens' group of one does), joint = the run's own aux routers "
         "(causal eta against dense's held-out curve, the aux routers' training FLOPs charged), "
-        "posthoc = its `*_aux_*` stage (final "
-        "value only), missing = none trained.",
+        "posthoc = its `*_aux_*` stage (final value only), missing = none trained.",
         "",
         "| experiment | source | overall | text | image | causal eta overall | text | image |",
         "|---|---|---|---|---|---|---|---|",
