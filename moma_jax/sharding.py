@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from moma_jax.config import ConfigError, ExperimentConfig, MeshConfig
 from moma_jax.sparse_config import EXPERT_COMPUTE
@@ -61,7 +61,9 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def logical_spec(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh | AbstractMesh
+) -> PartitionSpec:
     """Maps logical names to a PartitionSpec; a dim its mesh axes do not divide is replicated."""
     used: set[str] = set()
     out: list[Any] = []

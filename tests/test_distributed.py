@@ -176,6 +176,22 @@ def train(workdir: Path, steps: int, devices: int, *mesh: str) -> None:
     run_simulated(cmd, devices)
 
 
+def test_embedding_lookup_shards_without_replicating_the_activations():
+    """model/lookup.py on 5 meshes: NumPy's rows and table gradient, each shard's rows laid out
+    by batch, and no "Involuntary full rematerialization" from XLA, which `jnp.take` gets on the
+    mixed mesh (the control, after '--- take')."""
+    proc = run_simulated([sys.executable, str(ROOT / "tests" / "lookup_runs.py")], 8)
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(runs) == 5
+    for mesh, run in runs.items():
+        assert run["rows_error"] == 0.0 and run["grad_error"] < 1e-5, (mesh, run)
+    assert runs["fsdp=2,expert=2,tensor=2"]["rows_spec"] == "P(('fsdp', 'expert'),)"
+    ours, take = proc.stderr.split("--- take")
+    remat = "Involuntary full rematerialization"
+    assert remat not in ours, ours[-2000:]
+    assert remat in take, "jnp.take no longer replicates on this mesh: is model/lookup.py needed?"
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir):
     """Written on 8 devices (data=2, expert=4), resumed on 4 (data=2, expert=2): the same
     losses as the uninterrupted 8-device run."""

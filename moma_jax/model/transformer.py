@@ -12,6 +12,7 @@ from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.context import Context, UnitAux
 from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
 from moma_jax.model.layers import RMSNorm, param
+from moma_jax.model.lookup import embed
 
 ROUTING = ("teacher_forced", "causal")  # see model/aux_router.py
 
@@ -129,7 +130,7 @@ class Transformer(nnx.Module):
             causal=routing == "causal",
             capture=capture,
         )
-        x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
+        x_BxLxD = embed(self.embed_VxD[...], tokens_BxL, dt)
 
         graphdef, units_state = nnx.split(self.units)
 
