@@ -40,6 +40,11 @@ def main() -> None:
     weight = rng.normal(size=(B, L, D)).astype(np.float32)
     grad_ref = np.zeros_like(table)
     np.add.at(grad_ref, tokens, weight)  # d/dtable of sum(table[tokens] * weight)
+    mask = np.zeros((B, L), bool)
+    mask[:, :3] = True
+    edge = np.broadcast_to(np.array([-1, V, V + 3] + [0] * (L - 3)), (B, L))
+    odd_ref = np.asarray(jnp.take(table, np.where(mask, edge, tokens), axis=0))
+    assert np.isnan(odd_ref[:, 1:3]).all() and (odd_ref[:, 0] == table[V - 1]).all()
     out = {}
     for name, mesh_cfg in MESHES.items():
         mesh = make_mesh(mesh_cfg)
@@ -52,7 +57,13 @@ def main() -> None:
             grad = jax.jit(jax.grad(lambda t, ids: jnp.sum(embed(t, ids, jnp.float32) * weight)))(
                 t, ids
             )
+            # ids outside [0, V) as jnp.take on one device: -1 is row V-1, V and V+3 are NaN.
+            odd = jax.device_put(
+                np.where(mask, edge, tokens).astype(np.int32), batch_sharding(mesh)
+            )
+            odd_rows = jax.jit(lambda t, ids: embed(t, ids, jnp.float32))(t, odd)
         out[name] = {
+            "odd_ids_as_take": bool(np.array_equal(np.asarray(odd_rows), odd_ref, equal_nan=True)),
             "rows_error": float(np.abs(np.asarray(rows) - table[tokens]).max()),
             "grad_error": float(np.abs(np.asarray(grad) - grad_ref).max()),
             "rows_spec": str(rows.sharding.spec),

@@ -177,14 +177,16 @@ def train(workdir: Path, steps: int, devices: int, *mesh: str) -> None:
 
 
 def test_embedding_lookup_shards_without_replicating_the_activations():
-    """model/lookup.py on 5 meshes: NumPy's rows and table gradient, each shard's rows laid out
-    by batch, and no "Involuntary full rematerialization" from XLA, which `jnp.take` gets on the
-    mixed mesh (the control, after '--- take')."""
+    """model/lookup.py on 5 meshes: NumPy's rows and table gradient, ids outside the vocabulary
+    as `jnp.take` (wrapped or NaN), each shard's rows laid out by batch, and no "Involuntary
+    full rematerialization" from XLA, which `jnp.take` gets on the mixed mesh (the control,
+    after '--- take')."""
     proc = run_simulated([sys.executable, str(ROOT / "tests" / "lookup_runs.py")], 8)
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(runs) == 5
     for mesh, run in runs.items():
         assert run["rows_error"] == 0.0 and run["grad_error"] < 1e-5, (mesh, run)
+        assert run["odd_ids_as_take"], mesh
     assert runs["fsdp=2,expert=2,tensor=2"]["rows_spec"] == "P(('fsdp', 'expert'),)"
     ours, take = proc.stderr.split("--- take")
     remat = "Involuntary full rematerialization"

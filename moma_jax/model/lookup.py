@@ -17,8 +17,9 @@ micro-batch). `embed` says what to do instead, in one `jax.shard_map`:
 
 The bytes moved per device are the micro-batch's own [b, L, D] activations (the sum and the
 all-to-all), in the compute dtype; the gradient is the same path transposed (all-to-all back,
-scatter-add into the local slice). Without a mesh, or where the batch's shards do not contain the
-table's embed axes (a batch its axes do not divide), it is `jnp.take`.
+scatter-add into the local slice). Ids outside [0, V) give what `jnp.take` gives (negative ones
+count from the end, the others a NaN row). Without a mesh, or where the batch's shards do not
+contain the table's embed axes (a batch its axes do not divide), it is `jnp.take`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def embed(table_VxD: jax.Array, tokens_BxL: jax.Array, dtype) -> jax.Array:
     if not set(width) <= set(batch) or set(vocab) & set(batch):
         return jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
 
+    n_vocab = table_VxD.shape[0]
+
     def local(table_vxd, tokens_bxl):
         if width:  # 1. this fsdp group's tokens
             tokens_bxl = jax.lax.all_gather(tokens_bxl, _name(width), axis=0, tiled=True)
+        # jnp.take's rule for ids outside [0, V): negative ones count from the end, the rest NaN.
+        tokens_bxl = jnp.where(tokens_bxl < 0, tokens_bxl + n_vocab, tokens_bxl)
         ids = tokens_bxl
         if vocab:  # 2. rows in this shard's vocabulary range; the others are zero
             ids = tokens_bxl - jax.lax.axis_index(_name(vocab)) * table_vxd.shape[0]
@@ -60,6 +65,8 @@ def embed(table_VxD: jax.Array, tokens_BxL: jax.Array, dtype) -> jax.Array:
         rows = jnp.where(inside[..., None], rows, 0).astype(dtype)
         if vocab:
             rows = jax.lax.psum(rows, _name(vocab))
+        known = (tokens_bxl >= 0) & (tokens_bxl < n_vocab)
+        rows = jnp.where(known[..., None], rows, jnp.nan)
         if width:  # 3. own tokens, full width
             rows = jax.lax.all_to_all(rows, _name(width), split_axis=0, concat_axis=2, tiled=True)
         return rows
