@@ -70,5 +70,9 @@ def mesh_runs(*archs: str) -> dict:
     out = {}
     for arch in archs:
         proc = run_simulated([sys.executable, script, arch], 8)
+        # XLA logs this when it cannot reshard a value except by replicating it (it did for the
+        # embedding lookup before model/lookup.py); logged at compile time, so on a fresh
+        # compilation cache (CI's clean clone), not where the session's cache already holds it.
+        assert "Involuntary full rematerialization" not in proc.stderr, (arch, proc.stderr[-3000:])
         out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
