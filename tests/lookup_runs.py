@@ -32,6 +32,14 @@ MESHES = {
 V, D, B, L = 64, 16, 16, 8
 
 
+def placed(mesh, table: np.ndarray, tokens: np.ndarray):
+    """The table and the tokens laid out as the train step lays them out on `mesh`."""
+    spec = logical_spec(("vocab", "embed"), table.shape, mesh)
+    return jax.device_put(table, NamedSharding(mesh, spec)), jax.device_put(
+        tokens, batch_sharding(mesh)
+    )
+
+
 def main() -> None:
     assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     rng = np.random.default_rng(0)
@@ -49,18 +57,13 @@ def main() -> None:
     for name, mesh_cfg in MESHES.items():
         mesh = make_mesh(mesh_cfg)
         with jax.set_mesh(mesh):
-            t = jax.device_put(
-                table, NamedSharding(mesh, logical_spec(("vocab", "embed"), table.shape, mesh))
-            )
-            ids = jax.device_put(tokens, batch_sharding(mesh))
+            t, ids = placed(mesh, table, tokens)
             rows = jax.jit(lambda t, ids: embed(t, ids, jnp.float32))(t, ids)
             grad = jax.jit(jax.grad(lambda t, ids: jnp.sum(embed(t, ids, jnp.float32) * weight)))(
                 t, ids
             )
             # ids outside [0, V) as jnp.take on one device: -1 is row V-1, V and V+3 are NaN.
-            odd = jax.device_put(
-                np.where(mask, edge, tokens).astype(np.int32), batch_sharding(mesh)
-            )
+            _, odd = placed(mesh, table, np.where(mask, edge, tokens).astype(np.int32))
             odd_rows = jax.jit(lambda t, ids: embed(t, ids, jnp.float32))(t, odd)
         out[name] = {
             "odd_ids_as_take": bool(np.array_equal(np.asarray(odd_rows), odd_ref, equal_nan=True)),
@@ -71,10 +74,7 @@ def main() -> None:
     print("--- take", file=sys.stderr, flush=True)
     mesh = make_mesh(MESHES["data=2,fsdp=2,tensor=2"])
     with jax.set_mesh(mesh):
-        t = jax.device_put(
-            table, NamedSharding(mesh, logical_spec(("vocab", "embed"), table.shape, mesh))
-        )
-        ids = jax.device_put(tokens, batch_sharding(mesh))
+        t, ids = placed(mesh, table, tokens)
         jax.jit(lambda t, ids: jnp.take(t, ids, axis=0), out_shardings=batch_sharding(mesh))(t, ids)
     print(json.dumps(out))
 

@@ -57,16 +57,18 @@ def embed(table_VxD: jax.Array, tokens_BxL: jax.Array, dtype) -> jax.Array:
             tokens_bxl = jax.lax.all_gather(tokens_bxl, _name(width), axis=0, tiled=True)
         # jnp.take's rule for ids outside [0, V): negative ones count from the end, the rest NaN.
         tokens_bxl = jnp.where(tokens_bxl < 0, tokens_bxl + n_vocab, tokens_bxl)
+        known = (tokens_bxl >= 0) & (tokens_bxl < n_vocab)
         ids = tokens_bxl
-        if vocab:  # 2. rows in this shard's vocabulary range; the others are zero
+        if vocab:  # 2. rows in this shard's vocabulary range
             ids = tokens_bxl - jax.lax.axis_index(_name(vocab)) * table_vxd.shape[0]
         inside = (ids >= 0) & (ids < table_vxd.shape[0])
         rows = jnp.take(table_vxd, jnp.clip(ids, 0, table_vxd.shape[0] - 1), axis=0)
-        rows = jnp.where(inside[..., None], rows, 0).astype(dtype)
+        # One select over the rows: other shards' vocabulary is 0 (the sum completes it), an
+        # unknown id NaN on every shard (the sum keeps it NaN).
+        fill = jnp.where(known, 0.0, jnp.nan).astype(table_vxd.dtype)[..., None]
+        rows = jnp.where(inside[..., None], rows, fill).astype(dtype)
         if vocab:
             rows = jax.lax.psum(rows, _name(vocab))
-        known = (tokens_bxl >= 0) & (tokens_bxl < n_vocab)
-        rows = jnp.where(known[..., None], rows, jnp.nan)
         if width:  # 3. own tokens, full width
             rows = jax.lax.all_to_all(rows, _name(width), split_axis=0, concat_axis=2, tiled=True)
         return rows
