@@ -87,7 +87,8 @@ class ModelConfig:
     remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
     # Layer units per scan iteration; 0: all of them when there are at most AUTO_UNROLL_UNITS
     # and no remat (unrolled, remat saves no memory), else 1. Unrolled, the dense CPU step went
-    # from 1.19x to 1.08x nanodo's (docs/benchmarks.md, 2026-12-06).
+    # from 1.19x to 1.08x nanodo's (docs/benchmarks.md, 2026-12-06). KV-cached decoding
+    # scans (0 there means 1: `decode_scan_unroll`).
     scan_unroll: int = 0
     moe: SparseConfig = SparseConfig()
     mod: ModConfig = ModConfig()
@@ -120,6 +121,14 @@ class ModelConfig:
         if self.scan_unroll:
             return self.scan_unroll
         return self.n_units if self.n_units <= AUTO_UNROLL_UNITS and self.remat == "none" else 1
+
+    @property
+    def decode_scan_unroll(self) -> int:
+        """Layer units per scan iteration in KV-cached decoding: `scan_unroll` where set, else
+        1. Unrolled, every call copies each layer's slice of the stacked weights on CPU (a
+        static slice feeding a matmul is materialised), which one-token steps cannot amortise:
+        scanned, a moma_4t4i decode step ran 4x faster (docs/benchmarks.md, 2026-12-07)."""
+        return self.scan_unroll or 1
 
     @property
     def base_kinds(self) -> tuple[str, ...]:

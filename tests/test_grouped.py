@@ -6,7 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moma_jax.model.grouped import combine_slots, ragged_swiglu, slab_swiglu
+from moma_jax.model.grouped import (
+    chosen_experts_apply,
+    combine_slots,
+    ragged_swiglu,
+    slab_swiglu,
+)
 from moma_jax.model.layers import swiglu
 from moma_jax.model.routing import Dispatch
 
@@ -109,3 +114,18 @@ def test_bf16_compute_with_float32_combine():
     y, _ = run_slabs(x, dispatch, w, 2)
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(y, oracle(x, dispatch, w), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "ran"),
+    [(((5, 2, 0), (3, 7, 1)), 3), (((5, 0, 0), (3, 0, 0)), 1), (((0, 2, 0), (0, 0, 4)), 2),
+     (((0, 0, 0), (0, 0, 0)), 0)],
+)  # fmt: skip
+def test_chosen_experts_run_only_the_experts_some_group_chose(lengths, ran):
+    """The decode path: the oracle's sums from a loop over the experts that some routing group
+    chose, and no other (its trip count)."""
+    x, dispatch, w = case(5, lengths=lengths)
+    y, count = jax.jit(chosen_experts_apply, static_argnums=0)(swiglu, x, dispatch, tuple(w))
+    assert int(count) == ran
+    np.testing.assert_allclose(y, oracle(x, dispatch, w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, run_slabs(x, dispatch, w, 2)[0], rtol=1e-5, atol=1e-6)

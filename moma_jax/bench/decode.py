@@ -5,8 +5,11 @@ Each timed call resets the cache, prefills a `PROMPT`-token prompt per row (the 
 batch's first tokens) and feeds `NEW` tokens one column at a time (greedy, on the host, as
 `sampling.generate_batch` does), so tokens/s = rows x NEW / (prefill + NEW steps). Models are
 freshly initialised; expert choice and Mixture-of-Depths get jointly built aux routers (causal
-routing needs them). Untrained, they decide as random routers would: the one-token steps cost the
-same whatever they decide (every expert runs its slot); the prefill's cost can depend on them.
+routing needs them). Untrained, they decide as random routers would: an aux router's logit is
+positive for about half the experts, so a one-token step runs about half of each group's experts
+(only chosen experts run in decoding, `grouped.chosen_experts_apply`), where a trained one picks
+about capacity / experts of them (one of four for moma_4t4i): the sparse rates here are
+pessimistic for trained models.
 """
 
 from __future__ import annotations

@@ -184,6 +184,42 @@ def combine_slots(out_ExCxD: jax.Array, dispatch: Dispatch, n_tokens: int) -> ja
     return y_NxD.at[dispatch.token_index_ExC.reshape(-1)].add(weighted_ExCxD.reshape(-1, d_model))
 
 
+# --- The decode path --------------------------------------------------------------------------
+
+
+def chosen_experts_apply(
+    fn: ExpertFn, x_GxNxD: jax.Array, dispatch: Dispatch, weights: tuple[jax.Array, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Every valid slot of `dispatch` ([G, E, C]) through `fn`, running only the experts that
+    hold a valid slot in some routing group: a loop over those experts (a dynamic trip count),
+    each reading its own weights, so an expert no token chose costs no matmul and no weight
+    read. For one-token steps of causal decoding, where a token's experts are its own choice
+    and the slot buffers are tiny: there the batched path reads every expert's weights to fill
+    slots that are mostly empty. Same sums as `slab_apply` (each slot's gate * output added to
+    its token in float32), in expert order. Forward only (a loop of dynamic length has no
+    reverse-mode derivative; decoding needs none). Returns y [G, N, Dout] float32 and the
+    number of experts that ran (int32)."""
+    chosen_E = jnp.any(dispatch.valid_ExC, axis=(0, 2))
+    order_E = jnp.argsort(~chosen_E, stable=True)  # the chosen experts first, in expert order
+    count = jnp.sum(chosen_E, dtype=jnp.int32)
+    n_tokens = x_GxNxD.shape[1]
+
+    def body(i, y_GxNxD):
+        e = order_E[i]
+        part = Dispatch(*(a[:, e] for a in dispatch))  # [G, C] each
+        x_GxCxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, part.token_index_ExC)
+        out_GxCxD = fn(x_GxCxD, *(w[e] for w in weights))
+        return y_GxNxD + jax.vmap(combine)(out_GxCxD, *part)
+
+    def combine(out_CxD, token_C, gate_C, valid_C):  # one routing group's slots of expert e
+        one = Dispatch(token_C[None], gate_C[None], valid_C[None])
+        return combine_slots(out_CxD[None], one, n_tokens)
+
+    probe = jax.eval_shape(lambda: fn(x_GxNxD[:, :1], *(w[0] for w in weights)))
+    y = jnp.zeros((*x_GxNxD.shape[:2], probe.shape[-1]), jnp.float32)
+    return jax.lax.fori_loop(0, count, body, y), count
+
+
 # --- The ragged path ---------------------------------------------------------------------------
 
 

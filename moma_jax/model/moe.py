@@ -32,7 +32,7 @@ from flax import nnx
 from moma_jax.config import ConfigError, ModelConfig, moe_routed_config, moe_shared_config
 from moma_jax.model import aux_router, grouped, routing
 from moma_jax.model.context import Context
-from moma_jax.model.layers import param, zeros_param
+from moma_jax.model.layers import param, swiglu, zeros_param
 from moma_jax.routers import GroupRouting, Routed
 from moma_jax.sparse_config import SparseConfig
 
@@ -126,7 +126,10 @@ class SparseFFN(nnx.Module):
             metrics.update({f"moe/{name}/{k}": v for k, v in group_metrics.items()})
         with jax.named_scope("experts"):
             weights = [tuple(getattr(grp, w)[...] for w in W) for grp in self.groups]
-            run_experts = EXPERT_COMPUTE[moe.expert_compute]
+            # One-token causal steps (decoding): only the experts the tokens chose run.
+            run_experts = (
+                _chosen_experts if causal and n == 1 else EXPERT_COMPUTE[moe.expert_compute]
+            )
             y_GxNxD, used_rows = run_experts(
                 moe, x_GxNxD.astype(self.compute_dtype), dispatches, weights, causal
             )
@@ -280,6 +283,20 @@ def _slab_experts(moe: SparseConfig, x_GxNxD, dispatches, weights, causal: bool)
         y_GxNxD = y_GxNxD + y
         used_rows = used_rows + (used * moe.group_experts[g] * x_GxNxD.shape[0]).astype(jnp.float32)
     return y_GxNxD, used_rows
+
+
+def _chosen_experts(moe: SparseConfig, x_GxNxD, dispatches, weights, causal: bool):
+    """Causal one-token steps (decoding, N = 1 per routing group): each group's experts that
+    some token chose, one at a time (`grouped.chosen_experts_apply`); the others read no
+    weights. Rows run: the chosen experts' slots."""
+    del moe, causal
+    y_GxNxD, used_rows = jnp.zeros(x_GxNxD.shape, jnp.float32), jnp.zeros(())
+    for dispatch, w in zip(dispatches, weights, strict=True):
+        w = tuple(a.astype(x_GxNxD.dtype) for a in w)
+        y, ran = grouped.chosen_experts_apply(swiglu, x_GxNxD, dispatch, w)
+        y_GxNxD = y_GxNxD + y
+        used_rows = used_rows + (ran * dispatch.valid_ExC.shape[-1] * x_GxNxD.shape[0])
+    return y_GxNxD, used_rows.astype(jnp.float32)
 
 
 def _ragged_experts(moe: SparseConfig, x_GxNxD, dispatches, weights, causal: bool):

@@ -41,6 +41,7 @@ def by_modality(
     modality_BxL: jax.Array,
     weights_M: tuple[jax.Array, ...],
     cfg: ModelConfig,
+    decoding: bool = False,
 ) -> jax.Array:
     """Each token through `fn` with its own modality's weights (`weights_M`: each stacked on a
     leading modality axis), computing only that modality's rows; float32 [B, L, Y].
@@ -50,11 +51,20 @@ def by_modality(
     with the sparse FFN's `SparseConfig.slab_plan` for share_m * B * L expected rows (none when
     no shares are configured): a first part in one call, the rest in slabs, only as many as the
     batch needs. Nothing is computed for the other modality's rows.
+
+    `decoding` (one-token steps of KV-cached generation): the modalities present in the step
+    run one at a time (`grouped.chosen_experts_apply`), so a step of text tokens reads no image
+    weights. Forward only.
     """
     b, length = modality_BxL.shape
     n = b * length
     x_1xNxX = x_BxLxX.reshape(1, n, -1)
     modality_N = modality_BxL.reshape(-1)
+    if decoding:
+        parts = [routing.take_all(modality_N == m, n)[0] for m in range(N_MODALITIES)]
+        stacked = Dispatch(*(jnp.concatenate(a)[None] for a in zip(*parts, strict=True)))
+        y_present, _ = grouped.chosen_experts_apply(fn, x_1xNxX, stacked, weights_M)
+        return y_present.reshape(b, length, -1)
     shares = cfg.moe.modality_shares
     y_1xNxY = None
     for m in range(N_MODALITIES):
@@ -67,6 +77,11 @@ def by_modality(
         y_1xNxY = y if y_1xNxY is None else y_1xNxY + y
     assert y_1xNxY is not None
     return y_1xNxY.reshape(b, length, -1)
+
+
+def _decoding(ctx: Context, length: int) -> bool:
+    """A one-token step of KV-cached generation (no gradient is taken through it)."""
+    return ctx.cache_index is not None and length == 1
 
 
 def _linear(x_TxD: jax.Array, w_DxK: jax.Array) -> jax.Array:
@@ -142,13 +157,15 @@ class UntiedAttention(nnx.Module):
             ],
             axis=-1,
         ).astype(dt)
-        qkv = by_modality(_linear, x_BxLxD.astype(dt), modality_BxL, (w_qkv,), cfg).astype(dt)
+        decoding = _decoding(ctx, length)
+        qkv = by_modality(_linear, x_BxLxD.astype(dt), modality_BxL, (w_qkv,), cfg, decoding)
+        qkv = qkv.astype(dt)
         q, k, v = (a.reshape(b, length, h, dh) for a in jnp.split(qkv, 3, axis=-1))
         qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
         out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta, self.impl)
         wo = self.wo_MxHxDhxD[...].reshape(-1, h * dh, d).astype(dt)
         out = out_BxLxHxDh.reshape(b, length, h * dh)
-        return by_modality(_linear, out, modality_BxL, (wo,), cfg).astype(dt)
+        return by_modality(_linear, out, modality_BxL, (wo,), cfg, decoding).astype(dt)
 
 
 class UntiedSwiGLU(nnx.Module):
@@ -168,5 +185,6 @@ class UntiedSwiGLU(nnx.Module):
         weights = tuple(
             w[...].astype(dt) for w in (self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD)
         )
-        y = by_modality(swiglu, x_BxLxD.astype(dt), ctx.modality, weights, self.cfg)
+        decoding = _decoding(ctx, x_BxLxD.shape[1])
+        y = by_modality(swiglu, x_BxLxD.astype(dt), ctx.modality, weights, self.cfg, decoding)
         return y.astype(dt), {}

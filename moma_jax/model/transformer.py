@@ -147,7 +147,7 @@ class Transformer(nnx.Module):
             body,
             x_BxLxD,
             (units_state, jnp.arange(cfg.n_units), cache),
-            unroll=cfg.resolved_scan_unroll,
+            unroll=cfg.resolved_scan_unroll if cache is None else cfg.decode_scan_unroll,
         )
         aux = {
             "losses": {k: jnp.sum(v) for k, v in aux_U.losses.items()},
