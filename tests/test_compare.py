@@ -127,7 +127,15 @@ def test_budgets_train_each_model_to_equal_flops_and_fit_across_budgets(tmp_path
         )
     )
     try:
-        assert main(["--suite", "test_budgets", "--root", str(tmp_path)]) == 0
+        root = ["--suite", "test_budgets", "--root", str(tmp_path)]
+        assert main([*root, "--budget", "0.5"]) == 2
+        assert "has tokens-per-parameter budgets 0.05, 0.2" in capsys.readouterr().err
+        # --budget trains (and reports) only that budget; the next call trains the rest.
+        assert main([*root, "--budget", "0.05"]) == 0
+        assert not (tmp_path / "test_budgets" / "tpp0.2").exists()
+        scaling = json.loads((tmp_path / "test_budgets" / "scaling.json").read_text())
+        assert scaling["missing"] == [0.2]
+        assert main(root) == 0
         _check_budgets(tmp_path, capsys)
         # A budget still training: --report-only reports the others and says which is missing.
         metrics = (

@@ -3,6 +3,7 @@ stopped), then report it at equal FLOPs.
 
     python scripts/compare.py --suite paper_tiny [--seeds N] [--root DIR] [--set key=value ...]
     python scripts/compare.py --suite paper_tiny --report-only
+    python scripts/compare.py --suite tokens_per_param_64 --budget 20   # one budget only
 
 Runs live in ROOT/SUITE/EXPERIMENT/seedS (default ROOT: runs/suites). The report goes to
 ROOT/SUITE/report.md, report.json and PNG plots (docs/comparison.md explains every number). A
@@ -64,6 +65,20 @@ def budget_suites(suite: Suite, overrides: list[str]) -> list[Suite]:
         )
         for b in suite.tokens_per_param
     ]
+
+
+def chosen_budgets(suite: Suite, chosen: list[float] | None) -> list[float]:
+    """The budgets `--budget` names (default: every budget of the suite), in the suite's order;
+    ConfigError for a suite without budgets or a budget it does not have."""
+    if not chosen:
+        return list(suite.tokens_per_param)
+    have = ", ".join(f"{b:g}" for b in suite.tokens_per_param) or "none"
+    for b in chosen:
+        if b not in suite.tokens_per_param:
+            raise ConfigError(
+                f"--budget {b:g}: suite {suite.name} has tokens-per-parameter budgets {have}"
+            )
+    return [b for b in suite.tokens_per_param if b in chosen]
 
 
 def run_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list[str]:
@@ -156,13 +171,13 @@ def _check_finished(suite: Suite, seeds: int, root: Path) -> None:
 
 
 def _reportable(
-    suite: Suite, parts: list[Suite], seeds: int, root: Path
+    suite: Suite, parts: list[Suite], budgets: list[float], seeds: int, root: Path
 ) -> tuple[list[Suite], list[dict[str, Any]], list[float]]:
     """--report-only on a budget suite: the budgets whose runs can be reported (a suite still
     training has its largest budgets unfinished), each skipped one said on stderr; an error
     if none can."""
     kept: list[tuple[Suite, dict[str, Any], float]] = []
-    for part, budget in zip(parts, suite.tokens_per_param, strict=True):
+    for part, budget in zip(parts, budgets, strict=True):
         try:
             _check_finished(part, seeds, root)  # a fit on half-trained runs would mislead
             kept.append((part, write_report(part, seeds, root), budget))
@@ -180,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds per experiment (default: the suite's)")
     p.add_argument("--root", default=os.path.join("runs", "suites"), help="where runs live")
     p.add_argument("--report-only", action="store_true", help="report the runs as they are")
+    p.add_argument(
+        "--budget",
+        type=float,
+        action="append",
+        metavar="B",
+        help="a budget suite: train and report only tokens-per-parameter budget B (repeatable; "
+        "the scaling report lists the others as missing)",
+    )
     add_set_arg(p, "change every run of the suite (e.g. optim.total_steps=100)")
     add_experiments_module_arg(p)
     args = p.parse_args(argv)
@@ -190,16 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root)
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):
+            chosen = chosen_budgets(suite, args.budget)
             parts = budget_suites(suite, list(args.overrides))
+            if suite.tokens_per_param:  # the budgets --budget names
+                kept = zip(parts, suite.tokens_per_param, strict=True)
+                parts = [part for part, b in kept if b in chosen]
             if not args.report_only:
                 enable_compilation_cache()
                 for part in parts:
                     train_suite(part, seeds, root, list(args.overrides))
             if suite.tokens_per_param and args.report_only:
-                parts, reps, budgets = _reportable(suite, parts, seeds, root)
+                parts, reps, budgets = _reportable(suite, parts, chosen, seeds, root)
             else:
                 reps = [write_report(part, seeds, root) for part in parts]
-                budgets = list(suite.tokens_per_param)
+                budgets = chosen
             extra = write_scaling(suite, reps, root, budgets) if suite.tokens_per_param else []
     except (ConfigError, ValueError, FileNotFoundError, WorkdirBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
