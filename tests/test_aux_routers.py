@@ -117,10 +117,20 @@ def test_generate_an_image_and_text(runs, tmp_path, capsys):
     assert Image.open(summary["images"][0]).size == (28, 28)
     assert generate.main([*args, "--prompt", "ROMEO.", "--max-tokens", "20", "--top-p", "0.9"]) == 0
     assert "20 tokens" in capsys.readouterr().out
+    alone = json.loads((out / "generation.json").read_text())["tokens"]
+    # Several prompts: one batch, each row in its own folder, row 0 as the prompt alone.
+    batch = [*args[:2], "--out", str(tmp_path / "batch"), *args[4:], "--top-p", "0.9"]
+    prompts = ["--prompt", "ROMEO.", "--prompt", "A longer second prompt"]
+    assert generate.main([*batch, *prompts, "--max-tokens", "20"]) == 0
+    rows = [json.loads((tmp_path / "batch" / f"sample_{r}" / "generation.json").read_text())
+            for r in range(2)]  # fmt: skip
+    assert rows[0]["tokens"] == alone and rows[1]["tokens"] != alone
+    assert capsys.readouterr().out.count("20 tokens") == 2
     for bad, message in (
         (["--prompt", ""], "empty"),
         (["--tokens", "768,9999"], "outside the vocabulary"),
         (["--prompt", "x" * 300], "context"),
+        (["--prompt", "a", "--tokens", "768"], "without --prompt"),
     ):
         assert generate.main([*args, *bad]) == 2
         assert message in capsys.readouterr().err

@@ -9,6 +9,13 @@ routers rank routing groups needs aux routers, and is refused with the command t
 them) and keeps the data's grammar, so every image has exactly the manifest's number of codes.
 Generation stops at EOS or after `--max-tokens`. Every generated image is decoded through the
 dataset's image tokenizer to a PNG in `--out`, beside `generation.json`.
+
+`--prompt` given several times samples the prompts as one batch (`sampling.generate_batch`:
+row r is what the prompt alone gives with seed `--seed` + r), each after `--image` when given,
+into `--out`/sample_{r}/:
+
+    python scripts/generate.py --workdir runs/mod_moma_4t4i_aux_tiny --prompt "A 7" \
+        --prompt "ROMEO." --max-tokens 40 --out samples/
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from moma_jax.runtime import (
     load_experiment_modules,
 )
 from moma_jax.safe_io import refuse_symlink, write_atomic, write_atomic_bytes
-from moma_jax.sampling import Sampling, decode, encode_prompt, generate
+from moma_jax.sampling import Sampling, decode, encode_prompt, generate, generate_batch
 
 
 def write_outputs(run: Run, result: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -88,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     add_experiments_module_arg(p)  # the modules that registered the run's kinds or routers
-    p.add_argument("--prompt", default="", help="text after the image (if any)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="text after the image (if any); repeat it to sample several prompts as one batch",
+    )
     p.add_argument("--image", help="an image file the prompt starts with")
     p.add_argument("--tokens", help="the prompt as comma-separated token ids instead")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -119,21 +130,29 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(
                     f"--tokens {args.tokens!r}: expected ids like 768,72,105"
                 ) from None
-        prompt = encode_prompt(
-            args.prompt, args.image, ids, data_lib.ensure_data(run.config.data.path or None)
-        )
+        texts = args.prompt or [""]
+        if ids is not None and args.prompt:
+            raise ConfigError("--tokens is the whole prompt: give it without --prompt")
+        data_dir = data_lib.ensure_data(run.config.data.path or None)
+        prompts = [encode_prompt(t, args.image, ids, data_dir) for t in texts]
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         model = run.model(args.step)
-        result = generate(model, run.config, prompt, args.max_tokens, sampling)
-        summary = write_outputs(run, result, Path(args.out))
+        if len(prompts) == 1:
+            results = [generate(model, run.config, prompts[0], args.max_tokens, sampling)]
+            outs = [Path(args.out)]
+        else:
+            results = generate_batch(model, run.config, prompts, args.max_tokens, sampling)
+            outs = [Path(args.out) / f"sample_{r}" for r in range(len(prompts))]
+        summaries = [write_outputs(run, r, o) for r, o in zip(results, outs, strict=True)]
     except aux_router.NoAuxRoutersError as e:
         print(f"error: {e}\n{hints.train_aux_routers(e)}", file=sys.stderr)
         return 2
     except (ConfigError, ValueError, OSError) as e:  # OSError: --out unwritable or odd
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary["text"])
-    for path in summary["images"]:
-        print(f"image: {path}")
-    print(f"({len(result['tokens'])} tokens; {Path(args.out) / 'generation.json'})")
+    for summary, result, out in zip(summaries, results, outs, strict=True):
+        print(summary["text"])
+        for path in summary["images"]:
+            print(f"image: {path}")
+        print(f"({len(result['tokens'])} tokens; {out / 'generation.json'})")
     return 0
