@@ -128,8 +128,10 @@ def test_causal_routing_without_aux_routers_is_refused():
 
 
 @pytest.mark.parametrize(
-    "arch", ["dense", "moma_4t4i", "mod_moma_4t4i", "switch_8x_bpr", "mamba", "mom", "moe_mamba"]
-)
+    "arch",
+    ["dense", "moma_4t4i", "moe_8x", "mot", "mod_moma_4t4i", "switch_8x_bpr", "mamba", "mom",
+     "moe_mamba"],
+)  # fmt: skip
 def test_cached_decoding_matches_the_full_forward_pass(arch):
     """A prompt, then 32 tokens one at a time through the KV cache (sampled from the cached
     logits); the full causal forward pass over the whole sequence gives the same logits."""
