@@ -41,7 +41,7 @@ from moma_jax.runtime import (
     load_experiment_modules,
 )
 from moma_jax.safe_io import refuse_symlink, write_atomic, write_atomic_bytes
-from moma_jax.sampling import Sampling, decode, encode_prompt, generate, generate_batch
+from moma_jax.sampling import Sampling, decode, encode_prompt, generate_batch
 
 
 def write_outputs(run: Run, result: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -137,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [encode_prompt(t, args.image, ids, data_dir) for t in texts]
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         model = run.model(args.step)
-        if len(prompts) == 1:
-            results = [generate(model, run.config, prompts[0], args.max_tokens, sampling)]
-            outs = [Path(args.out)]
-        else:
-            results = generate_batch(model, run.config, prompts, args.max_tokens, sampling)
-            outs = [Path(args.out) / f"sample_{r}" for r in range(len(prompts))]
+        results = generate_batch(model, run.config, prompts, args.max_tokens, sampling)
+        outs = (
+            [Path(args.out)]
+            if len(prompts) == 1
+            else [Path(args.out) / f"sample_{r}" for r in range(len(prompts))]
+        )
         summaries = [write_outputs(run, r, o) for r, o in zip(results, outs, strict=True)]
     except aux_router.NoAuxRoutersError as e:
         print(f"error: {e}\n{hints.train_aux_routers(e)}", file=sys.stderr)

@@ -53,6 +53,11 @@ class Context:
     def replace(self, **changes: Any) -> Context:
         return dataclasses.replace(self, **changes)
 
+    def decode_step(self, length: int) -> bool:
+        """A one-token step of KV-cached generation (causal routing, no gradient taken): the
+        layers run only what the step's tokens chose (`grouped.chosen_experts_apply`)."""
+        return self.cache_index is not None and length == 1
+
     def present(self) -> jax.Array:
         """[B, L] the tokens present in this layer: `keep`, or else the real tokens."""
         return self.segment_ids > 0 if self.keep is None else self.keep

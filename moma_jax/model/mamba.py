@@ -130,7 +130,8 @@ class MambaMixer(nnx.Module):
         if self.untied:
             ws[0] = ws[0].reshape(N_MODALITIES, ws[0].shape[1], -1)
             fn = _affine if len(ws) == 2 else _linear
-            return by_modality(fn, x_BxLxX.astype(dt), ctx.modality, tuple(ws), self.cfg)
+            decoding = ctx.decode_step(x_BxLxX.shape[1])
+            return by_modality(fn, x_BxLxX.astype(dt), ctx.modality, tuple(ws), self.cfg, decoding)
         w = ws[0].reshape(ws[0].shape[0], -1)
         y = jnp.einsum("blx,xy->bly", x_BxLxX.astype(dt), w, preferred_element_type=jnp.float32)
         return y if len(ws) == 1 else y + ws[1].astype(jnp.float32)

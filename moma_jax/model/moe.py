@@ -127,9 +127,8 @@ class SparseFFN(nnx.Module):
         with jax.named_scope("experts"):
             weights = [tuple(getattr(grp, w)[...] for w in W) for grp in self.groups]
             # One-token causal steps (decoding): only the experts the tokens chose run.
-            run_experts = (
-                _chosen_experts if causal and n == 1 else EXPERT_COMPUTE[moe.expert_compute]
-            )
+            decode = ctx.decode_step(length)
+            run_experts = _chosen_experts if decode else EXPERT_COMPUTE[moe.expert_compute]
             y_GxNxD, used_rows = run_experts(
                 moe, x_GxNxD.astype(self.compute_dtype), dispatches, weights, causal
             )

@@ -79,11 +79,6 @@ def by_modality(
     return y_1xNxY.reshape(b, length, -1)
 
 
-def _decoding(ctx: Context, length: int) -> bool:
-    """A one-token step of KV-cached generation (no gradient is taken through it)."""
-    return ctx.cache_index is not None and length == 1
-
-
 def _linear(x_TxD: jax.Array, w_DxK: jax.Array) -> jax.Array:
     return jnp.dot(x_TxD, w_DxK)
 
@@ -157,7 +152,7 @@ class UntiedAttention(nnx.Module):
             ],
             axis=-1,
         ).astype(dt)
-        decoding = _decoding(ctx, length)
+        decoding = ctx.decode_step(length)
         qkv = by_modality(_linear, x_BxLxD.astype(dt), modality_BxL, (w_qkv,), cfg, decoding)
         qkv = qkv.astype(dt)
         q, k, v = (a.reshape(b, length, h, dh) for a in jnp.split(qkv, 3, axis=-1))
@@ -185,6 +180,6 @@ class UntiedSwiGLU(nnx.Module):
         weights = tuple(
             w[...].astype(dt) for w in (self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD)
         )
-        decoding = _decoding(ctx, x_BxLxD.shape[1])
+        decoding = ctx.decode_step(x_BxLxD.shape[1])
         y = by_modality(swiglu, x_BxLxD.astype(dt), ctx.modality, weights, self.cfg, decoding)
         return y.astype(dt), {}
