@@ -1,5 +1,6 @@
 """Scaling fits on final losses of runs trained to different budgets (each its own schedule,
-not points along one schedule): L(F) = E + A * F^-alpha per architecture.
+not points along one schedule): L(F) = E + A * F^-alpha per architecture, and the trend of a
+model's gap from dense across budgets (`gap_slopes`).
 
 The fit is least squares on the mean final loss of each budget (seeds share their data order
 across budgets, so they are not independent points), with FLOPs scaled by the smallest budget's
@@ -89,3 +90,19 @@ def fit_power_law(flops: ArrayLike, loss: ArrayLike) -> PowerLaw:
         rms=float(np.sqrt(np.mean(residual**2))),
         at_bound=at_bound,
     )
+
+
+def gap_slopes(tokens_per_param: ArrayLike, gaps_SxB: ArrayLike) -> np.ndarray:
+    """Per seed (row of `gaps_SxB`, a model's final loss minus dense's at each budget), the
+    least-squares slope of the gap against log10(tokens per parameter): nats per tenfold more
+    training tokens. A seed's budgets share its data order and initialisation, so its own slope
+    cancels what the seed adds at every budget; the slopes of different seeds are independent,
+    and `stats.t_interval` over them is the trend's interval. Rows with a missing value (NaN)
+    are left out; at least 2 budgets."""
+    x = np.log10(np.asarray(tokens_per_param, np.float64))
+    gaps = np.atleast_2d(np.asarray(gaps_SxB, np.float64))
+    if gaps.shape[1] != len(x) or len(np.unique(x)) < 2:
+        raise ValueError(f"a gap trend needs >= 2 budgets, one gap per budget; got {gaps.shape}")
+    gaps = gaps[~np.isnan(gaps).any(axis=1)]
+    xc = x - x.mean()
+    return (gaps - gaps.mean(axis=1, keepdims=True)) @ xc / float(xc @ xc)

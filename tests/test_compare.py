@@ -3,6 +3,7 @@ resumes where it stopped, and the report holds eta for every modality."""
 
 import json
 
+import numpy as np
 import pytest
 from cli_args import SMALL_KEYS
 
@@ -172,6 +173,16 @@ def _check_budgets(tmp_path, capsys):
     assert (tmp_path / "test_budgets" / "scaling.png").stat().st_size > 1000
     assert "| 0.2 |" in (tmp_path / "test_budgets" / "scaling.md").read_text()
     assert "scaling: " in capsys.readouterr().out
+    # The gap's trend, one seed: its slope over the two budgets' paired differences.
+    gaps = [
+        json.loads((tmp_path / "test_budgets" / f"tpp{b}" / "report.json").read_text())[
+            "experiments"
+        ]["moma_4t4i_c2_tiny"]["image"]["loss_diff_vs_dense"]["per_seed"][0]
+        for b in ("0.05", "0.2")
+    ]
+    trend = scaling["trends"]["moma_4t4i_c2_tiny"]["image"]
+    assert trend["per_seed"] == [pytest.approx((gaps[1] - gaps[0]) / np.log10(4.0))]
+    assert "The gap's trend" in (tmp_path / "test_budgets" / "scaling.md").read_text()
 
 
 def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_path):

@@ -1,7 +1,8 @@
 """A budget suite's scaling report (`Suite.tokens_per_param`): per architecture a power-law fit
 of the final held-out loss against training FLOPs across budgets (`moma_jax.scaling`), and the
-gap from dense against tokens per parameter, paired by seed; scaling.md, scaling.json and
-scaling.png beside the per-budget reports."""
+gap from dense against tokens per parameter, paired by seed, with its trend (the per-seed slope
+against log10 tokens per parameter, `scaling.gap_slopes`, t-interval over seeds); scaling.md,
+scaling.json and scaling.png beside the per-budget reports."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from moma_jax.commands.compare_markdown import eta_cell, interval
 from moma_jax.safe_io import write_atomic
-from moma_jax.scaling import fit_power_law
+from moma_jax.scaling import fit_power_law, gap_slopes
+from moma_jax.stats import t_interval
 from moma_jax.suites import Suite
 
 
@@ -46,6 +48,33 @@ def scaling(
         except (ValueError, RuntimeError) as e:  # too few points, or no convergence
             out["fits"][exp] = {"error": str(e)}
     out["points"] = points
+    out["trends"] = _trends(out["dense"], budgets, reports)
+    return out
+
+
+TREND_MODALITIES = ("overall", "image")
+
+
+def _trends(
+    dense: str, budgets: list[float], reports: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per sparse model and modality, the gap's slope per tenfold tokens per parameter: each
+    seed's own slope across the budgets (the seeds every budget has), mean [95% t over seeds]."""
+    if len(budgets) < 2:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for exp in reports[0]["experiments"]:
+        if exp == dense or any(exp not in r["experiments"] for r in reports):
+            continue
+        out[exp] = {}
+        for m in TREND_MODALITIES:
+            per_budget = [
+                r["experiments"][exp][m]["loss_diff_vs_dense"]["per_seed"] for r in reports
+            ]
+            seeds = min(len(p) for p in per_budget)
+            gaps_SxB = [[p[s] for p in per_budget] for s in range(seeds)]
+            slopes = gap_slopes(budgets, gaps_SxB).tolist()
+            out[exp][m] = {"per_seed": slopes, **t_interval(slopes).to_json()}
     return out
 
 
@@ -101,6 +130,22 @@ def markdown(sc: dict[str, Any]) -> str:
         ]
         head = f"| {row['tokens_per_param']:g} | {row['epochs']:.2f} | "
         lines.append(head + " | ".join(cells) + " |")
+    if sc.get("trends"):
+        lines += [
+            "",
+            "The gap's trend: each seed's least-squares slope of its gap against log10 tokens per "
+            "parameter (nats per tenfold more tokens; negative: the model gains on dense as "
+            "budgets grow), mean [95% t-interval over seeds]; per seed:",
+            "",
+            "| experiment | " + " | ".join(TREND_MODALITIES) + " |",
+            "|---|" + "---|" * len(TREND_MODALITIES),
+        ]
+        for exp, by_m in sc["trends"].items():
+            cells = [
+                f"{interval(by_m[m], 4)}; {', '.join(f'{v:+.4f}' for v in by_m[m]['per_seed'])}"
+                for m in TREND_MODALITIES
+            ]
+            lines.append(f"| {exp} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
