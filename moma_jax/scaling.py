@@ -1,6 +1,7 @@
 """Scaling fits on final losses of runs trained to different budgets (each its own schedule,
-not points along one schedule): L(F) = E + A * F^-alpha per architecture, and the trend of a
-model's gap from dense across budgets (`gap_slopes`).
+not points along one schedule): L(F) = E + A * F^-alpha per architecture, the same law through
+each seed's own budgets with intervals over the seeds (`seed_fits`), and the trend of a model's
+gap from dense across budgets (`gap_slopes`).
 
 The fit is least squares on the mean final loss of each budget (seeds share their data order
 across budgets, so they are not independent points), with FLOPs scaled by the smallest budget's
@@ -20,6 +21,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import optimize
 from scipy import stats as scipy_stats
+
+from moma_jax.stats import t_interval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +109,25 @@ def gap_slopes(tokens_per_param: ArrayLike, gaps_SxB: ArrayLike) -> np.ndarray:
     gaps = gaps[~np.isnan(gaps).any(axis=1)]
     xc = x - x.mean()
     return (gaps - gaps.mean(axis=1, keepdims=True)) @ xc / float(xc @ xc)
+
+
+def seed_fits(flops_B: ArrayLike, losses_SxB: ArrayLike) -> dict[str, object]:
+    """`fit_power_law` through each seed's own final losses (a row of `losses_SxB`, one per
+    budget), and for e, a and alpha the mean with a 95% t-interval over the seeds whose fit
+    did not end on a bound (those are counted in `at_bound`, not averaged). Each seed's fit
+    keeps what that seed adds at every budget (its data order and initialisation are shared
+    across budgets), so the spread of the seeds' parameters is the fit's seed noise: an
+    interval with (seeds - 1) degrees of freedom where the fit through the means has
+    (budgets - 3). It does not measure whether the law's form is right (`rms` per seed)."""
+    flops = np.asarray(flops_B, np.float64)
+    losses = np.atleast_2d(np.asarray(losses_SxB, np.float64))
+    fits = [fit_power_law(flops, row) for row in losses]
+    kept = [f for f in fits if not f.at_bound]
+    out: dict[str, object] = {
+        "per_seed": [f.to_json() for f in fits],
+        "at_bound": len(fits) - len(kept),
+    }
+    for name in ("e", "a", "alpha"):
+        values = [getattr(f, name) for f in kept]
+        out[name] = t_interval(values).to_json() if values else None
+    return out

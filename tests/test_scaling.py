@@ -4,8 +4,10 @@ about their nominal rate on noisy synthetic points; so does the per-seed trend o
 import numpy as np
 import pytest
 
-from moma_jax.scaling import fit_power_law, gap_slopes
+from moma_jax.commands.compare_scaling import markdown, scaling
+from moma_jax.scaling import fit_power_law, gap_slopes, seed_fits
 from moma_jax.stats import t_interval
+from moma_jax.suites import Suite
 
 FLOPS = np.repeat(np.geomspace(1e12, 2e13, 5), 3)  # 5 budgets x 3 seeds
 
@@ -69,3 +71,66 @@ def test_the_trend_interval_over_three_seeds_covers_the_true_slope_at_its_nomina
         low, high = t_interval(gap_slopes(TPP, gaps).tolist()).bounds()
         hits += low <= k <= high
     assert 0.93 <= hits / trials <= 0.97
+
+
+def test_seed_fits_give_each_seed_its_law_and_an_interval_over_seeds():
+    flops = np.geomspace(1e12, 2e13, 4)
+    offsets = np.array([0.03, -0.02, 0.0])  # what each seed adds at every budget
+    losses = law(flops)[None, :] + offsets[:, None]
+    fits = seed_fits(flops, losses)
+    assert [f["alpha"] for f in fits["per_seed"]] == pytest.approx([0.35] * 3, rel=1e-4)
+    assert fits["e"]["mean"] == pytest.approx(1.8 + offsets.mean(), rel=1e-4)
+    assert fits["alpha"]["low"] == pytest.approx(0.35, abs=1e-4) and fits["at_bound"] == 0
+    flat = seed_fits(flops, [law(flops), [3.0, 2.9, 2.95, 3.1]])  # a seed whose fit collapses
+    assert flat["at_bound"] == 1 and flat["alpha"]["n"] == 1
+
+
+def test_seed_fit_intervals_cover_the_true_exponent_over_three_seeds():
+    rng = np.random.default_rng(2)
+    flops = np.geomspace(1e12, 2e13, 4)
+    hits = total = 0
+    for _ in range(300):
+        losses = law(flops) + rng.normal(0, 0.02, (3, 1)) + rng.normal(0, 0.002, (3, 4))
+        fits = seed_fits(flops, losses)
+        if fits["at_bound"] == 0:
+            hits += fits["alpha"]["low"] <= 0.35 <= fits["alpha"]["high"]
+            total += 1
+    assert total > 280 and 0.88 <= hits / total <= 0.99
+
+
+def _report(flops, finals_by_exp, epochs):
+    """A per-budget report.json as compare_scaling reads it (finals per seed, paired diffs)."""
+    dense = finals_by_exp["dense"]
+    eta = {"mean": 1.0, "low": 0.9, "high": 1.1, "n": 3, "kinds": {"reached": 3}}
+    exps = {}
+    for exp, finals in finals_by_exp.items():
+        diff = [a - b for a, b in zip(finals, dense, strict=True)]
+        stat = {"per_seed": diff, **t_interval(diff).to_json()}
+        exps[exp] = {
+            "total_flops": flops,
+            "overall": {
+                "final_heldout_loss": {"per_seed": list(finals)},
+                "loss_diff_vs_dense": stat,
+                "eta_heldout": eta,
+            },
+            "image": {"loss_diff_vs_dense": stat},
+        }
+    return {"data": {"epochs": epochs}, "experiments": exps}
+
+
+def test_the_scaling_report_fits_each_seed_and_the_gap_trend_from_budget_reports():
+    tpp = [1.0, 4.0, 10.0, 20.0]
+    flops = [1e12 * b for b in tpp]
+    seed_offset = np.array([0.01, -0.01, 0.0])
+    reports = []
+    for b, f in zip(tpp, flops, strict=True):
+        dense = law(f) + seed_offset
+        sparse = dense + 0.02 - 0.01 * np.log10(b)  # gains 0.01 per tenfold tokens
+        reports.append(_report(f, {"dense": dense, "sparse": sparse}, 0.01 * b))
+    sc = scaling(Suite("s", ("dense", "sparse"), 3, tokens_per_param=tuple(tpp)), reports)
+    for s in range(3):
+        assert sc["seed_fits"]["dense"]["per_seed"][s]["alpha"] == pytest.approx(0.35, rel=1e-4)
+    assert sc["trends"]["sparse"]["overall"]["per_seed"] == pytest.approx([-0.01] * 3)
+    text = markdown(sc)
+    assert "each seed's own budgets" in text and "The gap's trend" in text
+    assert "| sparse | -0.0100 [-0.0100, -0.0100]" in text

@@ -14,7 +14,7 @@ import numpy as np
 
 from moma_jax.commands.compare_markdown import eta_cell, interval
 from moma_jax.safe_io import write_atomic
-from moma_jax.scaling import fit_power_law, gap_slopes
+from moma_jax.scaling import fit_power_law, gap_slopes, seed_fits
 from moma_jax.stats import t_interval
 from moma_jax.suites import Suite
 
@@ -48,7 +48,28 @@ def scaling(
         except (ValueError, RuntimeError) as e:  # too few points, or no convergence
             out["fits"][exp] = {"error": str(e)}
     out["points"] = points
+    out["seed_fits"] = _seed_fits(budgets, reports)
     out["trends"] = _trends(out["dense"], budgets, reports)
+    return out
+
+
+def _seed_fits(budgets: list[float], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per architecture, the law through each seed's own budgets (`scaling.seed_fits`; the
+    seeds every budget has); none below 3 budgets."""
+    if len(budgets) < 3:
+        return {}
+    out: dict[str, Any] = {}
+    for exp in reports[0]["experiments"]:
+        if any(exp not in r["experiments"] for r in reports):
+            continue
+        entries = [r["experiments"][exp] for r in reports]
+        finals = [e["overall"]["final_heldout_loss"]["per_seed"] for e in entries]
+        seeds = min(len(f) for f in finals)
+        losses_SxB = [[f[s] for f in finals] for s in range(seeds)]
+        try:
+            out[exp] = seed_fits([e["total_flops"] for e in entries], losses_SxB)
+        except (ValueError, RuntimeError) as err:  # no convergence
+            out[exp] = {"error": str(err)}
     return out
 
 
@@ -115,6 +136,27 @@ def markdown(sc: dict[str, Any]) -> str:
             f"| {_range(fit, 'alpha', 3)}{' (at a bound)' if fit['at_bound'] else ''} "
             f"| {fit['n']} | {fit['rms']:.4f} |"
         )
+    if sc.get("seed_fits"):
+        lines += [
+            "",
+            "The same law through each seed's own budgets (a seed's offset, shared by its "
+            "budgets, stays in its fit): mean [95% t-interval over the seeds' parameters, "
+            "seeds - 1 degrees of freedom]; fits that ended on a bound are counted, not averaged:",
+            "",
+            "| experiment | E | A | alpha | alpha per seed | at a bound |",
+            "|---|---|---|---|---|---|",
+        ]
+        for exp, sf in sc["seed_fits"].items():
+            if "error" in sf:
+                lines.append(f"| {exp} | no fit: {sf['error']} | | | | |")
+                continue
+            alphas = ", ".join(
+                f"{f['alpha']:.3f}" + (" (bound)" if f["at_bound"] else "") for f in sf["per_seed"]
+            )
+            lines.append(
+                f"| {exp} | {interval(sf['e'], 3)} | {interval(sf['a'], 3)} "
+                f"| {interval(sf['alpha'], 3)} | {alphas} | {sf['at_bound']} |"
+            )
     lines += [
         "",
         "The gap from dense at each budget (final held-out loss minus dense's, paired by seed, "
