@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -111,7 +112,7 @@ def gap_slopes(tokens_per_param: ArrayLike, gaps_SxB: ArrayLike) -> np.ndarray:
     return (gaps - gaps.mean(axis=1, keepdims=True)) @ xc / float(xc @ xc)
 
 
-def seed_fits(flops_B: ArrayLike, losses_SxB: ArrayLike) -> dict[str, object]:
+def seed_fits(flops_B: ArrayLike, losses_SxB: ArrayLike) -> dict[str, Any]:
     """`fit_power_law` through each seed's own final losses (a row of `losses_SxB`, one per
     budget), and for e, a and alpha the mean with a 95% t-interval over the seeds whose fit
     did not end on a bound (those are counted in `at_bound`, not averaged). Each seed's fit
@@ -123,7 +124,7 @@ def seed_fits(flops_B: ArrayLike, losses_SxB: ArrayLike) -> dict[str, object]:
     losses = np.atleast_2d(np.asarray(losses_SxB, np.float64))
     fits = [fit_power_law(flops, row) for row in losses]
     kept = [f for f in fits if not f.at_bound]
-    out: dict[str, object] = {
+    out: dict[str, Any] = {
         "per_seed": [f.to_json() for f in fits],
         "at_bound": len(fits) - len(kept),
     }
