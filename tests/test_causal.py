@@ -153,6 +153,32 @@ def test_cached_decoding_matches_the_full_forward_pass(arch):
     assert len(set(tokens[len(prompt) :])) > 1  # a real sequence, not one token repeated
 
 
+@pytest.mark.parametrize("arch", ["moma_4t4i", "mod_moma_4t4i", "mot", "mom"])
+def test_one_token_steps_read_expert_weights_from_the_unit_stack(arch, monkeypatch):
+    """In a one-token decode step every expert (or modality) loop gets its weights still
+    stacked over the layer units with the unit's index (`Context.unit`), so it reads only the
+    chosen slices; the prompt (many tokens) gets each layer's own weights. Equality with the
+    full forward pass is the test above."""
+    from moma_jax.model import grouped
+
+    seen, run = [], grouped.chosen_experts_apply
+
+    def spy(fn, x, dispatch, weights, unit=None):
+        seen.append((unit is not None, [w.shape for w in weights]))
+        return run(fn, x, dispatch, weights, unit)
+
+    monkeypatch.setattr(grouped, "chosen_experts_apply", spy)
+    model = _model(arch)
+    decoder = Decoder(model, VOCAB, 16)
+    decoder.feed([40, 1, 2])
+    assert not seen  # the prompt runs the batched paths on each layer's own weights
+    decoder.feed([3])
+    assert seen and all(stacked for stacked, _ in seen)
+    # [U, E or M, ...]: a layer's own weights [E or M, ...] with the units axis in front
+    units = model.cfg.n_units
+    assert all(s[0] == units and len(s) >= 3 for _, shapes in seen for s in shapes)
+
+
 def test_cache_needs_causal_routing():
     model = _model("dense")
     with pytest.raises(ConfigError, match="causal"):

@@ -129,3 +129,21 @@ def test_chosen_experts_run_only_the_experts_some_group_chose(lengths, ran):
     assert int(count) == ran
     np.testing.assert_allclose(y, oracle(x, dispatch, w), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y, run_slabs(x, dispatch, w, 2)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("unit", [0, 2])
+def test_chosen_experts_read_their_layer_from_the_unit_stack(unit):
+    """Decoding hands the loop the weights stacked over the layer units ([U, E, ...],
+    `Context.unit`): expert e of layer `unit` reads [unit, e], the oracle's sums with that
+    layer's weights; float32 weights are cast to bfloat16 activations as they are read."""
+    x, dispatch, w = case(6)
+    stacks = [jnp.stack([a * (1.0 + 0.5 * u) for u in range(3)]) for a in w]  # 3 different layers
+    layer = [s[unit] for s in stacks]
+    run = jax.jit(chosen_experts_apply, static_argnums=0)
+    y, count = run(swiglu, x, dispatch, tuple(stacks), jnp.int32(unit))
+    assert int(count) == 3
+    np.testing.assert_allclose(y, oracle(x, dispatch, layer), rtol=1e-5, atol=1e-6)
+    y16, _ = run(swiglu, x.astype(jnp.bfloat16), dispatch, tuple(stacks), jnp.int32(unit))
+    assert y16.dtype == jnp.float32
+    want16 = oracle(x.astype(jnp.bfloat16), dispatch, [a.astype(jnp.bfloat16) for a in layer])
+    np.testing.assert_allclose(y16, want16, rtol=0.05, atol=0.05)

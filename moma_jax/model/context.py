@@ -37,6 +37,11 @@ class Context:
     causal: each token routes alone (aux routers, `model/aux_router.py`) instead of the
         training routers, which see the routing group.
     capture: layers add their routing decisions to aux["capture"] (`analysis.route`).
+    unit: a one-token decode step: the index of this layer unit in the stack. The weights a
+        step reads one slice at a time (`layers.decode_sliced`: an expert's, a modality's)
+        reach the layer still stacked over the units, [U, E, ...], and the step reads
+        [unit, e]: sliced per layer first, XLA:CPU would copy the layer's whole [E, ...] block
+        out of the stack on every step (docs/benchmarks.md, 2026-12-07).
     """
 
     positions: jax.Array
@@ -46,6 +51,7 @@ class Context:
     keep: jax.Array | None = None
     routing_key: jax.Array | None = None
     cache_index: jax.Array | None = None
+    unit: jax.Array | None = None
     kv: KVCache | Any = _static(None)
     causal: bool = _static(False)
     capture: bool = _static(False)

@@ -188,7 +188,11 @@ def combine_slots(out_ExCxD: jax.Array, dispatch: Dispatch, n_tokens: int) -> ja
 
 
 def chosen_experts_apply(
-    fn: ExpertFn, x_GxNxD: jax.Array, dispatch: Dispatch, weights: tuple[jax.Array, ...]
+    fn: ExpertFn,
+    x_GxNxD: jax.Array,
+    dispatch: Dispatch,
+    weights: tuple[jax.Array, ...],
+    unit: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Every valid slot of `dispatch` ([G, E, C]) through `fn`, running only the experts that
     hold a valid slot in some routing group: a loop over those experts (a dynamic trip count),
@@ -198,24 +202,32 @@ def chosen_experts_apply(
     slots that are mostly empty. Same sums as `slab_apply` (each slot's gate * output added to
     its token in float32), in expert order. Forward only (a loop of dynamic length has no
     reverse-mode derivative; decoding needs none). Returns y [G, N, Dout] float32 and the
-    number of experts that ran (int32)."""
+    number of experts that ran (int32).
+
+    `unit` (`Context.unit`): the weights are still stacked over the layer units, [U, E, ...],
+    and expert e reads [unit, e]; so the loop reads the chosen experts' weights straight from
+    the stack (sliced per layer first, the whole [E, ...] block would be copied each step).
+    Each expert's weights are cast to x's dtype as they are read."""
     chosen_E = jnp.any(dispatch.valid_ExC, axis=(0, 2))
     order_E = jnp.argsort(~chosen_E, stable=True)  # the chosen experts first, in expert order
     count = jnp.sum(chosen_E, dtype=jnp.int32)
     n_tokens = x_GxNxD.shape[1]
 
+    def expert(e: jax.Array | int) -> list[jax.Array]:
+        return [(w[e] if unit is None else w[unit, e]).astype(x_GxNxD.dtype) for w in weights]
+
     def body(i, y_GxNxD):
         e = order_E[i]
         part = Dispatch(*(a[:, e] for a in dispatch))  # [G, C] each
         x_GxCxD = jax.vmap(lambda x_NxD, idx: x_NxD[idx])(x_GxNxD, part.token_index_ExC)
-        out_GxCxD = fn(x_GxCxD, *(w[e] for w in weights))
+        out_GxCxD = fn(x_GxCxD, *expert(e))
         return y_GxNxD + jax.vmap(combine)(out_GxCxD, *part)
 
     def combine(out_CxD, token_C, gate_C, valid_C):  # one routing group's slots of expert e
         one = Dispatch(token_C[None], gate_C[None], valid_C[None])
         return combine_slots(out_CxD[None], one, n_tokens)
 
-    probe = jax.eval_shape(lambda: fn(x_GxNxD[:, :1], *(w[0] for w in weights)))
+    probe = jax.eval_shape(lambda: fn(x_GxNxD[:, :1], *expert(0)))
     y = jnp.zeros((*x_GxNxD.shape[:2], probe.shape[-1]), jnp.float32)
     return jax.lax.fori_loop(0, count, body, y), count
 

@@ -29,6 +29,25 @@ def annotated(value: jax.Array, axes: Axes) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+# Weights a one-token decode step reads one slice of the leading axis at a time (an expert's, a
+# modality's, `grouped.chosen_experts_apply`): marked here, they reach that step still stacked
+# over the layer units (`Context.unit`), so only the chosen slices are read.
+DECODE_SLICED = "decode_sliced"
+
+
+def decode_sliced(*variables: nnx.Variable) -> None:
+    """Marks `variables` as read slice by slice in decoding (see `DECODE_SLICED`); the layer
+    that holds them must read them through `Context.unit` in a one-token decode step."""
+    for var in variables:
+        var.set_metadata(**{DECODE_SLICED: True})
+
+
+def is_decode_sliced(path: tuple, value: object) -> bool:
+    """The nnx filter of the variables `decode_sliced` marked."""
+    del path
+    return isinstance(value, nnx.Variable) and bool(value.get_metadata().get(DECODE_SLICED))
+
+
 def ones_param(shape: tuple[int, ...], axes: Axes, dtype: str) -> nnx.Param:
     return annotated(jnp.ones(shape, jnp.dtype(dtype)), axes)
 

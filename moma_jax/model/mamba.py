@@ -30,7 +30,7 @@ from moma_jax.config import ModelConfig
 from moma_jax.modality import N_MODALITIES
 from moma_jax.model import ssm
 from moma_jax.model.context import Context
-from moma_jax.model.layers import annotated, param
+from moma_jax.model.layers import annotated, decode_sliced, param
 from moma_jax.model.mot import by_modality
 
 INNER = "ssm_inner"  # the logical axis of the Di channels (sharded like the FFN hidden)
@@ -113,6 +113,8 @@ class MambaMixer(nnx.Module):
         b_dt = _dt_bias(rngs.params(), (*m, di), mb.dt_min, mb.dt_max)
         self.b_dt = annotated(b_dt.astype(pdt), (*mod, "norm"))
         self.w_out = param(rngs, (*m, di, d), (*mod, INNER, "embed"), std, pdt)
+        if untied:  # decoding reads the present modality's slices only (`by_modality`)
+            decode_sliced(self.w_in, self.w_x, self.w_dt, self.b_dt, self.w_out)
         bound = w**-0.5
         conv_w = jax.random.uniform(rngs.params(), (w, di), minval=-bound, maxval=bound)
         conv_b = jax.random.uniform(rngs.params(), (di,), minval=-bound, maxval=bound)
@@ -126,12 +128,15 @@ class MambaMixer(nnx.Module):
         """x through a projection (and bias): the shared one, or each token's modality's
         (`mot.by_modality`: only that modality's rows are computed); float32."""
         dt = self.compute_dtype
-        ws = [w[...].astype(dt) for w in weights]
-        if self.untied:
-            ws[0] = ws[0].reshape(N_MODALITIES, ws[0].shape[1], -1)
+        if self.untied:  # [(U,) M, X, Y]: stacked over the units in a decode step (Context.unit)
+            ws = [w[...] for w in weights]
+            lead = 2 if ctx.unit is None else 3
+            ws[0] = ws[0].reshape(*ws[0].shape[:lead], -1)
             fn = _affine if len(ws) == 2 else _linear
             decoding = ctx.decode_step(x_BxLxX.shape[1])
-            return by_modality(fn, x_BxLxX.astype(dt), ctx.modality, tuple(ws), self.cfg, decoding)
+            x = x_BxLxX.astype(dt)
+            return by_modality(fn, x, ctx.modality, tuple(ws), self.cfg, decoding, ctx.unit)
+        ws = [w[...].astype(dt) for w in weights]
         w = ws[0].reshape(ws[0].shape[0], -1)
         y = jnp.einsum("blx,xy->bly", x_BxLxX.astype(dt), w, preferred_element_type=jnp.float32)
         return y if len(ws) == 1 else y + ws[1].astype(jnp.float32)

@@ -32,7 +32,7 @@ from flax import nnx
 from moma_jax.config import ConfigError, ModelConfig, moe_routed_config, moe_shared_config
 from moma_jax.model import aux_router, grouped, routing
 from moma_jax.model.context import Context
-from moma_jax.model.layers import param, swiglu, zeros_param
+from moma_jax.model.layers import decode_sliced, param, swiglu, zeros_param
 from moma_jax.routers import GroupRouting, Routed
 from moma_jax.sparse_config import SparseConfig
 
@@ -66,6 +66,7 @@ class ExpertGroup(nnx.Module):
         self.w_gate_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_up_ExDxF = param(rngs, (n_experts, d, f), ("expert", "embed", "mlp"), std, dt)
         self.w_down_ExFxD = param(rngs, (n_experts, f, d), ("expert", "mlp", "embed"), std, dt)
+        decode_sliced(self.w_gate_ExDxF, self.w_up_ExDxF, self.w_down_ExFxD)
         ranks_group = row.needs_aux_router
         self.aux_router = aux_router.maybe_aux_router(cfg, n_experts, rngs) if ranks_group else None
         for _, var in nnx.iter_graph(self):
@@ -126,12 +127,12 @@ class SparseFFN(nnx.Module):
             metrics.update({f"moe/{name}/{k}": v for k, v in group_metrics.items()})
         with jax.named_scope("experts"):
             weights = [tuple(getattr(grp, w)[...] for w in W) for grp in self.groups]
-            # One-token causal steps (decoding): only the experts the tokens chose run.
-            decode = ctx.decode_step(length)
-            run_experts = _chosen_experts if decode else EXPERT_COMPUTE[moe.expert_compute]
-            y_GxNxD, used_rows = run_experts(
-                moe, x_GxNxD.astype(self.compute_dtype), dispatches, weights, causal
-            )
+            x_GxNxD = x_GxNxD.astype(self.compute_dtype)
+            if ctx.decode_step(length):  # one-token causal steps: only the chosen experts run
+                y_GxNxD, used_rows = _chosen_experts(x_GxNxD, dispatches, weights, ctx.unit)
+            else:
+                run_experts = EXPERT_COMPUTE[moe.expert_compute]
+                y_GxNxD, used_rows = run_experts(moe, x_GxNxD, dispatches, weights, causal)
         if not causal:  # the training layout's static rows
             routed = sum((jnp.sum(dsp.valid_ExC) for dsp in dispatches), start=jnp.zeros(()))
             metrics["moe/rows_used_frac"] = used_rows / (moe.static_rows * x_GxNxD.shape[0])
@@ -284,15 +285,14 @@ def _slab_experts(moe: SparseConfig, x_GxNxD, dispatches, weights, causal: bool)
     return y_GxNxD, used_rows
 
 
-def _chosen_experts(moe: SparseConfig, x_GxNxD, dispatches, weights, causal: bool):
+def _chosen_experts(x_GxNxD, dispatches, weights, unit: jax.Array | None):
     """Causal one-token steps (decoding, N = 1 per routing group): each group's experts that
-    some token chose, one at a time (`grouped.chosen_experts_apply`); the others read no
-    weights. Rows run: the chosen experts' slots."""
-    del moe, causal
+    some token chose, one at a time (`grouped.chosen_experts_apply`, reading [unit, e] of the
+    layer-stacked weights, `Context.unit`); the others read no weights. Rows run: the chosen
+    experts' slots."""
     y_GxNxD, used_rows = jnp.zeros(x_GxNxD.shape, jnp.float32), jnp.zeros(())
     for dispatch, w in zip(dispatches, weights, strict=True):
-        w = tuple(a.astype(x_GxNxD.dtype) for a in w)
-        y, ran = grouped.chosen_experts_apply(swiglu, x_GxNxD, dispatch, w)
+        y, ran = grouped.chosen_experts_apply(swiglu, x_GxNxD, dispatch, w, unit)
         y_GxNxD = y_GxNxD + y
         used_rows = used_rows + (ran * dispatch.valid_ExC.shape[-1] * x_GxNxD.shape[0])
     return y_GxNxD, used_rows.astype(jnp.float32)

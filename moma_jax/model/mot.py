@@ -31,7 +31,15 @@ from moma_jax.modality import N_MODALITIES
 from moma_jax.model import grouped, routing
 from moma_jax.model.attention import attend
 from moma_jax.model.context import Context
-from moma_jax.model.layers import layer_norm, ones_param, param, rms_norm, swiglu, zeros_param
+from moma_jax.model.layers import (
+    decode_sliced,
+    layer_norm,
+    ones_param,
+    param,
+    rms_norm,
+    swiglu,
+    zeros_param,
+)
 from moma_jax.model.routing import Dispatch
 
 
@@ -42,6 +50,7 @@ def by_modality(
     weights_M: tuple[jax.Array, ...],
     cfg: ModelConfig,
     decoding: bool = False,
+    unit: jax.Array | None = None,
 ) -> jax.Array:
     """Each token through `fn` with its own modality's weights (`weights_M`: each stacked on a
     leading modality axis), computing only that modality's rows; float32 [B, L, Y].
@@ -54,7 +63,8 @@ def by_modality(
 
     `decoding` (one-token steps of KV-cached generation): the modalities present in the step
     run one at a time (`grouped.chosen_experts_apply`), so a step of text tokens reads no image
-    weights. Forward only.
+    weights. Forward only. `unit` (`Context.unit`): the weights are still stacked over the layer
+    units and modality m reads [unit, m]. Each modality's weights are cast to x's dtype.
     """
     b, length = modality_BxL.shape
     n = b * length
@@ -63,7 +73,7 @@ def by_modality(
     if decoding:
         parts = [routing.take_all(modality_N == m, n)[0] for m in range(N_MODALITIES)]
         stacked = Dispatch(*(jnp.concatenate(a)[None] for a in zip(*parts, strict=True)))
-        y_present, _ = grouped.chosen_experts_apply(fn, x_1xNxX, stacked, weights_M)
+        y_present, _ = grouped.chosen_experts_apply(fn, x_1xNxX, stacked, weights_M, unit)
         return y_present.reshape(b, length, -1)
     shares = cfg.moe.modality_shares
     y_1xNxY = None
@@ -72,7 +82,7 @@ def by_modality(
         dispatch = Dispatch(*(a[None] for a in dispatch))  # one routing group: [1, 1, N]
         expected = round(n * shares[m]) if shares else 0
         first, slab = cfg.moe.slab_plan(expected, n, 1)
-        weights = tuple(w[m : m + 1] for w in weights_M)
+        weights = tuple(w[m : m + 1].astype(x_BxLxX.dtype) for w in weights_M)
         y, _ = grouped.slab_apply(fn, x_1xNxX, dispatch, weights, first, slab)
         y_1xNxY = y if y_1xNxY is None else y_1xNxY + y
     assert y_1xNxY is not None
@@ -81,6 +91,11 @@ def by_modality(
 
 def _linear(x_TxD: jax.Array, w_DxK: jax.Array) -> jax.Array:
     return jnp.dot(x_TxD, w_DxK)
+
+
+def _linear_qkv(x_TxD: jax.Array, *w_DxK: jax.Array) -> jax.Array:
+    """q, k and v side by side, each from its own weight (decoding reads them unconcatenated)."""
+    return jnp.concatenate([jnp.dot(x_TxD, w) for w in w_DxK], axis=-1)
 
 
 def gather_modality(w_MxX: jax.Array, modality_BxL: jax.Array, ndim: int) -> jax.Array:
@@ -134,6 +149,7 @@ class UntiedAttention(nnx.Module):
         self.wo_MxHxDhxD = param(
             rngs, (m, h, dh, d), ("modality", "heads", "head_dim", "embed"), std, pdt
         )
+        decode_sliced(self.wq_MxDxHxDh, self.wk_MxDxHxDh, self.wv_MxDxHxDh, self.wo_MxHxDhxD)
         self.q_norm = UntiedLayerNorm(dh, cfg) if cfg.qk_norm else None
         self.k_norm = UntiedLayerNorm(dh, cfg) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta
@@ -144,23 +160,29 @@ class UntiedAttention(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> jax.Array:
         dt, modality_BxL, cfg = self.compute_dtype, ctx.modality, self.cfg
         b, length, d = x_BxLxD.shape
-        h, dh = self.wq_MxDxHxDh.shape[2:]
-        w_qkv = jnp.concatenate(
-            [
-                w[...].reshape(-1, d, h * dh)
-                for w in (self.wq_MxDxHxDh, self.wk_MxDxHxDh, self.wv_MxDxHxDh)
-            ],
-            axis=-1,
-        ).astype(dt)
-        decoding = ctx.decode_step(length)
-        qkv = by_modality(_linear, x_BxLxD.astype(dt), modality_BxL, (w_qkv,), cfg, decoding)
+        h, dh = self.wq_MxDxHxDh.shape[-2:]
+        # [(U,) M, D, H x Dh] each: in a decode step still stacked over the units (Context.unit)
+        w_q, w_k, w_v = (
+            w[...].reshape(*w.shape[:-2], h * dh)
+            for w in (self.wq_MxDxHxDh, self.wk_MxDxHxDh, self.wv_MxDxHxDh)
+        )
+        wo = self.wo_MxHxDhxD[...]
+        wo = wo.reshape(*wo.shape[:-3], h * dh, d)
+        x_BxLxD = x_BxLxD.astype(dt)
+        if ctx.decode_step(length):
+            qkv = by_modality(
+                _linear_qkv, x_BxLxD, modality_BxL, (w_q, w_k, w_v), cfg, True, ctx.unit
+            )
+        else:
+            w_qkv = jnp.concatenate([w_q, w_k, w_v], axis=-1)
+            qkv = by_modality(_linear, x_BxLxD, modality_BxL, (w_qkv,), cfg)
         qkv = qkv.astype(dt)
         q, k, v = (a.reshape(b, length, h, dh) for a in jnp.split(qkv, 3, axis=-1))
         qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
         out_BxLxHxDh = attend(q, k, v, ctx, qk_norm, self.rope_theta, self.impl)
-        wo = self.wo_MxHxDhxD[...].reshape(-1, h * dh, d).astype(dt)
         out = out_BxLxHxDh.reshape(b, length, h * dh)
-        return by_modality(_linear, out, modality_BxL, (wo,), cfg, decoding).astype(dt)
+        decoding = ctx.decode_step(length)
+        return by_modality(_linear, out, modality_BxL, (wo,), cfg, decoding, ctx.unit).astype(dt)
 
 
 class UntiedSwiGLU(nnx.Module):
@@ -172,14 +194,14 @@ class UntiedSwiGLU(nnx.Module):
         self.w_gate_MxDxF = param(rngs, (m, d, f), ("modality", "embed", "mlp"), std, pdt)
         self.w_up_MxDxF = param(rngs, (m, d, f), ("modality", "embed", "mlp"), std, pdt)
         self.w_down_MxFxD = param(rngs, (m, f, d), ("modality", "mlp", "embed"), std, pdt)
+        decode_sliced(self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.cfg = cfg
 
     def __call__(self, x_BxLxD: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
         dt = self.compute_dtype
-        weights = tuple(
-            w[...].astype(dt) for w in (self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD)
-        )
+        weights = tuple(w[...] for w in (self.w_gate_MxDxF, self.w_up_MxDxF, self.w_down_MxFxD))
         decoding = ctx.decode_step(x_BxLxD.shape[1])
-        y = by_modality(swiglu, x_BxLxD.astype(dt), ctx.modality, weights, self.cfg, decoding)
+        x_BxLxD = x_BxLxD.astype(dt)
+        y = by_modality(swiglu, x_BxLxD, ctx.modality, weights, self.cfg, decoding, ctx.unit)
         return y.astype(dt), {}

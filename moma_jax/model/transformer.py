@@ -11,7 +11,7 @@ from moma_jax.metric_names import layer_metric
 from moma_jax.model.attention import segment_causal_mask
 from moma_jax.model.context import Context, UnitAux
 from moma_jax.model.kinds import build_layer, check_layer_kinds, layer_kind
-from moma_jax.model.layers import RMSNorm, param
+from moma_jax.model.layers import RMSNorm, is_decode_sliced, param
 from moma_jax.model.lookup import embed
 
 ROUTING = ("teacher_forced", "causal")  # see model/aux_router.py
@@ -132,14 +132,22 @@ class Transformer(nnx.Module):
         )
         x_BxLxD = embed(self.embed_VxD[...], tokens_BxL, dt)
 
-        graphdef, units_state = nnx.split(self.units)
+        # A one-token decode step takes the weights it reads slice by slice (`decode_sliced`)
+        # whole, stacked over the units, and reads [unit, slice] (`Context.unit`).
+        stacked: nnx.State | None = None
+        if ctx.decode_step(tokens_BxL.shape[1]):
+            graphdef, stacked, units_state = nnx.split(self.units, is_decode_sliced, ...)  # type: ignore[misc]
+        else:
+            graphdef, units_state = nnx.split(self.units)
 
         def body(x, xs):
             unit_state, index, unit_cache = xs
-            unit = nnx.merge(graphdef, unit_state)
+            states = (unit_state,) if stacked is None else (stacked, unit_state)
+            unit = nnx.merge(graphdef, *states)
             # No key (evaluation): routers run without noise.
             key = None if routing_key is None else jax.random.fold_in(routing_key, index)
-            return unit(x, ctx.replace(routing_key=key), unit_cache)
+            unit_ctx = ctx.replace(routing_key=key, unit=None if stacked is None else index)
+            return unit(x, unit_ctx, unit_cache)
 
         if cfg.remat in _REMAT and cache is None:
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
