@@ -1,7 +1,8 @@
 """Scaling fits on final losses of runs trained to different budgets (each its own schedule,
 not points along one schedule): L(F) = E + A * F^-alpha per architecture, the same law through
-each seed's own budgets with intervals over the seeds (`seed_fits`), and the trend of a model's
-gap from dense across budgets (`gap_slopes`).
+each seed's own budgets with intervals over the seeds (`seed_fits`) and its exponent against
+dense's paired by seed (`alpha_differences`), and the trend of a model's gap from dense across
+budgets (`gap_slopes`).
 
 The fit is least squares on the mean final loss of each budget (seeds share their data order
 across budgets, so they are not independent points), with FLOPs scaled by the smallest budget's
@@ -132,3 +133,16 @@ def seed_fits(flops_B: ArrayLike, losses_SxB: ArrayLike) -> dict[str, Any]:
         values = [getattr(f, name) for f in kept]
         out[name] = t_interval(values).to_json() if values else None
     return out
+
+
+def alpha_differences(fits: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any] | None:
+    """Each seed's exponent minus the reference's of the same seed (two `seed_fits` results,
+    seeds paired by index: same data order and initialisation seed), mean with a 95%
+    t-interval over the seeds where neither fit ended on a bound (the others are counted in
+    `dropped`); None when no seed pair is left. Positive: the model's loss falls faster with
+    FLOPs than the reference's over these budgets."""
+    pairs = list(zip(fits["per_seed"], reference["per_seed"], strict=False))
+    kept = [m["alpha"] - r["alpha"] for m, r in pairs if not (m["at_bound"] or r["at_bound"])]
+    if not kept:
+        return None
+    return {"per_seed": kept, "dropped": len(pairs) - len(kept), **t_interval(kept).to_json()}

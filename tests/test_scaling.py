@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moma_jax.commands.compare_scaling import markdown, scaling
-from moma_jax.scaling import fit_power_law, gap_slopes, seed_fits
+from moma_jax.scaling import alpha_differences, fit_power_law, gap_slopes, seed_fits
 from moma_jax.stats import t_interval
 from moma_jax.suites import Suite
 
@@ -98,6 +98,34 @@ def test_seed_fit_intervals_cover_the_true_exponent_over_three_seeds():
     assert total > 280 and 0.88 <= hits / total <= 0.99
 
 
+def test_alpha_differences_pair_each_seed_with_the_references():
+    """Exponents 0.35 + d_s against 0.35 + r_s, seed by seed: the differences d_s - r_s come
+    back exactly, whatever each seed adds to its losses; a seed whose fit ends on a bound (on
+    either side) is dropped from the pairs and counted."""
+    flops = np.geomspace(1e12, 2e13, 4)
+
+    def fits(alphas, offsets):
+        rows = [
+            1.8 + 0.6 * (flops / flops[0]) ** -a + o for a, o in zip(alphas, offsets, strict=True)
+        ]
+        return seed_fits(flops, rows)
+
+    ref = fits([0.33, 0.35, 0.37], [0.02, -0.01, 0.0])
+    model = fits([0.30, 0.34, 0.31], [-0.03, 0.01, 0.02])
+    diff = alpha_differences(model, ref)
+    assert diff is not None
+    assert diff["per_seed"] == pytest.approx([-0.03, -0.01, -0.06], abs=2e-4)
+    assert diff["mean"] == pytest.approx(-0.1 / 3, abs=2e-4) and diff["dropped"] == 0
+    want = t_interval([-0.03, -0.01, -0.06]).bounds()  # 3 seeds: t(2) wide, it includes 0
+    assert (diff["low"], diff["high"]) == pytest.approx(want, abs=1e-3)
+    # seed 0 fits (alpha 0.30); seed 1 collapses onto a bound; seed 2 is missing
+    collapsed = seed_fits(flops, [1.8 + 0.6 * (flops / flops[0]) ** -0.3, [3.0, 2.9, 2.95, 3.1]])
+    one = alpha_differences(collapsed, ref)
+    assert one is not None
+    assert one["dropped"] == 1 and one["per_seed"] == pytest.approx([0.3 - 0.33], abs=2e-4)
+    assert alpha_differences(seed_fits(flops, [[3.0, 2.9, 2.95, 3.1]]), ref) is None
+
+
 def _report(flops, finals_by_exp, epochs):
     """A per-budget report.json as compare_scaling reads it (finals per seed, paired diffs)."""
     dense = finals_by_exp["dense"]
@@ -131,6 +159,17 @@ def test_the_scaling_report_fits_each_seed_and_the_gap_trend_from_budget_reports
     for s in range(3):
         assert sc["seed_fits"]["dense"]["per_seed"][s]["alpha"] == pytest.approx(0.35, rel=1e-4)
     assert sc["trends"]["sparse"]["overall"]["per_seed"] == pytest.approx([-0.01] * 3)
+    paired = sc["seed_fits"]["sparse"]["alpha_minus_dense"]
+    want = [
+        sc["seed_fits"]["sparse"]["per_seed"][s]["alpha"]
+        - sc["seed_fits"]["dense"]["per_seed"][s]["alpha"]
+        for s in range(3)
+    ]
+    assert (
+        paired["per_seed"] == pytest.approx(want)
+        and "alpha_minus_dense" not in (sc["seed_fits"]["dense"])
+    )
     text = markdown(sc)
     assert "each seed's own budgets" in text and "The gap's trend" in text
+    assert "alpha minus dense" in text
     assert "| sparse | -0.0100 [-0.0100, -0.0100]" in text

@@ -14,7 +14,7 @@ import numpy as np
 
 from moma_jax.commands.compare_markdown import eta_cell, interval
 from moma_jax.safe_io import write_atomic
-from moma_jax.scaling import fit_power_law, gap_slopes, seed_fits
+from moma_jax.scaling import alpha_differences, fit_power_law, gap_slopes, seed_fits
 from moma_jax.stats import t_interval
 from moma_jax.suites import Suite
 
@@ -48,14 +48,15 @@ def scaling(
         except (ValueError, RuntimeError) as e:  # too few points, or no convergence
             out["fits"][exp] = {"error": str(e)}
     out["points"] = points
-    out["seed_fits"] = _seed_fits(budgets, reports)
+    out["seed_fits"] = _seed_fits(out["dense"], budgets, reports)
     out["trends"] = _trends(out["dense"], budgets, reports)
     return out
 
 
-def _seed_fits(budgets: list[float], reports: list[dict[str, Any]]) -> dict[str, Any]:
+def _seed_fits(dense: str, budgets: list[float], reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Per architecture, the law through each seed's own budgets (`scaling.seed_fits`; the
-    seeds every budget has); none below 3 budgets."""
+    seeds every budget has) and, beside dense's, its exponent minus dense's paired by seed
+    (`alpha_minus_dense`, `scaling.alpha_differences`); none below 3 budgets."""
     if len(budgets) < 3:
         return {}
     out: dict[str, Any] = {}
@@ -70,6 +71,10 @@ def _seed_fits(budgets: list[float], reports: list[dict[str, Any]]) -> dict[str,
             out[exp] = seed_fits([e["total_flops"] for e in entries], losses_SxB)
         except (ValueError, RuntimeError) as err:  # no convergence
             out[exp] = {"error": str(err)}
+    reference = out.get(dense, {})
+    for exp, sf in out.items():
+        if exp != dense and "error" not in sf and "per_seed" in reference:
+            sf["alpha_minus_dense"] = alpha_differences(sf, reference)
     return out
 
 
@@ -141,21 +146,28 @@ def markdown(sc: dict[str, Any]) -> str:
             "",
             "The same law through each seed's own budgets (a seed's offset, shared by its "
             "budgets, stays in its fit): mean [95% t-interval over the seeds' parameters, "
-            "seeds - 1 degrees of freedom]; fits that ended on a bound are counted, not averaged:",
+            "seeds - 1 degrees of freedom]; fits that ended on a bound are counted, not averaged; "
+            "alpha minus dense pairs each seed's exponent with dense's of the same seed:",
             "",
-            "| experiment | E | A | alpha | alpha per seed | at a bound |",
-            "|---|---|---|---|---|---|",
+            "| experiment | E | A | alpha | alpha per seed | at a bound | alpha minus dense |",
+            "|---|---|---|---|---|---|---|",
         ]
         for exp, sf in sc["seed_fits"].items():
             if "error" in sf:
-                lines.append(f"| {exp} | no fit: {sf['error']} | | | | |")
+                lines.append(f"| {exp} | no fit: {sf['error']} | | | | | |")
                 continue
             alphas = ", ".join(
                 f"{f['alpha']:.3f}" + (" (bound)" if f["at_bound"] else "") for f in sf["per_seed"]
             )
+            diff = sf.get("alpha_minus_dense")
+            paired = (
+                "-"
+                if diff is None
+                else f"{interval(diff, 3)}; " + ", ".join(f"{v:+.3f}" for v in diff["per_seed"])
+            )
             lines.append(
                 f"| {exp} | {interval(sf['e'], 3)} | {interval(sf['a'], 3)} "
-                f"| {interval(sf['alpha'], 3)} | {alphas} | {sf['at_bound']} |"
+                f"| {interval(sf['alpha'], 3)} | {alphas} | {sf['at_bound']} | {paired} |"
             )
     lines += [
         "",
