@@ -5,6 +5,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from moma_jax.bench import decode, experts, runner
@@ -96,7 +97,8 @@ def test_expert_paths_agree_at_a_tiny_shape():
 
 
 def test_decode_report_rates_and_ratios():
-    """tokens/s = rows x NEW / median seconds; each architecture against dense at its batch."""
+    """tokens/s = rows x NEW / median seconds; each architecture against dense at its batch;
+    the one-token steps alone ("/steps" samples) the same way, in their own columns."""
 
     def s(sec):
         return types.SimpleNamespace(wall_s=sec)
@@ -113,6 +115,27 @@ def test_decode_report_rates_and_ratios():
         {"dense/b1": new / 0.5, "dense/b8": 8 * new, "mot/b1": new, "mot/b8": 2 * new}
     )
     assert rep["vs_dense"] == pytest.approx({"mot/b1": 0.5, "mot/b8": 0.25})
+    assert "step_tokens_per_s" not in rep  # no steps-alone samples
+    samples |= {"dense/b1/steps": [s(0.2)], "mot/b1/steps": [s(0.1), s(0.3), s(0.8)]}
+    rep = decode.decode_report(samples, "dense")
+    assert rep["tokens_per_s"]["mot/b1"] == pytest.approx(new)  # unchanged by the steps
+    assert rep["step_tokens_per_s"] == pytest.approx({"dense/b1": new / 0.2, "mot/b1": new / 0.3})
+    assert rep["step_vs_dense"] == pytest.approx({"mot/b1": 0.2 / 0.3})
+
+
+def test_decode_steps_alone_continue_the_prompt_as_a_whole_generation_does(data_dir):
+    """Phase 3's two timed calls on a small moma_4t4i: the one-token steps timed alone, from
+    the prompt's cache kept before timing, end on the same logits as a whole generation
+    (prompt + the same greedy steps), call after call (each call starts from its cache)."""
+    del data_dir  # the bundled data, prepared: its vocabulary
+    cfg = bench_config("moma_4t4i", ("model.d_model=32", "model.n_layers=2", "model.n_heads=2"))
+    vocab = decode.vocab_of(cfg)
+    tokens = np.arange(2 * decode.PROMPT, dtype=np.int32).reshape(2, -1) % 40
+    whole = decode.decode_fn(cfg, vocab, tokens, 2)()
+    steps = decode.steps_fn(cfg, vocab, tokens, 2)
+    first, again = steps(), steps()
+    np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(first, again)
 
 
 def test_kind_rows_time_each_kind_against_dense(capsys, data_dir):

@@ -1,9 +1,12 @@
 """Phase 3 of `scripts/bench.py`: KV-cached generation (`sampling.Decoder`) per architecture,
 routed causally, at batch 1 and 8, against dense.
 
-Each timed call resets the cache, prefills a `PROMPT`-token prompt per row (the benchmark
-batch's first tokens) and feeds `NEW` tokens one column at a time (greedy, on the host, as
-`sampling.generate_batch` does), so tokens/s = rows x NEW / (prefill + NEW steps). Models are
+Two timed calls per architecture and batch: `decode_fn` resets the cache, prefills a
+`PROMPT`-token prompt per row (the benchmark batch's first tokens) and feeds `NEW` tokens one
+column at a time (greedy, on the host, as `sampling.generate_batch` does), so tokens/s = rows x
+NEW / (prefill + NEW steps); `steps_fn` starts from the prompt's cache, kept from one prefill
+before timing, and times the NEW one-token steps alone (what a long generation costs per
+token, the prompt amortised). Models are
 freshly initialised; expert choice and Mixture-of-Depths get jointly built aux routers (causal
 routing needs them). Untrained, they decide as random routers would: an aux router's logit is
 positive for about half the experts, so a one-token step runs about half of each group's experts
@@ -38,35 +41,81 @@ def vocab_of(cfg: ExperimentConfig) -> data_lib.Vocab:
     return data_lib.Vocab.from_dict(manifest["vocab"])
 
 
-def decode_fn(
+def _decoder(
     cfg: ExperimentConfig, vocab: data_lib.Vocab, tokens_BxL: np.ndarray, rows: int
-) -> Callable[[], np.ndarray]:
-    """One timed generation of NEW tokens after PROMPT for `rows` rows (see the docstring)."""
+) -> tuple[Decoder, np.ndarray]:
+    """A decoder of PROMPT + NEW positions for `rows` rows (aux routers built where causal
+    routing needs them) and its prompt, the batch's first tokens."""
     model_cfg = cfg.model
     if needs_aux_routers(model_cfg) and model_cfg.aux_routers == "none":
         model_cfg = dataclasses.replace(model_cfg, aux_routers="joint")
     model = Transformer(model_cfg, rngs=nnx.Rngs(0))
-    decoder = Decoder(model, vocab, PROMPT + NEW, rows)
-    prompt = np.resize(tokens_BxL[:, :PROMPT], (rows, PROMPT))
+    return Decoder(model, vocab, PROMPT + NEW, rows), np.resize(
+        tokens_BxL[:, :PROMPT], (rows, PROMPT)
+    )
+
+
+def _steps(decoder: Decoder, logits_BxV: np.ndarray) -> np.ndarray:
+    for _ in range(NEW):
+        logits_BxV = decoder.feed(np.argmax(logits_BxV, axis=-1)[:, None])[:, -1]
+    return logits_BxV
+
+
+def decode_fn(
+    cfg: ExperimentConfig, vocab: data_lib.Vocab, tokens_BxL: np.ndarray, rows: int
+) -> Callable[[], np.ndarray]:
+    """One timed generation of NEW tokens after PROMPT for `rows` rows (see the docstring)."""
+    decoder, prompt = _decoder(cfg, vocab, tokens_BxL, rows)
     empty = decoder.cache
 
     def generate() -> np.ndarray:
         decoder.cache, decoder.index = empty, 0
-        logits = decoder.feed(prompt)[:, -1]
-        for _ in range(NEW):
-            logits = decoder.feed(np.argmax(logits, axis=-1)[:, None])[:, -1]
-        return logits
+        return _steps(decoder, decoder.feed(prompt)[:, -1])
 
     return generate
 
 
+def steps_fn(
+    cfg: ExperimentConfig, vocab: data_lib.Vocab, tokens_BxL: np.ndarray, rows: int
+) -> Callable[[], np.ndarray]:
+    """NEW one-token steps timed alone, each call from the same prompt cache (prefilled once,
+    here, untimed)."""
+    decoder, prompt = _decoder(cfg, vocab, tokens_BxL, rows)
+    first = decoder.feed(prompt)[:, -1]
+    prefilled = decoder.cache
+
+    def steps() -> np.ndarray:
+        decoder.cache, decoder.index = prefilled, PROMPT
+        return _steps(decoder, first)
+
+    return steps
+
+
+STEPS = "/steps"  # the suffix of `steps_fn`'s samples: "arch/bB/steps"
+
+
 def decode_report(samples: dict[str, list[Any]], dense: str) -> dict[str, Any]:
-    """tokens/s per "arch/bB" (median) and each against dense at the same batch."""
-    rate = {name: NEW * int(name.rsplit("/b", 1)[1]) / float(np.median([s.wall_s for s in v]))
-            for name, v in samples.items()}  # fmt: skip
-    vs_dense = {
-        name: r / rate[f"{dense}/b{name.rsplit('/b', 1)[1]}"]
-        for name, r in rate.items()
-        if not name.startswith(f"{dense}/")
-    }
-    return {"prompt": PROMPT, "new_tokens": NEW, "tokens_per_s": rate, "vs_dense": vs_dense}
+    """tokens/s per "arch/bB" (median; the prompt counted) and, from the "arch/bB/steps"
+    samples, per one-token step alone; each against dense at the same batch."""
+
+    def rates(names: list[str], suffix: str) -> tuple[dict[str, float], dict[str, float]]:
+        rate = {}
+        for name in names:
+            rows = int(name.removesuffix(suffix).rsplit("/b", 1)[1])
+            rate[name] = NEW * rows / float(np.median([s.wall_s for s in samples[name]]))
+        vs = {
+            name: r / rate[f"{dense}/b{name.removesuffix(suffix).rsplit('/b', 1)[1]}{suffix}"]
+            for name, r in rate.items()
+            if not name.startswith(f"{dense}/")
+        }
+        return rate, vs
+
+    steps = [n for n in samples if n.endswith(STEPS)]
+    rate, vs_dense = rates([n for n in samples if not n.endswith(STEPS)], "")
+    out = {"prompt": PROMPT, "new_tokens": NEW, "tokens_per_s": rate, "vs_dense": vs_dense}
+    if steps:
+        step_rate, step_vs = rates(steps, STEPS)
+        strip = {n: n.removesuffix(STEPS) for n in steps}
+        out["step_tokens_per_s"] = {strip[n]: r for n, r in step_rate.items()}
+        out["step_vs_dense"] = {strip[n]: r for n, r in step_vs.items()}
+    return out

@@ -104,11 +104,16 @@ def table(report: dict[str, Any]) -> str:
     if "decode" in report:
         dec = report["decode"]
         lines.append(f"KV-cached decoding, {dec['new_tokens']} tokens after {dec['prompt']}:")
+        steps = dec.get("step_tokens_per_s", {})
         for name, rate in dec["tokens_per_s"].items():
             rel = dec["vs_dense"].get(name)
-            lines.append(
-                f"  {name:<18} {rate:>9.1f} tokens/s" + (f"  ({rel:.2f}x dense)" if rel else "")
-            )
+            line = f"  {name:<18} {rate:>9.1f} tokens/s" + (f" ({rel:.2f}x dense)" if rel else "")
+            if name in steps:
+                step_rel = dec["step_vs_dense"].get(name)
+                line += f"; steps alone {steps[name]:>9.1f} tokens/s" + (
+                    f" ({step_rel:.2f}x dense)" if step_rel else ""
+                )
+            lines.append(line)
     lines.append(f"peak RSS {report['memory']['peak_rss_mib']:.0f} MiB")
     for name, t in report["targets"].items():
         verdict = "met" if t["met"] else "MISSED"

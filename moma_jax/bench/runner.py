@@ -213,9 +213,10 @@ def phase_decode(
     """Phase 3: KV-cached generation per architecture at batch 1 and 8 (`bench/decode.py`)."""
     vocab = decode.vocab_of(archs[DENSE])  # every architecture trains on the same data
     fns = {
-        f"{name}/b{rows}": decode.decode_fn(cfg, vocab, batch_np["tokens"], rows)
+        f"{name}/b{rows}{suffix}": make(cfg, vocab, batch_np["tokens"], rows)
         for name, cfg in archs.items()
         for rows in decode.BATCHES
+        for suffix, make in (("", decode.decode_fn), (decode.STEPS, decode.steps_fn))
     }
     log(f"phase 3, {plan.rounds} rounds of: {', '.join(fns)}")
     return decode.decode_report(interleave(fns, plan.rounds, plan.warmup, seed=2), DENSE)

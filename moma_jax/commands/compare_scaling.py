@@ -53,6 +53,12 @@ def scaling(
     return out
 
 
+def _by_seed(per_budget: list[list[float]]) -> list[list[float]]:
+    """A row per seed (the seeds every budget has), a column per budget."""
+    seeds = min(len(values) for values in per_budget)
+    return [[values[s] for values in per_budget] for s in range(seeds)]
+
+
 def _seed_fits(dense: str, budgets: list[float], reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Per architecture, the law through each seed's own budgets (`scaling.seed_fits`; the
     seeds every budget has) and, beside dense's, its exponent minus dense's paired by seed
@@ -64,9 +70,7 @@ def _seed_fits(dense: str, budgets: list[float], reports: list[dict[str, Any]]) 
         if any(exp not in r["experiments"] for r in reports):
             continue
         entries = [r["experiments"][exp] for r in reports]
-        finals = [e["overall"]["final_heldout_loss"]["per_seed"] for e in entries]
-        seeds = min(len(f) for f in finals)
-        losses_SxB = [[f[s] for f in finals] for s in range(seeds)]
+        losses_SxB = _by_seed([e["overall"]["final_heldout_loss"]["per_seed"] for e in entries])
         try:
             out[exp] = seed_fits([e["total_flops"] for e in entries], losses_SxB)
         except (ValueError, RuntimeError) as err:  # no convergence
@@ -94,11 +98,9 @@ def _trends(
             continue
         out[exp] = {}
         for m in TREND_MODALITIES:
-            per_budget = [
-                r["experiments"][exp][m]["loss_diff_vs_dense"]["per_seed"] for r in reports
-            ]
-            seeds = min(len(p) for p in per_budget)
-            gaps_SxB = [[p[s] for p in per_budget] for s in range(seeds)]
+            gaps_SxB = _by_seed(
+                [r["experiments"][exp][m]["loss_diff_vs_dense"]["per_seed"] for r in reports]
+            )
             slopes = gap_slopes(budgets, gaps_SxB).tolist()
             out[exp][m] = {"per_seed": slopes, **t_interval(slopes).to_json()}
     return out
