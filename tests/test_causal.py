@@ -47,17 +47,24 @@ ARCHS = {
     "mamba": (("mamba",), SparseConfig()),  # a recurrent state instead of a KV cache
     "mom": (("mom",), SparseConfig()),
     "moe_mamba": (("mamba_moe",), EC),
+    # DeepSeekMoE's form inside MoMa's groups: a take-all shared expert beside routed ones
+    "moma_shared": (("moe",), SparseConfig(group_experts=(4, 4), granularity=2, shared_experts=1)),
+    "mod_mot": (("mod_mot", "mot"), SparseConfig()),
+    "mixed": (("mot", "moe", "mom", "dense"), EC),  # every kind of decode-sliced weight at once
 }
 B, L = 2, 64
 
 
-def _model(arch: str, aux: str = "joint") -> Transformer:
+def _model(arch: str, aux: str = "joint", units: int = 0) -> Transformer:
+    """A small model of `arch`: 2 layers, or one unit of its pattern where that is longer;
+    `units` repeats of the pattern where given."""
     pattern, moe = ARCHS[arch]
+    n_layers = len(pattern) * units if units else max(2, len(pattern))
     moe = SparseConfig(
         **{**moe.__dict__, "routing_group_tokens": 64, "modality_shares": (0.7, 0.3)}
     )
     cfg = ModelConfig(
-        vocab_size=48, d_model=32, n_layers=2, n_heads=2, layer_pattern=pattern, moe=moe,
+        vocab_size=48, d_model=32, n_layers=n_layers, n_heads=2, layer_pattern=pattern, moe=moe,
         aux_routers=aux,
     )  # fmt: skip
     return Transformer(cfg, rngs=nnx.Rngs(0))
@@ -130,7 +137,7 @@ def test_causal_routing_without_aux_routers_is_refused():
 @pytest.mark.parametrize(
     "arch",
     ["dense", "moma_4t4i", "moe_8x", "mot", "mod_moma_4t4i", "switch_8x_bpr", "mamba", "mom",
-     "moe_mamba"],
+     "moe_mamba", "moma_shared", "mod_mot", "mixed"],
 )  # fmt: skip
 def test_cached_decoding_matches_the_full_forward_pass(arch):
     """A prompt, then 32 tokens one at a time through the KV cache (sampled from the cached
@@ -153,12 +160,15 @@ def test_cached_decoding_matches_the_full_forward_pass(arch):
     assert len(set(tokens[len(prompt) :])) > 1  # a real sequence, not one token repeated
 
 
-@pytest.mark.parametrize("arch", ["moma_4t4i", "mod_moma_4t4i", "mot", "mom"])
+@pytest.mark.parametrize(
+    "arch", ["moma_4t4i", "mod_moma_4t4i", "mot", "mom", "moma_shared", "mixed"]
+)
 def test_one_token_steps_read_expert_weights_from_the_unit_stack(arch, monkeypatch):
     """In a one-token decode step every expert (or modality) loop gets its weights still
-    stacked over the layer units with the unit's index (`Context.unit`), so it reads only the
-    chosen slices; the prompt (many tokens) gets each layer's own weights. Equality with the
-    full forward pass is the test above."""
+    stacked over the layer units (3 units: not the 2 modalities nor 4 experts, so a layer's
+    own [M or E, ...] weights cannot pass for a stack) with the unit's index (`Context.unit`),
+    so it reads only the chosen slices; the prompt (many tokens) gets each layer's own
+    weights. Equality with the full forward pass is the test above."""
     from moma_jax.model import grouped
 
     seen, run = [], grouped.chosen_experts_apply
@@ -168,15 +178,15 @@ def test_one_token_steps_read_expert_weights_from_the_unit_stack(arch, monkeypat
         return run(fn, x, dispatch, weights, unit)
 
     monkeypatch.setattr(grouped, "chosen_experts_apply", spy)
-    model = _model(arch)
+    model = _model(arch, units=3)
     decoder = Decoder(model, VOCAB, 16)
     decoder.feed([40, 1, 2])
     assert not seen  # the prompt runs the batched paths on each layer's own weights
     decoder.feed([3])
     assert seen and all(stacked for stacked, _ in seen)
     # [U, E or M, ...]: a layer's own weights [E or M, ...] with the units axis in front
-    units = model.cfg.n_units
-    assert all(s[0] == units and len(s) >= 3 for _, shapes in seen for s in shapes)
+    assert model.cfg.n_units == 3
+    assert all(s[0] == 3 and len(s) >= 3 for _, shapes in seen for s in shapes)
 
 
 def test_cache_needs_causal_routing():

@@ -129,11 +129,12 @@ class MambaMixer(nnx.Module):
         (`mot.by_modality`: only that modality's rows are computed); float32."""
         dt = self.compute_dtype
         if self.untied:  # [(U,) M, X, Y]: stacked over the units in a decode step (Context.unit)
-            ws = [w[...] for w in weights]
+            decoding = ctx.decode_step(x_BxLxX.shape[1])
+            # decoding casts each chosen slice as it reads it; training casts first, as always
+            ws = [w[...] if decoding else w[...].astype(dt) for w in weights]
             lead = 2 if ctx.unit is None else 3
             ws[0] = ws[0].reshape(*ws[0].shape[:lead], -1)
             fn = _affine if len(ws) == 2 else _linear
-            decoding = ctx.decode_step(x_BxLxX.shape[1])
             x = x_BxLxX.astype(dt)
             return by_modality(fn, x, ctx.modality, tuple(ws), self.cfg, decoding, ctx.unit)
         ws = [w[...].astype(dt) for w in weights]

@@ -76,13 +76,17 @@ def by_modality(
         y_present, _ = grouped.chosen_experts_apply(fn, x_1xNxX, stacked, weights_M, unit)
         return y_present.reshape(b, length, -1)
     shares = cfg.moe.modality_shares
+    # Cast whole, then slice: the order the training graph has always had (a slice cast after
+    # slicing gives the same forward pass, but bf16 gradients that differ in their last bits
+    # under XLA's excess precision).
+    weights_M = tuple(w.astype(x_BxLxX.dtype) for w in weights_M)
     y_1xNxY = None
     for m in range(N_MODALITIES):
         dispatch, _ = routing.take_all(modality_N == m, n)
         dispatch = Dispatch(*(a[None] for a in dispatch))  # one routing group: [1, 1, N]
         expected = round(n * shares[m]) if shares else 0
         first, slab = cfg.moe.slab_plan(expected, n, 1)
-        weights = tuple(w[m : m + 1].astype(x_BxLxX.dtype) for w in weights_M)
+        weights = tuple(w[m : m + 1] for w in weights_M)
         y, _ = grouped.slab_apply(fn, x_1xNxX, dispatch, weights, first, slab)
         y_1xNxY = y if y_1xNxY is None else y_1xNxY + y
     assert y_1xNxY is not None
