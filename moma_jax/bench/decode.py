@@ -97,25 +97,19 @@ STEPS = "/steps"  # the suffix of `steps_fn`'s samples: "arch/bB/steps"
 def decode_report(samples: dict[str, list[Any]], dense: str) -> dict[str, Any]:
     """tokens/s per "arch/bB" (median; the prompt counted) and, from the "arch/bB/steps"
     samples, per one-token step alone; each against dense at the same batch."""
+    rate = {}
+    for name, v in samples.items():
+        rows = int(name.removesuffix(STEPS).rsplit("/b", 1)[1])
+        rate[name] = NEW * rows / float(np.median([s.wall_s for s in v]))
+    # "arch/bB[/steps]" against "dense/bB[/steps]"
+    vs = {n: r / rate[f"{dense}/{n.split('/', 1)[1]}"] for n, r in rate.items()
+          if not n.startswith(f"{dense}/")}  # fmt: skip
 
-    def rates(names: list[str], suffix: str) -> tuple[dict[str, float], dict[str, float]]:
-        rate = {}
-        for name in names:
-            rows = int(name.removesuffix(suffix).rsplit("/b", 1)[1])
-            rate[name] = NEW * rows / float(np.median([s.wall_s for s in samples[name]]))
-        vs = {
-            name: r / rate[f"{dense}/b{name.removesuffix(suffix).rsplit('/b', 1)[1]}{suffix}"]
-            for name, r in rate.items()
-            if not name.startswith(f"{dense}/")
-        }
-        return rate, vs
+    def part(d: dict[str, float], steps: bool) -> dict[str, float]:
+        return {n.removesuffix(STEPS): r for n, r in d.items() if n.endswith(STEPS) == steps}
 
-    steps = [n for n in samples if n.endswith(STEPS)]
-    rate, vs_dense = rates([n for n in samples if not n.endswith(STEPS)], "")
-    out = {"prompt": PROMPT, "new_tokens": NEW, "tokens_per_s": rate, "vs_dense": vs_dense}
-    if steps:
-        step_rate, step_vs = rates(steps, STEPS)
-        strip = {n: n.removesuffix(STEPS) for n in steps}
-        out["step_tokens_per_s"] = {strip[n]: r for n, r in step_rate.items()}
-        out["step_vs_dense"] = {strip[n]: r for n, r in step_vs.items()}
+    out = {"prompt": PROMPT, "new_tokens": NEW,
+           "tokens_per_s": part(rate, False), "vs_dense": part(vs, False)}  # fmt: skip
+    if any(n.endswith(STEPS) for n in samples):
+        out["step_tokens_per_s"], out["step_vs_dense"] = part(rate, True), part(vs, True)
     return out
