@@ -103,7 +103,8 @@ def test_threshold_dispatch_against_numpy():
         assert np.all(np.asarray(dsp.gate_ExC[e])[n:] == 0)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+# "mixed" only combines kinds checked one by one here (its 4-layer compile cost 22 s of CI)
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"mixed"}))
 def test_causal_routing_never_sees_the_future(arch):
     """Only the tokens after t change; the outputs at positions <= t must not move at all."""
     model, batch, t = _model(arch), _batch(), L // 2
