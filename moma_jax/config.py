@@ -268,6 +268,9 @@ RESUME_SAFE_KEYS = frozenset(
         "run.keep_last",
         "run.keep_every",
         "run.async_checkpoint",
+        # Read only when a run starts fresh (its state then comes from the checkpoint): a suite
+        # whose root moved, or a run copied from another suite, resumes with its new path.
+        "run.init_from",
         # The mesh changes where the step runs, not what it computes (up to float rounding of
         # reductions split differently): a checkpoint restores onto any mesh (resharded).
         "mesh.data",

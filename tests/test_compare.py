@@ -1,7 +1,9 @@
 """compare.py end to end: a 2-experiment, 1-seed suite at the test shape trains, a killed suite
 resumes where it stopped, and the report holds eta for every modality."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +110,36 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
         f.write('{"step": 99, "lo')
     assert main(report_only) == 0
     assert "skipping a torn last line" in capsys.readouterr().err
+
+    # Another suite under the root with some of the same runs copies them instead of training:
+    # the aux stage too (its source is the copied run), and the copies resume as its own runs
+    # although their saved run.init_from names the first suite's run (read only at a start).
+    reused = Suite("test_reuse", pair.experiments[::2], 1, KEYS, aux_stages=True)
+    reuse_suite = register_suite(reused)
+    try:
+        monkeypatch.setattr(moma_jax.train, "train", _no_training)
+        assert main(["--suite", "test_reuse", "--root", str(tmp_path)]) == 0
+        for run in ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny"):
+            here, there = (tmp_path / s / run / "seed0" for s in ("test_reuse", "test_pair"))
+            source = json.loads((here / "reused_from.json").read_text())["source"]
+            assert Path(source) == there.resolve()
+            assert (here / "metrics.jsonl").read_text() == (there / "metrics.jsonl").read_text()
+        again = json.loads((tmp_path / "test_reuse" / "report.json").read_text())
+        for m in ("overall", "text", "image"):
+            ours = again["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
+            assert ours == rep["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
+        monkeypatch.setattr(moma_jax.train, "train", real_train)
+        assert main(["--suite", "test_reuse", "--root", str(tmp_path)]) == 0
+        # A changed key, or --no-reuse: trained (the first run's training is where it stops).
+        monkeypatch.setattr(moma_jax.train, "train", _no_training)
+        SUITES["test_fresh"] = dataclasses.replace(reuse_suite, name="test_fresh")
+        for extra in (["--set", "optim.peak_lr=0.002"], ["--no-reuse"]):
+            with pytest.raises(_TrainCalledError, match="dense_tiny"):
+                main(["--suite", "test_fresh", "--root", str(tmp_path), *extra])
+        assert not (tmp_path / "test_fresh" / "dense_tiny").exists()
+    finally:
+        SUITES.pop(reuse_suite.name)
+        SUITES.pop("test_fresh", None)
 
 
 def test_unknown_suite_lists_the_close_ones():
@@ -223,3 +255,11 @@ def test_an_upstream_outside_the_suite_or_fraction_is_refused():
     with pytest.raises(ConfigError, match="fraction in"):
         register_suite(Suite("test_bad", ("dense_tiny", "moma_4t4i_tiny"), 1, upstream=bad))
     assert "test_bad" not in SUITES
+
+
+class _TrainCalledError(Exception):
+    pass
+
+
+def _no_training(cfg, workdir, *a):
+    raise _TrainCalledError(cfg.name)

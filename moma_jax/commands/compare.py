@@ -26,7 +26,7 @@ from moma_jax.commands.compare_markdown import markdown
 from moma_jax.commands.compare_plots import plots
 from moma_jax.commands.compare_report import report, run_dir
 from moma_jax.commands.compare_scaling import write_scaling
-from moma_jax.config import ConfigError
+from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.registry import stage_name
 from moma_jax.runtime import (
@@ -39,6 +39,7 @@ from moma_jax.runtime import (
 from moma_jax.safe_io import write_atomic
 from moma_jax.suites import Suite, get_suite
 from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
+from moma_jax.train.reuse import reuse
 
 
 def seed_keys(seed: int) -> list[str]:
@@ -115,10 +116,17 @@ def source_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
     return run_dir(root, suite, f"{exp}.source", seed)
 
 
-def train_suite(suite: Suite, seeds: int, root: Path, overrides: list[str]) -> None:
+def train_suite(
+    suite: Suite, seeds: int, root: Path, overrides: list[str], reuse_runs: bool = True
+) -> None:
     """Trains every (experiment, seed) of the suite to its schedule's end; finished runs are
-    skipped and partial ones resume from their checkpoints."""
-    from moma_jax.train import train
+    skipped, partial ones resume from their checkpoints, and with `reuse_runs` a run another
+    suite under `root` finished with the same config is copied (`train.reuse`)."""
+    from moma_jax import train as training
+
+    def train(cfg: ExperimentConfig, workdir: Path) -> None:
+        if not (reuse_runs and reuse(root, workdir, cfg)):
+            training.train(cfg, workdir)
 
     for seed in range(seeds):
         for exp in suite.experiments:
@@ -203,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a budget suite: train and report only tokens-per-parameter budget B (repeatable; "
         "the scaling report lists the others as missing)",
     )
+    p.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="train every run here, even one another suite under --root finished with the "
+        "same experiment, seed and config (by default it is copied)",
+    )
     add_set_arg(p, "change every run of the suite (e.g. optim.total_steps=100)")
     add_experiments_module_arg(p)
     args = p.parse_args(argv)
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report_only:
                 enable_compilation_cache()
                 for part in parts:
-                    train_suite(part, seeds, root, list(args.overrides))
+                    train_suite(part, seeds, root, list(args.overrides), not args.no_reuse)
             if suite.tokens_per_param and args.report_only:
                 parts, reps, budgets = _reportable(suite, parts, chosen, seeds, root)
             else:
