@@ -114,22 +114,22 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     # Another suite under the root with some of the same runs copies them instead of training:
     # the aux stage too (its source is the copied run), and the copies resume as its own runs
     # although their saved run.init_from names the first suite's run (read only at a start).
-    reused = Suite("test_reuse", pair.experiments[::2], 1, KEYS, aux_stages=True)
+    reused = Suite("test_copy", pair.experiments[::2], 1, KEYS, aux_stages=True)
     reuse_suite = register_suite(reused)
     try:
         monkeypatch.setattr(moma_jax.train, "train", _no_training)
-        assert main(["--suite", "test_reuse", "--root", str(tmp_path)]) == 0
+        assert main(["--suite", "test_copy", "--root", str(tmp_path)]) == 0
         for run in ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny"):
-            here, there = (tmp_path / s / run / "seed0" for s in ("test_reuse", "test_pair"))
+            here, there = (tmp_path / s / run / "seed0" for s in ("test_copy", "test_pair"))
             source = json.loads((here / "reused_from.json").read_text())["source"]
             assert Path(source) == there.resolve()
             assert (here / "metrics.jsonl").read_text() == (there / "metrics.jsonl").read_text()
-        again = json.loads((tmp_path / "test_reuse" / "report.json").read_text())
+        again = json.loads((tmp_path / "test_copy" / "report.json").read_text())
         for m in ("overall", "text", "image"):
             ours = again["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
             assert ours == rep["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
         monkeypatch.setattr(moma_jax.train, "train", real_train)
-        assert main(["--suite", "test_reuse", "--root", str(tmp_path)]) == 0
+        assert main(["--suite", "test_copy", "--root", str(tmp_path)]) == 0
         # A changed key, or --no-reuse: trained (the first run's training is where it stops).
         monkeypatch.setattr(moma_jax.train, "train", _no_training)
         SUITES["test_fresh"] = dataclasses.replace(reuse_suite, name="test_fresh")
@@ -137,6 +137,10 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
             with pytest.raises(_TrainCalledError, match="dense_tiny"):
                 main(["--suite", "test_fresh", "--root", str(tmp_path), *extra])
         assert not (tmp_path / "test_fresh" / "dense_tiny").exists()
+        # Copies of copies (test_copy sorts first): the stage's source is still the same run.
+        assert main(["--suite", "test_fresh", "--root", str(tmp_path)]) == 0
+        stage = tmp_path / "test_fresh" / "moe_8x_aux_tiny" / "seed0"
+        assert "test_copy" in (stage / "reused_from.json").read_text()
     finally:
         SUITES.pop(reuse_suite.name)
         SUITES.pop("test_fresh", None)

@@ -5,8 +5,9 @@ causal_routers_tiny share their dense and moma runs this way.
 
 - A twin is ROOT/OTHER_SUITE/EXPERIMENT/seedS (or a budget's ROOT/SUITE/tppB/...) whose saved
   config equals the run's in every key that changes what it computes (`resume_conflicts`) and
-  whose `run.init_from`, where set, names the same run or the run the one named here was copied
-  from; finished means a committed checkpoint at `optim.total_steps` and metrics up to it.
+  whose `run.init_from`, where set, names the same run or a copy of it (`reused_from.json`
+  followed back); finished means a committed checkpoint at `optim.total_steps` and metrics up
+  to it.
 - Only a run whose directory does not exist yet is filled: the twin's run files are copied
   into a temporary folder beside it, under the twin's lock, then renamed into place, so a
   killed copy leaves no half run. `reused_from.json` records the twin. Nothing of the twin is
@@ -43,14 +44,22 @@ def reused_from(workdir: Path) -> Path | None:
         return None
 
 
+def _origin(run: str) -> Path:
+    """The run a workdir's run was first trained in: `reused_from.json` followed back."""
+    path = Path(run).resolve()
+    for _ in range(100):  # a chain of copies; a (hand-made) cycle stops somewhere
+        source = reused_from(path)
+        if source is None:
+            break
+        path = source.resolve()
+    return path
+
+
 def _same_source(ours: str, theirs: str) -> bool:
-    """Two `run.init_from` values name the same run: equal, or ours was copied from theirs."""
+    """Two `run.init_from` values name the same run: equal, or copies of one run."""
     if ours == theirs:
         return True
-    if not ours or not theirs:
-        return False
-    origin = reused_from(Path(ours))
-    return origin is not None and origin.resolve() == Path(theirs).resolve()
+    return bool(ours and theirs) and _origin(ours) == _origin(theirs)
 
 
 def _finished(workdir: Path, cfg: ExperimentConfig) -> bool:
