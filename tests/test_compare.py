@@ -3,6 +3,7 @@ resumes where it stopped, and the report holds eta for every modality."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import moma_jax.train
 from moma_jax.commands.compare import main
 from moma_jax.suites import SUITES, Suite, get_suite, register_suite
 from moma_jax.train.faults import WorkdirLock
+from moma_jax.train.metrics import logged_steps
 
 KEYS = (
     *SMALL_KEYS,
@@ -112,38 +114,70 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert "skipping a torn last line" in capsys.readouterr().err
 
     # Another suite under the root with some of the same runs copies them instead of training:
-    # the aux stage too (its source is the copied run), and the copies resume as its own runs
-    # although their saved run.init_from names the first suite's run (read only at a start).
+    # the aux stage too (its source is the copied run). Each copy then goes through train, which
+    # verifies it and trains nothing (its saved run.init_from names the first suite's run, read
+    # only at a start).
     reused = Suite("test_copy", pair.experiments[::2], 1, KEYS, aux_stages=True)
-    reuse_suite = register_suite(reused)
+    register_suite(reused)
+    for name in ("test_fresh", "test_hand"):
+        SUITES[name] = dataclasses.replace(reused, name=name)
+    runs = ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny")
+    copied = []
+
+    def only_resume(cfg, workdir, *a):  # a run without its last checkpoint would train
+        if not (workdir / "checkpoints" / str(cfg.optim.total_steps)).is_dir():
+            raise _TrainCalledError(cfg.name)
+        copied.append(cfg.name)
+        return real_train(cfg, workdir, *a)
+
+    monkeypatch.setattr(moma_jax.train, "train", only_resume)
     try:
-        monkeypatch.setattr(moma_jax.train, "train", _no_training)
         assert main(["--suite", "test_copy", "--root", str(tmp_path)]) == 0
-        for run in ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny"):
+        assert copied == list(runs)
+        for run in runs:
             here, there = (tmp_path / s / run / "seed0" for s in ("test_copy", "test_pair"))
             source = json.loads((here / "reused_from.json").read_text())["source"]
             assert Path(source) == there.resolve()
-            assert (here / "metrics.jsonl").read_text() == (there / "metrics.jsonl").read_text()
+            assert logged_steps(here / "metrics.jsonl") == logged_steps(there / "metrics.jsonl")
         again = json.loads((tmp_path / "test_copy" / "report.json").read_text())
         for m in ("overall", "text", "image"):
             ours = again["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
             assert ours == rep["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
-        monkeypatch.setattr(moma_jax.train, "train", real_train)
-        assert main(["--suite", "test_copy", "--root", str(tmp_path)]) == 0
-        # A changed key, or --no-reuse: trained (the first run's training is where it stops).
-        monkeypatch.setattr(moma_jax.train, "train", _no_training)
-        SUITES["test_fresh"] = dataclasses.replace(reuse_suite, name="test_fresh")
+        # A changed key, --no-reuse, or a copy that fails: trained (where `only_resume` stops).
+        fresh = ["--suite", "test_fresh", "--root", str(tmp_path)]
         for extra in (["--set", "optim.peak_lr=0.002"], ["--no-reuse"]):
             with pytest.raises(_TrainCalledError, match="dense_tiny"):
-                main(["--suite", "test_fresh", "--root", str(tmp_path), *extra])
-        assert not (tmp_path / "test_fresh" / "dense_tiny").exists()
-        # Copies of copies (test_copy sorts first): the stage's source is still the same run.
-        assert main(["--suite", "test_fresh", "--root", str(tmp_path)]) == 0
-        stage = tmp_path / "test_fresh" / "moe_8x_aux_tiny" / "seed0"
-        assert "test_copy" in (stage / "reused_from.json").read_text()
+                main([*fresh, *extra])
+
+        def disk_full(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as m:
+            m.setattr(shutil, "copy2", disk_full)
+            with pytest.raises(_TrainCalledError, match="dense_tiny"):
+                main(fresh)
+        assert not any((tmp_path / "test_fresh" / "dense_tiny").iterdir())  # no half copy
+        # The stage of a run trained on its own (here: copied by hand) is trained, not copied
+        # from a stage of another run with the same config.
+        hand = tmp_path / "test_hand" / "moe_8x_tiny" / "seed0"
+        shutil.copytree(tmp_path / "test_pair" / "moe_8x_tiny" / "seed0", hand)
+        with pytest.raises(_TrainCalledError, match="moe_8x_aux_tiny"):
+            main(["--suite", "test_hand", "--root", str(tmp_path)])
+        # Copies of copies (test_copy sorts before test_pair), past an unfinished one that
+        # sorts first: the stage's source is still the same run.
+        partial = tmp_path / "test_a_partial" / "moe_8x_tiny" / "seed0"
+        shutil.copytree(tmp_path / "test_pair" / "moe_8x_tiny" / "seed0", partial)
+        shutil.rmtree(partial / "checkpoints" / "20")
+        copied.clear()
+        assert main(fresh) == 0
+        assert copied == list(runs)
+        for run in runs[1:]:
+            origin = tmp_path / "test_copy" / run / "seed0"
+            record = tmp_path / "test_fresh" / run / "seed0" / "reused_from.json"
+            assert Path(json.loads(record.read_text())["source"]) == origin.resolve()
     finally:
-        SUITES.pop(reuse_suite.name)
-        SUITES.pop("test_fresh", None)
+        for name in ("test_copy", "test_fresh", "test_hand"):
+            SUITES.pop(name)
 
 
 def test_unknown_suite_lists_the_close_ones():

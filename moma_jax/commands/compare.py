@@ -125,8 +125,9 @@ def train_suite(
     from moma_jax import train as training
 
     def train(cfg: ExperimentConfig, workdir: Path) -> None:
-        if not (reuse_runs and reuse(root, workdir, cfg)):
-            training.train(cfg, workdir)
+        if reuse_runs:
+            reuse(root, workdir, cfg)
+        training.train(cfg, workdir)  # a copy resumes at its last step: verified, not trained
 
     for seed in range(seeds):
         for exp in suite.experiments:

@@ -219,6 +219,13 @@ class RunCheckpoints:
         except (OSError, ValueError) as e:
             raise CheckpointDamagedError(step, f"its {item} is unreadable: {e}") from None
 
+    def manifest(self, step: int) -> dict[str, Any]:
+        """The data manifest saved in checkpoint `step` (the data its state was trained on)."""
+        saved = self._json(step, "manifest")
+        if not isinstance(saved, dict):
+            raise CheckpointDamagedError(step, "its manifest is not a JSON object")
+        return saved
+
     def config(self, step: int) -> ExperimentConfig:
         """The config saved in checkpoint `step` (what its state was trained with)."""
         saved = self._json(step, "config")

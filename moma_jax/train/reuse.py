@@ -3,15 +3,17 @@ trained to the end, with the same experiment, seed and config, is copied instead
 again (`compare.py --no-reuse` trains everything). paper_tiny, expert_split_tiny and
 causal_routers_tiny share their dense and moma runs this way.
 
-- A twin is ROOT/OTHER_SUITE/EXPERIMENT/seedS (or a budget's ROOT/SUITE/tppB/...) whose saved
-  config equals the run's in every key that changes what it computes (`resume_conflicts`) and
-  whose `run.init_from`, where set, names the same run or a copy of it (`reused_from.json`
-  followed back); finished means a committed checkpoint at `optim.total_steps` and metrics up
-  to it.
+- A twin is ROOT/OTHER_SUITE/EXPERIMENT/seedS (or a budget's ROOT/SUITE/tppB/...) with the same
+  experiment and config (keys outside `_MAY_DIFFER`) in its config.json and its last
+  checkpoint, on the same data (the manifest saved with that checkpoint), finished (a committed
+  checkpoint at `optim.total_steps`, metrics up to it) and, where the run starts from another
+  (`run.init_from`: an aux stage, an upcycled run), started from that run at its last step or
+  from a copy of it (`init_from.json`, `reused_from.json` followed back).
 - Only a run whose directory does not exist yet is filled: the twin's run files are copied
   into a temporary folder beside it, under the twin's lock, then renamed into place, so a
-  killed copy leaves no half run. `reused_from.json` records the twin. Nothing of the twin is
-  changed, and the copy is a run of its own from then on.
+  killed copy leaves no half run (its folder is named at the next copy). `reused_from.json`
+  records the twin. Nothing of the twin is changed, and the copy is a run of its own from then
+  on: `compare.py` resumes it at once (its checkpoint verified, nothing trained).
 
 The copied run is the twin's, trained by the code of its time, like any run a suite resumes.
 """
@@ -22,18 +24,29 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import jax
+
+from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.overrides import resume_conflicts
+from moma_jax.overrides import config_diff
 from moma_jax.runtime import resolve_shares
-from moma_jax.train.checkpoint import committed_steps
+from moma_jax.train.checkpoint import CheckpointDamagedError, RunCheckpoints, committed_steps
 from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
 from moma_jax.train.metrics import logged_steps
-from moma_jax.train.workdir import RUN_FILES, Workdir
+from moma_jax.train.workdir import REUSED_FROM, RUN_FILES, Workdir
 
-REUSED_FROM = "reused_from.json"
+# Keys a copy may differ in: none changes a number the run computed or the report reads (log
+# and evaluation cadence, held-out batches, mesh and compile keys all must match). The source of
+# an init_from run is matched on its own (`_same_source`).
+_MAY_DIFFER = frozenset(
+    {"description", "run.init_from", "run.async_checkpoint", "run.keep_last", "run.keep_every"}
+)
+# The manifest's field that two preparations of the same data differ in.
+_MANIFEST_CLOCK = "prepare_seconds"
 
 
 def reused_from(workdir: Path) -> Path | None:
@@ -44,7 +57,7 @@ def reused_from(workdir: Path) -> Path | None:
         return None
 
 
-def _origin(run: str) -> Path:
+def _origin(run: str | Path) -> Path:
     """The run a workdir's run was first trained in: `reused_from.json` followed back."""
     path = Path(run).resolve()
     for _ in range(100):  # a chain of copies; a (hand-made) cycle stops somewhere
@@ -55,31 +68,63 @@ def _origin(run: str) -> Path:
     return path
 
 
-def _same_source(ours: str, theirs: str) -> bool:
-    """Two `run.init_from` values name the same run: equal, or copies of one run."""
-    if ours == theirs:
-        return True
-    return bool(ours and theirs) and _origin(ours) == _origin(theirs)
+def _same_source(ours: str, candidate: Path) -> bool:
+    """The candidate started from the same finished run as ours will (`ours`: our
+    `run.init_from`, a finished run here): what its `init_from.json` records (the run and the
+    step it loaded) is that run, or a copy of it, at its last step."""
+    if not ours:
+        return not (candidate / "init_from.json").exists()
+    try:
+        record = json.loads((candidate / "init_from.json").read_text())
+        source_cfg = Workdir(Path(ours)).read_config()
+    except (OSError, ValueError, ConfigError):
+        return False
+    if source_cfg is None or record.get("source_step") != source_cfg.optim.total_steps:
+        return False
+    return _origin(str(record.get("source", ""))) == _origin(ours)
 
 
-def _finished(workdir: Path, cfg: ExperimentConfig) -> bool:
-    steps = committed_steps(workdir / "checkpoints")
-    logged = logged_steps(workdir / "metrics.jsonl")
-    end = cfg.optim.total_steps
-    return bool(steps) and steps[-1] == end and bool(logged) and max(logged) >= end
+def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig) -> bool:
+    """The candidate trained on the data `cfg` names here (the manifest saved with its last
+    step), with as many processes where that sets the batch order (`data.streams=0`)."""
+    try:
+        saved = dict(ckpts.manifest(step))
+    except CheckpointDamagedError:
+        return False
+    here = dict(data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None)))
+    for m in (saved, here):
+        m.pop(_MANIFEST_CLOCK, None)
+    positions = list((ckpts.directory / str(step) / "data").glob("process_*-of-*.json"))
+    processes = {p.stem.rsplit("-of-", 1)[-1] for p in positions}
+    return saved == here and (cfg.data.streams > 0 or processes == {str(jax.process_count())})
 
 
 def is_twin(candidate: Path, cfg: ExperimentConfig) -> bool:
-    """Whether `candidate` holds a finished run of `cfg` (same experiment, same computation)."""
+    """Whether `candidate` holds a finished run of `cfg`: the same experiment and config (keys
+    outside `_MAY_DIFFER`), in its config.json and in its last checkpoint, the same data, the
+    same source run where it starts from one, a committed checkpoint at `optim.total_steps`
+    and metrics up to it. The checkpoint's state is verified when the copy resumes."""
     if any((candidate / name).is_symlink() for name in RUN_FILES):
         return False
     try:
         saved = Workdir(candidate).read_config()
     except ConfigError:
         return False
-    if saved is None or saved.name != cfg.name or resume_conflicts(saved, cfg):
+    end = cfg.optim.total_steps
+    ckpts = RunCheckpoints(candidate / "checkpoints")
+    if saved is None or saved.name != cfg.name or config_diff(saved, cfg, _MAY_DIFFER.__contains__):
         return False
-    return _same_source(cfg.run.init_from, saved.run.init_from) and _finished(candidate, saved)
+    if committed_steps(ckpts.directory)[-1:] != [end]:
+        return False
+    if max(logged_steps(candidate / "metrics.jsonl"), default=0) < end:
+        return False
+    try:
+        in_checkpoint = ckpts.config(end)
+    except CheckpointDamagedError:
+        return False
+    if config_diff(in_checkpoint, cfg, _MAY_DIFFER.__contains__):
+        return False
+    return _same_data(ckpts, end, cfg) and _same_source(cfg.run.init_from, candidate)
 
 
 def find_twin(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
@@ -93,39 +138,45 @@ def find_twin(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
         for candidate in sorted(Path(root).glob(pattern))
         if candidate.absolute() != here
     ]
-    if found:
-        cfg = resolve_shares(cfg)  # as training fills them in (and saves them)
+    if not found:
+        return None
+    cfg = resolve_shares(cfg)  # as training fills them in (and saves them)
     return next((c for c in found if is_twin(c, cfg)), None)
 
 
 def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
     """Fills an absent `workdir` with a copy of its twin's run; returns the twin, or None (the
-    run is trained as usual) when it exists already or no twin is free to copy."""
+    run is trained as usual) when it exists already, no twin is free to copy, or the copy
+    fails (said on stderr; nothing of it is left)."""
     if workdir.exists() or workdir.is_symlink():
         return None
-    cfg = resolve_shares(cfg)
     twin = find_twin(root, workdir, cfg)
     if twin is None:
         return None
-    tmp = workdir.parent / f".{workdir.name}.copying-{os.getpid()}"
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in workdir.parent.glob(f".{workdir.name}.copying-*"):
+        print(f"[compare] a copy interrupted earlier was left in {stale}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.copying-", dir=workdir.parent))
     try:
         with WorkdirLock(twin):  # no run writes the twin while it is copied
-            if not is_twin(twin, cfg):
+            if not is_twin(twin, resolve_shares(cfg)):
+                shutil.rmtree(tmp)
                 return None
-            tmp.mkdir(parents=True)
             for name in RUN_FILES:
                 src = twin / name
                 if src.is_dir():
-                    shutil.copytree(src, tmp / name, symlinks=True)
-                elif src.exists():
+                    shutil.copytree(src, tmp / name)
+                elif src.is_file():
                     shutil.copy2(src, tmp / name)
-    except WorkdirBusyError:
+        record = {"source": str(twin.resolve()), "copied": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (tmp / REUSED_FROM).write_text(json.dumps(record) + "\n")
+        os.rename(tmp, workdir)  # one compare.py per root: the name is still free
+    except (WorkdirBusyError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the folder mkdtemp made for us
+        print(f"[compare] {cfg.name}: not copied from {twin} ({e}); training it", file=sys.stderr)
         return None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder only
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    record = {"source": str(twin.resolve()), "copied": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (tmp / REUSED_FROM).write_text(json.dumps(record) + "\n")
-    os.rename(tmp, workdir)  # one compare.py per root: the name is still free
-    print(f"[compare] {cfg.name}: reused the finished run {twin}", file=sys.stderr, flush=True)
+    print(f"[compare] {cfg.name}: copied the finished run {twin}", file=sys.stderr, flush=True)
     return twin

@@ -7,6 +7,7 @@ Layout (a stable on-disk format):
     metrics.jsonl    one JSON object per logged step (see `train.metrics`)
     tensorboard/     TensorBoard event files
     init_from.json   an `--init-from` run's starting tokens and FLOPs
+    reused_from.json the run a suite copied this one from (`train.reuse`)
     previous-runs/   earlier runs moved aside by `--restart`, one folder each, never deleted
 
 A fresh run never starts over an earlier one: `prior_run` says what a start at step 0 would
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +28,11 @@ from moma_jax.safe_io import refuse_symlink, write_atomic
 
 PREVIOUS_RUNS = "previous-runs"
 # What a run writes here, and so what `--restart` moves aside (nothing else is touched).
-RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "init_from.json")
+REUSED_FROM = "reused_from.json"
+RUN_FILES = (
+    *("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "init_from.json"),
+    REUSED_FROM,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +142,13 @@ class Workdir:
                 + "\n  ".join(conflicts)
                 + "\nuse the original --set values, a new --workdir, or --restart (moves the "
                 "earlier run aside into previous-runs/)"
+            )
+        if saved.run.init_from != cfg.run.init_from:  # resume-safe: read only at a start
+            print(
+                f"note: run.init_from {cfg.run.init_from!r} differs from this run's "
+                f"{saved.run.init_from!r}; a resumed run continues from its own checkpoints "
+                f"(init_from.json in {path} records the run it started from)",
+                file=sys.stderr,
             )
 
     def write_config(self, cfg: ExperimentConfig) -> None:
