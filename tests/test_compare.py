@@ -12,7 +12,9 @@ from cli_args import SMALL_KEYS
 
 import moma_jax.train
 from moma_jax.commands.compare import main
+from moma_jax.config import ConfigError
 from moma_jax.suites import SUITES, Suite, get_suite, register_suite
+from moma_jax.train import reuse as reuse_lib
 from moma_jax.train.faults import WorkdirLock
 from moma_jax.train.metrics import logged_steps
 
@@ -119,7 +121,7 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     # only at a start).
     reused = Suite("test_copy", pair.experiments[::2], 1, KEYS, aux_stages=True)
     register_suite(reused)
-    for name in ("test_fresh", "test_hand"):
+    for name in ("test_fresh", "test_hand", "test_step"):
         SUITES[name] = dataclasses.replace(reused, name=name)
     runs = ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny")
     copied = []
@@ -132,7 +134,9 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(moma_jax.train, "train", only_resume)
     try:
+        capsys.readouterr()
         assert main(["--suite", "test_copy", "--root", str(tmp_path)]) == 0
+        assert "note: run.init_from" in capsys.readouterr().err  # the stage's, resumed
         assert copied == list(runs)
         for run in runs:
             here, there = (tmp_path / s / run / "seed0" for s in ("test_copy", "test_pair"))
@@ -143,28 +147,47 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
         for m in ("overall", "text", "image"):
             ours = again["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
             assert ours == rep["experiments"]["moe_8x_tiny"][m]["eta_heldout"]["per_seed"]
-        # A changed key, --no-reuse, or a copy that fails: trained (where `only_resume` stops).
+        # A changed key (held-out batches too), --no-reuse, other data or a copy that fails:
+        # trained (where `only_resume` stops).
         fresh = ["--suite", "test_fresh", "--root", str(tmp_path)]
-        for extra in (["--set", "optim.peak_lr=0.002"], ["--no-reuse"]):
+        for extra in (["--set", "optim.peak_lr=0.002"], ["--set", "run.eval_batches=2"]):
             with pytest.raises(_TrainCalledError, match="dense_tiny"):
                 main([*fresh, *extra])
+        with pytest.raises(_TrainCalledError, match="dense_tiny"):
+            main([*fresh, "--no-reuse"])
+        real_manifest = reuse_lib.data_lib.load_manifest
 
         def disk_full(*a, **k):
             raise OSError(28, "No space left on device")
 
+        def other_data(path):
+            return {**real_manifest(path), "seed": 1}
+
+        for module, name, fake in (
+            (shutil, "copy2", disk_full),
+            (reuse_lib.data_lib, "load_manifest", other_data),
+        ):
+            with monkeypatch.context() as m:
+                m.setattr(module, name, fake)
+                with pytest.raises(_TrainCalledError, match="dense_tiny"):
+                    main(fresh)
+        assert not any((tmp_path / "test_fresh" / "dense_tiny").iterdir())  # no half copy
+        # A copy that does not resume (its checkpoints damaged) is removed and trained.
+        calls = []
+
+        def damaged(cfg, workdir, *a):
+            calls.append(workdir.exists())
+            if len(calls) == 1:
+                raise ConfigError(f"every checkpoint in {workdir} is damaged")
+            raise _TrainCalledError(cfg.name)
+
         with monkeypatch.context() as m:
-            m.setattr(shutil, "copy2", disk_full)
+            m.setattr(moma_jax.train, "train", damaged)
             with pytest.raises(_TrainCalledError, match="dense_tiny"):
                 main(fresh)
-        assert not any((tmp_path / "test_fresh" / "dense_tiny").iterdir())  # no half copy
-        # The stage of a run trained on its own (here: copied by hand) is trained, not copied
-        # from a stage of another run with the same config.
-        hand = tmp_path / "test_hand" / "moe_8x_tiny" / "seed0"
-        shutil.copytree(tmp_path / "test_pair" / "moe_8x_tiny" / "seed0", hand)
-        with pytest.raises(_TrainCalledError, match="moe_8x_aux_tiny"):
-            main(["--suite", "test_hand", "--root", str(tmp_path)])
+        assert calls == [True, False]
         # Copies of copies (test_copy sorts before test_pair), past an unfinished one that
-        # sorts first: the stage's source is still the same run.
+        # sorts first.
         partial = tmp_path / "test_a_partial" / "moe_8x_tiny" / "seed0"
         shutil.copytree(tmp_path / "test_pair" / "moe_8x_tiny" / "seed0", partial)
         shutil.rmtree(partial / "checkpoints" / "20")
@@ -175,8 +198,18 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
             origin = tmp_path / "test_copy" / run / "seed0"
             record = tmp_path / "test_fresh" / run / "seed0" / "reused_from.json"
             assert Path(json.loads(record.read_text())["source"]) == origin.resolve()
+        # An aux stage is copied when its source ended in the same state (here a source copied
+        # by hand), not when the twin stage started from another state of it (step 10).
+        hand = tmp_path / "test_hand" / "moe_8x_tiny" / "seed0"
+        shutil.copytree(tmp_path / "test_pair" / "moe_8x_tiny" / "seed0", hand)
+        assert main(["--suite", "test_hand", "--root", str(tmp_path)]) == 0
+        assert (tmp_path / "test_hand" / "moe_8x_aux_tiny" / "seed0" / "reused_from.json").exists()
+        for record in tmp_path.glob("*/moe_8x_aux_tiny/seed0/init_from.json"):
+            record.write_text(json.dumps({**json.loads(record.read_text()), "source_step": 10}))
+        with pytest.raises(_TrainCalledError, match="moe_8x_aux_tiny"):
+            main(["--suite", "test_step", "--root", str(tmp_path)])
     finally:
-        for name in ("test_copy", "test_fresh", "test_hand"):
+        for name in ("test_copy", "test_fresh", "test_hand", "test_step"):
             SUITES.pop(name)
 
 

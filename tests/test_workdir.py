@@ -79,3 +79,16 @@ def test_upcycling_source_is_a_workdir_checked_with_its_own_allow_list(tmp_path,
     assert load_source(source, schedule) == cfg  # the schedule may change
     with pytest.raises(ConfigError, match="differs in keys that must match:\n  model.d_model"):
         load_source(source, apply_overrides(cfg, ["model.d_model=64"]))
+
+
+def test_restart_moves_every_run_file_and_only_those(tmp_path):
+    for name in ("config.json", "metrics.jsonl", "init_from.json", "reused_from.json", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    moved = Workdir(tmp_path).move_aside()
+    assert moved is not None and moved.parent == tmp_path / "previous-runs"
+    assert sorted(p.name for p in moved.iterdir()) == [
+        "checkpoints", "config.json", "init_from.json", "metrics.jsonl", "reused_from.json"
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "previous-runs"]
+    assert (tmp_path / "notes.txt").read_text() == "notes.txt"

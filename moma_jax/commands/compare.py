@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,15 @@ def train_suite(
     from moma_jax import train as training
 
     def train(cfg: ExperimentConfig, workdir: Path) -> None:
-        if reuse_runs:
-            reuse(root, workdir, cfg)
-        training.train(cfg, workdir)  # a copy resumes at its last step: verified, not trained
+        copied = reuse_runs and reuse(root, workdir, cfg) is not None
+        try:
+            training.train(cfg, workdir)  # a copy resumes at its last step: verified
+        except ConfigError as e:  # a copy whose checkpoints do not restore: ours to remove
+            if not copied:
+                raise
+            print(f"[compare] the copy {workdir} does not resume ({e}); training", file=sys.stderr)
+            shutil.rmtree(workdir)
+            training.train(cfg, workdir)
 
     for seed in range(seeds):
         for exp in suite.experiments:

@@ -226,6 +226,10 @@ class RunCheckpoints:
             raise CheckpointDamagedError(step, "its manifest is not a JSON object")
         return saved
 
+    def state_fingerprint(self, step: int) -> list[int]:
+        """The saved hashes of checkpoint `step`'s state (equal states, equal lists)."""
+        return list(self._fingerprint(step)["state"])
+
     def config(self, step: int) -> ExperimentConfig:
         """The config saved in checkpoint `step` (what its state was trained with)."""
         saved = self._json(step, "config")

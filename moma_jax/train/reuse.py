@@ -1,14 +1,14 @@
 """Runs shared between suites under one --root: a suite's run that another suite there already
 trained to the end, with the same experiment, seed and config, is copied instead of trained
-again (`compare.py --no-reuse` trains everything). paper_tiny, expert_split_tiny and
-causal_routers_tiny share their dense and moma runs this way.
+again (`compare.py --no-reuse` trains everything). paper_tiny, expert_split_tiny,
+causal_routers_tiny and granularity_tiny share their dense and moma runs this way.
 
 - A twin is ROOT/OTHER_SUITE/EXPERIMENT/seedS (or a budget's ROOT/SUITE/tppB/...) with the same
   experiment and config (keys outside `_MAY_DIFFER`) in its config.json and its last
   checkpoint, on the same data (the manifest saved with that checkpoint), finished (a committed
   checkpoint at `optim.total_steps`, metrics up to it) and, where the run starts from another
-  (`run.init_from`: an aux stage, an upcycled run), started from that run at its last step or
-  from a copy of it (`init_from.json`, `reused_from.json` followed back).
+  (`run.init_from`: an aux stage, an upcycled run), started from the state that run ended
+  with (the state fingerprints of the two checkpoints, so a copy of the source matches).
 - Only a run whose directory does not exist yet is filled: the twin's run files are copied
   into a temporary folder beside it, under the twin's lock, then renamed into place, so a
   killed copy leaves no half run (its folder is named at the next copy). `reused_from.json`
@@ -49,39 +49,24 @@ _MAY_DIFFER = frozenset(
 _MANIFEST_CLOCK = "prepare_seconds"
 
 
-def reused_from(workdir: Path) -> Path | None:
-    """The run this workdir's run was copied from (its `reused_from.json`), or None."""
-    try:
-        return Path(json.loads((Path(workdir) / REUSED_FROM).read_text())["source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _origin(run: str | Path) -> Path:
-    """The run a workdir's run was first trained in: `reused_from.json` followed back."""
-    path = Path(run).resolve()
-    for _ in range(100):  # a chain of copies; a (hand-made) cycle stops somewhere
-        source = reused_from(path)
-        if source is None:
-            break
-        path = source.resolve()
-    return path
-
-
 def _same_source(ours: str, candidate: Path) -> bool:
-    """The candidate started from the same finished run as ours will (`ours`: our
-    `run.init_from`, a finished run here): what its `init_from.json` records (the run and the
-    step it loaded) is that run, or a copy of it, at its last step."""
+    """The candidate started from the state our source run (`ours`: our `run.init_from`, a
+    finished run) ended with: its `init_from.json` names a run whose checkpoint at the step it
+    loaded has the same state fingerprint as ours at its last step (content, not paths: a copy
+    or a hand-copied source matches, a source retrained since does not)."""
     if not ours:
         return not (candidate / "init_from.json").exists()
     try:
         record = json.loads((candidate / "init_from.json").read_text())
         source_cfg = Workdir(Path(ours)).read_config()
-    except (OSError, ValueError, ConfigError):
+        if not isinstance(record, dict) or source_cfg is None:
+            return False
+        theirs = RunCheckpoints(Path(str(record["source"])) / "checkpoints")
+        mine = RunCheckpoints(Path(ours) / "checkpoints")
+        end = source_cfg.optim.total_steps
+        return theirs.state_fingerprint(int(record["source_step"])) == mine.state_fingerprint(end)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError, CheckpointDamagedError):
         return False
-    if source_cfg is None or record.get("source_step") != source_cfg.optim.total_steps:
-        return False
-    return _origin(str(record.get("source", ""))) == _origin(ours)
 
 
 def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig) -> bool:
@@ -102,8 +87,16 @@ def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig) -> bool:
 def is_twin(candidate: Path, cfg: ExperimentConfig) -> bool:
     """Whether `candidate` holds a finished run of `cfg`: the same experiment and config (keys
     outside `_MAY_DIFFER`), in its config.json and in its last checkpoint, the same data, the
-    same source run where it starts from one, a committed checkpoint at `optim.total_steps`
-    and metrics up to it. The checkpoint's state is verified when the copy resumes."""
+    same source state where it starts from one, a committed checkpoint at `optim.total_steps`
+    and metrics up to it. The checkpoint's state is verified when the copy resumes. A candidate
+    this process cannot read is not a twin."""
+    try:
+        return _is_twin(candidate, cfg)
+    except OSError:
+        return False
+
+
+def _is_twin(candidate: Path, cfg: ExperimentConfig) -> bool:
     if any((candidate / name).is_symlink() for name in RUN_FILES):
         return False
     try:
@@ -153,11 +146,15 @@ def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
     twin = find_twin(root, workdir, cfg)
     if twin is None:
         return None
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in workdir.parent.glob(f".{workdir.name}.copying-*"):
-        print(f"[compare] a copy interrupted earlier was left in {stale}", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.copying-", dir=workdir.parent))
+    tmp: Path | None = None
     try:
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in workdir.parent.glob(f".{workdir.name}.copying-*"):
+            print(f"[compare] a copy interrupted earlier was left in {stale}", file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.copying-", dir=workdir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # as a directory the run would make (mkdtemp's is 0700)
         with WorkdirLock(twin):  # no run writes the twin while it is copied
             if not is_twin(twin, resolve_shares(cfg)):
                 shutil.rmtree(tmp)
@@ -172,11 +169,13 @@ def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
         (tmp / REUSED_FROM).write_text(json.dumps(record) + "\n")
         os.rename(tmp, workdir)  # one compare.py per root: the name is still free
     except (WorkdirBusyError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # the folder mkdtemp made for us
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the folder mkdtemp made for us
         print(f"[compare] {cfg.name}: not copied from {twin} ({e}); training it", file=sys.stderr)
         return None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"[compare] {cfg.name}: copied the finished run {twin}", file=sys.stderr, flush=True)
     return twin
