@@ -329,7 +329,7 @@ def test_an_upstream_outside_the_suite_or_fraction_is_refused():
 
 
 class _TrainCalledError(Exception):
-    pass
+    """`compare.py` asked to train a run the test expected to be copied or resumed."""
 
 
 def _no_training(cfg, workdir, *a):

@@ -230,6 +230,12 @@ class RunCheckpoints:
         """The saved hashes of checkpoint `step`'s state (equal states, equal lists)."""
         return list(self._fingerprint(step)["state"])
 
+    def processes(self, step: int) -> int | None:
+        """How many processes saved a data position in checkpoint `step` (None: a version-1
+        checkpoint, which does not say)."""
+        data = self._fingerprint(step).get("data")
+        return None if data is None else len(data)
+
     def config(self, step: int) -> ExperimentConfig:
         """The config saved in checkpoint `step` (what its state was trained with)."""
         saved = self._json(step, "config")

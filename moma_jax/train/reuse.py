@@ -33,7 +33,7 @@ import jax
 from moma_jax import data as data_lib
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.overrides import config_diff
-from moma_jax.runtime import resolve_shares
+from moma_jax.runtime import with_data_shares
 from moma_jax.train.checkpoint import CheckpointDamagedError, RunCheckpoints, committed_steps
 from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
 from moma_jax.train.metrics import logged_steps
@@ -69,34 +69,34 @@ def _same_source(ours: str, candidate: Path) -> bool:
         return False
 
 
-def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig) -> bool:
-    """The candidate trained on the data `cfg` names here (the manifest saved with its last
-    step), with as many processes where that sets the batch order (`data.streams=0`)."""
+def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig, here: dict) -> bool:
+    """The candidate trained on the data whose manifest is `here` (the manifest saved with its
+    last step), with as many processes where that sets the batch order (`data.streams=0`)."""
     try:
         saved = dict(ckpts.manifest(step))
+        processes = ckpts.processes(step)
     except CheckpointDamagedError:
         return False
-    here = dict(data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None)))
-    for m in (saved, here):
-        m.pop(_MANIFEST_CLOCK, None)
-    positions = list((ckpts.directory / str(step) / "data").glob("process_*-of-*.json"))
-    processes = {p.stem.rsplit("-of-", 1)[-1] for p in positions}
-    return saved == here and (cfg.data.streams > 0 or processes == {str(jax.process_count())})
+    saved.pop(_MANIFEST_CLOCK, None)
+    return saved == here and (cfg.data.streams > 0 or processes == jax.process_count())
 
 
-def is_twin(candidate: Path, cfg: ExperimentConfig) -> bool:
+def is_twin(candidate: Path, cfg: ExperimentConfig, manifest: dict | None = None) -> bool:
     """Whether `candidate` holds a finished run of `cfg`: the same experiment and config (keys
     outside `_MAY_DIFFER`), in its config.json and in its last checkpoint, the same data, the
     same source state where it starts from one, a committed checkpoint at `optim.total_steps`
     and metrics up to it. The checkpoint's state is verified when the copy resumes. A candidate
-    this process cannot read is not a twin."""
+    this process cannot read is not a twin. `manifest`: the data's here (default: loaded)."""
+    if manifest is None:
+        manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
+    here = {k: v for k, v in manifest.items() if k != _MANIFEST_CLOCK}
     try:
-        return _is_twin(candidate, cfg)
+        return _is_twin(candidate, cfg, here)
     except OSError:
         return False
 
 
-def _is_twin(candidate: Path, cfg: ExperimentConfig) -> bool:
+def _is_twin(candidate: Path, cfg: ExperimentConfig, here: dict) -> bool:
     if any((candidate / name).is_symlink() for name in RUN_FILES):
         return False
     try:
@@ -117,12 +117,14 @@ def _is_twin(candidate: Path, cfg: ExperimentConfig) -> bool:
         return False
     if config_diff(in_checkpoint, cfg, _MAY_DIFFER.__contains__):
         return False
-    return _same_data(ckpts, end, cfg) and _same_source(cfg.run.init_from, candidate)
+    return _same_data(ckpts, end, cfg, here) and _same_source(cfg.run.init_from, candidate)
 
 
-def find_twin(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
+def find_twin(
+    root: Path, workdir: Path, cfg: ExperimentConfig
+) -> tuple[Path, ExperimentConfig] | None:
     """A finished twin of the run for `workdir` (ROOT/SUITE[/tppB]/EXP/seedS) elsewhere under
-    `root`, the first in name order; None if there is none."""
+    `root`, the first in name order, with `cfg` as training resolves it; None if none."""
     exp, seed = workdir.parent.name, workdir.name
     here = workdir.absolute()
     found = [
@@ -133,8 +135,10 @@ def find_twin(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
     ]
     if not found:
         return None
-    cfg = resolve_shares(cfg)  # as training fills them in (and saves them)
-    return next((c for c in found if is_twin(c, cfg)), None)
+    manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
+    cfg = with_data_shares(cfg, manifest)  # as training fills them in (and saves them)
+    twin = next((c for c in found if is_twin(c, cfg, manifest)), None)
+    return None if twin is None else (twin, cfg)
 
 
 def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
@@ -143,9 +147,10 @@ def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
     fails (said on stderr; nothing of it is left)."""
     if workdir.exists() or workdir.is_symlink():
         return None
-    twin = find_twin(root, workdir, cfg)
-    if twin is None:
+    found = find_twin(root, workdir, cfg)
+    if found is None:
         return None
+    twin, cfg = found
     tmp: Path | None = None
     try:
         workdir.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +161,7 @@ def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # as a directory the run would make (mkdtemp's is 0700)
         with WorkdirLock(twin):  # no run writes the twin while it is copied
-            if not is_twin(twin, resolve_shares(cfg)):
-                shutil.rmtree(tmp)
+            if not is_twin(twin, cfg):
                 return None
             for name in RUN_FILES:
                 src = twin / name
@@ -169,13 +173,10 @@ def reuse(root: Path, workdir: Path, cfg: ExperimentConfig) -> Path | None:
         (tmp / REUSED_FROM).write_text(json.dumps(record) + "\n")
         os.rename(tmp, workdir)  # one compare.py per root: the name is still free
     except (WorkdirBusyError, OSError) as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # the folder mkdtemp made for us
         print(f"[compare] {cfg.name}: not copied from {twin} ({e}); training it", file=sys.stderr)
         return None
-    except BaseException:
-        if tmp is not None:
+    finally:
+        if tmp is not None and tmp.exists():  # the folder mkdtemp made for us, not renamed
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"[compare] {cfg.name}: copied the finished run {twin}", file=sys.stderr, flush=True)
     return twin
