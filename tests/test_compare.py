@@ -14,6 +14,7 @@ import moma_jax.train
 from moma_jax.commands.compare import main
 from moma_jax.config import ConfigError
 from moma_jax.suites import SUITES, Suite, get_suite, register_suite
+from moma_jax.train import archive as archive_lib
 from moma_jax.train import reuse as reuse_lib
 from moma_jax.train.faults import WorkdirLock
 from moma_jax.train.metrics import logged_steps
@@ -211,6 +212,50 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     finally:
         for name in ("test_copy", "test_fresh", "test_hand", "test_step"):
             SUITES.pop(name)
+    _check_archive(tmp_path, rep, monkeypatch, capsys)
+
+
+def _check_archive(tmp_path, rep, monkeypatch, capsys):
+    """--archive: the finished suite archived (config, metrics, held-out score; no
+    checkpoints), then reported from the archive alone exactly as from its runs; an archived run
+    is not trained again, and one archived with another config or without its aux stage stops
+    the suite with the key named."""
+    root, archive = tmp_path, tmp_path / "archive"
+    assert main(["--suite", "test_pair", "--root", str(root), "--archive", str(archive)]) == 0
+    stored = archive / "test_pair"
+    assert sorted(p.name for p in stored.iterdir()) == sorted(
+        [*rep["experiments"], "moe_8x_aux_tiny"]
+    )
+    dense = stored / "dense_tiny" / "seed0"
+    assert sorted(p.name for p in dense.iterdir()) == [
+        "archived.json", "config.json", "metrics.jsonl.gz", "score.json.gz"
+    ]  # fmt: skip
+    assert not (stored / "moe_8x_aux_tiny" / "seed0" / "score.json.gz").exists()
+    provenance = json.loads((dense / "archived.json").read_text())
+    assert provenance["step"] == 20 and provenance["source"] == str(
+        root / "test_pair" / "dense_tiny" / "seed0"
+    )
+    run = root / "test_pair" / "dense_tiny" / "seed0"
+    assert not archive_lib.archive_run(run, dense)  # the same run again: nothing to do
+    with pytest.raises(ConfigError, match="already holds another run"):
+        archive_lib.archive_run(run, stored / "moe_8x_tiny" / "seed0")
+
+    monkeypatch.setattr(moma_jax.train, "train", _no_training)
+    elsewhere = tmp_path / "elsewhere"
+    args = ["--suite", "test_pair", "--root", str(elsewhere), "--archive", str(archive)]
+    for extra in ([], ["--report-only"]):  # nothing trained: every run read from the archive
+        assert main([*args, *extra]) == 0
+        again = json.loads((elsewhere / "test_pair" / "report.json").read_text())
+        assert sorted(again.pop("archived")) == [f"{e}/seed0" for e in sorted(rep["experiments"])]
+        assert again == {k: v for k, v in rep.items() if k != "archived"}
+    assert "Read from the archive" in (elsewhere / "test_pair" / "report.md").read_text()
+    assert not any(elsewhere.glob("test_pair/*/seed0"))
+    capsys.readouterr()
+    assert main([*args, "--set", "optim.peak_lr=0.002"]) == 2
+    assert "-> 0.002" in capsys.readouterr().err  # optim.peak_lr, named
+    shutil.rmtree(stored / "moe_8x_aux_tiny")
+    assert main(args) == 2
+    assert "but not its aux stage" in capsys.readouterr().err
 
 
 def test_unknown_suite_lists_the_close_ones():

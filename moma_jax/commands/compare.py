@@ -4,11 +4,16 @@ stopped), then report it at equal FLOPs.
     python scripts/compare.py --suite paper_tiny [--seeds N] [--root DIR] [--set key=value ...]
     python scripts/compare.py --suite paper_tiny --report-only
     python scripts/compare.py --suite tokens_per_param_64 --budget 20   # one budget only
+    python scripts/compare.py --suite paper_tiny --archive results   # keep results, no checkpoints
 
 Runs live in ROOT/SUITE/EXPERIMENT/seedS (default ROOT: runs/suites). The report goes to
 ROOT/SUITE/report.md, report.json and PNG plots (docs/comparison.md explains every number). A
 suite with tokens-per-parameter budgets keeps each budget in ROOT/SUITE/tpp{B}/ with its own
-report, and writes ROOT/SUITE/scaling.md (fits across budgets).
+report, and writes ROOT/SUITE/scaling.md (fits across budgets). With --archive DIR, each run's
+results (config, metrics, held-out score; no checkpoints) are kept in DIR/SUITE/EXPERIMENT/seedS
+once it finished (`train.archive`), runs archived there with the config and data the suite gives
+them are not trained again, and the report reads from DIR what ROOT lacks: a suite's seeds can
+be trained on different machines or days and reported together.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from moma_jax import budgets, host_memory
-from moma_jax.analysis import load_run
+from moma_jax import data as data_lib
 from moma_jax.commands.compare_markdown import markdown
 from moma_jax.commands.compare_plots import plots
-from moma_jax.commands.compare_report import report, run_dir
+from moma_jax.commands.compare_report import locate, open_run, report, run_dir, score
 from moma_jax.commands.compare_scaling import write_scaling
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.model.kinds import needs_aux_routers
@@ -36,9 +41,11 @@ from moma_jax.runtime import (
     enable_compilation_cache,
     experiment_config,
     load_experiment_modules,
+    with_data_shares,
 )
 from moma_jax.safe_io import write_atomic
 from moma_jax.suites import Suite, get_suite
+from moma_jax.train.archive import archive_run, differences, is_archived, open_archived
 from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
 from moma_jax.train.reuse import reuse
 
@@ -117,12 +124,63 @@ def source_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
     return run_dir(root, suite, f"{exp}.source", seed)
 
 
+def archived_unit(
+    archive: Path, root: Path, suite: Suite, seed: int, runs: list[tuple[str, ExperimentConfig]]
+) -> bool:
+    """Whether the suite's run `runs[0]` (with its aux stage, `runs[1]`, if any) is read from
+    the archive instead of trained: `root` has no folder for it and the archive holds it. A
+    ConfigError names what differs when the archived one was trained with another config or
+    data than the suite gives it now, or lacks its aux stage."""
+    exp, cfg = runs[0]
+    if run_dir(root, suite, exp, seed).exists() or not is_archived(
+        run_dir(archive, suite, exp, seed)
+    ):
+        return False
+    manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
+    for name, c in runs:
+        there = run_dir(archive, suite, name, seed)
+        if not is_archived(there):
+            raise ConfigError(
+                f"{archive} holds {exp} seed {seed} but not its aux stage {there}: move "
+                f"{run_dir(archive, suite, exp, seed)} out of the archive to train both here"
+            )
+        diff = differences(open_archived(there), with_data_shares(c, manifest), manifest)
+        if diff:
+            raise ConfigError(
+                f"{there} was trained with another config or data than suite {suite.name} "
+                f"gives it now ({'; '.join(diff)}): archive into another folder (--archive), "
+                "or move it out of the archive to train it here"
+            )
+    return True
+
+
+def archive_unit(
+    archive: Path, root: Path, suite: Suite, seed: int, runs: list[tuple[str, ExperimentConfig]]
+) -> None:
+    """Archives the finished run `runs[0]` with its held-out score, and its aux stage first
+    (the experiment's record marks the two as archived)."""
+    exp = runs[0][0]
+    for name, _ in runs[:0:-1]:
+        archive_run(run_dir(root, suite, name, seed), run_dir(archive, suite, name, seed))
+    dest = run_dir(archive, suite, exp, seed)
+    done = archive_run(run_dir(root, suite, exp, seed), dest, score(root, suite, exp, seed))
+    if done:
+        print(f"[compare] {exp} seed {seed}: archived in {dest}", file=sys.stderr, flush=True)
+
+
 def train_suite(
-    suite: Suite, seeds: int, root: Path, overrides: list[str], reuse_runs: bool = True
+    suite: Suite,
+    seeds: int,
+    root: Path,
+    overrides: list[str],
+    reuse_runs: bool = True,
+    archive: Path | None = None,
 ) -> None:
     """Trains every (experiment, seed) of the suite to its schedule's end; finished runs are
     skipped, partial ones resume from their checkpoints, and with `reuse_runs` a run another
-    suite under `root` finished with the same config is copied (`train.reuse`)."""
+    suite under `root` finished with the same config is copied (`train.reuse`). With `archive`,
+    each finished run (and its aux stage) is archived there, and one archived there already
+    is not trained (`archived_unit`)."""
     from moma_jax import train as training
 
     def train(cfg: ExperimentConfig, workdir: Path) -> None:
@@ -140,45 +198,55 @@ def train_suite(
         for exp in suite.experiments:
             keys = run_keys(suite, exp, seed, overrides)
             up = suite.upstream_of(exp)
-            if up is not None:  # its source run first, then upcycled from it
-                source = source_dir(root, suite, exp, seed)
-                print(f"[compare] {up.source} seed {seed} -> {source}", file=sys.stderr, flush=True)
-                train(
-                    experiment_config(up.source, source_keys(suite, exp, seed, overrides)), source
-                )
-                keys.append(f"run.init_from={source.absolute()}")
-            cfg = experiment_config(exp, keys)
             workdir = run_dir(root, suite, exp, seed)
-            print(f"[compare] {exp} seed {seed} -> {workdir}", file=sys.stderr, flush=True)
-            train(cfg, workdir)
+            cfg = experiment_config(exp, keys)
+            runs = [(exp, cfg)]
             if (
                 suite.aux_stages
                 and needs_aux_routers(cfg.model)
                 and cfg.model.aux_routers == "none"
             ):
                 # The post-hoc aux-router stage, for causal losses (docs/sparsity.md).
-                stage = stage_name(exp)
                 base = [*suite.overrides, *overrides, *seed_keys(seed)]  # its own schedule
-                stage_cfg = experiment_config(stage, [*base, f"run.init_from={workdir.absolute()}"])
+                stage_keys = [*base, f"run.init_from={workdir.absolute()}"]
+                runs.append((stage_name(exp), experiment_config(stage_name(exp), stage_keys)))
+            if archive is not None and archived_unit(archive, root, suite, seed, runs):
+                print(f"[compare] {exp} seed {seed}: archived, not trained", file=sys.stderr)
+                continue
+            if up is not None:  # its source run first, then upcycled from it
+                source = source_dir(root, suite, exp, seed)
+                print(f"[compare] {up.source} seed {seed} -> {source}", file=sys.stderr, flush=True)
+                train(
+                    experiment_config(up.source, source_keys(suite, exp, seed, overrides)), source
+                )
+                cfg = experiment_config(exp, [*keys, f"run.init_from={source.absolute()}"])
+            print(f"[compare] {exp} seed {seed} -> {workdir}", file=sys.stderr, flush=True)
+            train(cfg, workdir)
+            for stage, stage_cfg in runs[1:]:
                 stage_dir = run_dir(root, suite, stage, seed)
                 print(f"[compare] {stage} seed {seed} -> {stage_dir}", file=sys.stderr, flush=True)
                 train(stage_cfg, stage_dir)
+            if archive is not None:
+                archive_unit(archive, root, suite, seed, runs)
 
 
-def write_report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
-    rep = report(suite, seeds, root)
+def write_report(
+    suite: Suite, seeds: int, root: Path, archive: Path | None = None
+) -> dict[str, Any]:
+    rep = report(suite, seeds, root, archive)
     out_dir = root / suite.name
+    out_dir.mkdir(parents=True, exist_ok=True)  # every run read from the archive: none yet
     write_atomic(out_dir / "report.json", json.dumps(rep, indent=1) + "\n")
     write_atomic(out_dir / "report.md", markdown(rep))
     rep["plots"] = [str(p) for p in plots(rep, out_dir, seeds)]
     return rep
 
 
-def _check_finished(suite: Suite, seeds: int, root: Path) -> None:
+def _check_finished(suite: Suite, seeds: int, root: Path, archive: Path | None) -> None:
     """ValueError naming the first run of the suite that has not reached its last step."""
     for seed in range(seeds):
         for exp in suite.experiments:
-            run = load_run(run_dir(root, suite, exp, seed))
+            run = open_run(locate(root, suite, exp, seed, archive))
             done = max((r["step"] for r in run.records), default=0)
             if done < run.config.optim.total_steps:
                 raise ValueError(
@@ -187,7 +255,12 @@ def _check_finished(suite: Suite, seeds: int, root: Path) -> None:
 
 
 def _reportable(
-    suite: Suite, parts: list[Suite], budgets: list[float], seeds: int, root: Path
+    suite: Suite,
+    parts: list[Suite],
+    budgets: list[float],
+    seeds: int,
+    root: Path,
+    archive: Path | None,
 ) -> tuple[list[Suite], list[dict[str, Any]], list[float]]:
     """--report-only on a budget suite: the budgets whose runs can be reported (a suite still
     training has its largest budgets unfinished), each skipped one said on stderr; an error
@@ -195,8 +268,8 @@ def _reportable(
     kept: list[tuple[Suite, dict[str, Any], float]] = []
     for part, budget in zip(parts, budgets, strict=True):
         try:
-            _check_finished(part, seeds, root)  # a fit on half-trained runs would mislead
-            kept.append((part, write_report(part, seeds, root), budget))
+            _check_finished(part, seeds, root, archive)  # a fit on half-trained runs misleads
+            kept.append((part, write_report(part, seeds, root, archive), budget))
         except (ValueError, FileNotFoundError) as e:
             print(f"[compare] {part.name}: not reported ({e})", file=sys.stderr)
     if not kept:
@@ -225,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         help="train every run here, even one another suite under --root finished with the "
         "same experiment, seed and config (by default it is copied)",
     )
+    p.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="keep each finished run's results (config, metrics, held-out score; no "
+        "checkpoints) in DIR/SUITE/EXPERIMENT/seedS, do not train a run archived there with the "
+        "same config and data, and report from DIR the runs --root lacks",
+    )
     add_set_arg(p, "change every run of the suite (e.g. optim.total_steps=100)")
     add_experiments_module_arg(p)
     args = p.parse_args(argv)
@@ -233,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         suite = get_suite(args.suite)
         seeds = args.seeds or suite.seeds
         root = Path(args.root)
+        archive = Path(args.archive) if args.archive else None
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):
             chosen = chosen_budgets(suite, args.budget)
@@ -243,11 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report_only:
                 enable_compilation_cache()
                 for part in parts:
-                    train_suite(part, seeds, root, list(args.overrides), not args.no_reuse)
+                    overrides = list(args.overrides)
+                    train_suite(part, seeds, root, overrides, not args.no_reuse, archive)
             if suite.tokens_per_param and args.report_only:
-                parts, reps, budgets = _reportable(suite, parts, chosen, seeds, root)
+                parts, reps, budgets = _reportable(suite, parts, chosen, seeds, root, archive)
             else:
-                reps = [write_report(part, seeds, root) for part in parts]
+                reps = [write_report(part, seeds, root, archive) for part in parts]
                 budgets = chosen
             extra = write_scaling(suite, reps, root, budgets) if suite.tokens_per_param else []
     except (ConfigError, ValueError, FileNotFoundError, WorkdirBusyError) as e:

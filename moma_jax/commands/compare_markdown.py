@@ -84,8 +84,24 @@ def markdown(rep: dict[str, Any]) -> str:
         *causal_lines(rep),
         "",
         *task_lines(rep),
+        *archive_lines(rep),
     ]
     return "\n".join(lines) + "\n"
+
+
+def archive_lines(rep: dict[str, Any]) -> list[str]:
+    """The runs read from an archive (no checkpoint: their held-out scores are the ones saved
+    when they were archived), with the commits of the code that trained them."""
+    archived = rep.get("archived") or {}
+    if not archived:
+        return []
+    commits = sorted({str(c or "unknown")[:12] for c in archived.values()})
+    return [
+        "",
+        f"Read from the archive (config, metrics and held-out score, no checkpoint): "
+        f"{len(archived)} run(s), {', '.join(sorted(archived))}; trained by commit(s) "
+        f"{', '.join(commits)}.",
+    ]
 
 
 def noise_floor_lines(rep: dict[str, Any]) -> list[str]:

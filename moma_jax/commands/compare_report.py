@@ -3,7 +3,9 @@ run of the same seed, causal losses, losses by task, the data regime; report.jso
 (docs/comparison.md explains every number).
 
 Every run is opened as the notebook API opens it (`analysis.load_run`: read-only, its checkpoints
-verified by `train.checkpoint.RunCheckpoints`), never by reading its files here."""
+verified by `train.checkpoint.RunCheckpoints`), never by reading its files here; a run the root
+does not hold is read from the archive, when one is given (`train.archive`: its config, metrics
+and the held-out score saved when it was archived)."""
 
 from __future__ import annotations
 
@@ -34,12 +36,28 @@ from moma_jax.model.kinds import (
 from moma_jax.registry import stage_name
 from moma_jax.stats import bootstrap_pooled
 from moma_jax.suites import Suite
+from moma_jax.train.archive import ArchivedRun, is_archived, open_archived
 
 MODALITIES = {"overall": "", "text": "_text", "image": "_image"}
 
 
 def run_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
     return root / suite.name / exp / f"seed{seed}"
+
+
+def locate(root: Path, suite: Suite, exp: str, seed: int, archive: Path | None = None) -> Path:
+    """The run's folder under `root`; where `root` has none and `archive` holds the run, the
+    archived one."""
+    here = run_dir(root, suite, exp, seed)
+    if archive is None or here.is_dir():
+        return here
+    there = run_dir(archive, suite, exp, seed)
+    return there if is_archived(there) else here
+
+
+def open_run(path: Path) -> Run | ArchivedRun:
+    """The run in `path`: an archived one, or a run folder (`analysis.load_run`)."""
+    return open_archived(path) if is_archived(path) else load_run(path)
 
 
 def _points(records: list[dict[str, Any]], key: str) -> tuple[list, list, list] | None:
@@ -67,7 +85,7 @@ def _window_points(trains: list[dict[str, Any]], suffix: str) -> tuple[list, lis
     return flops, [r[f"loss_mean{suffix}"] for r in rows], mids
 
 
-def _curves(run: Run) -> dict[str, Any]:
+def _curves(run: Run | ArchivedRun) -> dict[str, Any]:
     records = run.records  # a torn last line: skipped, with a warning
     if not records:
         raise ValueError(f"{run.workdir} has no metrics yet (metrics.jsonl)")
@@ -146,22 +164,25 @@ def _step_time(trains: list[dict[str, Any]]) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
-def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
+def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) -> dict[str, Any]:
     """Per experiment and modality, against the dense run of the same seed: the final held-out
     loss and its difference from dense, eta (held-out, training loss, measured time) and the
     step-matching ratio, each per seed with the mean and a 95% t-interval; the loss difference
     and eta along the curve; the noise floor (dense seeds against each other); causal losses;
-    losses by task with intervals over held-out documents."""
+    losses by task with intervals over held-out documents. Runs `root` lacks are read from
+    `archive` (listed in the report with their code's commit)."""
     dense = suite.experiments[0]
     curves = {
-        (exp, s): _curves(load_run(run_dir(root, suite, exp, s)))
+        (exp, s): _curves(open_run(locate(root, suite, exp, s, archive)))
         for exp in suite.experiments
         for s in range(seeds)
     }
     out: dict[str, Any] = {"suite": suite.name, "seeds": seeds, "dense": dense, "experiments": {}}
     out["noise_floor"] = {m: noise_floor(curves, dense, seeds, m) for m in MODALITIES}
     scored = {  # each run's last checkpoint on the held-out set, as causally as it can be
-        (exp, s): score(root, suite, exp, s) for exp in suite.experiments for s in range(seeds)
+        (exp, s): score(root, suite, exp, s, archive)
+        for exp in suite.experiments
+        for s in range(seeds)
     }
     out["heldout"] = same_heldout_set(scored)
     for exp in suite.experiments:
@@ -179,10 +200,11 @@ def report(suite: Suite, seeds: int, root: Path) -> dict[str, Any]:
         entry["step_time_s"] = summarize([curves[(exp, s)]["step_time_s"] for s in range(seeds)])
         mean_time = entry["step_time_s"]["mean"]
         entry["tokens_per_s"] = c0["tokens_per_step"] / mean_time if mean_time else None
-        entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense, scored)
+        entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense, scored, archive)
         entry["tasks"] = task_entry(scored, exp, dense, seeds)
         out["experiments"][exp] = entry
-    out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"])
+    out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"], archive)
+    out["archived"] = archived_runs(root, suite, seeds, archive)
     out["curves"] = {f"{e}/seed{s}": c for (e, s), c in curves.items()}
     return out
 
@@ -205,20 +227,37 @@ def same_heldout_set(scored: dict[tuple[str, int], dict[str, Any]]) -> dict[str,
     return {"batches": batches, "targets": targets}
 
 
-def causal_source(root: Path, suite: Suite, exp: str, seed: int) -> tuple[Path, str]:
+def archived_runs(
+    root: Path, suite: Suite, seeds: int, archive: Path | None
+) -> dict[str, str | None]:
+    """{"EXP/seedS": the commit of the code that trained it} for each run read from the
+    archive."""
+    out: dict[str, str | None] = {}
+    for exp in suite.experiments:
+        for s in range(seeds):
+            run = open_run(locate(root, suite, exp, s, archive))
+            if isinstance(run, ArchivedRun):
+                out[f"{exp}/seed{s}"] = run.provenance.get("commit")
+    return out
+
+
+def causal_source(
+    root: Path, suite: Suite, exp: str, seed: int, archive: Path | None = None
+) -> tuple[Path, str]:
     """Where the causal numbers of a run come from, and how: "joint" (its own aux routers),
     "posthoc" (its aux stage's run), "same" (no router ranks a group: the run itself, evaluated
     with causal routing at its last checkpoint; that equals teacher forcing unless its causal
     forward differs, as Mixture of Tokens' group of one does) or "missing" (it needs aux routers
     and has none)."""
-    workdir = run_dir(root, suite, exp, seed)
-    cfg = load_run(workdir).config
+    workdir = locate(root, suite, exp, seed, archive)
+    cfg = open_run(workdir).config
     if not needs_aux_routers(cfg.model):
         return workdir, "same"
     if cfg.model.aux_routers != "none":
         return workdir, "joint"
-    stage = run_dir(root, suite, stage_name(exp), seed)
-    return (stage, "posthoc") if (stage / "metrics.jsonl").exists() else (workdir, "missing")
+    stage = locate(root, suite, stage_name(exp), seed, archive)
+    found = (stage / "metrics.jsonl").exists() or is_archived(stage)
+    return (stage, "posthoc") if found else (workdir, "missing")
 
 
 def causal_entry(
@@ -229,12 +268,13 @@ def causal_entry(
     curves: dict,
     dense: str,
     scored: dict[tuple[str, int], dict[str, Any]],
+    archive: Path | None = None,
 ) -> dict[str, Any]:
     """Final causal held-out loss per modality (per seed, mean, t-interval) and, for runs with
     jointly trained aux routers, causal eta against the dense run's held-out curve, the aux
     routers' training FLOPs charged to the run. `scored`: each run's last checkpoint evaluated
     as `score` does (causally for "same")."""
-    sources = [causal_source(root, suite, exp, s) for s in range(seeds)]
+    sources = [causal_source(root, suite, exp, s, archive) for s in range(seeds)]
     how = {h for _, h in sources}
     out: dict[str, Any] = {"source": "/".join(sorted(how))}
     for m, suffix in MODALITIES.items():
@@ -249,7 +289,7 @@ def causal_entry(
                 finals.append(c[f"causal_{m}"][1][-1])
                 etas[-1] = eta(d[f"eval_{m}"][0], d[f"eval_{m}"][1], *c[f"causal_{m}"][:2])
             elif kind == "posthoc":
-                last = load_run(path).records
+                last = open_run(path).records
                 last = [r for r in last if f"eval_causal_loss{suffix}" in r]
                 finals.append(last[-1][f"eval_causal_loss{suffix}"] if last else None)
             else:
@@ -261,12 +301,19 @@ def causal_entry(
     return out
 
 
-def score(root: Path, suite: Suite, exp: str, seed: int) -> dict[str, Any]:
+def score(
+    root: Path, suite: Suite, exp: str, seed: int, archive: Path | None = None
+) -> dict[str, Any]:
     """The run's last checkpoint on the held-out set (`evaluate`), per document, routed
     causally where the run can be (its own or its aux stage's aux routers, or no group-ranking
-    router), else teacher forced."""
+    router), else teacher forced; an archived run's, as it was scored when archived."""
     from moma_jax.commands.evaluate import evaluate
 
+    run = open_run(locate(root, suite, exp, seed, archive))
+    if isinstance(run, ArchivedRun):
+        if run.score is None:
+            raise ValueError(f"{run.workdir} was archived without its held-out score")
+        return run.score
     path, kind = causal_source(root, suite, exp, seed)
     rep = evaluate(load_run(path), "teacher_forced" if kind == "missing" else "causal")
     rep["routing"] = "teacher_forced" if kind == "missing" else "causal"
@@ -303,10 +350,12 @@ def task_entry(scored: dict, exp: str, dense: str, seeds: int) -> dict[str, Any]
     return out
 
 
-def data_regime(root: Path, suite: Suite, dense: str, tokens: float) -> dict[str, Any]:
+def data_regime(
+    root: Path, suite: Suite, dense: str, tokens: float, archive: Path | None = None
+) -> dict[str, Any]:
     """Token slots and real (non-padding) tokens trained on per dense-model parameter, and
     epochs of the training split (real tokens / the split's tokens)."""
-    cfg = load_run(run_dir(root, suite, dense, 0)).config
+    cfg = open_run(locate(root, suite, dense, 0, archive)).config
     manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
     train_tokens = manifest["splits"]["train"]["tokens"]
     n = budgets.dense_params(cfg)

@@ -4,7 +4,7 @@ again (`compare.py --no-reuse` trains everything). paper_tiny, expert_split_tiny
 causal_routers_tiny and granularity_tiny share their dense and moma runs this way.
 
 - A twin is ROOT/OTHER_SUITE/EXPERIMENT/seedS (or a budget's ROOT/SUITE/tppB/...) with the same
-  experiment and config (keys outside `_MAY_DIFFER`) in its config.json and its last
+  experiment and config (keys outside `MAY_DIFFER`) in its config.json and its last
   checkpoint, on the same data (the manifest saved with that checkpoint), finished (a committed
   checkpoint at `optim.total_steps`, metrics up to it) and, where the run starts from another
   (`run.init_from`: an aux stage, an upcycled run), started from the state that run ended
@@ -42,11 +42,11 @@ from moma_jax.train.workdir import REUSED_FROM, RUN_FILES, Workdir
 # Keys a copy may differ in: none changes a number the run computed or the report reads (log
 # and evaluation cadence, held-out batches, mesh and compile keys all must match). The source of
 # an init_from run is matched on its own (`_same_source`).
-_MAY_DIFFER = frozenset(
+MAY_DIFFER = frozenset(
     {"description", "run.init_from", "run.async_checkpoint", "run.keep_last", "run.keep_every"}
 )
 # The manifest's field that two preparations of the same data differ in.
-_MANIFEST_CLOCK = "prepare_seconds"
+MANIFEST_CLOCK = "prepare_seconds"
 
 
 def _same_source(ours: str, candidate: Path) -> bool:
@@ -77,19 +77,19 @@ def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig, here: di
         processes = ckpts.processes(step)
     except CheckpointDamagedError:
         return False
-    saved.pop(_MANIFEST_CLOCK, None)
+    saved.pop(MANIFEST_CLOCK, None)
     return saved == here and (cfg.data.streams > 0 or processes == jax.process_count())
 
 
 def is_twin(candidate: Path, cfg: ExperimentConfig, manifest: dict | None = None) -> bool:
     """Whether `candidate` holds a finished run of `cfg`: the same experiment and config (keys
-    outside `_MAY_DIFFER`), in its config.json and in its last checkpoint, the same data, the
+    outside `MAY_DIFFER`), in its config.json and in its last checkpoint, the same data, the
     same source state where it starts from one, a committed checkpoint at `optim.total_steps`
     and metrics up to it. The checkpoint's state is verified when the copy resumes. A candidate
     this process cannot read is not a twin. `manifest`: the data's here (default: loaded)."""
     if manifest is None:
         manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
-    here = {k: v for k, v in manifest.items() if k != _MANIFEST_CLOCK}
+    here = {k: v for k, v in manifest.items() if k != MANIFEST_CLOCK}
     try:
         return _is_twin(candidate, cfg, here)
     except OSError:
@@ -105,7 +105,7 @@ def _is_twin(candidate: Path, cfg: ExperimentConfig, here: dict) -> bool:
         return False
     end = cfg.optim.total_steps
     ckpts = RunCheckpoints(candidate / "checkpoints")
-    if saved is None or saved.name != cfg.name or config_diff(saved, cfg, _MAY_DIFFER.__contains__):
+    if saved is None or saved.name != cfg.name or config_diff(saved, cfg, MAY_DIFFER.__contains__):
         return False
     if committed_steps(ckpts.directory)[-1:] != [end]:
         return False
@@ -115,7 +115,7 @@ def _is_twin(candidate: Path, cfg: ExperimentConfig, here: dict) -> bool:
         in_checkpoint = ckpts.config(end)
     except CheckpointDamagedError:
         return False
-    if config_diff(in_checkpoint, cfg, _MAY_DIFFER.__contains__):
+    if config_diff(in_checkpoint, cfg, MAY_DIFFER.__contains__):
         return False
     return _same_data(ckpts, end, cfg, here) and _same_source(cfg.run.init_from, candidate)
 
