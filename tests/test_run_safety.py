@@ -21,6 +21,7 @@ from cli_args import small
 from file_tree import png_header
 
 from moma_jax import analysis
+from moma_jax import data as data_lib
 from moma_jax.commands import evaluate, generate
 from moma_jax.commands.cli import main
 from moma_jax.train import step as step_lib
@@ -73,6 +74,26 @@ def test_edited_config_with_matching_set_is_refused_and_nothing_renamed(run_copy
         assert "checkpoint step 9" in err and "model.d_model: 32 -> 48" in err, err
         assert "nothing was changed" in err
         assert tree(run_copy) == before
+
+
+def test_data_prepared_again_differently_is_refused_and_nothing_renamed(
+    run_copy, monkeypatch, capsys
+):
+    """The same data.path holding other data (prepared again with another seed): the data
+    position saved with the checkpoint would resume into other records."""
+    real = data_lib.load_manifest
+    monkeypatch.setattr(data_lib, "load_manifest", lambda path: {**real(path), "seed": 7})
+    before = tree(run_copy)
+    capsys.readouterr()
+    assert main([*ARGS, "--workdir", str(run_copy), "--steps", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step 9" in err and "trained on other data" in err and "seed" in err, err
+    assert tree(run_copy) == before
+    # What only records how the data was prepared (timings, input paths) is no difference.
+    monkeypatch.setattr(
+        data_lib, "load_manifest", lambda path: {**real(path), "prepare_seconds": 1e6}
+    )
+    assert main([*ARGS, "--workdir", str(run_copy), "--steps", "12"]) == 0
 
 
 def test_no_fresh_start_over_an_earlier_run_unless_restart(run_copy, capsys):

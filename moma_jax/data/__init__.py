@@ -4,6 +4,7 @@ from moma_jax.data.image_tokenizer import ImageTokenizer
 from moma_jax.data.packing import RowPacker, pack_documents
 from moma_jax.data.pipeline import document_dataset, eval_batches, make_train_iterator
 from moma_jax.data.prepare import (
+    content_differences,
     default_data_dir,
     ensure_data,
     load_image_tokenizer,
@@ -22,6 +23,7 @@ __all__ = [
     "ImageTokenizer",
     "RowPacker",
     "Vocab",
+    "content_differences",
     "default_data_dir",
     "deserialize",
     "document_dataset",

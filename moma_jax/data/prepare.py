@@ -70,6 +70,26 @@ def heldout_mask(n: int, *, seed: int, stream: str) -> np.ndarray:
     return mask
 
 
+# The manifest keys that fix which tokens a training stream yields and in what order (the
+# others record where and how fast it was prepared: input paths and mtimes, timings, options
+# such as worker counts).
+CONTENT_KEYS = (
+    "format_version",
+    "seed",
+    "heldout_fraction",
+    "vocab",
+    "text_tokenizer",
+    "image_tokenizer",
+    "image",
+    "splits",
+)
+
+
+def content_differences(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """The content keys (`CONTENT_KEYS`) in which two manifests differ: [] for the same data."""
+    return [k for k in CONTENT_KEYS if saved.get(k) != here.get(k)]
+
+
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     """Read ``manifest.json`` of a prepared dataset (ValueError naming the fix if absent)."""
     path = Path(data_dir).expanduser() / MANIFEST

@@ -79,7 +79,7 @@ def _train_locked(cfg, run_dir, manifest, mesh, data_iter, eval_data, stop, watc
     graphdef, init_fn, abstract, shardings = init_state(cfg, tx, mesh)
     steps = _make_steps(cfg, graphdef, tx, shardings, mesh, eval_data)
     start, state, offsets = _initial_state(
-        cfg, run_dir, init_fn, abstract, tx, mesh, shardings, data_iter, restart
+        cfg, run_dir, init_fn, abstract, tx, mesh, shardings, data_iter, restart, manifest
     )
     if start >= stop:
         print(f"nothing to do: the workdir is at step {start} >= --steps {stop}", flush=True)
@@ -246,11 +246,14 @@ def _initial_state(
     shardings,
     data_iter,
     restart: bool,
+    manifest: dict[str, Any],
 ) -> tuple[int, TrainState, dict[str, Any] | None]:
     """(start step, state, init_from.json's content or None): the workdir's latest intact
     checkpoint (iterator restored in place), else upcycled from `run.init_from`, else fresh
     (`restart`: always fresh; the caller moves the earlier run aside)."""
-    start, state = (0, None) if restart else resume.resume(cfg, workdir, abstract, data_iter)
+    start, state = (
+        (0, None) if restart else resume.resume(cfg, workdir, abstract, data_iter, manifest)
+    )
     if state is not None:
         print(f"resumed {cfg.name} from {workdir} at step {start}", flush=True)
         return start, state, None

@@ -4,7 +4,9 @@ when there is no earlier run to overwrite.
 - The config saved *in* the latest checkpoint is compared with the run's before anything is
   restored (config.json may have been edited to match a changed `--set`): a checkpoint that
   would restore into a different config is not damaged, and the run is refused with the diff,
-  touching nothing.
+  touching nothing. So is a checkpoint trained on other data: the manifest saved in it against
+  the data's now (`data.content_differences`: a folder prepared again with another seed,
+  tokenizer or corpus under the same path would resume its data position into other records).
 - A damaged step (`train.checkpoint.CheckpointDamagedError`) is reported and the one before it
   tried; the damaged ones newer than the step resumed from are moved aside as `STEP.corrupt`
   (kept, and out of the way of the steps this run will save again). If no step is intact,
@@ -21,6 +23,7 @@ from typing import Any
 import jax
 
 from moma_jax.config import ConfigError, ExperimentConfig
+from moma_jax.data import content_differences
 from moma_jax.overrides import resume_conflicts
 from moma_jax.train.checkpoint import CheckpointDamagedError, RunCheckpoints, move_aside, warn
 from moma_jax.train.workdir import PREVIOUS_RUNS, Workdir
@@ -39,13 +42,20 @@ def restart(workdir: Workdir) -> None:
 
 
 def resume(
-    cfg: ExperimentConfig, workdir: Workdir, abstract_state: Any, data_iter: Any
+    cfg: ExperimentConfig,
+    workdir: Workdir,
+    abstract_state: Any,
+    data_iter: Any,
+    manifest: dict[str, Any] | None = None,
 ) -> tuple[int, Any]:
     """(step, state) of the latest intact checkpoint in the workdir, or (0, None) for a fresh
-    start; raises ConfigError where either would lose or misread the earlier run."""
+    start; raises ConfigError where either would lose or misread the earlier run (`manifest`:
+    the data's now, checked against the one saved with the checkpoint)."""
     ckpts = RunCheckpoints(workdir.checkpoints)
     if ckpts.steps:
         _check_saved_config(cfg, workdir, ckpts)
+        if manifest is not None:
+            _check_saved_data(cfg, manifest, workdir, ckpts)
     step, state, damaged = ckpts.latest_intact(abstract_state, data_iter)
     if state is not None:
         if jax.process_index() == 0:
@@ -94,5 +104,28 @@ def _check_saved_config(cfg: ExperimentConfig, workdir: Workdir, ckpts: RunCheck
                 + "\n  ".join(conflicts)
                 + "\nnothing was changed. Use the checkpoint's values, a new --workdir, or "
                 f"--restart (moves this run aside into {PREVIOUS_RUNS}/)"
+            )
+        return
+
+
+def _check_saved_data(
+    cfg: ExperimentConfig, manifest: dict[str, Any], workdir: Workdir, ckpts: RunCheckpoints
+) -> None:
+    """Refuses a run whose data differs in content from the data saved with the newest
+    checkpoint whose manifest reads."""
+    for step in reversed(ckpts.steps):
+        try:
+            saved = ckpts.manifest(step)
+        except CheckpointDamagedError as e:
+            warn(str(e))
+            continue
+        if differ := content_differences(saved, manifest):
+            where = cfg.data.path or "the bundled data"
+            raise ConfigError(
+                f"checkpoint step {step} in {workdir.checkpoints} was trained on other data than "
+                f"{where} holds now (its manifest differs in {', '.join(differ)}): resuming would "
+                "continue on other records. Nothing was changed. Point data.path at the data it "
+                "was trained on (prepare it again as before), or start again with --restart "
+                f"(moves this run aside into {PREVIOUS_RUNS}/) or a new --workdir"
             )
         return
