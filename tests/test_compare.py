@@ -250,7 +250,16 @@ def _check_archive(tmp_path, rep, monkeypatch, capsys):
         assert again == {k: v for k, v in rep.items() if k != "archived"}
     assert "Read from the archive" in (elsewhere / "test_pair" / "report.md").read_text()
     assert not any(elsewhere.glob("test_pair/*/seed0"))
+    # --seed: that seed only (here archived: nothing trained), reported once all are there.
+    (elsewhere / "test_pair" / "report.json").unlink()
     capsys.readouterr()
+    assert main([*args, "--seeds", "2", "--seed", "0"]) == 0
+    assert "not reported until every seed is there" in capsys.readouterr().err
+    assert not (elsewhere / "test_pair" / "report.json").exists()
+    assert main([*args, "--seed", "0"]) == 0
+    assert (elsewhere / "test_pair" / "report.json").exists()
+    assert main([*args, "--seed", "1"]) == 2
+    assert "--seed 1: the suite runs seeds 0..0" in capsys.readouterr().err
     assert main([*args, "--set", "optim.peak_lr=0.002"]) == 2
     assert "-> 0.002" in capsys.readouterr().err  # optim.peak_lr, named
     shutil.rmtree(stored / "moe_8x_aux_tiny")

@@ -5,6 +5,7 @@ stopped), then report it at equal FLOPs.
     python scripts/compare.py --suite paper_tiny --report-only
     python scripts/compare.py --suite tokens_per_param_64 --budget 20   # one budget only
     python scripts/compare.py --suite paper_tiny --archive results   # keep results, no checkpoints
+    python scripts/compare.py --suite paper_tiny --archive results --root runs/b --seed 3
 
 Runs live in ROOT/SUITE/EXPERIMENT/seedS (default ROOT: runs/suites). The report goes to
 ROOT/SUITE/report.md, report.json and PNG plots (docs/comparison.md explains every number). A
@@ -13,7 +14,9 @@ report, and writes ROOT/SUITE/scaling.md (fits across budgets). With --archive D
 results (config, metrics, held-out score; no checkpoints) are kept in DIR/SUITE/EXPERIMENT/seedS
 once it finished (`train.archive`), runs archived there with the config and data the suite gives
 them are not trained again, and the report reads from DIR what ROOT lacks: a suite's seeds can
-be trained on different machines or days and reported together.
+be trained on different machines or days and reported together. --seed S trains that seed only
+(repeatable; one process per --root, so seeds trained side by side need a root each) and
+reports once every run of the suite is there.
 """
 
 from __future__ import annotations
@@ -175,12 +178,13 @@ def train_suite(
     overrides: list[str],
     reuse_runs: bool = True,
     archive: Path | None = None,
+    only: list[int] | None = None,
 ) -> None:
     """Trains every (experiment, seed) of the suite to its schedule's end; finished runs are
     skipped, partial ones resume from their checkpoints, and with `reuse_runs` a run another
     suite under `root` finished with the same config is copied (`train.reuse`). With `archive`,
     each finished run (and its aux stage) is archived there, and one archived there already
-    is not trained (`archived_unit`)."""
+    is not trained (`archived_unit`). `only`: these seeds, not every one."""
     from moma_jax import train as training
 
     def train(cfg: ExperimentConfig, workdir: Path) -> None:
@@ -194,7 +198,7 @@ def train_suite(
             shutil.rmtree(workdir)
             training.train(cfg, workdir)
 
-    for seed in range(seeds):
+    for seed in range(seeds) if only is None else only:
         for exp in suite.experiments:
             keys = run_keys(suite, exp, seed, overrides)
             up = suite.upstream_of(exp)
@@ -277,6 +281,34 @@ def _reportable(
     return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
 
 
+def chosen_seeds(chosen: list[int] | None, seeds: int, report_only: bool) -> list[int] | None:
+    """The seeds `--seed` names, in order, or None for every seed; ConfigError for a seed the
+    suite does not have, or with --report-only."""
+    if not chosen:
+        return None
+    if report_only:
+        raise ConfigError("--seed trains one seed; --report-only trains none: give one of them")
+    for s in chosen:
+        if not 0 <= s < seeds:
+            raise ConfigError(f"--seed {s}: the suite runs seeds 0..{seeds - 1} (--seeds {seeds})")
+    return sorted(set(chosen))
+
+
+def _all_there(parts: list[Suite], seeds: int, root: Path, archive: Path | None) -> bool:
+    """Whether every run of every seed is finished under `root` or in `archive`; says which is
+    not on stderr."""
+    for part in parts:
+        try:
+            _check_finished(part, seeds, root, archive)
+        except (ValueError, FileNotFoundError) as e:
+            print(
+                f"[compare] {part.name}: not reported until every seed is there ({e})",
+                file=sys.stderr,
+            )
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     host_memory.keep_freed_memory()
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__)
@@ -305,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints) in DIR/SUITE/EXPERIMENT/seedS, do not train a run archived there with the "
         "same config and data, and report from DIR the runs --root lacks",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        metavar="S",
+        help="train seed S only (repeatable), then report if every run of the suite is there "
+        "(under --root or in --archive): seeds trained side by side, each with its own --root",
+    )
     add_set_arg(p, "change every run of the suite (e.g. optim.total_steps=100)")
     add_experiments_module_arg(p)
     args = p.parse_args(argv)
@@ -314,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds or suite.seeds
         root = Path(args.root)
         archive = Path(args.archive) if args.archive else None
+        only = chosen_seeds(args.seed, seeds, args.report_only)
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):
             chosen = chosen_budgets(suite, args.budget)
@@ -325,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                 enable_compilation_cache()
                 for part in parts:
                     overrides = list(args.overrides)
-                    train_suite(part, seeds, root, overrides, not args.no_reuse, archive)
+                    train_suite(part, seeds, root, overrides, not args.no_reuse, archive, only)
+            if only is not None and not _all_there(parts, seeds, root, archive):
+                return 0
             if suite.tokens_per_param and args.report_only:
                 parts, reps, budgets = _reportable(suite, parts, chosen, seeds, root, archive)
             else:
