@@ -260,6 +260,29 @@ def _check_archive(tmp_path, rep, monkeypatch, capsys):
     assert (elsewhere / "test_pair" / "report.json").exists()
     assert main([*args, "--seed", "1"]) == 2
     assert "--seed 1: the suite runs seeds 0..0" in capsys.readouterr().err
+    # Seeds that are not seeds of the same thing are not pooled: a second seed (here seed 0's
+    # archive with its seed keys changed) trained with another config, or on other data.
+    for exp in rep["experiments"]:
+        shutil.copytree(stored / exp / "seed0", stored / exp / "seed1")
+    report_two = [*args, "--seeds", "2", "--report-only"]
+    assert main(report_two) == 0
+    config = stored / "moe_8x_tiny" / "seed1" / "config.json"
+    saved = config.read_text()
+    cfg = json.loads(saved)
+    cfg["optim"]["peak_lr"] *= 2
+    config.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(report_two) == 2
+    assert "moe_8x_tiny/seed1 was trained with another config" in capsys.readouterr().err
+    config.write_text(saved)
+    provenance = stored / "moe_8x_tiny" / "seed1" / "archived.json"
+    record = json.loads(provenance.read_text())
+    provenance.write_text(json.dumps({**record, "manifest": {**record["manifest"], "seed": 9}}))
+    assert main(report_two) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    provenance.write_text(json.dumps(record))
+    assert main([*args, "--archive", str(elsewhere)]) == 2  # --archive is --root
+    assert "give the archive its own folder" in capsys.readouterr().err
     assert main([*args, "--set", "optim.peak_lr=0.002"]) == 2
     assert "-> 0.002" in capsys.readouterr().err  # optim.peak_lr, named
     shutil.rmtree(stored / "moe_8x_aux_tiny")

@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds or suite.seeds
         root = Path(args.root)
         archive = Path(args.archive) if args.archive else None
+        if archive is not None and archive.resolve() == root.resolve():
+            raise ConfigError(f"--archive {archive} is --root: give the archive its own folder")
         only = chosen_seeds(args.seed, seeds, args.report_only)
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):

@@ -26,6 +26,7 @@ from moma_jax.commands.compare_stats import (
     summarize,
     summarize_etas,
 )
+from moma_jax.data import content_differences
 from moma_jax.eta import Eta, eta
 from moma_jax.metric_names import split_expert_load, split_layer_metric
 from moma_jax.model.kinds import (
@@ -33,12 +34,17 @@ from moma_jax.model.kinds import (
     needs_aux_routers,
     train_flops_per_token,
 )
+from moma_jax.overrides import config_diff
 from moma_jax.registry import stage_name
 from moma_jax.stats import bootstrap_pooled
 from moma_jax.suites import Suite
 from moma_jax.train.archive import ArchivedRun, is_archived, open_archived
+from moma_jax.train.reuse import MAY_DIFFER
 
 MODALITIES = {"overall": "", "text": "_text", "image": "_image"}
+# The keys a seed sets (compare.seed_keys): the only ones the seeds of an experiment differ in.
+SEED_KEYS = frozenset({"run.param_seed", "run.routing_seed", "data.seed"})
+_SEEDS_MAY_DIFFER = MAY_DIFFER | SEED_KEYS
 
 
 def run_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
@@ -172,11 +178,13 @@ def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) ->
     losses by task with intervals over held-out documents. Runs `root` lacks are read from
     `archive` (listed in the report with their code's commit)."""
     dense = suite.experiments[0]
-    curves = {
-        (exp, s): _curves(open_run(locate(root, suite, exp, s, archive)))
+    opened = {
+        (exp, s): open_run(locate(root, suite, exp, s, archive))
         for exp in suite.experiments
         for s in range(seeds)
     }
+    check_comparable(opened, suite, seeds)
+    curves = {key: _curves(run) for key, run in opened.items()}
     out: dict[str, Any] = {"suite": suite.name, "seeds": seeds, "dense": dense, "experiments": {}}
     out["noise_floor"] = {m: noise_floor(curves, dense, seeds, m) for m in MODALITIES}
     scored = {  # each run's last checkpoint on the held-out set, as causally as it can be
@@ -207,6 +215,47 @@ def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) ->
     out["archived"] = archived_runs(root, suite, seeds, archive)
     out["curves"] = {f"{e}/seed{s}": c for (e, s), c in curves.items()}
     return out
+
+
+def _manifest(run: Run | ArchivedRun) -> dict[str, Any] | None:
+    """The data manifest saved with the run's last checkpoint (an archived run's, as archived);
+    None where it has none."""
+    if isinstance(run, ArchivedRun):
+        return run.provenance.get("manifest")
+    steps = run.steps
+    return run.checkpoints.manifest(steps[-1]) if steps else None
+
+
+def check_comparable(
+    opened: dict[tuple[str, int], Run | ArchivedRun], suite: Suite, seeds: int
+) -> None:
+    """A ValueError naming the run and what differs where the report would pool runs that are
+    not seeds of the same thing: the seeds of an experiment trained with configs that differ
+    outside the seed keys (and the keys a copied run may differ in), or any run trained on
+    other data (the content of the manifest saved with it) than the dense seed 0's. Runs from
+    --root and from an archive are checked alike: seeds trained apart (`--seed`) meet here."""
+    for exp in suite.experiments:
+        first = opened[(exp, 0)]
+        for s in range(1, seeds):
+            other = opened[(exp, s)]
+            diff = config_diff(first.config, other.config, _SEEDS_MAY_DIFFER.__contains__)
+            if diff:
+                raise ValueError(
+                    f"{other.workdir} was trained with another config than {first.workdir} "
+                    f"({'; '.join(diff)}): the report would pool them as seeds. Train it again "
+                    "with the suite's config (--restart, or out of the archive), or report them "
+                    "in suites of their own"
+                )
+    reference = opened[(suite.experiments[0], 0)]
+    data = _manifest(reference)
+    for run in opened.values():
+        mine = _manifest(run)
+        if data is not None and mine is not None and (differ := content_differences(data, mine)):
+            raise ValueError(
+                f"{run.workdir} was trained on other data than {reference.workdir} (the "
+                f"manifests saved with them differ in {', '.join(differ)}): their losses are not "
+                "comparable; train it again on the suite's data"
+            )
 
 
 def same_heldout_set(scored: dict[tuple[str, int], dict[str, Any]]) -> dict[str, int]:
@@ -314,7 +363,13 @@ def score(
         if run.score is None:
             raise ValueError(f"{run.workdir} was archived without its held-out score")
         return run.score
-    path, kind = causal_source(root, suite, exp, seed)
+    path, kind = causal_source(root, suite, exp, seed, archive)
+    if is_archived(path):
+        raise ValueError(
+            f"{run.workdir} is under --root but its aux stage only in the archive ({path}, no "
+            "checkpoint to score it causally): restore the stage's folder under --root, or move "
+            f"{run.workdir} out of --root to read both from the archive"
+        )
     rep = evaluate(load_run(path), "teacher_forced" if kind == "missing" else "causal")
     rep["routing"] = "teacher_forced" if kind == "missing" else "causal"
     return rep
@@ -355,8 +410,12 @@ def data_regime(
 ) -> dict[str, Any]:
     """Token slots and real (non-padding) tokens trained on per dense-model parameter, and
     epochs of the training split (real tokens / the split's tokens)."""
-    cfg = open_run(locate(root, suite, dense, 0, archive)).config
-    manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
+    run = open_run(locate(root, suite, dense, 0, archive))
+    cfg = run.config
+    if isinstance(run, ArchivedRun):  # the data it was trained on, wherever this runs
+        manifest = run.provenance["manifest"]
+    else:
+        manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
     train_tokens = manifest["splits"]["train"]["tokens"]
     n = budgets.dense_params(cfg)
     real = tokens * budgets.real_token_share(cfg)

@@ -70,9 +70,11 @@ def heldout_mask(n: int, *, seed: int, stream: str) -> np.ndarray:
     return mask
 
 
-# The manifest keys that fix which tokens a training stream yields and in what order (the
-# others record where and how fast it was prepared: input paths and mtimes, timings, options
-# such as worker counts).
+# The manifest keys that fix which tokens a training stream yields and in what order: the
+# preparation's options (a user corpus's, but where its inputs lie), the tokenizers, the counts
+# of documents, records and tokens per shard. Not compared: where and how fast it was prepared
+# (input paths and mtimes, timings). The manifest holds no digest of the records, so an input
+# edited without changing any count or option goes unseen.
 CONTENT_KEYS = (
     "format_version",
     "seed",
@@ -82,12 +84,22 @@ CONTENT_KEYS = (
     "image_tokenizer",
     "image",
     "splits",
+    "documents",
+    "options",
 )
+_WHERE = ("inputs",)  # the options that say where the inputs were, not what they hold
 
 
 def content_differences(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
     """The content keys (`CONTENT_KEYS`) in which two manifests differ: [] for the same data."""
-    return [k for k in CONTENT_KEYS if saved.get(k) != here.get(k)]
+
+    def content(manifest: dict[str, Any], key: str) -> Any:
+        value = manifest.get(key)
+        if key == "options" and isinstance(value, dict):
+            return {k: v for k, v in value.items() if k not in _WHERE}
+        return value
+
+    return [k for k in CONTENT_KEYS if content(saved, k) != content(here, k)]
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:

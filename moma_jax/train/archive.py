@@ -4,13 +4,14 @@ or days (or whose checkpoints were deleted) is reported again from them, and so 
 docs/ can be recomputed from the runs they came from.
 
 DIR/SUITE/EXPERIMENT/seedS/ (a --root's layout) holds:
-- config.json: the run's config, as the run saved it;
+- config.json: the run's config, as its last checkpoint saved it;
 - metrics.jsonl.gz: every metrics record of the run;
 - score.json.gz (the suite's experiments, not their aux stages): the last checkpoint on the
   held-out set as the report scores it (causally through the aux stage where there is one),
   per-document sums included;
 - archived.json: the run it came from, when, its last step and the state fingerprint of that
-  step, the data manifest saved with it, the code's git commit.
+  step, the data manifest saved with it, the code's git commit, and for a run started from
+  another (an aux stage, an upcycled run) its init_from.json (the source and step it loaded).
 
 An archived run is written into a temporary folder and renamed into place, and never
 overwritten: archiving the same run again (the same state at the same step) does nothing, and
@@ -36,10 +37,11 @@ from typing import Any
 import numpy as np
 
 from moma_jax.config import ConfigError, ExperimentConfig
-from moma_jax.overrides import config_diff
+from moma_jax.data import content_differences
+from moma_jax.overrides import config_diff, to_dict
 from moma_jax.train.checkpoint import CheckpointDamagedError, RunCheckpoints, committed_steps
 from moma_jax.train.metrics import logged_steps, read_jsonl
-from moma_jax.train.reuse import MANIFEST_CLOCK, MAY_DIFFER
+from moma_jax.train.reuse import MAY_DIFFER
 from moma_jax.train.workdir import Workdir
 
 ARCHIVED = "archived.json"
@@ -134,16 +136,12 @@ def archive_run(src: Path, dest: Path, score: dict[str, Any] | None = None) -> b
     try:
         fingerprint = ckpts.state_fingerprint(end)
         manifest = ckpts.manifest(end)
+        saved = ckpts.config(end)  # what the state was trained with, not an edited config.json
     except CheckpointDamagedError as e:
         raise ValueError(f"{src}: {e}; not archived") from None
-    if dest.exists() or dest.is_symlink():
-        held = open_archived(dest).provenance if is_archived(dest) else {}
-        if held.get("step") == end and held.get("state_fingerprint") == fingerprint:
-            return False
-        raise ConfigError(
-            f"{dest} already holds another run than {src} (another state or no archived run); "
-            "archive into another folder (--archive), or move that one away first"
-        )
+    if _holds(dest, end, fingerprint, src):
+        return False
+    init_from = Path(src) / "init_from.json"
     provenance = {
         "source": str(src.resolve()),
         "archived": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -152,6 +150,7 @@ def archive_run(src: Path, dest: Path, score: dict[str, Any] | None = None) -> b
         "state_fingerprint": fingerprint,
         "manifest": manifest,
         "commit": _commit(),
+        "init_from": json.loads(init_from.read_text()) if init_from.is_file() else None,
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.archiving-", dir=dest.parent))
@@ -159,18 +158,37 @@ def archive_run(src: Path, dest: Path, score: dict[str, Any] | None = None) -> b
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # as a folder made with mkdir (mkdtemp's is 0700)
-        shutil.copy2(Workdir(src).config_file, tmp / "config.json")
+        (tmp / "config.json").write_text(json.dumps(to_dict(saved), indent=2))
         records = read_jsonl(Workdir(src).metrics_file)
         text = "".join(json.dumps(r) + "\n" for r in records)
         (tmp / METRICS).write_bytes(gzip.compress(text.encode(), mtime=0))
         if score is not None:
             (tmp / SCORE).write_bytes(gzip.compress(json.dumps(_plain(score)).encode(), mtime=0))
         (tmp / ARCHIVED).write_text(json.dumps(provenance, indent=1) + "\n")
-        os.rename(tmp, dest)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process archived it meanwhile (a folder there, not empty)
+            if _holds(dest, end, fingerprint, src):
+                return False
+            raise
     finally:
         if tmp.exists():  # ours, not renamed: a failed write
             shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def _holds(dest: Path, step: int, fingerprint: list[int], src: Path) -> bool:
+    """Whether `dest` holds this run archived already (the same state at the same step); False
+    if nothing is there; a ConfigError if something else is."""
+    if not (dest.exists() or dest.is_symlink()):
+        return False
+    held = open_archived(dest).provenance if is_archived(dest) else {}
+    if held.get("step") == step and held.get("state_fingerprint") == fingerprint:
+        return True
+    raise ConfigError(
+        f"{dest} already holds another run than {src} (another state or no archived run); "
+        "archive into another folder (--archive), or move that one away first"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -192,7 +210,6 @@ def differences(run: ArchivedRun, cfg: ExperimentConfig, manifest: dict[str, Any
     `cfg` as training resolves it (`runtime.with_data_shares`)."""
     out = [] if run.config.name == cfg.name else [f"experiment: {run.config.name} -> {cfg.name}"]
     out += config_diff(run.config, cfg, MAY_DIFFER.__contains__)
-    saved = {k: v for k, v in run.provenance.get("manifest", {}).items() if k != MANIFEST_CLOCK}
-    if saved != {k: v for k, v in manifest.items() if k != MANIFEST_CLOCK}:
-        out.append("the data (its manifest differs from the data's here)")
+    if differ := content_differences(run.provenance.get("manifest", {}), manifest):
+        out.append(f"the data (its manifest differs from the data's here in {', '.join(differ)})")
     return out
