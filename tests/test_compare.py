@@ -260,6 +260,23 @@ def _check_archive(tmp_path, rep, monkeypatch, capsys):
     assert (elsewhere / "test_pair" / "report.json").exists()
     assert main([*args, "--seed", "1"]) == 2
     assert "--seed 1: the suite runs seeds 0..0" in capsys.readouterr().err
+    # Another suite with some of the same runs: copied within the archive, nothing trained.
+    SUITES["test_also"] = Suite(
+        "test_also", ("dense_tiny", "moe_8x_tiny"), 1, KEYS, aux_stages=True
+    )
+    try:
+        also = ["--suite", "test_also", "--root", str(tmp_path / "also"), "--archive", str(archive)]
+        assert main(also) == 0
+        for run in ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny"):
+            record = json.loads(
+                (archive / "test_also" / run / "seed0" / "archived.json").read_text()
+            )
+            assert record["copied_from"] == str((stored / run / "seed0").resolve())
+        again = json.loads((tmp_path / "also" / "test_also" / "report.json").read_text())
+        mine = again["experiments"]["moe_8x_tiny"]["image"]["eta_heldout"]
+        assert mine == rep["experiments"]["moe_8x_tiny"]["image"]["eta_heldout"]
+    finally:
+        SUITES.pop("test_also")
     # Seeds that are not seeds of the same thing are not pooled: a second seed (here seed 0's
     # archive with its seed keys changed) trained with another config, or on other data.
     for exp in rep["experiments"]:

@@ -48,7 +48,13 @@ from moma_jax.runtime import (
 )
 from moma_jax.safe_io import write_atomic
 from moma_jax.suites import Suite, get_suite
-from moma_jax.train.archive import archive_run, differences, is_archived, open_archived
+from moma_jax.train.archive import (
+    archive_run,
+    copy_archived,
+    differences,
+    is_archived,
+    open_archived,
+)
 from moma_jax.train.faults import WorkdirBusyError, WorkdirLock
 from moma_jax.train.reuse import reuse
 
@@ -131,15 +137,22 @@ def archived_unit(
     archive: Path, root: Path, suite: Suite, seed: int, runs: list[tuple[str, ExperimentConfig]]
 ) -> bool:
     """Whether the suite's run `runs[0]` (with its aux stage, `runs[1]`, if any) is read from
-    the archive instead of trained: `root` has no folder for it and the archive holds it. A
-    ConfigError names what differs when the archived one was trained with another config or
-    data than the suite gives it now, or lacks its aux stage."""
+    the archive instead of trained: `root` has no folder for it and the archive holds it, or
+    holds it for another suite (copied into this suite's folder when the run and its stage
+    have the config and data the suite gives them). A ConfigError names what differs when the
+    suite's own archived run was trained with another config or data than the suite gives it
+    now, or lacks its aux stage."""
     exp, cfg = runs[0]
-    if run_dir(root, suite, exp, seed).exists() or not is_archived(
-        run_dir(archive, suite, exp, seed)
-    ):
+    if run_dir(root, suite, exp, seed).exists():
         return False
     manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
+    if not is_archived(run_dir(archive, suite, exp, seed)):
+        twin = _archived_twin(archive, suite, seed, runs, manifest)
+        if twin is None:
+            return False
+        for (name, _), src in reversed(list(zip(runs, twin, strict=True))):  # the stage first
+            copy_archived(src, run_dir(archive, suite, name, seed))
+        print(f"[compare] {exp} seed {seed}: copied from the archived {twin[0]}", file=sys.stderr)
     for name, c in runs:
         there = run_dir(archive, suite, name, seed)
         if not is_archived(there):
@@ -155,6 +168,37 @@ def archived_unit(
                 "or move it out of the archive to train it here"
             )
     return True
+
+
+def _archived_twin(
+    archive: Path,
+    suite: Suite,
+    seed: int,
+    runs: list[tuple[str, ExperimentConfig]],
+    manifest: dict[str, Any],
+) -> list[Path] | None:
+    """Another suite's archived folders of `runs` (the run and its aux stage, archived together
+    there), the first in name order whose config and data equal the ones given here."""
+    exp = runs[0][0]
+    ours = run_dir(archive, suite, exp, seed).absolute()
+    for pattern in (f"*/{exp}/seed{seed}", f"*/*/{exp}/seed{seed}"):
+        for candidate in sorted(archive.glob(pattern)):
+            if candidate.absolute() == ours:
+                continue
+            base = candidate.parent.parent
+            paths = [base / name / f"seed{seed}" for name, _ in runs]
+            try:
+                if all(
+                    is_archived(path)
+                    and not differences(
+                        open_archived(path), with_data_shares(c, manifest), manifest
+                    )
+                    for (_, c), path in zip(runs, paths, strict=True)
+                ):
+                    return paths
+            except ValueError:  # an unreadable candidate is no twin
+                continue
+    return None
 
 
 def archive_unit(

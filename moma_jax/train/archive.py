@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +153,8 @@ def archive_run(src: Path, dest: Path, score: dict[str, Any] | None = None) -> b
         "commit": _commit(),
         "init_from": json.loads(init_from.read_text()) if init_from.is_file() else None,
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.archiving-", dir=dest.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # as a folder made with mkdir (mkdtemp's is 0700)
+
+    def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(to_dict(saved), indent=2))
         records = read_jsonl(Workdir(src).metrics_file)
         text = "".join(json.dumps(r) + "\n" for r in records)
@@ -165,10 +162,46 @@ def archive_run(src: Path, dest: Path, score: dict[str, Any] | None = None) -> b
         if score is not None:
             (tmp / SCORE).write_bytes(gzip.compress(json.dumps(_plain(score)).encode(), mtime=0))
         (tmp / ARCHIVED).write_text(json.dumps(provenance, indent=1) + "\n")
+
+    return _place(dest, write, end, fingerprint, src)
+
+
+def copy_archived(src: Path, dest: Path) -> bool:
+    """Copies the archived run in `src` (another suite's) to `dest`, its provenance saying so
+    (`copied_from`); False if `dest` holds it already, a ConfigError if it holds another."""
+    run = open_archived(src)
+    step, fingerprint = run.provenance.get("step"), run.provenance.get("state_fingerprint")
+    if not isinstance(step, int) or not isinstance(fingerprint, list):
+        raise ValueError(f"{src / ARCHIVED} names no step and state fingerprint: not copied")
+    if _holds(dest, step, fingerprint, src):
+        return False
+
+    def write(tmp: Path) -> None:
+        for name in ("config.json", METRICS, SCORE):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        provenance = {**run.provenance, "copied_from": str(Path(src).resolve())}
+        (tmp / ARCHIVED).write_text(json.dumps(provenance, indent=1) + "\n")
+
+    return _place(dest, write, step, fingerprint, src)
+
+
+def _place(
+    dest: Path, write: Callable[[Path], None], step: int, fingerprint: list[int], src: Path
+) -> bool:
+    """Writes an archived run into `dest` (`write(folder)`) through a temporary folder beside it
+    renamed into place; False if another process placed the same run there meanwhile."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.archiving-", dir=dest.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # as a folder made with mkdir (mkdtemp's is 0700)
+        write(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:  # another process archived it meanwhile (a folder there, not empty)
-            if _holds(dest, end, fingerprint, src):
+            if _holds(dest, step, fingerprint, src):
                 return False
             raise
     finally:
