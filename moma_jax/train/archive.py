@@ -116,6 +116,11 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+# The code this process runs: HEAD when it started, not when a run is archived (the checkout
+# may move on while a suite trains).
+_COMMIT = _commit()
+
+
 def _finished(src: Path) -> tuple[ExperimentConfig, int, RunCheckpoints]:
     cfg = Workdir(src).read_config()
     if cfg is None:
@@ -150,7 +155,7 @@ def archive_run(src: Path, dest: Path, score: dict[str, Any] | None = None) -> b
         "step": end,
         "state_fingerprint": fingerprint,
         "manifest": manifest,
-        "commit": _commit(),
+        "commit": _COMMIT,
         "init_from": json.loads(init_from.read_text()) if init_from.is_file() else None,
     }
 
