@@ -18,6 +18,7 @@ when there is no earlier run to overwrite.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -79,33 +80,41 @@ def resume(
     return 0, None
 
 
+def _newest_readable(ckpts: RunCheckpoints, read: Callable[[int], Any]) -> tuple[int, Any] | None:
+    """(step, read(step)) for the newest checkpoint whose item `read` loads (the damaged ones
+    newer than it warned about); None if none does."""
+    for step in reversed(ckpts.steps):
+        try:
+            return step, read(step)
+        except CheckpointDamagedError as e:
+            warn(str(e))
+    return None
+
+
 def _check_saved_config(cfg: ExperimentConfig, workdir: Workdir, ckpts: RunCheckpoints) -> None:
     """Refuses a run whose config differs from the one saved in the newest checkpoint whose
     config reads (keys outside `config.RESUME_SAFE_KEYS`)."""
-    for step in reversed(ckpts.steps):
-        try:
-            saved = ckpts.config(step)
-        except CheckpointDamagedError as e:
-            warn(str(e))
-            continue
-        conflicts = resume_conflicts(saved, cfg)
-        old, new = saved.run, cfg.run
-        if new.keep_last < old.keep_last or (old.keep_every and new.keep_every != old.keep_every):
-            warn(
-                f"run.keep_last {old.keep_last} -> {new.keep_last}, run.keep_every "
-                f"{old.keep_every} -> {new.keep_every}: at the next save, checkpoints of this "
-                "run that the new policy does not keep are deleted"
-            )
-        if conflicts:
-            raise ConfigError(
-                f"checkpoint step {step} in {workdir.checkpoints} was trained with a different "
-                "config (the one saved in the checkpoint; config.json may have been edited); "
-                "resuming would change the run:\n  "
-                + "\n  ".join(conflicts)
-                + "\nnothing was changed. Use the checkpoint's values, a new --workdir, or "
-                f"--restart (moves this run aside into {PREVIOUS_RUNS}/)"
-            )
+    found = _newest_readable(ckpts, ckpts.config)
+    if found is None:
         return
+    step, saved = found
+    conflicts = resume_conflicts(saved, cfg)
+    old, new = saved.run, cfg.run
+    if new.keep_last < old.keep_last or (old.keep_every and new.keep_every != old.keep_every):
+        warn(
+            f"run.keep_last {old.keep_last} -> {new.keep_last}, run.keep_every "
+            f"{old.keep_every} -> {new.keep_every}: at the next save, checkpoints of this "
+            "run that the new policy does not keep are deleted"
+        )
+    if conflicts:
+        raise ConfigError(
+            f"checkpoint step {step} in {workdir.checkpoints} was trained with a different "
+            "config (the one saved in the checkpoint; config.json may have been edited); "
+            "resuming would change the run:\n  "
+            + "\n  ".join(conflicts)
+            + "\nnothing was changed. Use the checkpoint's values, a new --workdir, or "
+            f"--restart (moves this run aside into {PREVIOUS_RUNS}/)"
+        )
 
 
 def _check_saved_data(
@@ -113,19 +122,16 @@ def _check_saved_data(
 ) -> None:
     """Refuses a run whose data differs in content from the data saved with the newest
     checkpoint whose manifest reads."""
-    for step in reversed(ckpts.steps):
-        try:
-            saved = ckpts.manifest(step)
-        except CheckpointDamagedError as e:
-            warn(str(e))
-            continue
-        if differ := content_differences(saved, manifest):
-            where = cfg.data.path or "the bundled data"
-            raise ConfigError(
-                f"checkpoint step {step} in {workdir.checkpoints} was trained on other data than "
-                f"{where} holds now (its manifest differs in {', '.join(differ)}): resuming would "
-                "continue on other records. Nothing was changed. Point data.path at the data it "
-                "was trained on (prepare it again as before), or start again with --restart "
-                f"(moves this run aside into {PREVIOUS_RUNS}/) or a new --workdir"
-            )
+    found = _newest_readable(ckpts, ckpts.manifest)
+    if found is None:
         return
+    step, saved = found
+    if differ := content_differences(saved, manifest):
+        where = cfg.data.path or "the bundled data"
+        raise ConfigError(
+            f"checkpoint step {step} in {workdir.checkpoints} was trained on other data than "
+            f"{where} holds now (its manifest differs in {', '.join(differ)}): resuming would "
+            "continue on other records. Nothing was changed. Point data.path at the data it "
+            "was trained on (prepare it again as before), or start again with --restart "
+            f"(moves this run aside into {PREVIOUS_RUNS}/) or a new --workdir"
+        )

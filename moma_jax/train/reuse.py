@@ -5,10 +5,11 @@ causal_routers_tiny and granularity_tiny share their dense and moma runs this wa
 
 - A twin is ROOT/OTHER_SUITE/EXPERIMENT/seedS (or a budget's ROOT/SUITE/tppB/...) with the same
   experiment and config (keys outside `MAY_DIFFER`) in its config.json and its last
-  checkpoint, on the same data (the manifest saved with that checkpoint), finished (a committed
-  checkpoint at `optim.total_steps`, metrics up to it) and, where the run starts from another
-  (`run.init_from`: an aux stage, an upcycled run), started from the state that run ended
-  with (the state fingerprints of the two checkpoints, so a copy of the source matches).
+  checkpoint, on the same data (the content of the manifest saved with that checkpoint),
+  finished (a committed checkpoint at `optim.total_steps`, metrics up to it) and, where the
+  run starts from another (`run.init_from`: an aux stage, an upcycled run), started from the
+  state that run ended with (the state fingerprints of the two checkpoints, so a copy of the
+  source matches).
 - Only a run whose directory does not exist yet is filled: the twin's run files are copied
   into a temporary folder beside it, under the twin's lock, then renamed into place, so a
   killed copy leaves no half run (its folder is named at the next copy). `reused_from.json`
@@ -45,8 +46,6 @@ from moma_jax.train.workdir import REUSED_FROM, RUN_FILES, Workdir
 MAY_DIFFER = frozenset(
     {"description", "run.init_from", "run.async_checkpoint", "run.keep_last", "run.keep_every"}
 )
-# The manifest's field that two preparations of the same data differ in.
-MANIFEST_CLOCK = "prepare_seconds"
 
 
 def _same_source(ours: str, candidate: Path) -> bool:
@@ -70,15 +69,17 @@ def _same_source(ours: str, candidate: Path) -> bool:
 
 
 def _same_data(ckpts: RunCheckpoints, step: int, cfg: ExperimentConfig, here: dict) -> bool:
-    """The candidate trained on the data whose manifest is `here` (the manifest saved with its
-    last step), with as many processes where that sets the batch order (`data.streams=0`)."""
+    """The candidate trained on the data whose manifest is `here` (the content of the manifest
+    saved with its last step, `data.content_differences`), with as many processes where that
+    sets the batch order (`data.streams=0`)."""
     try:
-        saved = dict(ckpts.manifest(step))
+        saved = ckpts.manifest(step)
         processes = ckpts.processes(step)
     except CheckpointDamagedError:
         return False
-    saved.pop(MANIFEST_CLOCK, None)
-    return saved == here and (cfg.data.streams > 0 or processes == jax.process_count())
+    return not data_lib.content_differences(saved, here) and (
+        cfg.data.streams > 0 or processes == jax.process_count()
+    )
 
 
 def is_twin(candidate: Path, cfg: ExperimentConfig, manifest: dict | None = None) -> bool:
@@ -89,9 +90,8 @@ def is_twin(candidate: Path, cfg: ExperimentConfig, manifest: dict | None = None
     this process cannot read is not a twin. `manifest`: the data's here (default: loaded)."""
     if manifest is None:
         manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
-    here = {k: v for k, v in manifest.items() if k != MANIFEST_CLOCK}
     try:
-        return _is_twin(candidate, cfg, here)
+        return _is_twin(candidate, cfg, manifest)
     except OSError:
         return False
 
