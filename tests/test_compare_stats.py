@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from moma_jax.commands.compare_stats import (
+    family,
     loss_diff_curve,
     modality_entry,
     noise_floor,
@@ -104,3 +105,35 @@ def test_step_time_leaves_out_pairs_across_a_restart():
     first = [{"step": 10, "time_s": 1.0, "process_started": 1.0}]
     second = [{"step": s, "time_s": 48.0 + 0.1 * s, "process_started": 2.0} for s in (20, 30)]
     assert _step_time(first + second) == pytest.approx(0.1)  # (49.0 - 1.0) / 10 left out
+
+
+def _entry(etas, diffs):
+    return {
+        "eta_heldout": {"per_seed": [{"value": v, "kind": "reached", "bound": None} for v in etas]},
+        "loss_diff_at_equal_flops": {"per_seed": diffs},
+    }
+
+
+def test_read_together_widens_each_interval_to_hold_for_the_family():
+    """Bonferroni over every (experiment, modality) comparison with dense, from t tables:
+    t(1 - 0.05 / 6, 4) = 3.9608 for 3 comparisons, t(1 - 0.05 / 30, 4) = 6.2541 for 15."""
+    etas, diffs = [1.10, 1.20, 1.15, 1.30, 1.25], [-0.02, -0.03, -0.01, -0.05, -0.04]
+    log = np.log(etas)
+    sd_log, sd_diff = log.std(ddof=1) / np.sqrt(5), np.std(diffs, ddof=1) / np.sqrt(5)
+    one = {m: _entry(etas, diffs) for m in ("overall", "text", "image")}
+    # 15 comparisons: 5 models x 3 modalities
+    fam = family({"dense": {}, **{f"m{i}": one for i in range(5)}}, "dense")
+    assert fam["comparisons"] == 15 and fam["each"] == pytest.approx(1 - 0.05 / 15)
+    row = fam["rows"]["m0/image"]
+    assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 6.2541 * sd_log), rel=1e-4)
+    assert row["loss_diff"]["high"] == pytest.approx(np.mean(diffs) + 6.2541 * sd_diff, abs=1e-5)
+    assert not row["eta_resolved"] and not row["loss_resolved"]  # both include no difference
+    # One model, 3 comparisons: narrower, and these exclude no difference.
+    alone = family({"dense": {}, "m0": one}, "dense")
+    assert alone["comparisons"] == 3
+    t3 = 3.9608  # t(1 - 0.05 / 6, 4)
+    row = alone["rows"]["m0/overall"]
+    assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - t3 * sd_log), rel=1e-4)
+    assert row["eta_resolved"] and row["loss_resolved"]
+    # One seed: no interval, nothing to read together.
+    assert family({"dense": {}, "m0": {m: _entry([1.2], [0.0]) for m in one}}, "dense") is None

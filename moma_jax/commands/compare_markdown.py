@@ -70,7 +70,9 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"| {interval(e['loss_diff_at_equal_flops'])} | {eta_cell(e['eta_heldout'])} "
                 f"| {per_seed(e['eta_heldout'])} | {eta_cell(e['step_ratio_heldout'])} |"
             )
-    lines += ["", *noise_floor_lines(rep), "", *time_lines(rep), "", *compute_lines(rep)]
+    lines += ["", *noise_floor_lines(rep)]
+    lines += ["", *family_lines(rep)] if rep.get("family") else []
+    lines += ["", *time_lines(rep), "", *compute_lines(rep)]
     data = rep["data"]
     lines += [
         "",
@@ -220,4 +222,32 @@ def task_lines(rep: dict[str, Any]) -> list[str]:
                 f"| {exp} | {t['routing']} | {part} | {interval(value['loss'])} "
                 f"| {interval(value['diff_vs_dense'], 4)} | {docs} |"
             )
+    return lines
+
+
+def family_lines(rep: dict[str, Any]) -> list[str]:
+    """The comparisons with dense read together (compare_stats.family): the intervals that hold
+    for all of them at once, and which still exclude no difference."""
+    fam = rep.get("family")
+    if not fam:
+        return []
+    lines = [
+        f"Read together: the {fam['comparisons']} comparisons with dense above, each interval "
+        f"at {100 * fam['each']:.2f}% (Bonferroni) so that all of them hold at once with "
+        f"{100 * fam['level']:.0f}%; at 95% each, about {0.05 * fam['comparisons']:.1f} of them "
+        "would exclude no difference by chance if no model differed from dense. resolved: the "
+        "interval excludes no difference (eta 1, loss difference 0).",
+        "",
+        "| experiment | modality | eta (held-out) | minus dense | resolved |",
+        "|---|---|---|---|---|",
+    ]
+    for key, row in fam["rows"].items():
+        exp, m = key.split("/")
+        resolved = [
+            n for n, r in (("eta", row["eta_resolved"]), ("loss", row["loss_resolved"])) if r
+        ]
+        lines.append(
+            f"| {exp} | {m} | {interval(row['eta'], 2)} | {interval(row['loss_diff'])} "
+            f"| {', '.join(resolved) or '-'} |"
+        )
     return lines

@@ -26,6 +26,7 @@ from moma_jax.commands.compare_runs import (
 )
 from moma_jax.commands.compare_stats import (
     eta_curves,
+    family,
     loss_diff_curve,
     modality_entry,
     noise_floor,
@@ -192,6 +193,7 @@ def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) ->
         entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense, scored, archive)
         entry["tasks"] = task_entry(scored, exp, dense, seeds)
         out["experiments"][exp] = entry
+    out["family"] = family(out["experiments"], dense)
     out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"], archive)
     out["archived"] = archived_runs(root, suite, seeds, archive)
     out["curves"] = {f"{e}/seed{s}": c for (e, s), c in curves.items()}

@@ -163,3 +163,33 @@ def eta_curves(curves: Curves, exp: str, dense: str, seeds: int, m: str) -> list
         f, e = eta_vs_flops(d[0], d[1], c[0], c[1])
         out.append([f.tolist(), [None if np.isnan(x) else float(x) for x in e]])
     return out
+
+
+def family(experiments: dict[str, dict[str, Any]], dense: str, level: float = 0.95) -> dict | None:
+    """The report's comparisons with dense read together: each (experiment, modality) interval
+    of eta (on log eta) and of the loss difference at equal FLOPs, widened by Bonferroni to
+    `level` / m over the m comparisons, so that all of them hold together at `level`. eta and
+    the loss difference are two readings of one comparison (one run against dense's), counted
+    once. None where no comparison has two seeds."""
+    rows = [(e, m) for e in experiments if e != dense for m in ("overall", "text", "image")]
+    if not rows:
+        return None
+    each = 1 - (1 - level) / len(rows)
+    out: dict[str, Any] = {"comparisons": len(rows), "level": level, "each": each, "rows": {}}
+    for exp, m in rows:
+        entry = experiments[exp][m]
+        etas = [e["value"] for e in (entry["eta_heldout"] or {}).get("per_seed", []) if e]
+        diffs = [d for d in entry["loss_diff_at_equal_flops"]["per_seed"] if d is not None]
+        if len(etas) < 2 or len(diffs) < 2:  # one seed: no interval (still counted in m)
+            continue
+        log_iv = t_interval([math.log(v) for v in etas], each)
+        eta_iv = {"mean": math.exp(log_iv.mean), "low": math.exp(log_iv.bounds()[0])}
+        eta_iv["high"] = math.exp(log_iv.bounds()[1])
+        diff_iv = t_interval(diffs, each).to_json()
+        out["rows"][f"{exp}/{m}"] = {
+            "eta": eta_iv,
+            "loss_diff": diff_iv,
+            "eta_resolved": eta_iv["low"] > 1 or eta_iv["high"] < 1,
+            "loss_resolved": diff_iv["low"] > 0 or diff_iv["high"] < 0,
+        }
+    return out if out["rows"] else None
