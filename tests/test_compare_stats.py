@@ -123,6 +123,7 @@ def test_read_together_widens_each_interval_to_hold_for_the_family():
     one = {m: _entry(etas, diffs) for m in ("overall", "text", "image")}
     # 15 comparisons: 5 models x 3 modalities
     fam = family({"dense": {}, **{f"m{i}": one for i in range(5)}}, "dense")
+    assert fam is not None
     assert fam["comparisons"] == 15 and fam["each"] == pytest.approx(1 - 0.05 / 15)
     row = fam["rows"]["m0/image"]
     assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 6.2541 * sd_log), rel=1e-4)
@@ -130,6 +131,7 @@ def test_read_together_widens_each_interval_to_hold_for_the_family():
     assert not row["eta_resolved"] and not row["loss_resolved"]  # both include no difference
     # One model, 3 comparisons: narrower, and these exclude no difference.
     alone = family({"dense": {}, "m0": one}, "dense")
+    assert alone is not None
     assert alone["comparisons"] == 3
     t3 = 3.9608  # t(1 - 0.05 / 6, 4)
     row = alone["rows"]["m0/overall"]

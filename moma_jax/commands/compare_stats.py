@@ -185,11 +185,12 @@ def family(experiments: dict[str, dict[str, Any]], dense: str, level: float = 0.
         log_iv = t_interval([math.log(v) for v in etas], each)
         eta_iv = {"mean": math.exp(log_iv.mean), "low": math.exp(log_iv.bounds()[0])}
         eta_iv["high"] = math.exp(log_iv.bounds()[1])
-        diff_iv = t_interval(diffs, each).to_json()
+        diff_iv = t_interval(diffs, each)
+        low, high = diff_iv.bounds()
         out["rows"][f"{exp}/{m}"] = {
             "eta": eta_iv,
-            "loss_diff": diff_iv,
+            "loss_diff": diff_iv.to_json(),
             "eta_resolved": eta_iv["low"] > 1 or eta_iv["high"] < 1,
-            "loss_resolved": diff_iv["low"] > 0 or diff_iv["high"] < 0,
+            "loss_resolved": low > 0 or high < 0,
         }
     return out if out["rows"] else None
