@@ -111,6 +111,13 @@ def test_data_content_is_what_the_tokens_depend_on():
     other = {**moved, "options": {**moved["options"], "codebook_images": 2048}}
     assert data_lib.content_differences(here, other) == ["options"]
     assert data_lib.content_differences(here, {**moved, "seed": 1}) == ["seed"]
+    # The records' digest: compared where both manifests hold one (older data has none).
+    digest = {"train": "0" * 64, "heldout": "1" * 64}
+    edited = {**digest, "train": "2" * 64}
+    assert data_lib.content_differences({**here, "records_digest": digest}, moved) == []
+    assert data_lib.content_differences(
+        {**here, "records_digest": digest}, {**moved, "records_digest": edited}
+    ) == ["records_digest"]
 
 
 def test_no_fresh_start_over_an_earlier_run_unless_restart(run_copy, capsys):

@@ -17,7 +17,7 @@ from user_corpus import make_codes_corpus, make_corpus, sentence
 
 from moma_jax.commands.cli import main as train_main
 from moma_jax.commands.prepare_data import main as prepare_main
-from moma_jax.data import corpus, document_dataset, text_tokenizers
+from moma_jax.data import content_differences, corpus, document_dataset, text_tokenizers
 from moma_jax.data.prepare import load_manifest
 from moma_jax.train.metrics import read_jsonl
 
@@ -103,6 +103,18 @@ def test_external_image_codes(tmp_path):
     start = int(np.flatnonzero(tokens == manifest["vocab"]["boi"])[0]) + 1
     offset = manifest["vocab"]["image_ids"][0]
     assert (tokens[start : start + 16] - offset).tolist() == codes
+    # One code edited: every count and option the same, only the records' digest tells the
+    # two corpora apart (a run resumed, reused or archived across them is refused).
+    lines = src.read_text().splitlines()
+    doc = json.loads(lines[0])
+    item = next(item for item in doc["items"] if "image_codes" in item)
+    item["image_codes"][0] = (item["image_codes"][0] + 1) % 64
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join([json.dumps(doc), *lines[1:]]) + "\n")
+    out2 = tmp_path / "codes2"
+    args2 = ["--input", str(edited), "--out", str(out2), "--image-codes", "64:4x4", "--quiet"]
+    assert prepare_main([*args2, "--workers", "1"]) == 0
+    assert content_differences(manifest, load_manifest(out2)) == ["records_digest"]
 
 
 @pytest.mark.parametrize(

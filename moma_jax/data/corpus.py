@@ -188,6 +188,7 @@ def _prepare(
         raise
     progress.add({"documents": 0, "input_bytes": 0, "bad_count": 0}, final=True)
     manifest = _manifest(opts, tok, [results[k] for k in sorted(results)], fingerprint)
+    manifest["records_digest"] = records.records_digest(out, manifest["splits"])
     manifest["prepare_seconds"] = round(time.perf_counter() - start, 2)
     outdir.write_json(out / MANIFEST, manifest)
     return manifest

@@ -72,9 +72,10 @@ def heldout_mask(n: int, *, seed: int, stream: str) -> np.ndarray:
 
 # The manifest keys that fix which tokens a training stream yields and in what order: the
 # preparation's options (a user corpus's, but where its inputs lie), the tokenizers, the counts
-# of documents, records and tokens per shard. Not compared: where and how fast it was prepared
-# (input paths and mtimes, timings). The manifest holds no digest of the records, so an input
-# edited without changing any count or option goes unseen.
+# of documents, records and tokens per shard, and the digest of the records themselves (an input
+# edited without changing any count). Not compared: where and how fast it was prepared (input
+# paths and mtimes, timings). Data prepared before the digest existed has none: the digest is
+# compared only where both manifests hold one.
 CONTENT_KEYS = (
     "format_version",
     "seed",
@@ -86,6 +87,7 @@ CONTENT_KEYS = (
     "splits",
     "documents",
     "options",
+    "records_digest",
 )
 _WHERE = ("inputs",)  # the options that say where the inputs were, not what they hold
 
@@ -99,7 +101,12 @@ def content_differences(saved: dict[str, Any], here: dict[str, Any]) -> list[str
             return {k: v for k, v in value.items() if k not in _WHERE}
         return value
 
-    return [k for k in CONTENT_KEYS if content(saved, k) != content(here, k)]
+    def differ(key: str) -> bool:
+        if key == "records_digest" and (key not in saved or key not in here):
+            return False  # prepared before the digest existed: the counts above decide
+        return content(saved, key) != content(here, key)
+
+    return [k for k in CONTENT_KEYS if differ(k)]
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -328,6 +335,7 @@ def _build(out: Path, *, seed: int, max_text_chars: int, bundle: str) -> dict[st
             for name, lic in {**sources.LICENSES, **sources.LARGE_LICENSES}.items()
             if kinds.count(name)
         },
+        "records_digest": records.records_digest(out, splits),
         "prepare_seconds": round(time.perf_counter() - start, 2),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

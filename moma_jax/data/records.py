@@ -12,7 +12,10 @@ pipeline produced.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,3 +116,27 @@ def validate(tokens: np.ndarray, modality: np.ndarray, vocab: Vocab, record_name
             f"{MODALITY_NAMES[expected[i]]} (image codes and BOI/EOI are image, the rest "
             "text). " + _FIX
         )
+
+
+def records_digest(out: Path, splits: dict[str, Any]) -> dict[str, str]:
+    """Per split, the SHA-256 of its records in reading order (the manifest's shards in order,
+    each record's length, then its bytes): what the token streams hold, whatever the ArrayRecord
+    container around them, so an input edited without changing any count shows here. One pass
+    over the shards."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    digests = {}
+    for split, info in sorted(splits.items()):
+        digest = hashlib.sha256()
+        for shard in info["shards"]:
+            reader = ArrayRecordReader(str(out / shard))
+            try:
+                n = reader.num_records()
+                for start in range(0, n, 1024):
+                    for record in reader.read(start, min(start + 1024, n)):
+                        digest.update(struct.pack("<Q", len(record)))
+                        digest.update(record)
+            finally:
+                reader.close()
+        digests[split] = digest.hexdigest()
+    return digests

@@ -6,7 +6,8 @@ when there is no earlier run to overwrite.
   would restore into a different config is not damaged, and the run is refused with the diff,
   touching nothing. So is a checkpoint trained on other data: the manifest saved in it against
   the data's now (`data.content_differences`: a folder prepared again with another seed,
-  tokenizer or corpus under the same path would resume its data position into other records).
+  tokenizer or corpus under the same path, or from an edited input, would resume its data
+  position into other records).
 - A damaged step (`train.checkpoint.CheckpointDamagedError`) is reported and the one before it
   tried; the damaged ones newer than the step resumed from are moved aside as `STEP.corrupt`
   (kept, and out of the way of the steps this run will save again). If no step is intact,
