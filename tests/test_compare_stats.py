@@ -107,35 +107,64 @@ def test_step_time_leaves_out_pairs_across_a_restart():
     assert _step_time(first + second) == pytest.approx(0.1)  # (49.0 - 1.0) / 10 left out
 
 
-def _entry(etas, diffs):
+def _entry(etas, diffs, kind="reached", bound=None):
     return {
-        "eta_heldout": {"per_seed": [{"value": v, "kind": "reached", "bound": None} for v in etas]},
+        "eta_heldout": {
+            "per_seed": [
+                None if v is None else {"value": v, "kind": kind, "bound": bound} for v in etas
+            ]
+        },
         "loss_diff_at_equal_flops": {"per_seed": diffs},
     }
 
 
 def test_read_together_widens_each_interval_to_hold_for_the_family():
-    """Bonferroni over every (experiment, modality) comparison with dense, from t tables:
-    t(1 - 0.05 / 6, 4) = 3.9608 for 3 comparisons, t(1 - 0.05 / 30, 4) = 6.2541 for 15."""
+    """Bonferroni over every interval (eta and loss difference of each experiment x modality),
+    from t tables: t(1 - 0.05 / 12, 4) = 4.8510 for one model (6 intervals), t(1 - 0.05 / 60, 4)
+    = 7.5287 for five (30)."""
     etas, diffs = [1.10, 1.20, 1.15, 1.30, 1.25], [-0.02, -0.03, -0.01, -0.05, -0.04]
     log = np.log(etas)
     sd_log, sd_diff = log.std(ddof=1) / np.sqrt(5), np.std(diffs, ddof=1) / np.sqrt(5)
     one = {m: _entry(etas, diffs) for m in ("overall", "text", "image")}
-    # 15 comparisons: 5 models x 3 modalities
     fam = family({"dense": {}, **{f"m{i}": one for i in range(5)}}, "dense")
     assert fam is not None
-    assert fam["comparisons"] == 15 and fam["each"] == pytest.approx(1 - 0.05 / 15)
+    assert fam["comparisons"] == 30 and fam["each"] == pytest.approx(1 - 0.05 / 30)
     row = fam["rows"]["m0/image"]
-    assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 6.2541 * sd_log), rel=1e-4)
-    assert row["loss_diff"]["high"] == pytest.approx(np.mean(diffs) + 6.2541 * sd_diff, abs=1e-5)
+    assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 7.5287 * sd_log), rel=1e-4)
+    assert row["loss_diff"]["high"] == pytest.approx(np.mean(diffs) + 7.5287 * sd_diff, abs=1e-5)
     assert not row["eta_resolved"] and not row["loss_resolved"]  # both include no difference
-    # One model, 3 comparisons: narrower, and these exclude no difference.
     alone = family({"dense": {}, "m0": one}, "dense")
-    assert alone is not None
-    assert alone["comparisons"] == 3
-    t3 = 3.9608  # t(1 - 0.05 / 6, 4)
+    assert alone is not None and alone["comparisons"] == 6
     row = alone["rows"]["m0/overall"]
-    assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - t3 * sd_log), rel=1e-4)
-    assert row["eta_resolved"] and row["loss_resolved"]
+    assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 4.8510 * sd_log), rel=1e-4)
+    assert row["eta"]["low"] > 1 and row["eta_resolved"]
+    assert row["loss_diff"]["high"] > 0 and not row["loss_resolved"]
     # One seed: no interval, nothing to read together.
     assert family({"dense": {}, "m0": {m: _entry([1.2], [0.0]) for m in one}}, "dense") is None
+
+
+def test_read_together_respects_bounds_and_missing_seeds():
+    """A lower bound below 1 says nothing about being behind dense; an upper bound below 1
+    does. A reading with one seed is left out without hiding the other."""
+    low = [0.50, 0.48, 0.52, 0.49, 0.51]
+    exps = {
+        "dense": {},
+        "lower": {
+            m: _entry(low, [0.0] * 5, "capped", "lower") for m in ("overall", "text", "image")
+        },
+        "upper": {
+            m: _entry(low, [0.0] * 5, "capped", "upper") for m in ("overall", "text", "image")
+        },
+        "few": {
+            m: _entry([1.3, None, None, None, None], [-0.20, -0.21, -0.19, -0.22, -0.20])
+            for m in ("overall", "text", "image")
+        },
+    }
+    fam = family(exps, "dense")
+    assert fam is not None
+    assert fam["rows"]["lower/overall"]["eta"]["high"] < 1
+    assert not fam["rows"]["lower/overall"]["eta_resolved"]
+    assert fam["rows"]["upper/overall"]["eta_resolved"]
+    few = fam["rows"]["few/text"]
+    assert few["eta"] is None and not few["eta_resolved"]
+    assert few["loss_diff"]["n"] == 5 and few["loss_resolved"]

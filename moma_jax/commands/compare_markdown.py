@@ -227,27 +227,29 @@ def task_lines(rep: dict[str, Any]) -> list[str]:
 
 def family_lines(rep: dict[str, Any]) -> list[str]:
     """The comparisons with dense read together (compare_stats.family): the intervals that hold
-    for all of them at once, and which still exclude no difference."""
+    for all of them at once, and which of them still exclude no difference from dense."""
     fam = rep.get("family")
     if not fam:
         return []
+    level = 100 * fam["level"]
     lines = [
-        f"Read together: the {fam['comparisons']} comparisons with dense above, each interval "
-        f"at {100 * fam['each']:.2f}% (Bonferroni) so that all of them hold at once with "
-        f"{100 * fam['level']:.0f}%; at 95% each, about {0.05 * fam['comparisons']:.1f} of them "
-        "would exclude no difference by chance if no model differed from dense. resolved: the "
-        "interval excludes no difference (eta 1, loss difference 0).",
+        f"Read together: the eta and loss-difference intervals of the main table, "
+        f"{fam['comparisons']} in all, each at {100 * fam['each']:.2f}% (Bonferroni) so that all "
+        f"of them hold at once with {level:.0f}%; at {level:.0f}% each, about "
+        f"{(1 - fam['level']) * fam['comparisons']:.1f} of them would exclude the no-difference "
+        "value by chance if no model differed from dense. resolved: the interval excludes it "
+        "(eta 1, in the direction a bound allows; loss difference 0).",
         "",
         "| experiment | modality | eta (held-out) | minus dense | resolved |",
         "|---|---|---|---|---|",
     ]
     for key, row in fam["rows"].items():
-        exp, m = key.split("/")
+        exp, m = key.rsplit("/", 1)
         resolved = [
             n for n, r in (("eta", row["eta_resolved"]), ("loss", row["loss_resolved"])) if r
         ]
         lines.append(
-            f"| {exp} | {m} | {interval(row['eta'], 2)} | {interval(row['loss_diff'])} "
+            f"| {exp} | {m} | {eta_cell(row['eta'])} | {interval(row['loss_diff'])} "
             f"| {', '.join(resolved) or '-'} |"
         )
     return lines

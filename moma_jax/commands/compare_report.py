@@ -156,7 +156,8 @@ def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) ->
     """Per experiment and modality, against the dense run of the same seed: the final held-out
     loss and its difference from dense, eta (held-out, training loss, measured time) and the
     step-matching ratio, each per seed with the mean and a 95% t-interval; the loss difference
-    and eta along the curve; the noise floor (dense seeds against each other); causal losses;
+    and eta along the curve; the noise floor (dense seeds against each other); the comparisons
+    read together (`family`: intervals that hold at once); causal losses;
     losses by task with intervals over held-out documents. Runs `root` lacks are read from
     `archive` (listed in the report with their code's commit)."""
     dense = suite.experiments[0]

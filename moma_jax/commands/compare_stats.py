@@ -2,7 +2,8 @@
 
 Every number over seeds is per seed, then a mean with a 95% t-interval (`moma_jax.stats`);
 differences from dense pair run s with dense seed s. Each table also carries a noise floor: the
-dense runs of different seeds compared with each other by the same statistics.
+dense runs of different seeds compared with each other by the same statistics. `family` reads
+the comparisons with dense together: the same intervals widened so that all hold at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from moma_jax.eta import Eta, curve, eta, eta_vs_flops, step_ratio
-from moma_jax.stats import disjoint_pairs, paired_t_interval, t_interval
+from moma_jax.stats import LEVEL, disjoint_pairs, paired_t_interval, t_interval
 
 Curves = dict[tuple[str, int], dict[str, Any]]
 
@@ -28,7 +29,7 @@ def summarize(values: Sequence[float | None]) -> dict[str, Any]:
     return out
 
 
-def summarize_etas(etas: Sequence[Eta | None]) -> dict[str, Any] | None:
+def summarize_etas(etas: Sequence[Eta | None], level: float = LEVEL) -> dict[str, Any] | None:
     """Per-seed eta (value, kind, bound), the geometric mean with the t-interval taken on
     log(eta), how many of each kind, and what a bound among the seeds makes of the mean:
     "lower" or "upper" if every bound points that way (the mean is then such a bound too),
@@ -38,7 +39,7 @@ def summarize_etas(etas: Sequence[Eta | None]) -> dict[str, Any] | None:
     known = [e for e in etas if e is not None]
     if not known:
         return None
-    iv = t_interval([math.log(e.value) for e in known])
+    iv = t_interval([math.log(e.value) for e in known], level)
     bounds = {e.bound for e in known if e.kind == "capped"}
     return {
         "per_seed": [None if e is None else e.to_json() for e in etas],
@@ -166,31 +167,44 @@ def eta_curves(curves: Curves, exp: str, dense: str, seeds: int, m: str) -> list
 
 
 def family(experiments: dict[str, dict[str, Any]], dense: str, level: float = 0.95) -> dict | None:
-    """The report's comparisons with dense read together: each (experiment, modality) interval
-    of eta (on log eta) and of the loss difference at equal FLOPs, widened by Bonferroni to
-    `level` / m over the m comparisons, so that all of them hold together at `level`. eta and
-    the loss difference are two readings of one comparison (one run against dense's), counted
-    once. None where no comparison has two seeds."""
+    """The report's comparisons with dense read together: per (experiment, modality) the
+    interval of eta (on log eta) and of the loss difference at equal FLOPs, each counted as its
+    own test (they are two readings that can disagree), every one at 1 - (1 - level) / m over
+    the m intervals (Bonferroni), so that all of them hold at once with `level`. Each interval
+    stands alone: a reading with fewer than 2 seeds is None (still counted in m). An eta whose
+    seeds hold a bound is resolved only in the bound's direction (a lower bound below 1 says
+    nothing). None where no interval has 2 seeds."""
     rows = [(e, m) for e in experiments if e != dense for m in ("overall", "text", "image")]
     if not rows:
         return None
-    each = 1 - (1 - level) / len(rows)
-    out: dict[str, Any] = {"comparisons": len(rows), "level": level, "each": each, "rows": {}}
+    m_tests = 2 * len(rows)
+    each = 1 - (1 - level) / m_tests
+    out: dict[str, Any] = {"comparisons": m_tests, "level": level, "each": each, "rows": {}}
     for exp, m in rows:
         entry = experiments[exp][m]
-        etas = [e["value"] for e in (entry["eta_heldout"] or {}).get("per_seed", []) if e]
+        seeds = [Eta(**e) for e in (entry["eta_heldout"] or {}).get("per_seed", []) if e]
+        eta_iv = summarize_etas(seeds, each) if len(seeds) > 1 else None
         diffs = [d for d in entry["loss_diff_at_equal_flops"]["per_seed"] if d is not None]
-        if len(etas) < 2 or len(diffs) < 2:  # one seed: no interval (still counted in m)
+        diff_iv = t_interval(diffs, each) if len(diffs) > 1 else None
+        if eta_iv is None and diff_iv is None:
             continue
-        log_iv = t_interval([math.log(v) for v in etas], each)
-        eta_iv = {"mean": math.exp(log_iv.mean), "low": math.exp(log_iv.bounds()[0])}
-        eta_iv["high"] = math.exp(log_iv.bounds()[1])
-        diff_iv = t_interval(diffs, each)
-        low, high = diff_iv.bounds()
         out["rows"][f"{exp}/{m}"] = {
             "eta": eta_iv,
-            "loss_diff": diff_iv.to_json(),
-            "eta_resolved": eta_iv["low"] > 1 or eta_iv["high"] < 1,
-            "loss_resolved": low > 0 or high < 0,
+            "loss_diff": None if diff_iv is None else diff_iv.to_json(),
+            "eta_resolved": eta_iv is not None and _eta_resolved(eta_iv),
+            "loss_resolved": diff_iv is not None and not _holds(diff_iv.bounds(), 0.0),
         }
     return out if out["rows"] else None
+
+
+def _eta_resolved(iv: dict[str, Any]) -> bool:
+    """The interval excludes 1 in a direction its seeds' bounds allow: above 1 with no bound or
+    lower bounds, below 1 with no bound or upper bounds, never with a bound both ways."""
+    bound = iv["bound"]
+    return (iv["low"] > 1 and bound in (None, "lower")) or (
+        iv["high"] < 1 and bound in (None, "upper")
+    )
+
+
+def _holds(bounds: tuple[float, float], value: float) -> bool:
+    return bounds[0] <= value <= bounds[1]
