@@ -15,6 +15,7 @@ import moma_jax.train
 from moma_jax.commands.compare import main
 from moma_jax.config import ConfigError
 from moma_jax.suites import SUITES, Suite, get_suite, register_suite
+from moma_jax.train import archive as archive_lib
 from moma_jax.train import reuse as reuse_lib
 from moma_jax.train.faults import WorkdirLock
 from moma_jax.train.metrics import logged_steps
@@ -305,8 +306,13 @@ def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_p
         )
     )
     try:
-        assert main(["--suite", "test_upcycle", "--root", str(tmp_path)]) == 0
+        archive = tmp_path / "archive"
+        args = ["--suite", "test_upcycle", "--root", str(tmp_path), "--archive", str(archive)]
+        assert main(args) == 0
         source = tmp_path / "test_upcycle" / "upcycled_moma_4t4i_tiny.source" / "seed0"
+        # The source run is archived beside the upcycled one (its curve up to the upcycling).
+        kept = archive_lib.open_archived(archive / source.relative_to(tmp_path))
+        assert kept.config.name == "moma_1t1i_tiny" and kept.provenance["step"] == 10
         assert json.loads((source / "config.json").read_text())["name"] == "moma_1t1i_tiny"
         run = tmp_path / "test_upcycle" / "upcycled_moma_4t4i_tiny" / "seed0"
         init = json.loads((run / "init_from.json").read_text())

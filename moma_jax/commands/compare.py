@@ -34,7 +34,7 @@ from moma_jax.commands.compare_archive import archive_unit, archived_unit
 from moma_jax.commands.compare_markdown import markdown
 from moma_jax.commands.compare_plots import plots
 from moma_jax.commands.compare_report import report
-from moma_jax.commands.compare_runs import locate, open_run, run_dir
+from moma_jax.commands.compare_runs import locate, open_run, run_dir, source_dir
 from moma_jax.commands.compare_scaling import write_scaling
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.model.kinds import needs_aux_routers
@@ -119,11 +119,6 @@ def source_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list
     return keys + budgets.schedule_keys(
         cfg, budgets.steps_for_flops(cfg, up.fraction * dense_flops)
     )
-
-
-def source_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
-    """Where upcycled experiment `exp`'s source run lives: ROOT/SUITE/{exp}.source/seedS."""
-    return run_dir(root, suite, f"{exp}.source", seed)
 
 
 def train_suite(

@@ -11,7 +11,7 @@ from typing import Any
 
 from moma_jax import data as data_lib
 from moma_jax.commands.compare_report import score
-from moma_jax.commands.compare_runs import run_dir
+from moma_jax.commands.compare_runs import run_dir, source_dir
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.runtime import with_data_shares
 from moma_jax.suites import Suite
@@ -95,9 +95,13 @@ def _archived_twin(
 def archive_unit(
     archive: Path, root: Path, suite: Suite, seed: int, runs: list[tuple[str, ExperimentConfig]]
 ) -> None:
-    """Archives the finished run `runs[0]` with its held-out score, and its aux stage first
-    (the experiment's record marks the two as archived)."""
+    """Archives the finished run `runs[0]` with its held-out score, and first its aux stage and,
+    for an upcycled experiment, the source run it started from (its curve up to the upcycling
+    point; no score): the experiment's record, archived last, marks the unit as archived."""
     exp = runs[0][0]
+    if suite.upstream_of(exp) is not None:
+        name = f"{exp}.source"
+        archive_run(source_dir(root, suite, exp, seed), run_dir(archive, suite, name, seed))
     for name, _ in runs[:0:-1]:
         archive_run(run_dir(root, suite, name, seed), run_dir(archive, suite, name, seed))
     dest = run_dir(archive, suite, exp, seed)

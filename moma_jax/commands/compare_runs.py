@@ -25,6 +25,11 @@ def run_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
     return root / suite.name / exp / f"seed{seed}"
 
 
+def source_dir(root: Path, suite: Suite, exp: str, seed: int) -> Path:
+    """Where upcycled experiment `exp`'s source run lives: ROOT/SUITE/{exp}.source/seedS."""
+    return run_dir(root, suite, f"{exp}.source", seed)
+
+
 def locate(root: Path, suite: Suite, exp: str, seed: int, archive: Path | None = None) -> Path:
     """The run's folder under `root`; where `root` has none and `archive` holds the run, the
     archived one."""
