@@ -106,3 +106,31 @@ def bootstrap_pooled(
 def disjoint_pairs(n: int) -> list[tuple[int, int]]:
     """Disjoint pairs of seeds (0, 1), (2, 3), ...: independent comparisons for a noise floor."""
     return [(i, i + 1) for i in range(0, n - 1, 2)]
+
+
+def t_pvalue(values: Sequence[float], null: float = 0.0) -> float | None:
+    """Two-sided p-value of Student's t-test that the values' mean is `null` (None for fewer
+    than 2 values; 0 when they are all equal and differ from `null`)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return None
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    if se == 0:
+        return 1.0 if x.mean() == null else 0.0
+    t = (x.mean() - null) / se
+    return float(2 * scipy_stats.t.sf(abs(t), len(x) - 1))
+
+
+def holm(pvalues: Sequence[float | None], alpha: float = 1 - LEVEL) -> list[bool]:
+    """Holm's step-down rejections at family-wise error `alpha`: the k-th smallest of the m
+    p-values is rejected while every smaller one was and it is <= alpha / (m - k + 1). Rejects
+    at least what Bonferroni (each <= alpha / m) rejects, with the same guarantee. A None
+    (no test) counts in m and is never rejected."""
+    m = len(pvalues)
+    order = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out = [False] * m
+    for k, (p, i) in enumerate(order):
+        if p > alpha / (m - k):
+            break
+        out[i] = True
+    return out

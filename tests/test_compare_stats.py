@@ -139,6 +139,10 @@ def test_read_together_widens_each_interval_to_hold_for_the_family():
     assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 4.8510 * sd_log), rel=1e-4)
     assert row["eta"]["low"] > 1 and row["eta_resolved"]
     assert row["loss_diff"]["high"] > 0 and not row["loss_resolved"]
+    # Holm: the three etas (p = 0.0036 each, t = 6.17 at 4 df) fall first, below 0.05/6, 0.05/5
+    # and 0.05/4; then each loss difference (p = 0.0132, t = -4.24) is below 0.05/3: rejected,
+    # where its Bonferroni interval (p below 0.05/6 needed) is not.
+    assert row["eta_holm"] and row["loss_holm"]
     # One seed: no interval, nothing to read together.
     assert family({"dense": {}, "m0": {m: _entry([1.2], [0.0]) for m in one}}, "dense") is None
 
@@ -165,6 +169,7 @@ def test_read_together_respects_bounds_and_missing_seeds():
     assert fam["rows"]["lower/overall"]["eta"]["high"] < 1
     assert not fam["rows"]["lower/overall"]["eta_resolved"]
     assert fam["rows"]["upper/overall"]["eta_resolved"]
+    assert not fam["rows"]["lower/overall"]["eta_holm"]  # below 1, but a lower bound
     few = fam["rows"]["few/text"]
     assert few["eta"] is None and not few["eta_resolved"]
     assert few["loss_diff"]["n"] == 5 and few["loss_resolved"]

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from moma_jax.commands.evaluate import document_sums, target_documents
-from moma_jax.stats import bootstrap_pooled, paired_t_interval, t_interval
+from moma_jax.stats import bootstrap_pooled, holm, paired_t_interval, t_interval, t_pvalue
 
 
 def test_t_interval_by_hand():
@@ -84,3 +84,18 @@ def test_a_document_cut_across_rows_is_one_document():
     np.testing.assert_array_equal(
         docs, [[0, 0, 1, 1], [1, 1, 1, 1], [1, -1, -1, -1], [2, -1, -1, -1]]
     )
+
+
+def test_t_pvalue_by_hand():
+    # [1, 2, 3]: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641 at 2 df; at 2 df P(|T| > t) =
+    # 1 - t / sqrt(2 + t^2) exactly: 1 - 3.4641 / 3.7417 = 0.07418.
+    assert t_pvalue([1.0, 2.0, 3.0]) == pytest.approx(0.07418, abs=1e-4)
+    assert t_pvalue([1.0, 2.0, 3.0], null=2.0) == pytest.approx(1.0)
+    assert t_pvalue([0.5]) is None
+
+
+def test_holm_rejects_what_bonferroni_does_and_more_by_hand():
+    # m = 4, alpha 0.05: thresholds 0.0125, 0.0167, 0.025, 0.05 in order of p.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]  # 0.03 > 0.025: stop
+    assert holm([0.001, 0.012, 0.02, 0.3]) == [True, True, True, False]  # Bonferroni: 2 of these
+    assert holm([0.001, None, 0.02, 0.3]) == [True, False, False, False]  # None counts in m

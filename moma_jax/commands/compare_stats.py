@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from moma_jax.eta import Eta, curve, eta, eta_vs_flops, step_ratio
-from moma_jax.stats import LEVEL, disjoint_pairs, paired_t_interval, t_interval
+from moma_jax.stats import LEVEL, disjoint_pairs, holm, paired_t_interval, t_interval, t_pvalue
 
 Curves = dict[tuple[str, int], dict[str, Any]]
 
@@ -173,7 +173,8 @@ def family(experiments: dict[str, dict[str, Any]], dense: str, level: float = 0.
     the m intervals (Bonferroni), so that all of them hold at once with `level`. Each interval
     stands alone: a reading with fewer than 2 seeds is None (still counted in m). An eta whose
     seeds hold a bound is resolved only in the bound's direction (a lower bound below 1 says
-    nothing). None where no interval has 2 seeds."""
+    nothing). Beside the intervals, Holm's step-down over the same m t-tests (`*_holm`): the
+    same family-wise guarantee, never fewer rejections. None where no interval has 2 seeds."""
     rows = [(e, m) for e in experiments if e != dense for m in ("overall", "text", "image")]
     if not rows:
         return None
@@ -193,8 +194,22 @@ def family(experiments: dict[str, dict[str, Any]], dense: str, level: float = 0.
             "loss_diff": None if diff_iv is None else diff_iv.to_json(),
             "eta_resolved": eta_iv is not None and _eta_resolved(eta_iv),
             "loss_resolved": diff_iv is not None and not _holds(diff_iv.bounds(), 0.0),
+            "p_eta": t_pvalue([math.log(e.value) for e in seeds]) if eta_iv else None,
+            "p_loss": t_pvalue(diffs) if diff_iv else None,
         }
-    return out if out["rows"] else None
+    if not out["rows"]:
+        return None
+    # Holm's step-down over the same m tests: rejects at least what the intervals resolve.
+    keys = list(out["rows"])
+    tests = [out["rows"][k][f"p_{r}"] for k in keys for r in ("eta", "loss")]
+    tests += [None] * (m_tests - len(tests))  # comparisons without two seeds
+    rejected = holm(tests, 1 - level)
+    for i, key in enumerate(keys):
+        row = out["rows"][key]
+        eta_iv = row["eta"]
+        row["eta_holm"] = rejected[2 * i] and _eta_direction_allowed(eta_iv)
+        row["loss_holm"] = rejected[2 * i + 1]
+    return out
 
 
 def _eta_resolved(iv: dict[str, Any]) -> bool:
@@ -208,3 +223,12 @@ def _eta_resolved(iv: dict[str, Any]) -> bool:
 
 def _holds(bounds: tuple[float, float], value: float) -> bool:
     return bounds[0] <= value <= bounds[1]
+
+
+def _eta_direction_allowed(iv: dict[str, Any] | None) -> bool:
+    """The eta's side of 1 is one its seeds' bounds allow (above with no bound or lower bounds,
+    below with no bound or upper bounds)."""
+    if iv is None:
+        return False
+    bound = iv["bound"]
+    return bound in (None, "lower") if iv["mean"] > 1 else bound in (None, "upper")
