@@ -49,6 +49,16 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
         assert again == {k: v for k, v in rep.items() if k != "archived"}
     assert "Read from the archive" in (elsewhere / "test_pair" / "report.md").read_text()
     assert not any(elsewhere.glob("test_pair/*/seed0"))
+    # --status: every run and stage, where it stands, nothing trained or written.
+    capsys.readouterr()
+    assert main([*args, "--seeds", "2", "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "| test_pair | 0 | moe_8x_aux_tiny | 20 | archived |" in out
+    assert "| test_pair | 1 | dense_tiny | 20 | to train |" in out
+    assert "5 of 10 runs archived or finished; 5 left to train." in out
+    here = ["--suite", "test_pair", "--root", str(root), "--archive", str(archive), "--status"]
+    assert main(here) == 0
+    assert "| test_pair | 0 | dense_tiny | 20 | finished, archived |" in capsys.readouterr().out
     # --seed: that seed only (here archived: nothing trained), reported once all are there.
     (elsewhere / "test_pair" / "report.json").unlink()
     capsys.readouterr()

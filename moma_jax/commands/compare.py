@@ -6,6 +6,7 @@ stopped), then report it at equal FLOPs.
     python scripts/compare.py --suite tokens_per_param_64 --budget 20   # one budget only
     python scripts/compare.py --suite paper_tiny --archive results   # keep results, no checkpoints
     python scripts/compare.py --suite paper_tiny --archive results --root runs/b --seed 3
+    python scripts/compare.py --suite paper_micro --archive results --status   # what is left
 
 Runs live in ROOT/SUITE/EXPERIMENT/seedS (default ROOT: runs/suites). The report goes to
 ROOT/SUITE/report.md, report.json and PNG plots (docs/comparison.md explains every number). A
@@ -16,7 +17,8 @@ once it finished (`train.archive`), runs archived there with the config and data
 them are not trained again, and the report reads from DIR what ROOT lacks: a suite's seeds can
 be trained on different machines or days and reported together. --seed S trains that seed only
 (repeatable; one process per --root, so seeds trained side by side need a root each) and
-reports once every run of the suite is there.
+reports once every run of the suite is there. --status lists every run as archived, finished,
+at a checkpoint or to train, and trains and reports nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from moma_jax.commands.compare_plots import plots
 from moma_jax.commands.compare_report import report
 from moma_jax.commands.compare_runs import locate, open_run, run_dir, source_dir
 from moma_jax.commands.compare_scaling import write_scaling
+from moma_jax.commands.compare_status import status_lines
 from moma_jax.config import ConfigError, ExperimentConfig
 from moma_jax.model.kinds import needs_aux_routers
 from moma_jax.registry import stage_name
@@ -92,6 +95,15 @@ def chosen_budgets(suite: Suite, chosen: list[float] | None) -> list[float]:
     return [b for b in suite.tokens_per_param if b in chosen]
 
 
+def chosen_parts(suite: Suite, chosen: list[float], overrides: list[str]) -> list[Suite]:
+    """The suite, or its parts at the budgets `--budget` chose (`budget_suites`)."""
+    parts = budget_suites(suite, list(overrides))
+    if not suite.tokens_per_param:
+        return parts
+    kept = zip(parts, suite.tokens_per_param, strict=True)
+    return [part for part, b in kept if b in chosen]
+
+
 def run_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list[str]:
     """The --set keys of one run; with `match_flops`, its steps for dense's total FLOPs; an
     upcycled experiment (`Suite.upstream`) trains to what its source run left of them."""
@@ -119,6 +131,38 @@ def source_keys(suite: Suite, exp: str, seed: int, overrides: list[str]) -> list
     return keys + budgets.schedule_keys(
         cfg, budgets.steps_for_flops(cfg, up.fraction * dense_flops)
     )
+
+
+def unit_runs(
+    suite: Suite, exp: str, seed: int, overrides: list[str], root: Path
+) -> list[tuple[str, ExperimentConfig]]:
+    """One (experiment, seed) of the suite: the run and, where the suite has one, its post-hoc
+    aux-router stage (for causal losses, docs/sparsity.md; its own schedule, started from the
+    run's folder under `root`)."""
+    cfg = experiment_config(exp, run_keys(suite, exp, seed, overrides))
+    runs = [(exp, cfg)]
+    if suite.aux_stages and needs_aux_routers(cfg.model) and cfg.model.aux_routers == "none":
+        base = [*suite.overrides, *overrides, *seed_keys(seed)]
+        stage_keys = [*base, f"run.init_from={run_dir(root, suite, exp, seed).absolute()}"]
+        runs.append((stage_name(exp), experiment_config(stage_name(exp), stage_keys)))
+    return runs
+
+
+def status(
+    parts: list[Suite], seeds: list[int], root: Path, archive: Path | None, overrides: list[str]
+) -> list[str]:
+    """`--status`: every run of the suite's parts and seeds, with where it stands."""
+    units = []
+    for part in parts:
+        for seed in seeds:
+            for exp in part.experiments:
+                runs = unit_runs(part, exp, seed, overrides, root)
+                up = part.upstream_of(exp)
+                if up is not None:
+                    keys = source_keys(part, exp, seed, overrides)
+                    runs.insert(0, (f"{exp}.source", experiment_config(up.source, keys)))
+                units.append((part, seed, runs))
+    return status_lines(units, root, archive)
 
 
 def train_suite(
@@ -153,17 +197,8 @@ def train_suite(
             keys = run_keys(suite, exp, seed, overrides)
             up = suite.upstream_of(exp)
             workdir = run_dir(root, suite, exp, seed)
-            cfg = experiment_config(exp, keys)
-            runs = [(exp, cfg)]
-            if (
-                suite.aux_stages
-                and needs_aux_routers(cfg.model)
-                and cfg.model.aux_routers == "none"
-            ):
-                # The post-hoc aux-router stage, for causal losses (docs/sparsity.md).
-                base = [*suite.overrides, *overrides, *seed_keys(seed)]  # its own schedule
-                stage_keys = [*base, f"run.init_from={workdir.absolute()}"]
-                runs.append((stage_name(exp), experiment_config(stage_name(exp), stage_keys)))
+            runs = unit_runs(suite, exp, seed, overrides, root)
+            cfg = runs[0][1]
             if archive is not None and archived_unit(archive, root, suite, seed, runs):
                 print(f"[compare] {exp} seed {seed}: archived, not trained", file=sys.stderr)
                 continue
@@ -267,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=os.path.join("runs", "suites"), help="where runs live")
     p.add_argument("--report-only", action="store_true", help="report the runs as they are")
     p.add_argument(
+        "--status",
+        action="store_true",
+        help="list every run of the suite (these --seed/--budget) as archived, finished, at a "
+        "checkpoint or to train; trains and reports nothing",
+    )
+    p.add_argument(
         "--budget",
         type=float,
         action="append",
@@ -307,13 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         if archive is not None and archive.resolve() == root.resolve():
             raise ConfigError(f"--archive {archive} is --root: give the archive its own folder")
         only = chosen_seeds(args.seed, seeds, args.report_only)
+        if args.status:  # read only, beside a compare.py training under the same --root
+            parts = chosen_parts(suite, chosen_budgets(suite, args.budget), args.overrides)
+            listed = list(range(seeds)) if only is None else only
+            print("\n".join(status(parts, listed, root, archive, list(args.overrides))))
+            return 0
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):
             chosen = chosen_budgets(suite, args.budget)
-            parts = budget_suites(suite, list(args.overrides))
-            if suite.tokens_per_param:  # the budgets --budget names
-                kept = zip(parts, suite.tokens_per_param, strict=True)
-                parts = [part for part, b in kept if b in chosen]
+            parts = chosen_parts(suite, chosen, args.overrides)
             if not args.report_only:
                 enable_compilation_cache()
                 for part in parts:
