@@ -291,7 +291,7 @@ def _check_budgets(tmp_path, capsys):
     assert "The gap's trend" in (tmp_path / "test_budgets" / "scaling.md").read_text()
 
 
-def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_path):
+def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_path, capsys):
     from moma_jax.suites import Upstream
 
     up = Upstream("moma_1t1i_tiny", 0.5)
@@ -313,6 +313,13 @@ def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_p
         # The source run is archived beside the upcycled one (its curve up to the upcycling).
         kept = archive_lib.open_archived(archive / source.relative_to(tmp_path))
         assert kept.config.name == "moma_1t1i_tiny" and kept.provenance["step"] == 10
+        assert main([*args, "--status"]) == 0
+        listed = capsys.readouterr().out
+        assert (
+            "| test_upcycle | 0 | upcycled_moma_4t4i_tiny.source | 10 | finished, archived |"
+            in (listed)
+        )
+        assert "3 of 3 runs archived or finished; 0 left to train." in listed
         assert json.loads((source / "config.json").read_text())["name"] == "moma_1t1i_tiny"
         run = tmp_path / "test_upcycle" / "upcycled_moma_4t4i_tiny" / "seed0"
         init = json.loads((run / "init_from.json").read_text())
