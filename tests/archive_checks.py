@@ -55,7 +55,7 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| test_pair | 0 | moe_8x_aux_tiny | 20 | archived |" in out
     assert "| test_pair | 1 | dense_tiny | 20 | to train |" in out
-    assert "5 of 10 runs archived or finished; 5 left to train." in out
+    assert "5 of 10 runs archived, finished or not needed; 5 left to train." in out
     here = ["--suite", "test_pair", "--root", str(root), "--archive", str(archive), "--status"]
     assert main(here) == 0
     assert "| test_pair | 0 | dense_tiny | 20 | finished, archived |" in capsys.readouterr().out
@@ -110,6 +110,20 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     provenance.write_text(json.dumps({**record, "manifest": {**record["manifest"], "seed": 9}}))
     assert main(report_two) == 2
     assert "trained on other data" in capsys.readouterr().err
+    # The records' digest, compared where both manifests hold one: dense seed 0's without one
+    # (data prepared before it existed) does not let two runs with different ones be pooled.
+    paths = [stored / e / f"seed{s}" / "archived.json" for e, s in DIGEST_CASE]
+    kept = [p.read_text() for p in paths]
+    manifest = json.loads(kept[0])["manifest"]
+    without = {k: v for k, v in manifest.items() if k != "records_digest"}
+    for path, digest in zip(paths, (None, "a", "b"), strict=True):
+        changed = without if digest is None else {**without, "records_digest": {"train": digest}}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "manifest": changed}))
+    capsys.readouterr()
+    assert main(report_two) == 2
+    assert "differ in records_digest" in capsys.readouterr().err
+    for path, text in zip(paths, kept, strict=True):
+        path.write_text(text)
     provenance.write_text(json.dumps(record))
     assert main([*args, "--archive", str(elsewhere)]) == 2  # --archive is --root
     assert "give the archive its own folder" in capsys.readouterr().err
@@ -118,6 +132,10 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     shutil.rmtree(stored / "moe_8x_aux_tiny")
     assert main(args) == 2
     assert "but not its aux stage" in capsys.readouterr().err
+
+
+# dense seed 0 (the report's reference for the data) without a digest, two runs with others
+DIGEST_CASE = (("dense_tiny", 0), ("moe_8x_tiny", 0), ("moe_8x_tiny", 1))
 
 
 def _no_training(cfg, workdir, *a):

@@ -12,6 +12,7 @@ from moma_jax.commands.compare_stats import (
     summarize_etas,
 )
 from moma_jax.eta import Eta
+from moma_jax.stats import t_pvalue
 
 F = np.geomspace(1e12, 1e15, 20)
 
@@ -139,7 +140,7 @@ def test_read_together_widens_each_interval_to_hold_for_the_family():
     assert row["eta"]["low"] == pytest.approx(np.exp(log.mean() - 4.8510 * sd_log), rel=1e-4)
     assert row["eta"]["low"] > 1 and row["eta_resolved"]
     assert row["loss_diff"]["high"] > 0 and not row["loss_resolved"]
-    # Holm: the three etas (p = 0.0036 each, t = 6.17 at 4 df) fall first, below 0.05/6, 0.05/5
+    # Holm: the three etas (p = 0.0036 each, t = 6.12 at 4 df) fall first, below 0.05/6, 0.05/5
     # and 0.05/4; then each loss difference (p = 0.0132, t = -4.24) is below 0.05/3: rejected,
     # where its Bonferroni interval (p below 0.05/6 needed) is not.
     assert row["eta_holm"] and row["loss_holm"]
@@ -173,3 +174,39 @@ def test_read_together_respects_bounds_and_missing_seeds():
     few = fam["rows"]["few/text"]
     assert few["eta"] is None and not few["eta_resolved"]
     assert few["loss_diff"]["n"] == 5 and few["loss_resolved"]
+
+
+def _series(t, sd=0.05):
+    """5 values whose one-sample t statistic is `t` (mean t * sd / sqrt 5, sd `sd`)."""
+    z = np.array([-2.0, -1.0, 0.0, 1.0, 2.0]) / np.sqrt(2.5)  # mean 0, sd 1
+    return (t * sd / np.sqrt(5) + sd * z).tolist()
+
+
+def test_holm_over_the_family_row_by_row():
+    """18 tests (3 models x 3 modalities x eta and loss), 6 of them without 2 seeds. p-values
+    from t at 4 df: t = 15.54 -> 1e-4, 6.435 -> 0.0030, 6.221 -> 0.0034, 5.762 -> 0.0045,
+    0.134 -> 0.90. Holm's thresholds 0.05/18, /17, /16 take a's three etas, 0.05/15 = 0.00333
+    b's overall loss, 0.05/14 = 0.00357 b's image eta, and 0.05/13 = 0.00385 stops at b's text
+    loss; Bonferroni (0.05/18 = 0.00278) resolves a's etas only."""
+    null, etas = _series(0.134), np.exp(_series(15.544)).tolist()
+    assert t_pvalue(_series(5.7624)) == pytest.approx(0.0045, rel=1e-3)
+    a = {m: _entry(etas, null) for m in ("overall", "text", "image")}
+    b = {
+        "overall": _entry(np.exp(null).tolist(), _series(6.4348)),
+        "image": _entry(np.exp(_series(6.2206)).tolist(), null),
+        "text": _entry(np.exp(null).tolist(), _series(5.7624)),
+    }
+    c = {m: _entry([1.2], [0.0]) for m in ("overall", "text", "image")}
+    fam = family({"dense": {}, "a": a, "b": b, "c": c}, "dense")
+    assert fam is not None and fam["comparisons"] == 18 and "c/overall" not in fam["rows"]
+    holm_rows = {k: (r["eta_holm"], r["loss_holm"]) for k, r in fam["rows"].items()}
+    assert holm_rows == {
+        "a/overall": (True, False),
+        "a/text": (True, False),
+        "a/image": (True, False),
+        "b/overall": (False, True),
+        "b/text": (False, False),
+        "b/image": (True, False),
+    }
+    bonferroni = {k: (r["eta_resolved"], r["loss_resolved"]) for k, r in fam["rows"].items()}
+    assert bonferroni == {k: (k.startswith("a/"), False) for k in holm_rows}

@@ -161,7 +161,7 @@ def status(
                 if up is not None:
                     keys = source_keys(part, exp, seed, overrides)
                     runs.insert(0, (f"{exp}.source", experiment_config(up.source, keys)))
-                units.append((part, seed, runs))
+                units.append((part, seed, exp, runs))
     return status_lines(units, root, archive)
 
 

@@ -99,9 +99,12 @@ def archive_unit(
     for an upcycled experiment, the source run it started from (its curve up to the upcycling
     point; no score): the experiment's record, archived last, marks the unit as archived."""
     exp = runs[0][0]
-    if suite.upstream_of(exp) is not None:
-        name = f"{exp}.source"
-        archive_run(source_dir(root, suite, exp, seed), run_dir(archive, suite, name, seed))
+    if suite.upstream_of(exp) is not None:  # provenance: its failure must not block the unit
+        there = run_dir(archive, suite, f"{exp}.source", seed)
+        try:
+            archive_run(source_dir(root, suite, exp, seed), there)
+        except (ConfigError, ValueError) as e:
+            print(f"[compare] {exp} seed {seed}: its source not archived ({e})", file=sys.stderr)
     for name, _ in runs[:0:-1]:
         archive_run(run_dir(root, suite, name, seed), run_dir(archive, suite, name, seed))
     dest = run_dir(archive, suite, exp, seed)

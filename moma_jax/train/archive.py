@@ -77,6 +77,12 @@ class ArchivedRun:
         return score
 
 
+def checkpointed_steps(workdir: Path) -> list[int]:
+    """The committed checkpoint steps of the run folder `workdir` (read only: no checkpoint is
+    opened, no JAX backend started); what `compare.py --status` shows of an unfinished run."""
+    return committed_steps(Path(workdir) / "checkpoints")
+
+
 def is_archived(path: Path) -> bool:
     return (Path(path) / ARCHIVED).is_file()
 
