@@ -1,10 +1,13 @@
-"""Dataset preparation: manifest content, data directory resolution, atomic commit."""
+"""Dataset preparation: manifest content, data directory resolution, atomic commit, the records
+digest, and the manifest keys that make two datasets other data."""
 
 import json
 import math
+from typing import Any
 
 import pytest
 
+from moma_jax import data as data_lib
 from moma_jax.data import default_data_dir, ensure_data, load_manifest, prepare
 from moma_jax.data.prepare import MANIFEST, _commit
 from moma_jax.data.vocab import Vocab
@@ -131,3 +134,26 @@ def test_a_prepared_dataset_records_its_digest(tmp_path):
     assert set(m["records_digest"]) == {"train", "heldout"}
     assert m["records_digest"] == records_digest(tmp_path / "d", m["splits"])
     assert load_manifest(tmp_path / "d")["records_digest"] == m["records_digest"]
+
+
+def test_data_content_is_what_the_tokens_depend_on():
+    """A user corpus prepared again from the same files elsewhere is the same data; one prepared
+    with another codebook sample or shard size is not (its options differ)."""
+    opts = {"inputs": ["/a/corpus.jsonl"], "codebook_images": 4096, "shard_bytes": 1 << 26}
+    here = {"options": opts, "sources": {"files": [{"path": "/a/corpus.jsonl", "mtime_ns": 1}]}}
+    moved: dict[str, Any] = {
+        "options": {**opts, "inputs": ["/b/corpus.jsonl"]},
+        "sources": {"files": [{"path": "/b/corpus.jsonl", "mtime_ns": 2}]},
+        "prepare_seconds": 3.0,
+    }
+    assert data_lib.content_differences(here, moved) == []
+    other = {**moved, "options": {**moved["options"], "codebook_images": 2048}}
+    assert data_lib.content_differences(here, other) == ["options"]
+    assert data_lib.content_differences(here, {**moved, "seed": 1}) == ["seed"]
+    # The records' digest: compared where both manifests hold one (older data has none).
+    digest = {"train": "0" * 64, "heldout": "1" * 64}
+    edited = {**digest, "train": "2" * 64}
+    assert data_lib.content_differences({**here, "records_digest": digest}, moved) == []
+    assert data_lib.content_differences(
+        {**here, "records_digest": digest}, {**moved, "records_digest": edited}
+    ) == ["records_digest"]

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,29 +94,6 @@ def test_data_prepared_again_differently_is_refused_and_nothing_renamed(
         data_lib, "load_manifest", lambda path: {**real(path), "prepare_seconds": 1e6}
     )
     assert main([*ARGS, "--workdir", str(run_copy), "--steps", "12"]) == 0
-
-
-def test_data_content_is_what_the_tokens_depend_on():
-    """A user corpus prepared again from the same files elsewhere is the same data; one prepared
-    with another codebook sample or shard size is not (its options differ)."""
-    opts = {"inputs": ["/a/corpus.jsonl"], "codebook_images": 4096, "shard_bytes": 1 << 26}
-    here = {"options": opts, "sources": {"files": [{"path": "/a/corpus.jsonl", "mtime_ns": 1}]}}
-    moved: dict[str, Any] = {
-        "options": {**opts, "inputs": ["/b/corpus.jsonl"]},
-        "sources": {"files": [{"path": "/b/corpus.jsonl", "mtime_ns": 2}]},
-        "prepare_seconds": 3.0,
-    }
-    assert data_lib.content_differences(here, moved) == []
-    other = {**moved, "options": {**moved["options"], "codebook_images": 2048}}
-    assert data_lib.content_differences(here, other) == ["options"]
-    assert data_lib.content_differences(here, {**moved, "seed": 1}) == ["seed"]
-    # The records' digest: compared where both manifests hold one (older data has none).
-    digest = {"train": "0" * 64, "heldout": "1" * 64}
-    edited = {**digest, "train": "2" * 64}
-    assert data_lib.content_differences({**here, "records_digest": digest}, moved) == []
-    assert data_lib.content_differences(
-        {**here, "records_digest": digest}, {**moved, "records_digest": edited}
-    ) == ["records_digest"]
 
 
 def test_no_fresh_start_over_an_earlier_run_unless_restart(run_copy, capsys):

@@ -213,12 +213,8 @@ def family(experiments: dict[str, dict[str, Any]], dense: str, level: float = 0.
 
 
 def _eta_resolved(iv: dict[str, Any]) -> bool:
-    """The interval excludes 1 in a direction its seeds' bounds allow: above 1 with no bound or
-    lower bounds, below 1 with no bound or upper bounds, never with a bound both ways."""
-    bound = iv["bound"]
-    return (iv["low"] > 1 and bound in (None, "lower")) or (
-        iv["high"] < 1 and bound in (None, "upper")
-    )
+    """The interval excludes 1 on a side its seeds' bounds allow (`_eta_direction_allowed`)."""
+    return (iv["low"] > 1 or iv["high"] < 1) and _eta_direction_allowed(iv)
 
 
 def _holds(bounds: tuple[float, float], value: float) -> bool:
