@@ -55,7 +55,7 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| test_pair | 0 | moe_8x_aux_tiny | 20 | archived |" in out
     assert "| test_pair | 1 | dense_tiny | 20 | to train |" in out
-    assert "5 of 10 runs archived, finished or not needed; 5 left to train." in out
+    assert "5 of 10 runs archived, copied, finished or not needed; 5 left to train." in out
     here = ["--suite", "test_pair", "--root", str(root), "--archive", str(archive), "--status"]
     assert main(here) == 0
     assert "| test_pair | 0 | dense_tiny | 20 | finished, archived |" in capsys.readouterr().out
@@ -79,6 +79,11 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     )
     try:
         also = ["--suite", "test_also", "--root", str(tmp_path / "also"), "--archive", str(archive)]
+        capsys.readouterr()
+        assert main([*also, "--status"]) == 0  # what training will copy, before it does
+        listed = capsys.readouterr().out
+        assert "| test_also | 0 | moe_8x_aux_tiny | 20 | copied from test_pair |" in listed
+        assert "3 of 3 runs archived, copied, finished or not needed; 0 left" in listed
         assert main(also) == 0
         for run in ("dense_tiny", "moe_8x_tiny", "moe_8x_aux_tiny"):
             record = json.loads(
@@ -104,6 +109,11 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     capsys.readouterr()
     assert main(report_two) == 2
     assert "moe_8x_tiny/seed1 was trained with another config" in capsys.readouterr().err
+    assert main([*args, "--seeds", "2", "--status"]) == 0  # marked, and not counted as done
+    rows = {r.split(" | ")[2]: r for r in capsys.readouterr().out.splitlines() if "| 1 |" in r}
+    assert "archived, differs: " in rows["moe_8x_tiny"] and "optim.peak_lr" in rows["moe_8x_tiny"]
+    assert "optim.peak_lr" not in rows["dense_tiny"]  # (its seed keys are seed 0's: differs)
+    assert rows["moe_8x_aux_tiny"].endswith("| missing |")  # not copied above
     config.write_text(saved)
     provenance = stored / "moe_8x_tiny" / "seed1" / "archived.json"
     record = json.loads(provenance.read_text())

@@ -319,7 +319,7 @@ def test_an_upcycled_run_trains_its_seed_run_first_and_ends_at_dense_flops(tmp_p
             "| test_upcycle | 0 | upcycled_moma_4t4i_tiny.source | 10 | finished, archived |"
             in (listed)
         )
-        assert "3 of 3 runs archived, finished or not needed; 0 left to train." in listed
+        assert "3 of 3 runs archived, copied, finished or not needed; 0 left to train." in listed
         assert json.loads((source / "config.json").read_text())["name"] == "moma_1t1i_tiny"
         run = tmp_path / "test_upcycle" / "upcycled_moma_4t4i_tiny" / "seed0"
         init = json.loads((run / "init_from.json").read_text())

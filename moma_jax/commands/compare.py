@@ -17,8 +17,9 @@ once it finished (`train.archive`), runs archived there with the config and data
 them are not trained again, and the report reads from DIR what ROOT lacks: a suite's seeds can
 be trained on different machines or days and reported together. --seed S trains that seed only
 (repeatable; one process per --root, so seeds trained side by side need a root each) and
-reports once every run of the suite is there. --status lists every run as archived, finished,
-at a checkpoint or to train, and trains and reports nothing.
+reports once every run of the suite is there. --status lists every run as archived (or differing
+from the suite now), to be copied from another suite's archive, finished, at a checkpoint or to
+train, and trains and reports nothing.
 """
 
 from __future__ import annotations
@@ -304,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--status",
         action="store_true",
-        help="list every run of the suite (these --seed/--budget) as archived, finished, at a "
-        "checkpoint or to train; trains and reports nothing",
+        help="list every run of the suite (these --seed/--budget) as archived, copied from another "
+        "suite's archive, finished, at a checkpoint or to train; trains and reports nothing",
     )
     p.add_argument(
         "--budget",

@@ -38,7 +38,7 @@ def archived_unit(
         return False
     manifest = data_lib.load_manifest(data_lib.ensure_data(cfg.data.path or None))
     if not is_archived(run_dir(archive, suite, exp, seed)):
-        twin = _archived_twin(archive, suite, seed, runs, manifest)
+        twin = archived_twin(archive, suite, seed, runs, manifest)
         if twin is None:
             return False
         for (name, _), src in reversed(list(zip(runs, twin, strict=True))):  # the stage first
@@ -61,7 +61,7 @@ def archived_unit(
     return True
 
 
-def _archived_twin(
+def archived_twin(
     archive: Path,
     suite: Suite,
     seed: int,

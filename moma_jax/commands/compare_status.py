@@ -1,19 +1,26 @@
 """`compare.py --status`: where each run of a suite stands, without training or reporting: archived,
-finished or resumable at a checkpoint under --root, or still to train. For a suite trained over
-several machines or sessions (a `--root` each, one `--archive`), it says what is left.
+to be copied from another suite's archived run, finished or resumable at a checkpoint under
+--root, or still to train. For a suite trained over several machines or sessions (a `--root`
+each, one `--archive`), it says what is left.
 
-It reads folder names and archive records only (no checkpoint is opened, no JAX backend
-started), so it may run beside a training. It does not check that an archived run's config and
-data still equal the suite's (training does, and stops naming the key), nor find runs another
-suite's archive or root would give by copy: those show as "to train"."""
+It reads folder names, configs and archive records only (no checkpoint is opened, no JAX backend
+started, no data prepared), so it may run beside a training. Against the suite's data where it is
+prepared, it finds the archived runs another suite holds with this suite's config (training
+copies them), and marks an archived run whose config or data now differ from the suite's
+(training stops on it, naming the key)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from moma_jax import data as data_lib
+from moma_jax.commands.compare_archive import archived_twin
+from moma_jax.commands.compare_runs import run_dir
 from moma_jax.config import ExperimentConfig
+from moma_jax.runtime import with_data_shares
 from moma_jax.suites import Suite
-from moma_jax.train.archive import checkpointed_steps, is_archived
+from moma_jax.train.archive import checkpointed_steps, differences, is_archived, open_archived
 
 Unit = tuple[Suite, int, str, list[tuple[str, ExperimentConfig]]]
 
@@ -30,23 +37,33 @@ def _here(root: Path, suite: Suite, name: str, seed: int, steps: int) -> str | N
     return "finished" if done[-1] >= steps else f"checkpoint {done[-1]}/{steps}"
 
 
-def unit_states(root: Path, archive: Path | None, unit: Unit) -> list[tuple[str, int, str]]:
+def unit_states(
+    root: Path, archive: Path | None, unit: Unit, manifest: dict[str, Any] | None
+) -> list[tuple[str, int, str]]:
     """(run, steps, state) for each run of one (experiment, seed): the experiment's run decides
     whether the unit is read from the archive (--root has no folder for it and the archive
-    holds it: "archived", its source and stage with it); otherwise each run is what --root
-    holds of it ("finished", and ", archived" where the archive holds it too), or "to train"."""
+    holds it: "archived", its source and stage with it, or "copied from" another suite's
+    archived run and stage with the same config and data); otherwise each run is what --root
+    holds of it ("finished", and ", archived" where the archive holds it too), or "to train".
+    `manifest`: the suite's data's, None where it is not prepared (then no config or data is
+    compared: an archived run shows as "archived (not compared: ...)")."""
     suite, seed, exp, runs = unit
+    steps = {name: cfg.optim.total_steps for name, cfg in runs}
+    own = [(name, cfg) for name, cfg in runs if name != f"{exp}.source"]  # what is compared
 
     def archived(name: str) -> bool:
-        return archive is not None and is_archived(archive / suite.name / name / f"seed{seed}")
+        return archive is not None and is_archived(run_dir(archive, suite, name, seed))
 
-    steps = {name: cfg.optim.total_steps for name, cfg in runs}
-    main = _here(root, suite, exp, seed, steps[exp])
-    if main is None and archived(exp):
-        return [
-            (n, steps[n], "archived" if archived(n) else "not needed: its unit is archived")
-            for n, _ in runs
-        ]
+    if _here(root, suite, exp, seed, steps[exp]) is None and archive is not None:
+        if archived(exp):
+            return [(n, steps[n], _archived_state(archive, unit, n, manifest)) for n, _ in runs]
+        twin = None if manifest is None else archived_twin(archive, suite, seed, own, manifest)
+        if twin is not None:
+            copied = {
+                name: f"copied from {path.parent.parent.relative_to(archive)}"
+                for (name, _), path in zip(own, twin, strict=True)
+            }
+            return [(n, steps[n], copied.get(n, "not needed: its unit is copied")) for n, _ in runs]
     out = []
     for name, _ in runs:
         where = _here(root, suite, name, seed, steps[name]) or "to train"
@@ -56,18 +73,48 @@ def unit_states(root: Path, archive: Path | None, unit: Unit) -> list[tuple[str,
     return out
 
 
+def _archived_state(archive: Path, unit: Unit, name: str, manifest: dict[str, Any] | None) -> str:
+    """How a run of an archived unit stands against what the suite gives it now."""
+    suite, seed, exp, runs = unit
+    there = run_dir(archive, suite, name, seed)
+    if not is_archived(there):
+        return "not needed: its unit is archived" if name == f"{exp}.source" else "missing"
+    if name == f"{exp}.source":
+        return "archived"  # provenance only: training does not compare it
+    if manifest is None:
+        return "archived (not compared: the suite's data is not prepared here)"
+    cfg = dict(runs)[name]
+    try:
+        diff = differences(open_archived(there), with_data_shares(cfg, manifest), manifest)
+    except ValueError as e:
+        return f"unreadable: {e}"
+    return f"archived, differs: {'; '.join(diff)}" if diff else "archived"
+
+
 def status_lines(units: list[Unit], root: Path, archive: Path | None) -> list[str]:
     """A table of every run of `units` ((suite part, seed, experiment, its runs)) and a count
     of what is left."""
     lines = ["| suite | seed | run | steps | state |", "|---|---|---|---|---|"]
-    left = total = 0
+    left = total = wrong = 0
+    manifests: dict[str | None, dict[str, Any] | None] = {}
     for unit in units:
-        for name, steps, where in unit_states(root, archive, unit):
+        path = unit[3][-1][1].data.path or None
+        if path not in manifests:
+            manifests[path] = data_lib.prepared_manifest(path)
+        for name, steps, where in unit_states(root, archive, unit, manifests[path]):
             total += 1
             left += where.startswith(("to train", "checkpoint", "started"))
+            wrong += where.startswith(("archived, differs", "missing", "unreadable"))
             lines.append(f"| {unit[0].name} | {unit[1]} | {name} | {steps} | {where} |")
     lines += [
         "",
-        f"{total - left} of {total} runs archived, finished or not needed; {left} left to train.",
+        f"{total - left - wrong} of {total} runs archived, copied, finished or not needed; "
+        f"{left} left to train.",
     ]
+    if wrong:
+        lines.append(
+            f"{wrong} archived runs differ from what the suite gives them now, are missing "
+            "beside their unit or cannot be read: training stops on them (move their units "
+            "out of the archive, or archive elsewhere)."
+        )
     return lines

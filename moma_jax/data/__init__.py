@@ -10,6 +10,7 @@ from moma_jax.data.prepare import (
     load_image_tokenizer,
     load_manifest,
     prepare,
+    prepared_manifest,
 )
 from moma_jax.data.records import Document, deserialize, serialize, validate
 from moma_jax.data.vocab import Vocab
@@ -34,6 +35,7 @@ __all__ = [
     "make_train_iterator",
     "pack_documents",
     "prepare",
+    "prepared_manifest",
     "serialize",
     "validate",
 ]

@@ -140,6 +140,16 @@ def load_image_tokenizer(data_dir: str | Path) -> ImageTokenizer:
     return ImageTokenizer.load(Path(data_dir).expanduser() / entry["file"])
 
 
+def prepared_manifest(data_dir: str | None) -> dict[str, Any] | None:
+    """The manifest of the dataset `ensure_data(data_dir)` would return, or None where it is
+    not prepared yet (nothing is prepared: for read-only callers such as `compare.py --status`)."""
+    if data_dir == LARGE and not Path(LARGE).exists():
+        path = default_data_dir().parent / BUNDLED_LARGE_NAME
+    else:
+        path = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    return load_manifest(path) if (path / MANIFEST).is_file() else None
+
+
 def ensure_data(data_dir: str | None) -> Path:
     """Directory of a prepared dataset; None = the bundled one, "bundled-large" the large
     bundle (beside it), each prepared on first use."""
