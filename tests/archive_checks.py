@@ -59,6 +59,19 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     here = ["--suite", "test_pair", "--root", str(root), "--archive", str(archive), "--status"]
     assert main(here) == 0
     assert "| test_pair | 0 | dense_tiny | 20 | finished, archived |" in capsys.readouterr().out
+    # --experiment: that experiment only, in status and in training (here its seed 1 is the
+    # first run trained: dense_tiny seed 1 is skipped), with its aux stage.
+    assert main([*args, "--seeds", "2", "--experiment", "moe_8x_tiny", "--status"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| test_pair |")]
+    assert [r.split(" | ")[1:3] for r in rows] == [
+        [s, n] for s in "01" for n in ("moe_8x_tiny", "moe_8x_aux_tiny")
+    ]
+    monkeypatch.setattr(moma_jax.train, "train", _first_trained)
+    with pytest.raises(_TrainedError, match=r"moe_8x_tiny .*seed1"):
+        main([*args, "--seeds", "2", "--seed", "1", "--experiment", "moe_8x_tiny"])
+    monkeypatch.setattr(moma_jax.train, "train", _no_training)
+    assert main([*args, "--experiment", "dense"]) == 2
+    assert "--experiment dense: not in suite test_pair (dense_tiny, " in capsys.readouterr().err
     # --seed: that seed only (here archived: nothing trained), reported once all are there.
     (elsewhere / "test_pair" / "report.json").unlink()
     capsys.readouterr()
@@ -110,10 +123,10 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
     assert main(report_two) == 2
     assert "moe_8x_tiny/seed1 was trained with another config" in capsys.readouterr().err
     assert main([*args, "--seeds", "2", "--status"]) == 0  # marked, and not counted as done
-    rows = {r.split(" | ")[2]: r for r in capsys.readouterr().out.splitlines() if "| 1 |" in r}
-    assert "archived, differs: " in rows["moe_8x_tiny"] and "optim.peak_lr" in rows["moe_8x_tiny"]
-    assert "optim.peak_lr" not in rows["dense_tiny"]  # (its seed keys are seed 0's: differs)
-    assert rows["moe_8x_aux_tiny"].endswith("| missing |")  # not copied above
+    seed1 = {r.split(" | ")[2]: r for r in capsys.readouterr().out.splitlines() if "| 1 |" in r}
+    assert "archived, differs: " in seed1["moe_8x_tiny"] and "optim.peak_lr" in seed1["moe_8x_tiny"]
+    assert "optim.peak_lr" not in seed1["dense_tiny"]  # (its seed keys are seed 0's: differs)
+    assert seed1["moe_8x_aux_tiny"].endswith("| missing |")  # not copied above
     config.write_text(saved)
     provenance = stored / "moe_8x_tiny" / "seed1" / "archived.json"
     record = json.loads(provenance.read_text())
@@ -146,6 +159,14 @@ def check_archive(tmp_path, rep, monkeypatch, capsys):
 
 # dense seed 0 (the report's reference for the data) without a digest, two runs with others
 DIGEST_CASE = (("dense_tiny", 0), ("moe_8x_tiny", 0), ("moe_8x_tiny", 1))
+
+
+class _TrainedError(Exception):
+    pass
+
+
+def _first_trained(cfg, workdir, *a):
+    raise _TrainedError(f"{cfg.name} {workdir}")
 
 
 def _no_training(cfg, workdir, *a):

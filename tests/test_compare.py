@@ -75,6 +75,13 @@ def test_a_killed_suite_resumes_and_reports(pair, tmp_path, monkeypatch, capsys)
     assert rep["noise_floor"]["overall"] is None  # one seed: no noise floor
     text = (tmp_path / "test_pair" / "report.md").read_text()
     assert "| moma_1t1i_tiny | image |" in text
+    routing = rep["experiments"]["moe_8x_tiny"]["routing"]  # expert choice: 1 by construction
+    assert dense["routing"] is None and set(routing["groups"]) == {"text+image"}
+    assert routing["groups"]["text+image"]["experts_per_token"]["mean"] == pytest.approx(
+        1, abs=0.02
+    )
+    assert routing["flops_measured_over_ideal"]["mean"] == pytest.approx(1, abs=0.005)
+    assert "| moe_8x_tiny | text+image |" in text
     assert (tmp_path / "test_pair" / "loss_vs_flops.png").stat().st_size > 1000
     assert (tmp_path / "test_pair" / "eta.png").stat().st_size > 1000
     assert (tmp_path / "test_pair" / "loss_diff.png").stat().st_size > 1000

@@ -17,9 +17,9 @@ once it finished (`train.archive`), runs archived there with the config and data
 them are not trained again, and the report reads from DIR what ROOT lacks: a suite's seeds can
 be trained on different machines or days and reported together. --seed S trains that seed only
 (repeatable; one process per --root, so seeds trained side by side need a root each) and
-reports once every run of the suite is there. --status lists every run as archived (or differing
-from the suite now), to be copied from another suite's archive, finished, at a checkpoint or to
-train, and trains and reports nothing.
+reports once every run of the suite is there; --experiment NAME likewise. --status lists every
+run as archived (or differing from the suite now), to be copied from another suite's archive,
+finished, at a checkpoint or to train, and trains and reports nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ from moma_jax.commands.compare_archive import archive_unit, archived_unit
 from moma_jax.commands.compare_markdown import markdown
 from moma_jax.commands.compare_plots import plots
 from moma_jax.commands.compare_report import report
-from moma_jax.commands.compare_runs import locate, open_run, run_dir, source_dir
+from moma_jax.commands.compare_runs import (
+    chosen_experiments,
+    chosen_seeds,
+    locate,
+    open_run,
+    run_dir,
+    source_dir,
+)
 from moma_jax.commands.compare_scaling import write_scaling
 from moma_jax.commands.compare_status import status_lines
 from moma_jax.config import ConfigError, ExperimentConfig
@@ -150,13 +157,19 @@ def unit_runs(
 
 
 def status(
-    parts: list[Suite], seeds: list[int], root: Path, archive: Path | None, overrides: list[str]
+    parts: list[Suite],
+    seeds: list[int],
+    root: Path,
+    archive: Path | None,
+    overrides: list[str],
+    experiments: list[str] | None = None,
 ) -> list[str]:
-    """`--status`: every run of the suite's parts and seeds, with where it stands."""
+    """`--status`: every run of the suite's parts and seeds (of `experiments`, where given),
+    with where it stands."""
     units = []
     for part in parts:
         for seed in seeds:
-            for exp in part.experiments:
+            for exp in part.experiments if experiments is None else experiments:
                 runs = unit_runs(part, exp, seed, overrides, root)
                 up = part.upstream_of(exp)
                 if up is not None:
@@ -174,12 +187,14 @@ def train_suite(
     reuse_runs: bool = True,
     archive: Path | None = None,
     only: list[int] | None = None,
+    experiments: list[str] | None = None,
 ) -> None:
     """Trains every (experiment, seed) of the suite to its schedule's end; finished runs are
     skipped, partial ones resume from their checkpoints, and with `reuse_runs` a run another
     suite under `root` finished with the same config is copied (`train.reuse`). With `archive`,
     each finished run (and its aux stage) is archived there, and one archived there already
-    is not trained (`archived_unit`). `only`: these seeds, not every one."""
+    is not trained (`archived_unit`). `only`: these seeds, not every one; `experiments`: these
+    experiments (each with its aux stage and source run), not every one."""
     from moma_jax import train as training
 
     def train(cfg: ExperimentConfig, workdir: Path) -> None:
@@ -194,7 +209,7 @@ def train_suite(
             training.train(cfg, workdir)
 
     for seed in range(seeds) if only is None else only:
-        for exp in suite.experiments:
+        for exp in suite.experiments if experiments is None else experiments:
             keys = run_keys(suite, exp, seed, overrides)
             up = suite.upstream_of(exp)
             workdir = run_dir(root, suite, exp, seed)
@@ -267,19 +282,6 @@ def _reportable(
     return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
 
 
-def chosen_seeds(chosen: list[int] | None, seeds: int, report_only: bool) -> list[int] | None:
-    """The seeds `--seed` names, in order, or None for every seed; ConfigError for a seed the
-    suite does not have, or with --report-only."""
-    if not chosen:
-        return None
-    if report_only:
-        raise ConfigError("--seed trains one seed; --report-only trains none: give one of them")
-    for s in chosen:
-        if not 0 <= s < seeds:
-            raise ConfigError(f"--seed {s}: the suite runs seeds 0..{seeds - 1} (--seeds {seeds})")
-    return sorted(set(chosen))
-
-
 def _all_there(parts: list[Suite], seeds: int, root: Path, archive: Path | None) -> bool:
     """Whether every run of every seed is finished under `root` or in `archive`; says which is
     not on stderr."""
@@ -337,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         help="train seed S only (repeatable), then report if every run of the suite is there "
         "(under --root or in --archive): seeds trained side by side, each with its own --root",
     )
+    p.add_argument(
+        "--experiment",
+        action="append",
+        metavar="NAME",
+        help="train this experiment of the suite only (repeatable; its aux stage and source run "
+        "with it), then report if every run is there: a suite's units side by side",
+    )
     add_set_arg(p, "change every run of the suite (e.g. optim.total_steps=100)")
     add_experiments_module_arg(p)
     args = p.parse_args(argv)
@@ -349,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         if archive is not None and archive.resolve() == root.resolve():
             raise ConfigError(f"--archive {archive} is --root: give the archive its own folder")
         only = chosen_seeds(args.seed, seeds, args.report_only)
+        exps = chosen_experiments(suite, args.experiment, args.report_only)
         if args.status:  # read only, beside a compare.py training under the same --root
             parts = chosen_parts(suite, chosen_budgets(suite, args.budget), args.overrides)
             listed = list(range(seeds)) if only is None else only
-            print("\n".join(status(parts, listed, root, archive, list(args.overrides))))
+            print("\n".join(status(parts, listed, root, archive, list(args.overrides), exps)))
             return 0
         # One compare.py per --root: two would train the same runs and write one report.
         with WorkdirLock(root, flag="--root"):
@@ -362,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 enable_compilation_cache()
                 for part in parts:
                     overrides = list(args.overrides)
-                    train_suite(part, seeds, root, overrides, not args.no_reuse, archive, only)
-            if only is not None and not _all_there(parts, seeds, root, archive):
+                    reuse_runs = not args.no_reuse
+                    train_suite(part, seeds, root, overrides, reuse_runs, archive, only, exps)
+            if (only or exps) and not _all_there(parts, seeds, root, archive):
                 return 0
             if suite.tokens_per_param and args.report_only:
                 parts, reps, budgets = _reportable(suite, parts, chosen, seeds, root, archive)

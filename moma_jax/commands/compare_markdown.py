@@ -72,7 +72,7 @@ def markdown(rep: dict[str, Any]) -> str:
             )
     lines += ["", *noise_floor_lines(rep)]
     lines += ["", *family_lines(rep)] if rep.get("family") else []
-    lines += ["", *time_lines(rep), "", *compute_lines(rep)]
+    lines += ["", *time_lines(rep), "", *compute_lines(rep), *routing_lines(rep)]
     data = rep["data"]
     lines += [
         "",
@@ -170,6 +170,37 @@ def compute_lines(rep: dict[str, Any]) -> list[str]:
             f"| {entry['aux_router_charge']:+.1%} | {interval(entry['step_time_s'])} "
             f"| {'-' if tps is None else f'{tps:,.0f}'} |"
         )
+    return lines
+
+
+def routing_lines(rep: dict[str, Any]) -> list[str]:
+    """Routing over the last tenth of training per experiment and group (`compare_routing`)."""
+    rows = [
+        (e, entry["routing"]) for e, entry in rep["experiments"].items() if entry.get("routing")
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Routing as trained (the last tenth of the logged steps; mean over seeds [95% interval]): "
+        "experts per token against the count the ideal FLOPs assume, the shares of tokens no "
+        "expert took and more than one took, dropped assignments, and the training FLOPs per "
+        "token the measured counts imply over the ideal (- where a layer pattern does not allow "
+        "it, e.g. Mixture-of-Depths blocks).",
+        "",
+        "| experiment | group | experts per token | assumed | untaken | more than one | dropped "
+        "| FLOPs measured / ideal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for exp, routing in rows:
+        ratio = interval(routing["flops_measured_over_ideal"])
+        for name, g in routing["groups"].items():
+            assumed = "-" if g["assumed"] is None else f"{g['assumed']:.3g}"
+            lines.append(
+                f"| {exp} | {name} | {interval(g['experts_per_token'])} | {assumed} "
+                f"| {interval(g['untaken_frac'])} | {interval(g['multi_expert_frac'])} "
+                f"| {interval(g['dropped_frac'])} | {ratio} |"
+            )
     return lines
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from moma_jax.analysis import Run, load_run
+from moma_jax.commands.compare_routing import routing_entry
 from moma_jax.commands.compare_runs import (
     archived_runs,
     check_comparable,
@@ -157,9 +158,10 @@ def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) ->
     loss and its difference from dense, eta (held-out, training loss, measured time) and the
     step-matching ratio, each per seed with the mean and a 95% t-interval; the loss difference
     and eta along the curve; the noise floor (dense seeds against each other); the comparisons
-    read together (`family`: intervals that hold at once); causal losses;
-    losses by task with intervals over held-out documents. Runs `root` lacks are read from
-    `archive` (listed in the report with their code's commit)."""
+    read together (`family`: intervals that hold at once); causal losses; routing as trained
+    (`compare_routing`: experts per token and what it implies for the FLOPs); losses by task
+    with intervals over held-out documents. Runs `root` lacks are read from `archive` (listed
+    in the report with their code's commit)."""
     dense = suite.experiments[0]
     opened = {
         (exp, s): open_run(locate(root, suite, exp, s, archive))
@@ -193,6 +195,7 @@ def report(suite: Suite, seeds: int, root: Path, archive: Path | None = None) ->
         entry["tokens_per_s"] = c0["tokens_per_step"] / mean_time if mean_time else None
         entry["causal"] = causal_entry(root, suite, exp, seeds, curves, dense, scored, archive)
         entry["tasks"] = task_entry(scored, exp, dense, seeds)
+        entry["routing"] = routing_entry([opened[(exp, s)] for s in range(seeds)])
         out["experiments"][exp] = entry
     out["family"] = family(out["experiments"], dense)
     out["data"] = data_regime(root, suite, dense, curves[(dense, 0)]["tokens"], archive)

@@ -1,6 +1,7 @@
 """Where a suite's runs are and whether they may be pooled: a run's folder under the root or,
 where the root has none, in the archive (`train.archive`); the checks that the report pools only
-seeds of the same thing on the same data and held-out set; the data regime the dense run saw."""
+seeds of the same thing on the same data and held-out set; the data regime the dense run saw;
+the seeds and experiments a command names (`--seed`, `--experiment`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from moma_jax import budgets
 from moma_jax import data as data_lib
 from moma_jax.analysis import Run, load_run
+from moma_jax.config import ConfigError
 from moma_jax.data import content_differences
 from moma_jax.overrides import config_diff
 from moma_jax.suites import Suite
@@ -150,3 +152,32 @@ def data_regime(
         "train_split_tokens": train_tokens,
         "epochs": real / train_tokens,
     }
+
+
+def chosen_experiments(
+    suite: Suite, chosen: list[str] | None, report_only: bool
+) -> list[str] | None:
+    """The experiments `--experiment` names, in the suite's order, or None for every one."""
+    if not chosen:
+        return None
+    if report_only:
+        raise ConfigError("--experiment trains; --report-only trains none: give one of them")
+    if unknown := sorted(set(chosen) - set(suite.experiments)):
+        raise ConfigError(
+            f"--experiment {', '.join(unknown)}: not in suite {suite.name} "
+            f"({', '.join(suite.experiments)})"
+        )
+    return [e for e in suite.experiments if e in chosen]
+
+
+def chosen_seeds(chosen: list[int] | None, seeds: int, report_only: bool) -> list[int] | None:
+    """The seeds `--seed` names, in order, or None for every seed; ConfigError for a seed the
+    suite does not have, or with --report-only."""
+    if not chosen:
+        return None
+    if report_only:
+        raise ConfigError("--seed trains one seed; --report-only trains none: give one of them")
+    for s in chosen:
+        if not 0 <= s < seeds:
+            raise ConfigError(f"--seed {s}: the suite runs seeds 0..{seeds - 1} (--seeds {seeds})")
+    return sorted(set(chosen))
