@@ -47,11 +47,15 @@ def test_measured_flops_put_each_layers_experts_per_token_in_place_of_the_assume
     ffn = 2 * 3 * d * hidden  # one expert's SwiGLU, forward (granularity 1)
     layers = [1.5, 1.5, 2.5, 2.5]
     groups = {"text": {"layers": dict(enumerate(layers))}, "image": {"layers": {0: 0.5}}}
+    groups["image"]["layers"].update({1: 1.0, 2: 1.0, 3: 1.0})
     extra = 0.75 * sum(v - 1 for v in layers) * ffn + 0.25 * (0.5 - 1) * ffn
     ideal = train_flops_per_token(cfg.model, cfg.data.seq_len)
     assert flops_ratio(cfg, groups) == pytest.approx((ideal + 3 * extra) / ideal)
-    assert flops_ratio(cfg, {k: {"layers": {0: 1.0}} for k in groups}) == pytest.approx(1.0)
+    every = {k: {"layers": dict.fromkeys(range(4), 1.0)} for k in groups}
+    assert flops_ratio(cfg, every) == pytest.approx(1.0)
     assert flops_ratio(cfg, {"text+image": {"layers": {0: 1.0}}}) is None  # not its group
+    assert flops_ratio(cfg, {"text": every["text"]}) is None  # a group not measured
+    assert flops_ratio(cfg, {**every, "image": {"layers": {0: 1.0}}}) is None  # a layer missing
     mod = experiment_config("mod_moma_4t4i_tiny", SHARES)
     assert flops_ratio(mod, {"text": {"layers": {0: 1.0}}}) is None  # MoD blocks: not read
 
@@ -76,3 +80,18 @@ def test_the_entry_summarizes_seeds_and_the_markdown_shows_each_group():
     assert [r.split(" | ")[1] for r in rows] == ["image", "text"]
     assert "| 1.900 [" in rows[1] and "| 1 |" in rows[1]
     assert routing_lines({"experiments": {"dense_tiny": {"routing": None}}}) == []
+
+
+@pytest.mark.parametrize("name", ["moma_fine8_shared_tiny", "moma_4t4i_tiny"])
+def test_every_layer_at_the_assumed_count_plus_delta_is_the_model_at_that_capacity(name):
+    """An oracle by another path: expert choice assumes `capacity` experts per token, so every
+    layer measured at capacity + 0.5 costs what the model built at that capacity costs
+    (`flops.sparse_layer_flops`, fine-grained and shared experts included)."""
+    cfg = experiment_config(name, SHARES)
+    more = experiment_config(name, [*SHARES, f"model.moe.capacity={cfg.model.moe.capacity + 0.5}"])
+    layers = cfg.model.n_units * cfg.model.layer_pattern.count("moe")
+    at = cfg.model.moe.capacity + 0.5
+    groups = {n: {"layers": dict.fromkeys(range(layers), at)} for n in ("text", "image")}
+    seq = cfg.data.seq_len
+    want = train_flops_per_token(more.model, seq) / train_flops_per_token(cfg.model, seq)
+    assert want > 1.01 and flops_ratio(cfg, groups) == pytest.approx(want, rel=1e-9)

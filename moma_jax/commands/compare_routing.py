@@ -54,17 +54,19 @@ def flops_ratio(cfg: Any, groups: dict[str, dict[str, Any]]) -> float | None:
     """Training FLOPs per token with each layer's measured experts per token in place of the
     ideal count, over the ideal (1.0 where they agree). None where it cannot be read so: a layer
     pattern with other kinds than "moe" and "dense" (in a Mixture-of-Depths block, say, a group's
-    metrics count the tokens its block took, not the group's), or no per-layer metrics."""
+    metrics count the tokens its block took, not the group's), or a routing group or MoE layer
+    without its per-layer metric."""
     model = cfg.model
     if not set(model.layer_pattern) <= {"moe", "dense"} or "moe" not in model.layer_pattern:
         return None
     moe = model.moe
     names = {moe.group_name(g): g for g in range(moe.n_groups)}
+    layers = model.n_units * model.layer_pattern.count("moe")
+    if set(groups) != set(names) or any(len(g["layers"]) != layers for g in groups.values()):
+        return None  # a group or layer not measured is not assumed ideal
     ffn = ffn_flops_per_token(moe_routed_config(model))
     extra = 0.0
     for name, group in groups.items():
-        if name not in names or not group["layers"]:
-            return None
         g = names[name]
         assumed = moe.experts_per_token(g)
         extra += sum(moe.group_share(g) * (m - assumed) * ffn for m in group["layers"].values())

@@ -165,7 +165,8 @@ def chosen_experiments(
     if unknown := sorted(set(chosen) - set(suite.experiments)):
         raise ConfigError(
             f"--experiment {', '.join(unknown)}: not in suite {suite.name} "
-            f"({', '.join(suite.experiments)})"
+            f"({', '.join(suite.experiments)}; a module that registers experiments is "
+            "--experiments MODULE)"
         )
     return [e for e in suite.experiments if e in chosen]
 

@@ -3,8 +3,10 @@ to be copied from another suite's archived run, finished or resumable at a check
 --root, or still to train. For a suite trained over several machines or sessions (a `--root`
 each, one `--archive`), it says what is left.
 
-It reads folder names, configs and archive records only (no checkpoint is opened, no JAX backend
-started, no data prepared), so it may run beside a training. Against the suite's data where it is
+It reads folder names, configs and archive records (no checkpoint is opened, no training step
+compiled), so it may run beside a training; the suite's data is prepared only where its runs'
+steps need it (a suite trained to dense's FLOPs, an upcycled run's split: `budgets`), as
+training would. Against the suite's data where it is
 prepared, it finds the archived runs another suite holds with this suite's config (training
 copies them), and marks an archived run whose config or data now differ from the suite's
 (training stops on it, naming the key)."""
@@ -64,9 +66,12 @@ def unit_states(
                 for (name, _), path in zip(own, twin, strict=True)
             }
             return [(n, steps[n], copied.get(n, "not needed: its unit is copied")) for n, _ in runs]
+    fresh = "to train"
+    if manifest is None and archive is not None:
+        fresh = "to train (data not prepared: no copy looked for)"
     out = []
     for name, _ in runs:
-        where = _here(root, suite, name, seed, steps[name]) or "to train"
+        where = _here(root, suite, name, seed, steps[name]) or fresh
         if where == "finished" and archived(name):
             where = "finished, archived"
         out.append((name, steps[name], where))
@@ -95,7 +100,7 @@ def status_lines(units: list[Unit], root: Path, archive: Path | None) -> list[st
     """A table of every run of `units` ((suite part, seed, experiment, its runs)) and a count
     of what is left."""
     lines = ["| suite | seed | run | steps | state |", "|---|---|---|---|---|"]
-    left = total = wrong = 0
+    left = total = wrong = unchecked = 0
     manifests: dict[str | None, dict[str, Any] | None] = {}
     for unit in units:
         path = unit[3][-1][1].data.path or None
@@ -105,12 +110,18 @@ def status_lines(units: list[Unit], root: Path, archive: Path | None) -> list[st
             total += 1
             left += where.startswith(("to train", "checkpoint", "started"))
             wrong += where.startswith(("archived, differs", "missing", "unreadable"))
+            unchecked += where.startswith("archived (not compared")
             lines.append(f"| {unit[0].name} | {unit[1]} | {name} | {steps} | {where} |")
     lines += [
         "",
-        f"{total - left - wrong} of {total} runs archived, copied, finished or not needed; "
-        f"{left} left to train.",
+        f"{total - left - wrong - unchecked} of {total} runs archived, copied, finished or not "
+        f"needed; {left} left to train.",
     ]
+    if unchecked:
+        lines.append(
+            f"{unchecked} archived runs not compared with the suite (its data is not prepared "
+            "here): training prepares it and stops on any that differ."
+        )
     if wrong:
         lines.append(
             f"{wrong} archived runs differ from what the suite gives them now, are missing "
