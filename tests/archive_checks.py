@@ -162,7 +162,7 @@ DIGEST_CASE = (("dense_tiny", 0), ("moe_8x_tiny", 0), ("moe_8x_tiny", 1))
 
 
 class _TrainedError(Exception):
-    pass
+    """Raised by `_first_trained` instead of training: names the first run a command trains."""
 
 
 def _first_trained(cfg, workdir, *a):

@@ -24,6 +24,13 @@ from moma_jax.train.archive import (
 )
 
 
+def stands_for(there: Path, cfg: ExperimentConfig, manifest: dict[str, Any]) -> list[str]:
+    """What keeps the archived run in `there` from standing for the run `cfg` would train on the
+    data of `manifest` (`train.archive.differences`; `cfg` resolved as training resolves it):
+    empty when it may. ValueError for a folder that is not a readable archived run."""
+    return differences(open_archived(there), with_data_shares(cfg, manifest), manifest)
+
+
 def archived_unit(
     archive: Path, root: Path, suite: Suite, seed: int, runs: list[tuple[str, ExperimentConfig]]
 ) -> bool:
@@ -51,7 +58,7 @@ def archived_unit(
                 f"{archive} holds {exp} seed {seed} but not its aux stage {there}: move "
                 f"{run_dir(archive, suite, exp, seed)} out of the archive to train both here"
             )
-        diff = differences(open_archived(there), with_data_shares(c, manifest), manifest)
+        diff = stands_for(there, c, manifest)
         if diff:
             raise ConfigError(
                 f"{there} was trained with another config or data than suite {suite.name} "
@@ -80,10 +87,7 @@ def archived_twin(
             paths = [base / name / f"seed{seed}" for name, _ in runs]
             try:
                 if all(
-                    is_archived(path)
-                    and not differences(
-                        open_archived(path), with_data_shares(c, manifest), manifest
-                    )
+                    is_archived(path) and not stands_for(path, c, manifest)
                     for (_, c), path in zip(runs, paths, strict=True)
                 ):
                     return paths

@@ -6,10 +6,9 @@ each, one `--archive`), it says what is left.
 It reads folder names, configs and archive records (no checkpoint is opened, no training step
 compiled), so it may run beside a training; the suite's data is prepared only where its runs'
 steps need it (a suite trained to dense's FLOPs, an upcycled run's split: `budgets`), as
-training would. Against the suite's data where it is
-prepared, it finds the archived runs another suite holds with this suite's config (training
-copies them), and marks an archived run whose config or data now differ from the suite's
-(training stops on it, naming the key)."""
+training would. Against the suite's data where it is prepared, it finds the archived runs
+another suite holds with this suite's config (training copies them), and marks an archived run
+whose config or data now differ from the suite's (training stops on it, naming the key)."""
 
 from __future__ import annotations
 
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from moma_jax import data as data_lib
-from moma_jax.commands.compare_archive import archived_twin
+from moma_jax.commands.compare_archive import archived_twin, stands_for
 from moma_jax.commands.compare_runs import run_dir
 from moma_jax.config import ExperimentConfig
-from moma_jax.runtime import with_data_shares
 from moma_jax.suites import Suite
-from moma_jax.train.archive import checkpointed_steps, differences, is_archived, open_archived
+from moma_jax.train.archive import checkpointed_steps, is_archived
 
 Unit = tuple[Suite, int, str, list[tuple[str, ExperimentConfig]]]
 
@@ -90,7 +88,7 @@ def _archived_state(archive: Path, unit: Unit, name: str, manifest: dict[str, An
         return "archived (not compared: the suite's data is not prepared here)"
     cfg = dict(runs)[name]
     try:
-        diff = differences(open_archived(there), with_data_shares(cfg, manifest), manifest)
+        diff = stands_for(there, cfg, manifest)
     except ValueError as e:
         return f"unreadable: {e}"
     return f"archived, differs: {'; '.join(diff)}" if diff else "archived"

@@ -140,30 +140,35 @@ def load_image_tokenizer(data_dir: str | Path) -> ImageTokenizer:
     return ImageTokenizer.load(Path(data_dir).expanduser() / entry["file"])
 
 
+def _resolve(data_dir: str | None) -> tuple[Path, str | None]:
+    """(directory, bundle) of a data.path: None = the bundled one, "bundled-large" the large
+    bundle (beside it); bundle None for a user's prepared directory."""
+    if data_dir == LARGE and not Path(LARGE).exists():
+        return default_data_dir().parent / BUNDLED_LARGE_NAME, "large"
+    if data_dir is not None:
+        return Path(data_dir).expanduser(), None
+    return default_data_dir(), "standard"
+
+
 def prepared_manifest(data_dir: str | None) -> dict[str, Any] | None:
     """The manifest of the dataset `ensure_data(data_dir)` would return, or None where it is
     not prepared yet (nothing is prepared: for read-only callers such as `compare.py --status`)."""
-    if data_dir == LARGE and not Path(LARGE).exists():
-        path = default_data_dir().parent / BUNDLED_LARGE_NAME
-    else:
-        path = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    path, _ = _resolve(data_dir)
     return load_manifest(path) if (path / MANIFEST).is_file() else None
 
 
 def ensure_data(data_dir: str | None) -> Path:
     """Directory of a prepared dataset; None = the bundled one, "bundled-large" the large
     bundle (beside it), each prepared on first use."""
-    if data_dir == LARGE and not Path(LARGE).exists():
-        return _ensure_bundle(default_data_dir().parent / BUNDLED_LARGE_NAME, "large")
-    if data_dir is not None:
-        path = Path(data_dir).expanduser()
+    path, bundle = _resolve(data_dir)
+    if bundle is None:
         if not (path / MANIFEST).is_file():
             raise ValueError(
                 f"Data directory {path} does not exist or holds no {MANIFEST}. "
                 + _FIX.format(path=path)
             )
         return path
-    return _ensure_bundle(default_data_dir(), "standard")
+    return _ensure_bundle(path, bundle)
 
 
 def _ensure_bundle(path: Path, bundle: str) -> Path:
